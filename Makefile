@@ -1,0 +1,25 @@
+# Two entry points for a fresh clone (Python 3.10+): `make demo` and `make test`.
+# Both create (once) and reuse the virtual environment in .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/sslcore pretrain --method simclr --data digits
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m bench all
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,11 @@
+"""Level 1 of sslcore: Triton kernels, their autograd Functions and plain-torch ``*_ref``s.
+
+Imported as ``sslcore.kernels`` (see pyproject's package-dir mapping).
+"""
+from ._backend import BACKENDS, interpreting, resolve_backend
+from .infonce import infonce, infonce_messages, infonce_ref, lse_similarity, lse_similarity_ref
+
+__all__ = [
+    "BACKENDS", "interpreting", "resolve_backend",
+    "infonce", "infonce_ref", "infonce_messages", "lse_similarity", "lse_similarity_ref",
+]

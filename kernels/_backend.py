@@ -1,0 +1,104 @@
+"""Backend dispatch and small launch helpers shared by every kernel family.
+
+``backend="auto" | "triton" | "torch"`` (the environment variable ``SSLCORE_BACKEND`` overrides
+``"auto"``):
+
+* ``auto``   -- Triton on CUDA tensors; the Triton interpreter when ``TRITON_INTERPRET=1``;
+  otherwise the plain-torch path.  A CUDA tensor is never silently sent to the torch path.
+* ``triton`` -- Triton; a clear error where it cannot run.
+* ``torch``  -- the plain-torch path (correct on any device).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:  # triton is a Linux-only dependency
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+
+BACKENDS = ("auto", "triton", "torch")
+HAS_TRITON = triton is not None
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU through ``TRITON_INTERPRET=1``."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``backend`` for tensors on ``device`` to ``"triton"`` or ``"torch"``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get("SSLCORE_BACKEND", "auto")
+        if env not in BACKENDS:
+            raise ValueError(f"SSLCORE_BACKEND must be one of {BACKENDS}, got {env!r}")
+        backend = env
+    if backend == "auto":
+        if device.type == "cuda":
+            if not HAS_TRITON:
+                raise RuntimeError("CUDA tensors need triton (pip install triton), or pass backend='torch'")
+            return "triton"
+        return "triton" if HAS_TRITON and interpreting() and device.type == "cpu" else "torch"
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+        if device.type == "cpu" and not interpreting():
+            raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+        if device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"backend='triton' does not run on {device.type} tensors")
+    return backend
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks: each raises a ValueError / TypeError naming the argument, before any work.
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_float(name: str, t, ndim: int | tuple[int, ...]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    dims = (ndim,) if isinstance(ndim, int) else ndim
+    if t.dim() not in dims:
+        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32/float16/bfloat16/float64, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+
+
+def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+
+
+def check_positive(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")

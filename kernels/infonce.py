@@ -1,0 +1,503 @@
+"""Fused InfoNCE / NT-Xent: forward and backward without the M x M similarity matrix.
+
+With ``s_ij = q_i . k_j / tau`` (rows L2-normalised by default) the loss of row i is
+
+    l_i = -w_i * mean_{p in P(i)} s_ip  +  LSE_i,      LSE_i = log sum_{j in N(i)} exp(s_ij)
+
+where ``N(i)`` is every key but ``i`` itself in the self-similarity (SimCLR) form, and every key
+in the query/key (MoCo, CLIP) form.  The alignment term is a gather, O(M.m.D), done in torch; the
+uniformity term ``LSE`` is the Triton kernel: tiles of S built in registers, a running max/sum
+per row (flash-attention style), only the fp32 vector of LSEs stored.
+
+Its gradient is message passing (METHODS.md section 1).  With upstream weights ``g_i`` and
+``P_ij = exp(s_ij - LSE_i)``:
+
+    dLSE/dq_i = (1/tau) sum_j g_i P_ij k_j          (messages to the query)
+    dLSE/dk_j = (1/tau) sum_i g_i P_ij q_i          (messages to the key)
+
+and in the self form (q = k = z) the two add up to ``(1/tau) sum_j (g_i P_ij + g_j P_ji) z_j``;
+since S is symmetric, ``P_ji = exp(s_ij - LSE_j)`` comes from the same tile, so the whole
+gradient is one pass: 3 M x M x D matmuls in all (S for the LSEs; S again and W.Z).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import (
+    HAS_TRITON, cdiv, check_finite, check_float, check_positive, check_reduction, check_same,
+    interpreting, next_pow2, resolve_backend, tl, triton,
+)
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# ---------------------------------------------------------------------------------------------
+# Plain-torch references (readable definitions; they materialise S).
+
+
+def lse_similarity_ref(a: torch.Tensor, b: torch.Tensor, *, scale: float, exclude_self: bool = False) -> torch.Tensor:
+    """``LSE_i = log sum_j exp(scale * a_i . b_j)`` over j (j != i when ``exclude_self``), fp32 or wider."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    s = (a.to(dtype) @ b.to(dtype).T) * scale
+    if exclude_self:
+        eye = torch.eye(s.shape[0], s.shape[1], dtype=torch.bool, device=s.device)
+        s = s.masked_fill(eye, float("-inf"))
+    return torch.logsumexp(s, dim=1)
+
+
+def infonce_ref(z, keys=None, *, temperature=0.5, pos_index=None, labels=None, weight=None,
+                normalize=True, symmetric=False, reduction="mean"):
+    """Plain-torch InfoNCE with the same arguments and semantics as :func:`infonce`."""
+    _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, reduction)
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    q = z.to(dtype)
+    q = F.normalize(q, dim=1) if normalize else q
+    if keys is None:
+        k = q
+    else:
+        k = keys.to(dtype)
+        k = F.normalize(k, dim=1) if normalize else k
+    s = q @ k.T / temperature
+    if keys is None:
+        s = s.masked_fill(torch.eye(len(q), dtype=torch.bool, device=q.device), float("-inf"))
+    w = 1.0 if weight is None else weight.to(dtype)
+    loss = torch.logsumexp(s, dim=1) - _positive_mean_ref(s, keys is None, pos_index, labels) * w
+    if symmetric:  # column j's positive is query j
+        loss = 0.5 * (loss + torch.logsumexp(s.T, dim=1) - s.diagonal() * w)
+    return _reduce(loss, reduction)
+
+
+def _positive_mean_ref(s, self_mode, pos_index, labels):
+    """``mean_{p in P(i)} s_ip`` from the full matrix (duplicates in ``pos_index`` count twice)."""
+    m = s.shape[0]
+    if labels is not None:
+        pos = (labels[:, None] == labels[None, :]) & ~torch.eye(m, dtype=torch.bool, device=s.device)
+        return s.masked_fill(~pos, 0).sum(1) / pos.sum(1)
+    idx = _default_pos_index(m, self_mode, s.device) if pos_index is None else pos_index
+    idx = idx.reshape(m, -1).long()
+    valid = idx >= 0
+    return s.gather(1, idx.clamp_min(0)).masked_fill(~valid, 0).sum(1) / valid.sum(1)
+
+
+def _default_pos_index(m, self_mode, device):
+    rows = torch.arange(m, device=device)
+    return (rows + m // 2) % m if self_mode else rows
+
+
+def _reduce(loss, reduction):
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks (before any work; nothing is mutated).
+
+
+def _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, reduction):
+    check_float("z", z, 2)
+    check_positive("temperature", temperature)
+    check_reduction(reduction)
+    m = z.shape[0]
+    if keys is None:
+        if m < 2:
+            raise ValueError(f"z needs at least 2 rows (a row and its positive), got {m}")
+        if symmetric:
+            raise ValueError("symmetric=True needs keys (the query/key form)")
+        if pos_index is None and labels is None and m % 2:
+            raise ValueError(f"z must have an even number of rows (two views stacked), got {m}")
+    else:
+        check_float("keys", keys, 2)
+        check_same("keys", keys, "z", z)
+        if keys.shape[1] != z.shape[1]:
+            raise ValueError(f"keys has dimension {keys.shape[1]} but z has {z.shape[1]}")
+        if labels is not None:
+            raise ValueError("labels is for the self-similarity form; with keys use pos_index")
+        if pos_index is None and keys.shape[0] < m:
+            raise ValueError(f"keys must have at least as many rows as z (positives on the diagonal), got {keys.shape[0]} < {m}")
+        if symmetric and keys.shape[0] != m:
+            raise ValueError(f"symmetric=True needs as many keys as queries, got {keys.shape[0]} and {m}")
+        if symmetric and pos_index is not None:
+            raise ValueError("symmetric=True pairs query i with key i; pos_index is not supported with it")
+    n = m if keys is None else keys.shape[0]
+    if pos_index is not None and labels is not None:
+        raise ValueError("give pos_index or labels, not both")
+    if pos_index is not None:
+        if not isinstance(pos_index, torch.Tensor) or pos_index.dtype not in (torch.int64, torch.int32):
+            raise TypeError("pos_index must be an int64/int32 tensor")
+        if pos_index.device != z.device:
+            raise ValueError(f"pos_index is on {pos_index.device} but z is on {z.device}")
+        if pos_index.dim() not in (1, 2) or pos_index.shape[0] != m:
+            raise ValueError(f"pos_index must have shape [{m}] or [{m}, m], got {tuple(pos_index.shape)}")
+        if bool(((pos_index < -1) | (pos_index >= n)).any()):
+            raise ValueError(f"pos_index values must lie in [0, {n}) (or -1 for padding)")
+        idx = pos_index.reshape(m, -1)
+        valid = idx >= 0
+        if keys is None:
+            rows = torch.arange(m, device=z.device)[:, None]
+            if bool((valid & (idx == rows)).any()):
+                raise ValueError("pos_index names a row as its own positive (self-pairs are excluded from the denominator)")
+        if not bool(valid.any(1).all()):
+            raise ValueError("pos_index gives some row no positive (all -1)")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
+            raise TypeError("labels must be an int64/int32 tensor")
+        if labels.device != z.device:
+            raise ValueError(f"labels is on {labels.device} but z is on {z.device}")
+        if labels.shape != (m,):
+            raise ValueError(f"labels must have shape [{m}], got {tuple(labels.shape)}")
+        counts = torch.unique(labels, return_counts=True)[1]
+        if bool((counts < 2).any()):
+            raise ValueError("labels gives some sample no positive (a label that occurs once)")
+    if weight is not None:
+        check_float("weight", weight, 1)
+        if weight.shape != (m,) or weight.device != z.device:
+            raise ValueError(f"weight must have shape [{m}] on {z.device}, got {tuple(weight.shape)} on {weight.device}")
+    check_finite("z", z)
+    if keys is not None:
+        check_finite("keys", keys)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels.
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _sim_tile(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        """fp32 tile ``A[rows] . B[cols]^T``, the dot product accumulated over chunks of D."""
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        a_base = A + rows.to(tl.int64)[:, None] * stride_a
+        b_base = B + cols.to(tl.int64)[:, None] * stride_b
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            dmask = dd < D
+            a = tl.load(a_base + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+            b = tl.load(b_base + dd[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
+            if UPCAST:  # the interpreter's bf16 dot is broken: multiply in fp32 there
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
+    def _lse_fwd_kernel(A, B, LSE, M, N, D, stride_a, stride_b, scale2,
+                        EXCLUDE_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        """Row log-sum-exp of ``scale * A . B^T`` with a running max and sum (base 2 inside)."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cmask = cols < N
+            s = _sim_tile(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
+                          BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION) * scale2
+            valid = cmask[None, :]
+            if EXCLUDE_SELF:
+                valid = valid & (rows[:, None] != cols[None, :])
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+            m_i = m_new
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+        tl.store(LSE + rows, lse, mask=rmask)
+
+    @triton.jit
+    def _lse_bwd_kernel(A, B, C, OUT, LSE_R, G_R, LSE_C, G_C, GSCALE, M, N, D,
+                        stride_a, stride_b, stride_c, stride_o, scale2, out_scale,
+                        HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_DO: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        """``OUT[r] = out_scale * sum_c W_rc C[c]`` with the message weights recomputed per tile:
+
+        ``W_rc = g_r exp(s_rc - LSE_r)`` (HAS_ROW) ``+ g_c exp(s_rc - LSE_c)`` (HAS_COL), where
+        ``s = scale * A . B^T``; the g's come divided by GSCALE (their max) so W stays O(1) in
+        low precision, and GSCALE multiplies the result.
+        """
+        pid_m = tl.program_id(0)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+        domask = do < D
+        if HAS_ROW:
+            lse_r = tl.load(LSE_R + rows, mask=rmask, other=0.0) * 1.4426950408889634
+            g_r = tl.load(G_R + rows, mask=rmask, other=0.0)
+        acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cmask = cols < N
+            s = _sim_tile(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
+                          BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION) * scale2
+            w = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if HAS_ROW:
+                w += g_r[:, None] * tl.exp2(s - lse_r[:, None])
+            if HAS_COL:
+                lse_c = tl.load(LSE_C + cols, mask=cmask, other=0.0) * 1.4426950408889634
+                g_c = tl.load(G_C + cols, mask=cmask, other=0.0)
+                w += g_c[None, :] * tl.exp2(s - lse_c[None, :])
+            valid = rmask[:, None] & cmask[None, :]
+            if EXCLUDE_SELF:
+                valid = valid & (rows[:, None] != cols[None, :])
+            w = tl.where(valid, w, 0.0)
+            c = tl.load(C + cols.to(tl.int64)[:, None] * stride_c + do[None, :],
+                        mask=cmask[:, None] & domask[None, :], other=0.0)
+            if UPCAST:
+                c = c.to(tl.float32)
+            acc = tl.dot(w.to(c.dtype), c, acc, input_precision=PRECISION)
+        acc = acc * (tl.load(GSCALE) * out_scale)
+        out_ptrs = OUT + rows.to(tl.int64)[:, None] * stride_o + do[None, :]
+        tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=rmask[:, None] & domask[None, :])
+
+
+# Autotune configs: (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_D / BLOCK_DO follow D.
+# Each must compile for sm_80 and sm_90a without spills (tests/test_compile.py).
+FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (64, 128, 4, 3)]
+BWD_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (128, 32, 4, 4)]
+# Under the interpreter one config, small enough that test shapes span several tiles.
+INTERP_CONFIG = (32, 32, 1, 1)
+INTERP_BLOCK_D = 32
+
+
+def block_d(d: int) -> int:
+    """Chunk of D per dot step (the contraction of S) on a GPU."""
+    return min(next_pow2(max(d, 16)), 128)
+
+
+def block_do(d: int, block_m: int) -> int:
+    """Output columns per backward program on a GPU (the fp32 accumulator lives in registers)."""
+    return min(next_pow2(max(d, 16)), 256 if block_m <= 64 else 128)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not interpreting() and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return interpreting() and dtype == torch.bfloat16
+
+
+if HAS_TRITON:
+    def _tuned(kernel, configs, heuristics, key):
+        cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in configs]
+        return triton.autotune(configs=cfgs, key=key)(triton.heuristics(heuristics)(kernel))
+
+    _lse_fwd_tuned = _tuned(_lse_fwd_kernel, FWD_CONFIGS, {"BLOCK_D": lambda a: block_d(a["D"])}, ["D", "EXCLUDE_SELF"])
+    _lse_bwd_tuned = _tuned(
+        _lse_bwd_kernel, BWD_CONFIGS,
+        {"BLOCK_D": lambda a: block_d(a["D"]), "BLOCK_DO": lambda a: block_do(a["D"], a["BLOCK_M"])},
+        ["D", "EXCLUDE_SELF", "HAS_ROW", "HAS_COL"])
+
+
+def _lse_fwd_launch(a: torch.Tensor, b: torch.Tensor, scale: float, exclude_self: bool) -> torch.Tensor:
+    m, d = a.shape
+    n = b.shape[0]
+    lse = torch.empty(m, device=a.device, dtype=torch.float32)
+    common = dict(EXCLUDE_SELF=exclude_self, UPCAST=_upcast(a.dtype), PRECISION=_precision(a.dtype))
+    args = (a, b, lse, m, n, d, a.stride(0), b.stride(0), scale * LOG2E)
+    if interpreting():
+        bm, bn, _, _ = INTERP_CONFIG
+        _lse_fwd_kernel[(cdiv(m, bm),)](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=INTERP_BLOCK_D, **common)
+    else:
+        _lse_fwd_tuned[lambda meta: (cdiv(m, meta["BLOCK_M"]),)](*args, **common)
+    return lse
+
+
+def _lse_bwd_launch(a, b, c, row, col, scale, exclude_self):
+    """``out_scale * sum_c W_rc c_c`` (see ``_lse_bwd_kernel``); row/col are (lse, g) or None."""
+    m, d = a.shape
+    n = b.shape[0]
+    out = torch.empty_like(a)
+    gs = [t[1] for t in (row, col) if t is not None]
+    gscale = torch.stack([g.abs().amax() for g in gs]).amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
+    dummy = gscale
+    lse_r, g_r = (row[0], row[1] / gscale) if row is not None else (dummy, dummy)
+    lse_c, g_c = (col[0], col[1] / gscale) if col is not None else (dummy, dummy)
+    common = dict(HAS_ROW=row is not None, HAS_COL=col is not None, EXCLUDE_SELF=exclude_self,
+                  UPCAST=_upcast(a.dtype), PRECISION=_precision(a.dtype))
+    args = (a, b, c, out, lse_r, g_r, lse_c, g_c, gscale, m, n, d,
+            a.stride(0), b.stride(0), c.stride(0), out.stride(0), scale * LOG2E, scale)
+    if interpreting():
+        bm, bn, _, _ = INTERP_CONFIG
+        _lse_bwd_kernel[(cdiv(m, bm), cdiv(d, INTERP_BLOCK_D))](
+            *args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=INTERP_BLOCK_D, BLOCK_DO=INTERP_BLOCK_D, **common)
+    else:  # BLOCK_DO follows the tuned BLOCK_M: the grid reads it from the chosen config
+        _lse_bwd_tuned[lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(d, meta["BLOCK_DO"]))](*args, **common)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd Functions over the launches.
+
+
+def _contig(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _SelfLSE(torch.autograd.Function):
+    """``LSE_i = log sum_{j != i} exp(scale z_i . z_j)``; backward is the one-pass W = gP + (gP)^T."""
+
+    @staticmethod
+    def forward(ctx, z, scale):
+        z = _contig(z)
+        lse = _lse_fwd_launch(z, z, scale, True)
+        ctx.save_for_backward(z, lse)
+        ctx.scale = scale
+        return lse
+
+    @staticmethod
+    def backward(ctx, g):
+        z, lse = ctx.saved_tensors
+        g = g.float().contiguous()
+        dz = _lse_bwd_launch(z, z, z, (lse, g), (lse, g), ctx.scale, True)
+        return dz, None
+
+
+class _CrossLSE(torch.autograd.Function):
+    """Row LSEs of ``scale q . k^T`` and, with ``cols=True``, column LSEs too (CLIP's two directions)."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale, cols):
+        q, k = _contig(q), _contig(k)
+        lse_r = _lse_fwd_launch(q, k, scale, False)
+        lse_c = _lse_fwd_launch(k, q, scale, False) if cols else lse_r.new_zeros(0)
+        ctx.save_for_backward(q, k, lse_r, lse_c)
+        ctx.scale, ctx.cols = scale, cols
+        return lse_r, lse_c
+
+    @staticmethod
+    def backward(ctx, g_r, g_c):
+        q, k, lse_r, lse_c = ctx.saved_tensors
+        row = (lse_r, g_r.float().contiguous())
+        col = (lse_c, g_c.float().contiguous()) if ctx.cols and g_c is not None else None
+        dq = dk = None
+        if ctx.needs_input_grad[0]:
+            dq = _lse_bwd_launch(q, k, k, row, col, ctx.scale, False)
+        if ctx.needs_input_grad[1]:
+            dk = _lse_bwd_launch(k, q, q, col, row, ctx.scale, False)
+        return dq, dk, None, None
+
+
+def lse_similarity(a: torch.Tensor, b: torch.Tensor | None = None, *, scale: float, cols: bool = False,
+                   backend: str = "auto"):
+    """Fused ``log sum_j exp(scale * a_i . b_j)`` per row, differentiable, without the matrix.
+
+    ``b=None`` is the self form (``b = a``, j != i).  With ``b`` given and ``cols=True`` returns
+    ``(row_lse, col_lse)``; otherwise the row LSEs alone (fp32).
+    """
+    check_float("a", a, 2)
+    if b is not None:
+        check_float("b", b, 2)
+        check_same("b", b, "a", a)
+    check_positive("scale", scale)
+    be = resolve_backend(backend, a.device)
+    if a.dtype == torch.float64:  # the kernels take fp32/fp16/bf16; fp64 is the reference's domain
+        if backend == "triton":
+            raise TypeError("backend='triton' takes float32/float16/bfloat16 inputs, got float64")
+        be = "torch"
+    if be == "torch":
+        if b is None:
+            return lse_similarity_ref(a, a, scale=scale, exclude_self=True)
+        row = lse_similarity_ref(a, b, scale=scale)
+        return (row, lse_similarity_ref(b, a, scale=scale)) if cols else row
+    if b is None:
+        return _SelfLSE.apply(a, scale)
+    row, col = _CrossLSE.apply(a, b, scale, cols)
+    return (row, col) if cols else row
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functional API.
+
+
+def _alignment(q, k, pos_index, labels, self_mode):
+    """``mean_{p in P(i)} q_i . k_p`` per row, O(M.m.D) (labels: class sums, O(M.D))."""
+    m = q.shape[0]
+    if labels is not None:
+        _, inv, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        sums = torch.zeros(len(counts), q.shape[1], dtype=q.dtype, device=q.device).index_add(0, inv, k)
+        return ((q * (sums[inv] - k)).sum(1)) / (counts[inv] - 1).to(q.dtype)
+    idx = _default_pos_index(m, self_mode, q.device) if pos_index is None else pos_index
+    idx = idx.reshape(m, -1).long()
+    valid = idx >= 0
+    kp = k[idx.clamp_min(0)]  # [m, n_pos, D]
+    dots = torch.einsum("md,mpd->mp", q, kp).masked_fill(~valid, 0)
+    return dots.sum(1) / valid.sum(1).to(q.dtype)
+
+
+def _infonce_parts(z, keys, temperature, pos_index, labels, weight, normalize, symmetric, backend):
+    """(alignment term, uniformity term) per row, both fp32: loss = unif - align."""
+    qn = F.normalize(z, dim=1) if normalize else z
+    if keys is None:
+        kn = qn
+    else:
+        kn = F.normalize(keys, dim=1) if normalize else keys
+    wide = torch.promote_types(z.dtype, torch.float32)
+    align = _alignment(qn.to(wide), kn.to(wide), pos_index, labels, keys is None) / temperature
+    w = 1.0 if weight is None else weight.to(wide)
+    align = align * w
+    if keys is None:
+        unif = lse_similarity(qn, scale=1.0 / temperature, backend=backend)
+    elif symmetric:
+        row, col = lse_similarity(qn, kn, scale=1.0 / temperature, cols=True, backend=backend)
+        col_align = _alignment(kn.to(wide), qn.to(wide), None, None, False) / temperature * w
+        return 0.5 * (align + col_align), 0.5 * (row + col).to(wide)
+    else:
+        unif = lse_similarity(qn, kn, scale=1.0 / temperature, backend=backend)
+    return align, unif.to(wide)
+
+
+def infonce(z: torch.Tensor, keys: torch.Tensor | None = None, *, temperature: float = 0.5,
+            pos_index: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+            weight: torch.Tensor | None = None, normalize: bool = True, symmetric: bool = False,
+            reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+    """InfoNCE / NT-Xent, fused (no M x M matrix on the Triton path).
+
+    ``l_i = -w_i * mean_{p in P(i)} s_ip + log sum_{j in N(i)} exp(s_ij)``, ``s = z_hat k_hat^T / tau``.
+
+    * ``keys=None`` (SimCLR, SupCon): ``z`` is [M, D], negatives are all rows but i.  Positives:
+      by default the two-view pairing ``p(i) = (i + M/2) mod M`` (views stacked [z0; z1]);
+      ``pos_index`` [M] or [M, m] (row indices, -1 pads) or ``labels`` [M] (same label, j != i).
+    * ``keys`` [N + Q, D] (MoCo): query i's positive is key i (or ``pos_index``), all keys are in
+      the denominator.  ``symmetric=True`` (CLIP) averages both directions (needs N keys).
+    * ``weight`` [M]: per-row weight on the alignment term (SimCLR-Attn).
+
+    Statistics and the returned loss are fp32 (fp64 for fp64 inputs); gradients come back in the
+    input dtype.  Non-finite inputs raise ``ValueError``.
+    """
+    _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, reduction)
+    align, unif = _infonce_parts(z, keys, temperature, pos_index, labels, weight, normalize, symmetric, backend)
+    return _reduce(unif - align, reduction)
+
+
+def infonce_messages(z: torch.Tensor, *, temperature: float = 0.5, pos_index: torch.Tensor | None = None,
+                     labels: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                     backend: str = "auto"):
+    """The message-passing decomposition of the (mean) NT-Xent gradient w.r.t. ``z_hat``.
+
+    Returns ``(loss, alignment, uniformity)`` with ``alignment + uniformity = dL/dz_hat``:
+    ``alignment_i = -(1/(M tau)) sum_j (A_ij + A_ji) z_hat_j`` with ``A_ij = w_i [j in P(i)] / |P(i)|``
+    (messages from positive neighbours on the augmentation graph) and
+    ``uniformity_i = (1/(M tau)) sum_j (P_ij + P_ji) z_hat_j`` (attention-weighted messages from
+    all samples).  Computed on the fused kernel; ``z_hat = z / |z|`` is taken as the leaf.
+    """
+    _check_args(z, None, temperature, pos_index, labels, weight, False, "mean")
+    zn = F.normalize(z.detach(), dim=1).requires_grad_(True)
+    with torch.enable_grad():
+        align, unif = _infonce_parts(zn, None, temperature, pos_index, labels, weight, False, False, backend)
+        m = zn.shape[0]
+        a_loss, u_loss = -align.sum() / m, unif.sum() / m
+        g_align, = torch.autograd.grad(a_loss, zn)
+        g_unif, = torch.autograd.grad(u_loss, zn)
+    return (a_loss + u_loss).detach(), g_align, g_unif
