@@ -56,6 +56,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def new_output(shape, *, device, dtype) -> torch.Tensor:
+    """An uninitialised kernel output; NaN-filled when ``SSLCORE_POISON=1`` (the tests set it),
+    so that an element a kernel fails to write shows up."""
+    out = torch.empty(shape, device=device, dtype=dtype)
+    if os.environ.get("SSLCORE_POISON", "0") == "1":
+        out.fill_(float("nan"))
+    return out
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ._backend import (
     HAS_TRITON, cdiv, check_finite, check_float, check_positive, check_reduction, check_same,
-    interpreting, next_pow2, resolve_backend, tl, triton,
+    interpreting, new_output, next_pow2, resolve_backend, tl, triton,
 )
 
 LOG2E = 1.4426950408889634
@@ -170,27 +170,35 @@ if HAS_TRITON:
 
     @triton.jit
     def _sim_tile(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-        """fp32 tile ``A[rows] . B[cols]^T``, the dot product accumulated over chunks of D."""
+        """fp32 tile ``A[rows] . B[cols]^T``, the dot product summed over D_CHUNKS chunks of D.
+
+        The chunk loop is unrolled (static_range): a runtime loop nested in the tile loop makes
+        Triton's software pipeliner spill registers.
+        """
+        # int64 base pointer of the tile (rows x stride can pass 2^31), int32 offsets inside it
+        dd = tl.arange(0, BLOCK_D)
+        a_base = A + tl.min(rows, 0).to(tl.int64) * stride_a
+        b_base = B + tl.min(cols, 0).to(tl.int64) * stride_b
+        a_off = tl.arange(0, BLOCK_M)[:, None] * stride_a + dd[None, :]
+        bt_off = tl.arange(0, BLOCK_N)[None, :] * stride_b + dd[:, None]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        a_base = A + rows.to(tl.int64)[:, None] * stride_a
-        b_base = B + cols.to(tl.int64)[:, None] * stride_b
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            dmask = dd < D
-            a = tl.load(a_base + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-            b = tl.load(b_base + dd[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
+        for c in tl.static_range(D_CHUNKS):
+            dmask = (c * BLOCK_D + dd) < D
+            a = tl.load(a_base + a_off + c * BLOCK_D, mask=rmask[:, None] & dmask[None, :], other=0.0)
+            bt = tl.load(b_base + bt_off + c * BLOCK_D, mask=dmask[:, None] & cmask[None, :], other=0.0)
             if UPCAST:  # the interpreter's bf16 dot is broken: multiply in fp32 there
                 a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+                bt = bt.to(tl.float32)
+            acc = tl.dot(a, bt, acc, input_precision=PRECISION)
         return acc
 
     @triton.jit
     def _lse_fwd_kernel(A, B, LSE, M, N, D, stride_a, stride_b, scale2,
                         EXCLUDE_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
+                        PRECISION: tl.constexpr):
         """Row log-sum-exp of ``scale * A . B^T`` with a running max and sum (base 2 inside)."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
@@ -200,7 +208,7 @@ if HAS_TRITON:
             cols = n0 + tl.arange(0, BLOCK_N)
             cmask = cols < N
             s = _sim_tile(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
-                          BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION) * scale2
+                          BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION) * scale2
             valid = cmask[None, :]
             if EXCLUDE_SELF:
                 valid = valid & (rows[:, None] != cols[None, :])
@@ -217,7 +225,8 @@ if HAS_TRITON:
                         stride_a, stride_b, stride_c, stride_o, scale2, out_scale,
                         HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_DO: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                        D_CHUNKS: tl.constexpr, BLOCK_DO: tl.constexpr, UPCAST: tl.constexpr,
+                        PRECISION: tl.constexpr):
         """``OUT[r] = out_scale * sum_c W_rc C[c]`` with the message weights recomputed per tile:
 
         ``W_rc = g_r exp(s_rc - LSE_r)`` (HAS_ROW) ``+ g_c exp(s_rc - LSE_c)`` (HAS_COL), where
@@ -237,19 +246,20 @@ if HAS_TRITON:
             cols = n0 + tl.arange(0, BLOCK_N)
             cmask = cols < N
             s = _sim_tile(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
-                          BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION) * scale2
+                          BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION) * scale2
+            # P <= 1 wherever it counts: the clamp only stops masked entries (the diagonal) overflowing
             w = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             if HAS_ROW:
-                w += g_r[:, None] * tl.exp2(s - lse_r[:, None])
+                w += g_r[:, None] * tl.exp2(tl.minimum(s - lse_r[:, None], 0.0))
             if HAS_COL:
                 lse_c = tl.load(LSE_C + cols, mask=cmask, other=0.0) * 1.4426950408889634
                 g_c = tl.load(G_C + cols, mask=cmask, other=0.0)
-                w += g_c[None, :] * tl.exp2(s - lse_c[None, :])
+                w += g_c[None, :] * tl.exp2(tl.minimum(s - lse_c[None, :], 0.0))
             valid = rmask[:, None] & cmask[None, :]
             if EXCLUDE_SELF:
                 valid = valid & (rows[:, None] != cols[None, :])
             w = tl.where(valid, w, 0.0)
-            c = tl.load(C + cols.to(tl.int64)[:, None] * stride_c + do[None, :],
+            c = tl.load(C + tl.min(cols, 0).to(tl.int64) * stride_c + tl.arange(0, BLOCK_N)[:, None] * stride_c + do[None, :],
                         mask=cmask[:, None] & domask[None, :], other=0.0)
             if UPCAST:
                 c = c.to(tl.float32)
@@ -260,22 +270,48 @@ if HAS_TRITON:
 
 
 # Autotune configs: (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_D / BLOCK_DO follow D.
-# Each must compile for sm_80 and sm_90a without spills (tests/test_compile.py).
-FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (64, 128, 4, 3)]
-BWD_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (128, 32, 4, 4)]
+# Each must compile for sm_80 and sm_90a without spills at D = 128 and 768 (tests/test_compile.py);
+# larger tiles spilled in an offline sweep, and none has been timed on a GPU yet.
+FWD_CONFIGS = [(64, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)]
+BWD_CONFIGS = [(64, 32, 4, 2), (64, 32, 8, 2)]
 # Under the interpreter one config, small enough that test shapes span several tiles.
 INTERP_CONFIG = (32, 32, 1, 1)
 INTERP_BLOCK_D = 32
 
 
 def block_d(d: int) -> int:
-    """Chunk of D per dot step (the contraction of S) on a GPU."""
-    return min(next_pow2(max(d, 16)), 128)
+    """Chunk of D per dot step of S on a GPU: all of D up to 128, else 64-wide chunks."""
+    return INTERP_BLOCK_D if interpreting() else (max(16, next_pow2(d)) if d <= 128 else 64)
 
 
-def block_do(d: int, block_m: int) -> int:
-    """Output columns per backward program on a GPU (the fp32 accumulator lives in registers)."""
-    return min(next_pow2(max(d, 16)), 256 if block_m <= 64 else 128)
+def d_chunks(d: int) -> int:
+    return cdiv(d, block_d(d))
+
+
+def block_do(d: int) -> int:
+    """Output columns per backward program (the fp32 accumulator lives in registers)."""
+    return INTERP_BLOCK_D if interpreting() else min(max(16, next_pow2(d)), 128)
+
+
+def aot_specs(dtype: str = "bf16", d: int = 128):
+    """Every autotune config of every kernel as ``(name, fn, signature, constexprs, warps, stages)``
+    for ahead-of-time compilation (tests/test_compile.py)."""
+    ptr = "*" + dtype
+    fwd_sig = {"A": ptr, "B": ptr, "LSE": "*fp32", "M": "i32", "N": "i32", "D": "i32",
+               "stride_a": "i32", "stride_b": "i32", "scale2": "fp32"}
+    bwd_sig = {"A": ptr, "B": ptr, "C": ptr, "OUT": ptr, "LSE_R": "*fp32", "G_R": "*fp32", "LSE_C": "*fp32",
+               "G_C": "*fp32", "GSCALE": "*fp32", "M": "i32", "N": "i32", "D": "i32", "stride_a": "i32",
+               "stride_b": "i32", "stride_c": "i32", "stride_o": "i32", "scale2": "fp32", "out_scale": "fp32"}
+    common = {"EXCLUDE_SELF": True, "UPCAST": False, "PRECISION": "ieee", "BLOCK_D": block_d(d), "D_CHUNKS": d_chunks(d)}
+    specs = []
+    for bm, bn, warps, stages in FWD_CONFIGS:
+        specs.append((f"infonce_lse_fwd[{bm}x{bn}w{warps}s{stages}]", _lse_fwd_kernel, fwd_sig,
+                      dict(common, BLOCK_M=bm, BLOCK_N=bn), warps, stages))
+    for bm, bn, warps, stages in BWD_CONFIGS:
+        specs.append((f"infonce_lse_bwd[{bm}x{bn}w{warps}s{stages}]", _lse_bwd_kernel, bwd_sig,
+                      dict(common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DO=block_do(d), HAS_ROW=True, HAS_COL=True),
+                      warps, stages))
+    return specs
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -289,26 +325,24 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 
 if HAS_TRITON:
-    def _tuned(kernel, configs, heuristics, key):
+    def _tuned(kernel, configs, key):
         cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in configs]
-        return triton.autotune(configs=cfgs, key=key)(triton.heuristics(heuristics)(kernel))
+        return triton.autotune(configs=cfgs, key=key)(kernel)
 
-    _lse_fwd_tuned = _tuned(_lse_fwd_kernel, FWD_CONFIGS, {"BLOCK_D": lambda a: block_d(a["D"])}, ["D", "EXCLUDE_SELF"])
-    _lse_bwd_tuned = _tuned(
-        _lse_bwd_kernel, BWD_CONFIGS,
-        {"BLOCK_D": lambda a: block_d(a["D"]), "BLOCK_DO": lambda a: block_do(a["D"], a["BLOCK_M"])},
-        ["D", "EXCLUDE_SELF", "HAS_ROW", "HAS_COL"])
+    _lse_fwd_tuned = _tuned(_lse_fwd_kernel, FWD_CONFIGS, ["D", "EXCLUDE_SELF"])
+    _lse_bwd_tuned = _tuned(_lse_bwd_kernel, BWD_CONFIGS, ["D", "EXCLUDE_SELF", "HAS_ROW", "HAS_COL"])
 
 
 def _lse_fwd_launch(a: torch.Tensor, b: torch.Tensor, scale: float, exclude_self: bool) -> torch.Tensor:
     m, d = a.shape
     n = b.shape[0]
-    lse = torch.empty(m, device=a.device, dtype=torch.float32)
-    common = dict(EXCLUDE_SELF=exclude_self, UPCAST=_upcast(a.dtype), PRECISION=_precision(a.dtype))
+    lse = new_output((m,), device=a.device, dtype=torch.float32)
+    common = dict(EXCLUDE_SELF=exclude_self, UPCAST=_upcast(a.dtype), PRECISION=_precision(a.dtype),
+                  BLOCK_D=block_d(d), D_CHUNKS=d_chunks(d))
     args = (a, b, lse, m, n, d, a.stride(0), b.stride(0), scale * LOG2E)
     if interpreting():
         bm, bn, _, _ = INTERP_CONFIG
-        _lse_fwd_kernel[(cdiv(m, bm),)](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=INTERP_BLOCK_D, **common)
+        _lse_fwd_kernel[(cdiv(m, bm),)](*args, BLOCK_M=bm, BLOCK_N=bn, **common)
     else:
         _lse_fwd_tuned[lambda meta: (cdiv(m, meta["BLOCK_M"]),)](*args, **common)
     return lse
@@ -318,22 +352,22 @@ def _lse_bwd_launch(a, b, c, row, col, scale, exclude_self):
     """``out_scale * sum_c W_rc c_c`` (see ``_lse_bwd_kernel``); row/col are (lse, g) or None."""
     m, d = a.shape
     n = b.shape[0]
-    out = torch.empty_like(a)
+    out = new_output(a.shape, device=a.device, dtype=a.dtype)
     gs = [t[1] for t in (row, col) if t is not None]
     gscale = torch.stack([g.abs().amax() for g in gs]).amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
     dummy = gscale
     lse_r, g_r = (row[0], row[1] / gscale) if row is not None else (dummy, dummy)
     lse_c, g_c = (col[0], col[1] / gscale) if col is not None else (dummy, dummy)
     common = dict(HAS_ROW=row is not None, HAS_COL=col is not None, EXCLUDE_SELF=exclude_self,
-                  UPCAST=_upcast(a.dtype), PRECISION=_precision(a.dtype))
+                  UPCAST=_upcast(a.dtype), PRECISION=_precision(a.dtype),
+                  BLOCK_D=block_d(d), D_CHUNKS=d_chunks(d), BLOCK_DO=block_do(d))
     args = (a, b, c, out, lse_r, g_r, lse_c, g_c, gscale, m, n, d,
             a.stride(0), b.stride(0), c.stride(0), out.stride(0), scale * LOG2E, scale)
     if interpreting():
         bm, bn, _, _ = INTERP_CONFIG
-        _lse_bwd_kernel[(cdiv(m, bm), cdiv(d, INTERP_BLOCK_D))](
-            *args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=INTERP_BLOCK_D, BLOCK_DO=INTERP_BLOCK_D, **common)
-    else:  # BLOCK_DO follows the tuned BLOCK_M: the grid reads it from the chosen config
-        _lse_bwd_tuned[lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(d, meta["BLOCK_DO"]))](*args, **common)
+        _lse_bwd_kernel[(cdiv(m, bm), cdiv(d, block_do(d)))](*args, BLOCK_M=bm, BLOCK_N=bn, **common)
+    else:
+        _lse_bwd_tuned[lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(d, block_do(d)))](*args, **common)
     return out
 
 

@@ -1,0 +1,306 @@
+"""Fused InfoNCE (Triton; the interpreter without a GPU) against its float64 plain-torch reference."""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sslcore import InfoNCELoss, NTXentLoss
+from sslcore.functional import nt_xent, supcon
+from sslcore.kernels import infonce, infonce_messages, infonce_ref, lse_similarity, lse_similarity_ref, resolve_backend
+
+K = importlib.import_module("sslcore.kernels.infonce")
+
+# Tolerances relative to the largest reference magnitude: fp32 is near-exact; fp16/bf16 inputs
+# are rounded first (the reference sees the same rounded values), the kernel then casts the
+# message weights to the input dtype for the tensor-core dot and returns gradients in it.
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _dev():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _close(got, want, dtype, what):
+    scale = want.abs().max().clamp_min(1e-12)
+    err = (got.double() - want).abs().max() / scale
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    assert err <= TOL[dtype], f"{what}: relative error {err:.2e} > {TOL[dtype]:.0e}"
+
+
+def _leaf(shape, dtype, scale=1.0):
+    return (torch.randn(*shape, device=_dev()) * scale).to(dtype).requires_grad_(True)
+
+
+def _check(fn, inputs, dtype, **kw):
+    """Loss and gradients of fn(backend=triton) vs fn's reference in float64 on the same rounded inputs."""
+    out = fn[0](*inputs, backend="triton", **kw)
+    grads = torch.autograd.grad(out.sum(), inputs)
+    ref_in = [x.detach().double().requires_grad_(True) for x in inputs]
+    ref_kw = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
+    ref = fn[1](*ref_in, **ref_kw)
+    ref_grads = torch.autograd.grad(ref.sum(), ref_in)
+    assert out.dtype == torch.float32
+    _close(out, ref, dtype, "loss")
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert g.dtype == dtype
+        _close(g, r, dtype, f"grad of input {i}")
+
+
+INFONCE = (infonce, infonce_ref)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d", [(37, 33), (129, 100)])
+def test_ntxent_two_view(seed, dtype, n, d):
+    z = _leaf((2 * n, d), dtype)
+    _check(INFONCE, [z], dtype, temperature=0.3)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_reductions_and_unnormalised(seed, reduction, normalize):
+    z = _leaf((74, 33), torch.float32, scale=0.3)
+    _check(INFONCE, [z], torch.float32, temperature=0.5, reduction=reduction, normalize=normalize)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_supcon_labels(seed, dtype):
+    labels = torch.randint(0, 7, (90,), device=_dev())
+    labels[torch.arange(7, device=_dev()) * 2] = torch.arange(7, device=_dev())  # every class at least twice
+    labels[torch.arange(7, device=_dev()) * 2 + 1] = torch.arange(7, device=_dev())
+    _check(INFONCE, [_leaf((90, 33), dtype)], dtype, temperature=0.1, labels=labels)
+
+
+def test_multi_positive_index_with_padding(seed):
+    m, views = 3 * 31, 3  # m views per sample, stacked view by view
+    rows = torch.arange(m, device=_dev())
+    n = m // views
+    pos = torch.stack([(rows + n) % m, (rows + 2 * n) % m, torch.full_like(rows, -1)], 1)
+    pos[::4, 1] = -1  # some rows with a single positive
+    _check(INFONCE, [_leaf((m, 45), torch.float32)], torch.float32, temperature=0.2, pos_index=pos)
+
+
+def test_weighted_positives(seed):
+    w = torch.rand(74, device=_dev()) * 2
+    _check(INFONCE, [_leaf((74, 33), torch.float32)], torch.float32, temperature=0.4, weight=w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_query_key_with_queue(seed, dtype):
+    q, k = _leaf((37, 100), dtype), _leaf((37 + 61, 100), dtype)
+    _check(INFONCE, [q, k], dtype, temperature=0.2)
+
+
+def test_query_key_keys_without_grad(seed):
+    q = _leaf((37, 33), torch.float32)
+    k = torch.randn(50, 33, device=_dev())
+    loss = infonce(q, k, temperature=0.2, backend="triton")
+    g, = torch.autograd.grad(loss, q)
+    qr = q.detach().double().requires_grad_(True)
+    gr, = torch.autograd.grad(infonce_ref(qr, k.double(), temperature=0.2), qr)
+    _close(g, gr, torch.float32, "grad of queries")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_clip_symmetric(seed, dtype):
+    q, k = _leaf((53, 33), dtype), _leaf((53, 33), dtype)
+    _check(INFONCE, [q, k], dtype, temperature=0.07, symmetric=True)
+
+
+def test_lse_similarity_op(seed):
+    a, b = _leaf((45, 33), torch.float32), _leaf((70, 33), torch.float32)
+    _check((lse_similarity, lse_similarity_ref), [a, b], torch.float32, scale=1.5)
+    rows, cols = lse_similarity(a, b, scale=1.5, cols=True, backend="triton")
+    _close(cols, lse_similarity_ref(b.double(), a.double(), scale=1.5), torch.float32, "column LSE")
+
+
+def test_fp16_low_temperature_large_logits(seed):
+    """Unnormalised fp16 rows with |s| ~ 1e3 at tau = 0.05: statistics in fp32 must not overflow."""
+    z = _leaf((64, 33), torch.float16, scale=1.0)
+    with torch.no_grad():
+        z.mul_(8.0)
+    _check(INFONCE, [z], torch.float16, temperature=0.05, normalize=False)
+
+
+def test_messages_decompose_the_gradient(seed):
+    m, d, tau = 74, 33, 0.3
+    z = torch.randn(m, d, device=_dev())
+    loss, align, unif = infonce_messages(z, temperature=tau, backend="triton")
+    zn = F.normalize(z.double(), dim=1)
+    s = zn @ zn.T / tau
+    s.fill_diagonal_(float("-inf"))
+    p = torch.softmax(s, 1)
+    pos = (torch.arange(m, device=_dev()) + m // 2) % m
+    _close(unif, (p + p.T) @ zn / (m * tau), torch.float32, "uniformity messages")
+    _close(align, -2 * zn[pos] / (m * tau), torch.float32, "alignment messages")
+    zr = zn.clone().requires_grad_(True)
+    g, = torch.autograd.grad(infonce_ref(zr, temperature=tau, normalize=False), zr)
+    _close(align + unif, g, torch.float32, "sum of messages")
+    _close(loss, infonce_ref(zn, temperature=tau), torch.float32, "loss")
+
+
+def test_outputs_are_fully_written(seed):
+    """Launch outputs are NaN-poisoned under the tests (SSLCORE_POISON=1): any gap shows as NaN."""
+    import os
+    assert os.environ.get("SSLCORE_POISON") == "1"
+    z = torch.randn(2 * 67, 100, device=_dev(), requires_grad=True)
+    lse = lse_similarity(z, scale=2.0, backend="triton")
+    g, = torch.autograd.grad(lse.sum(), z)
+    assert torch.isfinite(lse).all() and torch.isfinite(g).all()
+
+
+def _saved_numels(fn):
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        fn()
+    return sizes
+
+
+def test_saved_tensors_are_linear_in_batch(seed):
+    m, d = 2 * 97, 16
+    z = torch.randn(m, d, device=_dev(), requires_grad=True)
+    fused = _saved_numels(lambda: infonce(z, temperature=0.5, backend="triton"))
+    ref = _saved_numels(lambda: infonce_ref(z, temperature=0.5))
+    assert max(ref) >= m * m, "the check must see the reference's M x M buffer"
+    assert max(fused) <= m * d and sum(fused) <= 8 * (m * d + m), fused
+
+
+def test_deterministic(seed):
+    z = torch.randn(2 * 45, 60, device=_dev(), requires_grad=True)
+    runs = []
+    for _ in range(2):
+        loss = infonce(z, temperature=0.2, backend="triton")
+        runs.append((loss.detach(), torch.autograd.grad(loss, z)[0]))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_torch_backend_matches_reference(seed):
+    z = _leaf((2 * 20, 12), torch.float32)
+    _check((lambda x, backend, **kw: infonce(x, backend="torch", **kw), infonce_ref), [z], torch.float32, temperature=0.5)
+
+
+def test_backend_dispatch(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("auto", cpu) == "triton"
+    monkeypatch.setenv("SSLCORE_BACKEND", "torch")
+    assert resolve_backend("auto", cpu) == "torch"
+    assert resolve_backend("triton", cpu) == "triton"  # an explicit choice beats the variable
+    monkeypatch.delenv("SSLCORE_BACKEND")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert resolve_backend("auto", cpu) == "torch"
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        resolve_backend("triton", cpu)
+    with pytest.raises(ValueError, match="backend"):
+        resolve_backend("cuda", cpu)
+    monkeypatch.setenv("SSLCORE_BACKEND", "fast")
+    with pytest.raises(ValueError, match="SSLCORE_BACKEND"):
+        resolve_backend("auto", cpu)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument, before any work.
+
+def _z(m=8, d=4, **kw):
+    return torch.randn(m, d, **kw)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: infonce(_z(), temperature=0.0), ValueError, "temperature"),
+    (lambda: infonce(_z(), temperature=-1.0), ValueError, "temperature"),
+    (lambda: infonce(_z(7)), ValueError, "even number of rows"),
+    (lambda: infonce(torch.randn(0, 4)), ValueError, "z is empty"),
+    (lambda: infonce(torch.randn(8)), ValueError, "z must have 2 dimensions"),
+    (lambda: infonce(_z(1)), ValueError, "at least 2 rows"),
+    (lambda: infonce(_z(8).long()), TypeError, "z must be float"),
+    (lambda: infonce(_z(), _z(8, 5)), ValueError, "keys has dimension 5"),
+    (lambda: infonce(_z(), _z(6)), ValueError, "keys must have at least"),
+    (lambda: infonce(_z(), _z(dtype=torch.float16)), TypeError, "keys has dtype"),
+    (lambda: infonce(_z(), _z(10), symmetric=True), ValueError, "symmetric"),
+    (lambda: infonce(_z(), labels=torch.arange(8)), ValueError, "no positive"),
+    (lambda: infonce(_z(), labels=torch.zeros(7, dtype=torch.long)), ValueError, "labels must have shape"),
+    (lambda: infonce(_z(), pos_index=torch.full((8,), -1)), ValueError, "no positive"),
+    (lambda: infonce(_z(), pos_index=torch.arange(8)), ValueError, "own positive"),
+    (lambda: infonce(_z(), pos_index=torch.full((8,), 9)), ValueError, "pos_index values"),
+    (lambda: infonce(_z(), pos_index=torch.zeros(8)), TypeError, "pos_index must be"),
+    (lambda: infonce(_z(), weight=torch.ones(5)), ValueError, "weight must have shape"),
+    (lambda: infonce(_z(), reduction="avg"), ValueError, "reduction"),
+    (lambda: infonce(_z().index_fill(0, torch.tensor([3]), float("nan"))), ValueError, "z contains NaN"),
+    (lambda: infonce(_z(), _z().index_fill(0, torch.tensor([1]), float("inf"))), ValueError, "keys contains NaN or Inf"),
+    (lambda: NTXentLoss(temperature=0), ValueError, "temperature"),
+    (lambda: NTXentLoss()(_z(4), _z(5)), ValueError, "same shape"),
+    (lambda: InfoNCELoss(memory_bank_size=-1), ValueError, "memory_bank_size"),
+    (lambda: lse_similarity(_z(), scale=0.0), ValueError, "scale"),
+])
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_bad_input_mutates_nothing():
+    loss = InfoNCELoss(temperature=0.2, memory_bank_size=16)
+    loss(_z(4), _z(4))
+    before = loss.queue.clone()
+    with pytest.raises(ValueError):
+        loss(_z(4), _z(4).index_fill(0, torch.tensor([0]), float("nan")))
+    assert torch.equal(before, loss.queue)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules and functional API.
+
+def test_ntxent_module_and_functional(seed):
+    a, b = torch.randn(21, 16), torch.randn(21, 16)
+    want = infonce_ref(torch.cat([a, b]).double(), temperature=0.5)
+    _close(NTXentLoss(temperature=0.5)(a, b), want, torch.float32, "NTXentLoss")
+    _close(nt_xent(a, b, temperature=0.5), want, torch.float32, "nt_xent")
+    labels = torch.arange(21).repeat(2)
+    _close(supcon(torch.cat([a, b]), labels, temperature=0.5), want, torch.float32, "supcon with two views")
+
+
+def test_infonce_loss_queue_is_fifo(seed):
+    loss = InfoNCELoss(temperature=0.2, memory_bank_size=10)
+    q1, k1, q2, k2 = (torch.randn(4, 8) for _ in range(4))
+    loss(q1, k1)
+    bank = loss.queue.clone()
+    assert torch.equal(bank[:4], k1)
+    got = loss(q2, k2)
+    _close(got, infonce_ref(q2.double(), torch.cat([k2, bank]).double(), temperature=0.2), torch.float32, "loss with bank")
+    assert torch.equal(loss.queue[:4], k2) and torch.equal(loss.queue[4:], bank[:6])
+    loss.eval()
+    loss(q1, k1)
+    assert torch.equal(loss.queue[:4], k2), "eval mode must not enqueue"
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: real sizes, bf16, int64 offsets, torch.compile.
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_real_sizes(seed, dtype):
+    z = _leaf((4096 + 2 * 37, 256), dtype)
+    _check(INFONCE, [z], dtype, temperature=0.1)
+
+
+@pytest.mark.gpu
+def test_gpu_int64_offsets():
+    """M x D past 2^31 elements: row offsets must be computed in int64."""
+    m, d = 2 ** 21 + 2, 1024  # 2.1e9 elements, 4 GiB in bf16
+    z = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
+    idx = torch.tensor([0, m - 1], device="cuda")
+    lse = lse_similarity(z, z[idx], scale=1.0, backend="triton")
+    want = lse_similarity_ref(z, z[idx], scale=1.0)
+    assert torch.allclose(lse[-5:], want[-5:], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph(seed):
+    z = _leaf((2 * 300, 128), torch.bfloat16)
+    compiled = torch.compile(lambda x: infonce(x, temperature=0.2, backend="triton"), fullgraph=True)
+    loss = compiled(z)
+    g, = torch.autograd.grad(loss, z)
+    ref = infonce(z, temperature=0.2, backend="triton")
+    g_ref, = torch.autograd.grad(ref, z)
+    assert torch.allclose(loss, ref) and torch.allclose(g.float(), g_ref.float(), atol=1e-3)
