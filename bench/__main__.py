@@ -1,0 +1,75 @@
+"""``python -m bench [infonce|contranorm|kmeans|all] [--quick] [--plot] [--json-dir DIR]``,
+``python -m bench readme [FILE ...]``.
+
+Runs this machine's rows of each family (GPU rows where CUDA exists, CPU rows otherwise), appends
+them to ``<json-dir>/<YYYYMMDD-HHMMSS>-<device>.jsonl`` and prints the markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+from datetime import datetime
+from pathlib import Path
+
+from bench import report
+from bench.harness import environment, off_machine, run_case
+
+# A family is bench/<name>.py with ``cases(quick) -> list[Case]`` (and its pytest test); absent ones are skipped.
+FAMILIES = ("infonce", "contranorm", "kmeans")
+
+
+def load_cases(family: str, quick: bool) -> list:
+    if importlib.util.find_spec(f"bench.{family}") is None:
+        print(f"{family}: skipped, no benchmark yet (bench/{family}.py does not exist)")
+        return []
+    return importlib.import_module(f"bench.{family}").cases(quick)
+
+
+def print_skipped(cases: list) -> None:
+    """One line per (reason, op): how many rows, which implementations, dtypes and sizes."""
+    groups = {}
+    for c in cases:
+        groups.setdefault((off_machine(c), c.op), []).append(c)
+    for (reason, op), cs in groups.items():
+        impls = ", ".join(dict.fromkeys(c.impl for c in cs))
+        dtypes = ", ".join(dict.fromkeys(str(c.dtype).removeprefix("torch.") for c in cs))
+        sizes = "; ".join(f"{k} in {sorted({c.shape[k] for c in cs})}" for k in cs[0].shape)
+        print(f"{op}: {len(cs)} rows {reason} ({impls}; {dtypes}; {sizes})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
+    parser.add_argument("what", nargs="?", default="all", choices=[*FAMILIES, "all", "readme"])
+    parser.add_argument("files", nargs="*", help="readme: results files to render (default: the newest "
+                                                 "committed file per device)")
+    parser.add_argument("--quick", action="store_true", help="fewer, smaller shapes: a smoke run")
+    parser.add_argument("--plot", action="store_true", help="also write a PNG next to the JSONL")
+    parser.add_argument("--json-dir", type=Path, default=report.RESULTS, help="where the JSONL goes "
+                                                                              "(default: bench/results)")
+    args = parser.parse_args(argv)
+    if args.what == "readme":
+        print(report.readme(args.files))
+        return
+    if args.files:
+        parser.error("only 'readme' takes files")
+
+    cases = [c for family in (FAMILIES if args.what == "all" else [args.what]) for c in load_cases(family, args.quick)]
+    print_skipped([c for c in cases if off_machine(c)])
+    cases = [c for c in cases if not off_machine(c)]
+    if not cases:
+        return
+    path = report.results_path(args.json_dir, environment()["device"], datetime.now())
+    rows = []
+    for case in cases:
+        rows.append(run_case(case))
+        report.append_jsonl(path, rows[-1])
+        print(f"  {case.op} {case.id}: {rows[-1]['status']}, {report.fmt(rows[-1]['median_ms'])} ms", flush=True)
+    print(f"\n{report.header(rows)}\n\n{report.markdown(rows)}\n\nwrote {path}")
+    if args.plot:
+        png = path.with_suffix(".png")
+        print(f"wrote {png}" if report.plot(rows, png) else "no plot: no row ran")
+
+
+if __name__ == "__main__":
+    main()
