@@ -100,6 +100,9 @@ def _reduce(loss, reduction):
 
 
 def _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, reduction):
+    """Shape/type checks always; value checks (indices, labels, finiteness) in eager mode only,
+    since they read the data (torch.compile traces without them)."""
+    values = not torch.compiler.is_compiling()
     check_float("z", z, 2)
     check_positive("temperature", temperature)
     check_reduction(reduction)
@@ -134,6 +137,7 @@ def _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, redu
             raise ValueError(f"pos_index is on {pos_index.device} but z is on {z.device}")
         if pos_index.dim() not in (1, 2) or pos_index.shape[0] != m:
             raise ValueError(f"pos_index must have shape [{m}] or [{m}, m], got {tuple(pos_index.shape)}")
+    if pos_index is not None and values:
         if bool(((pos_index < -1) | (pos_index >= n)).any()):
             raise ValueError(f"pos_index values must lie in [0, {n}) (or -1 for padding)")
         idx = pos_index.reshape(m, -1)
@@ -151,16 +155,16 @@ def _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, redu
             raise ValueError(f"labels is on {labels.device} but z is on {z.device}")
         if labels.shape != (m,):
             raise ValueError(f"labels must have shape [{m}], got {tuple(labels.shape)}")
-        counts = torch.unique(labels, return_counts=True)[1]
-        if bool((counts < 2).any()):
+        if values and bool((torch.unique(labels, return_counts=True)[1] < 2).any()):
             raise ValueError("labels gives some sample no positive (a label that occurs once)")
     if weight is not None:
         check_float("weight", weight, 1)
         if weight.shape != (m,) or weight.device != z.device:
             raise ValueError(f"weight must have shape [{m}] on {z.device}, got {tuple(weight.shape)} on {weight.device}")
-    check_finite("z", z)
-    if keys is not None:
-        check_finite("keys", keys)
+    if values:
+        check_finite("z", z)
+        if keys is not None:
+            check_finite("keys", keys)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,6 +337,8 @@ if HAS_TRITON:
     _lse_bwd_tuned = _tuned(_lse_bwd_kernel, BWD_CONFIGS, ["D", "EXCLUDE_SELF", "HAS_ROW", "HAS_COL"])
 
 
+# The launches are torch.library custom ops, so torch.compile(fullgraph=True) traces through them.
+@torch.library.custom_op("sslcore::infonce_lse_fwd", mutates_args=())
 def _lse_fwd_launch(a: torch.Tensor, b: torch.Tensor, scale: float, exclude_self: bool) -> torch.Tensor:
     m, d = a.shape
     n = b.shape[0]
@@ -348,17 +354,24 @@ def _lse_fwd_launch(a: torch.Tensor, b: torch.Tensor, scale: float, exclude_self
     return lse
 
 
-def _lse_bwd_launch(a, b, c, row, col, scale, exclude_self):
-    """``out_scale * sum_c W_rc c_c`` (see ``_lse_bwd_kernel``); row/col are (lse, g) or None."""
+@_lse_fwd_launch.register_fake
+def _(a, b, scale, exclude_self):
+    return a.new_empty(a.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("sslcore::infonce_lse_bwd", mutates_args=())
+def _lse_bwd_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, lse_r: torch.Tensor | None, g_r: torch.Tensor | None,
+                lse_c: torch.Tensor | None, g_c: torch.Tensor | None, scale: float, exclude_self: bool) -> torch.Tensor:
+    """``scale * sum_c W_rc c_c`` (see ``_lse_bwd_kernel``); a missing (lse, g) pair drops its term."""
     m, d = a.shape
     n = b.shape[0]
     out = new_output(a.shape, device=a.device, dtype=a.dtype)
-    gs = [t[1] for t in (row, col) if t is not None]
+    has_row, has_col = g_r is not None, g_c is not None
+    gs = [g for g in (g_r, g_c) if g is not None]
     gscale = torch.stack([g.abs().amax() for g in gs]).amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
-    dummy = gscale
-    lse_r, g_r = (row[0], row[1] / gscale) if row is not None else (dummy, dummy)
-    lse_c, g_c = (col[0], col[1] / gscale) if col is not None else (dummy, dummy)
-    common = dict(HAS_ROW=row is not None, HAS_COL=col is not None, EXCLUDE_SELF=exclude_self,
+    lse_r, g_r = (lse_r, g_r / gscale) if has_row else (gscale, gscale)
+    lse_c, g_c = (lse_c, g_c / gscale) if has_col else (gscale, gscale)
+    common = dict(HAS_ROW=has_row, HAS_COL=has_col, EXCLUDE_SELF=exclude_self,
                   UPCAST=_upcast(a.dtype), PRECISION=_precision(a.dtype),
                   BLOCK_D=block_d(d), D_CHUNKS=d_chunks(d), BLOCK_DO=block_do(d))
     args = (a, b, c, out, lse_r, g_r, lse_c, g_c, gscale, m, n, d,
@@ -369,6 +382,18 @@ def _lse_bwd_launch(a, b, c, row, col, scale, exclude_self):
     else:
         _lse_bwd_tuned[lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(d, block_do(d)))](*args, **common)
     return out
+
+
+@_lse_bwd_op.register_fake
+def _(a, b, c, lse_r, g_r, lse_c, g_c, scale, exclude_self):
+    return torch.empty_like(a)
+
+
+def _lse_bwd_launch(a, b, c, row, col, scale, exclude_self):
+    """The backward op with row/col given as (lse, g) pairs or None."""
+    lse_r, g_r = row if row is not None else (None, None)
+    lse_c, g_c = col if col is not None else (None, None)
+    return _lse_bwd_op(a, b, c, lse_r, g_r, lse_c, g_c, scale, exclude_self)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -304,3 +304,29 @@ def test_gpu_torch_compile_fullgraph(seed):
     ref = infonce(z, temperature=0.2, backend="triton")
     g_ref, = torch.autograd.grad(ref, z)
     assert torch.allclose(loss, ref) and torch.allclose(g.float(), g_ref.float(), atol=1e-3)
+
+
+def test_fullgraph_trace_through_custom_ops(seed):
+    """The launches are torch.library ops: dynamo traces infonce forward+backward in one graph
+    (aot_eager runs the ops eagerly, so this also runs under the interpreter)."""
+    z = _leaf((2 * 19, 24), torch.float32)
+    compiled = torch.compile(lambda x: infonce(x, temperature=0.2, backend="triton"), fullgraph=True, backend="aot_eager")
+    loss = compiled(z)
+    g, = torch.autograd.grad(loss, z)
+    zr = z.detach().double().requires_grad_(True)
+    ref = infonce_ref(zr, temperature=0.2)
+    _close(loss, ref, torch.float32, "compiled loss")
+    _close(g, torch.autograd.grad(ref, zr)[0], torch.float32, "compiled grad")
+
+
+def test_custom_op_registration():
+    for op in (torch.ops.sslcore.infonce_lse_fwd, torch.ops.sslcore.infonce_lse_bwd):
+        torch.library.opcheck(op, _opcheck_args(op), test_utils=("test_schema", "test_faketensor"))
+
+
+def _opcheck_args(op):
+    a, b = torch.randn(10, 8), torch.randn(12, 8)
+    if op is torch.ops.sslcore.infonce_lse_fwd:
+        return (a, b, 2.0, False)
+    lse, g = torch.randn(10), torch.rand(10)
+    return (a, b, b, lse, g, None, None, 2.0, False)
