@@ -1,0 +1,6 @@
+"""``python -m sslcore`` = the ``sslcore`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,95 @@
+"""``sslcore`` command line: ``pretrain`` (train + probe) and ``eval`` (probe a checkpoint)."""
+from __future__ import annotations
+
+import argparse
+import math
+
+from .data import check_data_spec
+from .kernels import BACKENDS
+from .methods import METHODS
+from .train import PretrainConfig, evaluate_checkpoint, pretrain, resolve_device
+
+_DEFAULTS = PretrainConfig()
+
+
+def _positive(kind):
+    """argparse ``type=``: ``kind(text)``, which must be finite and > 0."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        return value
+    return parse
+
+
+def _data_spec(text: str) -> str:
+    try:
+        return check_data_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sslcore", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="self-supervised pretraining, then linear/k-NN probes")
+    d = " (default: %(default)s)"
+    p.add_argument("--method", choices=sorted(METHODS), default=_DEFAULTS.method, help="SSL method" + d)
+    p.add_argument("--data", type=_data_spec, default=_DEFAULTS.data, help="dataset (valid: digits)" + d)
+    p.add_argument("--encoder", default=_DEFAULTS.encoder, help="smallcnn or any timm model name" + d)
+    p.add_argument("--epochs", type=_positive(int), default=_DEFAULTS.epochs, help="training epochs" + d)
+    p.add_argument("--batch-size", type=_positive(int), default=_DEFAULTS.batch_size,
+                   help="images per step, two views each" + d)
+    p.add_argument("--lr", type=_positive(float), default=_DEFAULTS.lr, help="peak AdamW learning rate" + d)
+    p.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay, help="AdamW weight decay" + d)
+    p.add_argument("--warmup-epochs", type=int, default=_DEFAULTS.warmup_epochs,
+                   help="linear warm-up before the cosine decay" + d)
+    p.add_argument("--temperature", type=_positive(float), default=_DEFAULTS.temperature, help="loss temperature" + d)
+    p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="seeds init, shuffling and augmentations" + d)
+    p.add_argument("--limit", type=_positive(int), help="pretrain on the first N training images only")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ..." + d)
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="the loss's kernel backend" + d)
+    p.add_argument("--out", help="output folder (default: runs/<method>-<data>)")
+    p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
+                   help="continue from CHECKPOINT (without one: OUT/checkpoint.pt)")
+
+    e = sub.add_parser("eval", help="linear probe and k-NN accuracy of a pretraining checkpoint")
+    e.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by pretrain")
+    e.add_argument("--device", default="auto", help="where to compute features (default: %(default)s)")
+    return parser
+
+
+def _table(rows: list[tuple[str, dict]]) -> str:
+    width = max(len("features"), *(len(name) for name, _ in rows)) + 2
+    lines = [f"{'features':<{width}}{'linear probe':>12}{'k-NN':>9}"]
+    lines += [f"{name:<{width}}{r['linear']:>12.2%}{r['knn']:>9.2%}" for name, r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "pretrain":
+            opts = {k: v for k, v in vars(args).items() if k != "command"}
+            cfg = PretrainConfig(**opts)
+            s = pretrain(cfg)
+            p = s["probes"]
+            loss = "" if s["final_loss"] is None else f", final loss {s['final_loss']:.4f}"
+            print(f"\n{s['method']} on {s['data']}: {s['epochs']} epochs{loss}, {s['total_time_s']:.1f}s on "
+                  f"{s['device']}; held-out accuracy ({s['n_test']} test images):")
+            print(_table([(f"{s['method']} ({s['encoder']})", p["trained"]),
+                          (f"random init ({s['encoder']})", p["random_init"]), ("raw pixels", p["raw_pixels"])]))
+            print(f"wrote {cfg.out}/summary.json, metrics.jsonl, checkpoint.pt")
+        else:
+            r = evaluate_checkpoint(args.checkpoint, device=resolve_device(args.device))
+            print(f"{r['method']} on {r['data']}, epoch {r['epoch']}; held-out accuracy ({r['n_test']} test images):")
+            print(_table([(f"{r['method']} ({r['encoder']})", r)]))
+    except ValueError as e:  # bad options and bad checkpoints (CheckpointError is a ValueError)
+        parser.exit(2, f"sslcore {args.command}: error: {e}\n")
+    return 0

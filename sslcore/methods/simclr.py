@@ -1,0 +1,38 @@
+"""SimCLR (Chen et al., 2020): encoder + MLP projector, NT-Xent between two augmented views."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..losses import NTXentLoss
+
+
+def projection_mlp(dim_in: int, dim_hidden: int, dim_out: int) -> nn.Sequential:
+    """SimCLR's projector: Linear-BN-ReLU-Linear."""
+    return nn.Sequential(nn.Linear(dim_in, dim_hidden, bias=False), nn.BatchNorm1d(dim_hidden),
+                         nn.ReLU(inplace=True), nn.Linear(dim_hidden, dim_out))
+
+
+class SimCLR(nn.Module):
+    """``forward(x)`` gives the encoder's features (what a probe uses); ``loss((view0, view1))`` trains.
+
+    ``encoder`` must expose ``num_features`` (timm convention).  Both views go through the encoder
+    in one batch; the projections feed :class:`sslcore.losses.NTXentLoss`.
+    """
+
+    name = "simclr"
+
+    def __init__(self, encoder: nn.Module, *, temperature: float = 0.5, proj_hidden: int = 256,
+                 proj_dim: int = 64, gather_distributed: bool = False, backend: str = "auto"):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = projection_mlp(encoder.num_features, proj_hidden, proj_dim)
+        self.criterion = NTXentLoss(temperature=temperature, gather_distributed=gather_distributed, backend=backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        view0, view1 = batch
+        z0, z1 = self.projector(self.encoder(torch.cat([view0, view1]))).chunk(2)
+        return self.criterion(z0, z1)

@@ -1,0 +1,60 @@
+"""Frozen-feature evaluation: a linear probe (logistic regression) and a k-NN classifier."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+from ..data import ImageData, load_dataset
+from ..methods import create_model
+from .checkpoint import check_state_dict, load_checkpoint
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, x: torch.Tensor, *, batch_size: int = 512) -> np.ndarray:
+    """``encoder(x)`` in eval mode, in batches, as a float64 numpy array ``[N, F]``."""
+    was_training = encoder.training
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    feats = [encoder(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    encoder.train(was_training)
+    return torch.cat(feats).flatten(1).double().numpy()
+
+
+def linear_probe(x_train, y_train, x_test, y_test, *, c: float = 1.0) -> float:
+    """Test accuracy of logistic regression on standardised features (the scaler is fit on train only)."""
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+    return float(clf.fit(x_train, y_train).score(x_test, y_test))
+
+
+def knn_accuracy(x_train, y_train, x_test, y_test, *, k: int = 20) -> float:
+    """Test accuracy of a distance-weighted k-NN vote under cosine similarity."""
+    clf = KNeighborsClassifier(n_neighbors=k, metric="cosine", weights="distance")
+    return float(clf.fit(x_train, y_train).score(x_test, y_test))
+
+
+def probe(data: ImageData, encoder: nn.Module | None) -> dict[str, float]:
+    """``{"linear": acc, "knn": acc}`` on the held-out split; ``encoder=None`` probes the raw pixels."""
+    if encoder is None:
+        f_train, f_test = data.x_train.flatten(1).double().numpy(), data.x_test.flatten(1).double().numpy()
+    else:
+        f_train, f_test = extract_features(encoder, data.x_train), extract_features(encoder, data.x_test)
+    y_train, y_test = data.y_train.numpy(), data.y_test.numpy()
+    return {"linear": linear_probe(f_train, y_train, f_test, y_test),
+            "knn": knn_accuracy(f_train, y_train, f_test, y_test)}
+
+
+def evaluate_checkpoint(path, *, device: torch.device | str = "cpu") -> dict:
+    """Probe the encoder of a saved pretraining checkpoint on its dataset's held-out split."""
+    ckpt = load_checkpoint(path)
+    cfg = ckpt["config"]
+    data = load_dataset(cfg["data"])
+    model = create_model(cfg["method"], encoder=cfg["encoder"], in_chans=data.in_chans)
+    check_state_dict("model", ckpt["model"], model.state_dict())
+    model.load_state_dict(ckpt["model"])
+    return {"method": cfg["method"], "data": cfg["data"], "encoder": cfg["encoder"], "epoch": ckpt["epoch"],
+            "n_test": len(data.y_test), **probe(data, model.to(device))}

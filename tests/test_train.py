@@ -1,0 +1,172 @@
+"""Trainer, checkpoints, probes and the ``sslcore`` CLI on tiny digits runs (torch loss backend, CPU)."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import make_blobs
+
+import sslcore.train.loop as loop
+from sslcore.cli import main
+from sslcore.data import load_dataset
+from sslcore.train import (CheckpointError, PretrainConfig, evaluate_checkpoint, knn_accuracy, linear_probe,
+                           load_checkpoint, pretrain)
+
+TINY = dict(epochs=2, batch_size=32, limit=64, backend="torch")
+
+
+def _read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One uninterrupted 2-epoch run, shared by the tests that only read its outputs."""
+    out = tmp_path_factory.mktemp("tiny")
+    return out, pretrain(PretrainConfig(out=str(out), **TINY))
+
+
+def test_pretrain_writes_metrics_summary_and_checkpoint(tiny_run):
+    out, summary = tiny_run
+    rows = _read_metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(set(r) == {"epoch", "loss", "lr", "time"} and math.isfinite(r["loss"]) for r in rows)
+    assert json.loads((out / "summary.json").read_text()) == summary
+    for name in ("trained", "random_init", "raw_pixels"):
+        assert 0.0 <= summary["probes"][name]["linear"] <= 1.0 and 0.0 <= summary["probes"][name]["knn"] <= 1.0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["method"] == "simclr" and ckpt["config"]["limit"] == 64
+    assert not list(out.glob("*.tmp"))  # the atomic write left no temp file
+
+
+def test_resume_after_interruption_is_bit_identical(tiny_run, tmp_path, monkeypatch):
+    full_out, _ = tiny_run
+    real_save = loop.save_checkpoint
+
+    def save_then_crash(path, **state):
+        real_save(path, **state)
+        raise KeyboardInterrupt  # killed right after epoch 1's checkpoint
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(PretrainConfig(out=str(tmp_path), **TINY))
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+
+    pretrain(PretrainConfig(out=str(tmp_path), resume="", **TINY))
+    resumed, full = load_checkpoint(tmp_path / "checkpoint.pt"), load_checkpoint(full_out / "checkpoint.pt")
+    assert resumed["epoch"] == 2
+    for key, value in full["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    assert [r["loss"] for r in _read_metrics(tmp_path)] == [r["loss"] for r in _read_metrics(full_out)]
+
+
+def test_resume_with_other_options_is_refused(tiny_run, tmp_path):
+    out, _ = tiny_run
+    lr = PretrainConfig().lr
+    with pytest.raises(CheckpointError, match=re.escape(f"lr={lr!r} (now {2 * lr!r})")):
+        pretrain(PretrainConfig(out=str(tmp_path), resume=str(out / "checkpoint.pt"), **{**TINY, "lr": 2 * lr}))
+
+
+def test_bad_checkpoints_are_refused(tiny_run, tmp_path):
+    good = torch.load(tiny_run[0] / "checkpoint.pt", weights_only=True)
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(missing)
+
+    garbage, truncated = tmp_path / "garbage.pt", tmp_path / "truncated.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    truncated.write_bytes((tiny_run[0] / "checkpoint.pt").read_bytes()[:1000])
+    run = tmp_path / "run"
+    for path in (garbage, truncated):
+        with pytest.raises(CheckpointError, match="corrupted"):
+            evaluate_checkpoint(path)
+        with pytest.raises(CheckpointError, match="corrupted"):
+            pretrain(PretrainConfig(out=str(run), resume=str(path), **TINY))
+
+    other = tmp_path / "other.pt"
+    torch.save({**good, "method": "moco"}, other)
+    with pytest.raises(CheckpointError, match="from method 'moco', not 'simclr'"):
+        pretrain(PretrainConfig(out=str(run), resume=str(other), **TINY))
+    assert not run.exists()  # refused before anything was loaded or written
+
+    reshaped = tmp_path / "reshaped.pt"
+    key = next(iter(good["model"]))
+    torch.save({**good, "model": {**good["model"], key: torch.zeros(3)}}, reshaped)
+    with pytest.raises(CheckpointError, match="shape"):
+        evaluate_checkpoint(reshaped)
+
+
+def test_bad_config_values_name_the_option():
+    with pytest.raises(ValueError, match="unknown method 'moco'; valid methods: simclr"):
+        PretrainConfig(method="moco")
+    with pytest.raises(ValueError, match="unknown dataset 'mnist' for --data; valid: digits"):
+        PretrainConfig(data="mnist")
+    for name in ("epochs", "batch_size", "lr", "temperature"):
+        with pytest.raises(ValueError, match=name):
+            PretrainConfig(**{name: 0})
+    with pytest.raises(ValueError, match="batch_size .* larger than the training set"):
+        pretrain(PretrainConfig(batch_size=128, limit=64, backend="torch", out="unused"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "moco"], "--method: invalid choice: 'moco' (choose from "),
+    (["--data", "mnist"], "--data: unknown dataset 'mnist' for --data; valid: digits"),
+    (["--epochs", "0"], "--epochs: must be > 0"),
+    (["--batch-size", "-4"], "--batch-size: must be > 0"),
+    (["--lr", "0"], "--lr: must be > 0"),
+    (["--temperature", "-0.1"], "--temperature: must be > 0"),
+    (["--lr", "nan"], "--lr: must be > 0"),
+])
+def test_cli_rejects_bad_arguments(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", *args])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err
+    if "--method" in args:
+        assert "simclr" in err.split("choose from")[1]
+
+
+def test_cli_pretrain_then_eval(tmp_path, capsys):
+    assert main(["pretrain", "--epochs", "1", "--batch-size", "32", "--limit", "64", "--backend", "torch",
+                 "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "linear probe" in printed and "random init" in printed and "raw pixels" in printed
+    assert main(["eval", "--checkpoint", str(tmp_path / "checkpoint.pt")]) == 0
+    assert "simclr on digits, epoch 1" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--checkpoint", str(tmp_path / "nope.pt")])
+    assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    run = subprocess.run([sys.executable, "-m", "sslcore", "pretrain", "--data", "cifar"], capture_output=True,
+                         text=True)
+    assert run.returncode == 2 and "unknown dataset 'cifar'" in run.stderr
+
+
+def test_probes_solve_an_easy_problem():
+    x, y = make_blobs(n_samples=400, centers=5, n_features=16, cluster_std=1.0, random_state=0)
+    assert linear_probe(x[:300], y[:300], x[300:], y[300:]) > 0.95
+    assert knn_accuracy(x[:300], y[:300], x[300:], y[300:]) > 0.95
+
+
+def test_digits_split_and_augment_are_deterministic():
+    data = load_dataset("digits")
+    assert data.x_train.shape == (1437, 1, 8, 8) and data.x_test.shape == (360, 1, 8, 8)
+    assert np.bincount(data.y_test.numpy()).min() >= 35  # stratified
+    views = [data.augment(data.x_train[:16], torch.Generator().manual_seed(1)) for _ in range(2)]
+    assert torch.equal(views[0], views[1]) and not torch.equal(views[0], data.x_train[:16])
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    lrs = [loop.lr_at(s, 100, 10, 1.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 1e-3
