@@ -124,6 +124,14 @@ def test_fp16_low_temperature_large_logits(seed):
     _check(INFONCE, [z], torch.float16, temperature=0.05, normalize=False)
 
 
+def test_fp16_large_rows_normalised_in_fp32(seed):
+    """|z_i|^2 ~ 3e6 overflows an fp16 sum of squares: the norm must be taken in fp32."""
+    z = _leaf((2 * 33, 100), torch.float16)
+    with torch.no_grad():
+        z.mul_(150.0)
+    _check(INFONCE, [z], torch.float16, temperature=0.1)
+
+
 def test_messages_decompose_the_gradient(seed):
     m, d, tau = 74, 33, 0.3
     z = torch.randn(m, d, device=_dev())
