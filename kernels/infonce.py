@@ -495,19 +495,14 @@ def _alignment(q, k, pos_index, labels, self_mode):
     return dots.sum(1) / valid.sum(1).to(q.dtype)
 
 
-def _unit(x, wide):
-    """Rows scaled to unit norm, the norm taken in fp32 (an fp16 sum of squares overflows at 65504)."""
-    return F.normalize(x.to(wide), dim=1).to(x.dtype)
-
-
 def _infonce_parts(z, keys, temperature, pos_index, labels, weight, normalize, symmetric, backend):
     """(alignment term, uniformity term) per row, both fp32: loss = unif - align."""
-    wide = torch.promote_types(z.dtype, torch.float32)
-    qn = _unit(z, wide) if normalize else z
+    qn = F.normalize(z, dim=1) if normalize else z
     if keys is None:
         kn = qn
     else:
-        kn = _unit(keys, wide) if normalize else keys
+        kn = F.normalize(keys, dim=1) if normalize else keys
+    wide = torch.promote_types(z.dtype, torch.float32)
     align = _alignment(qn.to(wide), kn.to(wide), pos_index, labels, keys is None) / temperature
     w = 1.0 if weight is None else weight.to(wide)
     align = align * w
