@@ -28,11 +28,11 @@ import torch.nn.functional as F
 
 from ._backend import (
     HAS_TRITON, cdiv, check_finite, check_float, check_positive, check_reduction, check_same,
-    interpreting, new_output, next_pow2, resolve_backend, tl, triton,
+    interpreting, new_output, resolve_backend, tl, triton,
 )
+from ._tiles import block_d, block_do, d_chunks, precision as _precision, sim_tile as _sim_tile, upcast as _upcast
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 # ---------------------------------------------------------------------------------------------
 # Plain-torch references (readable definitions; they materialise S).
@@ -173,32 +173,6 @@ def _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, redu
 if HAS_TRITON:
 
     @triton.jit
-    def _sim_tile(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
-                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-        """fp32 tile ``A[rows] . B[cols]^T``, the dot product summed over D_CHUNKS chunks of D.
-
-        The chunk loop is unrolled (static_range): a runtime loop nested in the tile loop makes
-        Triton's software pipeliner spill registers.
-        """
-        # int64 base pointer of the tile (rows x stride can pass 2^31), int32 offsets inside it
-        dd = tl.arange(0, BLOCK_D)
-        a_base = A + tl.min(rows, 0).to(tl.int64) * stride_a
-        b_base = B + tl.min(cols, 0).to(tl.int64) * stride_b
-        a_off = tl.arange(0, BLOCK_M)[:, None] * stride_a + dd[None, :]
-        bt_off = tl.arange(0, BLOCK_N)[None, :] * stride_b + dd[:, None]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for c in tl.static_range(D_CHUNKS):
-            dmask = (c * BLOCK_D + dd) < D
-            a = tl.load(a_base + a_off + c * BLOCK_D, mask=rmask[:, None] & dmask[None, :], other=0.0)
-            bt = tl.load(b_base + bt_off + c * BLOCK_D, mask=dmask[:, None] & cmask[None, :], other=0.0)
-            if UPCAST:  # the interpreter's bf16 dot is broken: multiply in fp32 there
-                a = a.to(tl.float32)
-                bt = bt.to(tl.float32)
-            acc = tl.dot(a, bt, acc, input_precision=PRECISION)
-        return acc
-
-    @triton.jit
     def _lse_fwd_kernel(A, B, LSE, M, N, D, stride_a, stride_b, scale2,
                         EXCLUDE_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
@@ -280,21 +254,6 @@ FWD_CONFIGS = [(64, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)]
 BWD_CONFIGS = [(64, 32, 4, 2), (64, 32, 8, 2)]
 # Under the interpreter one config, small enough that test shapes span several tiles.
 INTERP_CONFIG = (32, 32, 1, 1)
-INTERP_BLOCK_D = 32
-
-
-def block_d(d: int) -> int:
-    """Chunk of D per dot step of S on a GPU: all of D up to 128, else 64-wide chunks."""
-    return INTERP_BLOCK_D if interpreting() else (max(16, next_pow2(d)) if d <= 128 else 64)
-
-
-def d_chunks(d: int) -> int:
-    return cdiv(d, block_d(d))
-
-
-def block_do(d: int) -> int:
-    """Output columns per backward program (the fp32 accumulator lives in registers)."""
-    return INTERP_BLOCK_D if interpreting() else min(max(16, next_pow2(d)), 128)
 
 
 def aot_specs(dtype: str = "bf16", d: int = 128):
@@ -316,16 +275,6 @@ def aot_specs(dtype: str = "bf16", d: int = 128):
                       dict(common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DO=block_do(d), HAS_ROW=True, HAS_COL=True),
                       warps, stages))
     return specs
-
-
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not interpreting() and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
-def _upcast(dtype: torch.dtype) -> bool:
-    return interpreting() and dtype == torch.bfloat16
 
 
 if HAS_TRITON:
