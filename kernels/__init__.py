@@ -3,9 +3,11 @@
 Imported as ``sslcore.kernels`` (see pyproject's package-dir mapping).
 """
 from ._backend import BACKENDS, interpreting, resolve_backend
+from .contranorm import contranorm, contranorm_features_ref, contranorm_ref, tied_attention_ref
 from .infonce import infonce, infonce_messages, infonce_ref, lse_similarity, lse_similarity_ref
 
 __all__ = [
     "BACKENDS", "interpreting", "resolve_backend",
+    "contranorm", "contranorm_ref", "contranorm_features_ref", "tied_attention_ref",
     "infonce", "infonce_ref", "infonce_messages", "lse_similarity", "lse_similarity_ref",
 ]
