@@ -451,12 +451,18 @@ def contranorm(h: torch.Tensor, *, scale, temperature: float = 1.0, dual: bool =
                backend: str = "auto") -> torch.Tensor:
     """ContraNorm's update before its LayerNorm: ``H - s * softmax(H_hat H_hat^T / tau) H``.
 
-    Same arguments as :func:`contranorm_ref`; fused on the Triton path (no L x L matrix).
-    Statistics are fp32; the result has the input dtype.
+    Same arguments as :func:`contranorm_ref`; fused on the Triton path (no L x L matrix).  The
+    torch path runs sequences through ``F.scaled_dot_product_attention`` (dual and graph forms:
+    the reference).  Statistics are fp32 on the Triton path; the result has the input dtype.
     """
     _check(h, scale, temperature, key_padding_mask, edge_index)
     be = resolve_backend(backend, h.device)
     if be == "torch" or h.dtype == torch.float64:
+        if edge_index is None and not dual:  # torch's fused attention: no L x L matrix kept for backward
+            q = F.normalize(h, dim=-1)[:, None]
+            keep = ~key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
+            y = F.scaled_dot_product_attention(q, q, h[:, None], attn_mask=keep, scale=1.0 / temperature)[:, 0]
+            return _combine(h, y, scale, identity, key_padding_mask)
         out = contranorm_ref(h, scale=scale, temperature=temperature, dual=dual, identity=identity,
                              key_padding_mask=key_padding_mask, edge_index=edge_index)
         return out.to(h.dtype)

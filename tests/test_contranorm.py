@@ -95,6 +95,21 @@ def test_graph_matches_dense_exclusion(seed):
     _close(out, h - y, torch.float32, "graph update")
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(identity=True, temperature=0.4), dict(pad=True)])
+def test_torch_path_matches_reference(seed, kw):
+    """The torch path (SDPA for sequences) against the float64 reference."""
+    h = torch.randn(3, 23, 17, dtype=torch.float64, requires_grad=True)
+    if kw.pop("pad", False):
+        kpm = torch.zeros(3, 23, dtype=torch.bool)
+        kpm[1, 18:] = True
+        kw["key_padding_mask"] = kpm
+    out = contranorm(h, scale=0.4, backend="torch", **kw)
+    ref = contranorm_ref(h, scale=0.4, **kw)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad((out * g).sum(), h)[0], torch.autograd.grad((ref * g).sum(), h)[0])
+
+
 def test_tied_attention_lse_gradient(seed):
     """The LSE output is differentiable (graph mode relies on it)."""
     q = torch.nn.functional.normalize(torch.randn(2, 33, 20, device=_dev()), dim=-1).requires_grad_(True)
