@@ -118,14 +118,19 @@ def _committed_results() -> list[Path]:
 
 
 def readme(files: list[str] | None = None) -> str:
-    """The README's benchmark section: the newest results file per device (committed ones by default)."""
+    """The README's benchmark section: per device, each op's rows from the newest results file that
+    has it (committed files by default), so a run of one family does not hide another's."""
     paths = [Path(f) for f in files] if files else _committed_results()
     newest = {}
     for path in sorted(paths, key=lambda p: p.name):  # names start with the run's timestamp
-        rows = load_jsonl(path)
-        if rows:
-            newest[rows[0]["device"]] = (path, rows)
+        by_op = {}
+        for row in load_jsonl(path):
+            by_op.setdefault(row["op"], []).append(row)
+        for op, rows in by_op.items():
+            newest[(rows[0]["device"], op)] = (path, rows)
     if not newest:
         return "No results files yet: run `python -m bench all` and commit the file it writes."
-    return "\n\n".join(f"#### {device}\n\n{header(rows)}: `{path.name}`\n\n{markdown(rows)}"
-                       for device, (path, rows) in newest.items())
+    blocks = {}
+    for (device, _), (path, rows) in newest.items():
+        blocks.setdefault(device, []).append(f"{header(rows)}: `{path.name}`\n\n{markdown(rows)}")
+    return "\n\n".join(f"#### {device}\n\n" + "\n\n".join(parts) for device, parts in blocks.items())
