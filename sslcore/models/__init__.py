@@ -5,6 +5,7 @@ import timm
 from torch import nn
 
 from .cnn import SmallCNN
+from .gcn import GCN
 
 ENCODERS = {"smallcnn": SmallCNN}
 
@@ -18,4 +19,4 @@ def create_encoder(name: str, *, in_chans: int = 1) -> nn.Module:
     return timm.create_model(name, num_classes=0, in_chans=in_chans)
 
 
-__all__ = ["ENCODERS", "SmallCNN", "create_encoder"]
+__all__ = ["ENCODERS", "GCN", "SmallCNN", "create_encoder"]

@@ -1,0 +1,84 @@
+"""A deep GCN in plain PyTorch (sparse matmul, no graph library), with ContraNorm as an option.
+
+``GraphConv``: ``H' = A_hat H W + b`` with ``A_hat = D^-1/2 (A + I) D^-1/2`` (Kipf & Welling).
+Each hidden layer is ``conv -> norm -> ReLU``; the last conv gives the class logits.  ``norm``:
+
+* ``"none"``: the plain GCN (conv -> ReLU);
+* ``"layernorm"``: conv -> LayerNorm -> ReLU;
+* ``"contranorm"``: conv -> ContraNorm(graph=True) -> ReLU, where ContraNorm is
+  ``LayerNorm(H - s * softmax(H_hat H_hat^T) H)`` over all nodes but each node's neighbourhood.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import ContraNorm
+
+NORMS = ("none", "layernorm", "contranorm")
+
+
+def normalized_adjacency(edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """Sparse ``D^-1/2 (A + I) D^-1/2`` [N, N] from ``edge_index`` [2, E] (both directions of each
+    undirected edge listed; duplicates and given self-loops count once)."""
+    loops = torch.arange(num_nodes, device=edge_index.device).expand(2, -1)
+    a = torch.sparse_coo_tensor(torch.cat([edge_index.long(), loops], 1),
+                                torch.ones(edge_index.shape[1] + num_nodes, device=edge_index.device),
+                                (num_nodes, num_nodes), check_invariants=False).coalesce()
+    idx = a.indices()
+    deg = torch.zeros(num_nodes, device=idx.device).index_add_(0, idx[0], torch.ones(idx.shape[1], device=idx.device))
+    w = deg[idx[0]].rsqrt() * deg[idx[1]].rsqrt()
+    return torch.sparse_coo_tensor(idx, w, (num_nodes, num_nodes), check_invariants=False).coalesce()
+
+
+class GraphConv(nn.Linear):
+    """``A_hat (H W^T) + b``: a linear map, then propagation over the normalised adjacency."""
+
+    def forward(self, x: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
+        return torch.sparse.mm(adj, F.linear(x, self.weight)) + self.bias
+
+
+class GCNBlock(nn.Module):
+    """``ReLU(norm(GraphConv(x)))``, one hidden layer."""
+
+    def __init__(self, in_dim: int, out_dim: int, norm: str, contranorm_scale: float, backend: str):
+        super().__init__()
+        self.conv = GraphConv(in_dim, out_dim)
+        if norm == "contranorm":
+            self.norm = ContraNorm(out_dim, scale=contranorm_scale, graph=True, backend=backend)
+        else:
+            self.norm = nn.LayerNorm(out_dim, eps=1e-6) if norm == "layernorm" else nn.Identity()
+
+    def forward(self, x: torch.Tensor, adj: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x, adj)
+        h = self.norm(h, edge_index) if isinstance(self.norm, ContraNorm) else self.norm(h)
+        return F.relu(h)
+
+
+class GCN(nn.Module):
+    """``depth`` graph convolutions: ``depth - 1`` hidden blocks (``blocks.i``), then a conv to logits.
+
+    ``forward(x [N, in_dim], edge_index [2, E]) -> [N, num_classes]``.
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, *, hidden: int = 64, depth: int = 2, norm: str = "layernorm",
+                 contranorm_scale: float = 0.5, dropout: float = 0.0, backend: str = "auto"):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        dims = [in_dim] + [hidden] * (depth - 1)
+        self.blocks = nn.ModuleList(GCNBlock(a, b, norm, contranorm_scale, backend) for a, b in zip(dims, dims[1:]))
+        self.head = GraphConv(dims[-1], num_classes)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        adj = normalized_adjacency(edge_index, x.shape[0])
+        for block in self.blocks:
+            x = block(F.dropout(x, self.dropout, self.training), adj, edge_index)
+        return self.head(F.dropout(x, self.dropout, self.training), adj)
+
+
+__all__ = ["GCN", "GCNBlock", "GraphConv", "NORMS", "normalized_adjacency"]

@@ -1,0 +1,270 @@
+"""ContraNorm / DContraNorm modules, timm integration, the deep GCN, the collapse metrics and the
+oversmoothing study (smoke).  Without CUDA, conftest sets TRITON_INTERPRET=1 so ``backend="auto"``
+runs the Triton path through the interpreter: shapes stay tiny."""
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import sslcore
+from sslcore.cli import main as cli_main
+from sslcore.data.sbm import stochastic_block_model
+from sslcore.experiments import oversmoothing
+from sslcore.kernels import contranorm_features_ref, contranorm_ref
+from sslcore.layers import ContraNorm, DContraNorm
+from sslcore.metrics import LayerStats, effective_rank, mean_pairwise_cosine
+from sslcore.models.gcn import GCN, normalized_adjacency
+
+TINY_VIT = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+
+
+def _randomise_affine(norm):
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    return norm
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer.
+
+
+def test_scale_zero_is_layernorm_bit_exact(seed):
+    x = torch.randn(3, 11, 24)
+    mask = torch.zeros(3, 11, dtype=torch.bool)
+    mask[1, 7:] = True
+    cn = _randomise_affine(ContraNorm(24, scale=0.0))
+    ln = torch.nn.LayerNorm(24, eps=1e-6)
+    ln.load_state_dict(cn.state_dict())
+    assert torch.equal(cn(x), ln(x))
+    assert torch.equal(cn(x, key_padding_mask=mask), ln(x))
+
+
+@pytest.mark.parametrize("dual,identity", [(False, False), (True, False), (False, True)])
+def test_layer_is_layernorm_of_the_reference_update(seed, dual, identity):
+    x = torch.randn(2, 13, 20, dtype=torch.float64)
+    mask = torch.zeros(2, 13, dtype=torch.bool)
+    mask[0, 9:] = True
+    cn = _randomise_affine(ContraNorm(20, scale=0.3, temperature=0.7, dual=dual, identity=identity,
+                                      dtype=torch.float64))
+    want = F.layer_norm(contranorm_ref(x, scale=0.3, temperature=0.7, dual=dual, identity=identity,
+                                       key_padding_mask=mask), (20,), cn.weight, cn.bias, 1e-6)
+    torch.testing.assert_close(cn(x, mask), want, rtol=1e-10, atol=1e-10)
+
+
+def test_layer_fp32_matches_float64_reference_on_the_triton_path(seed):
+    """backend="auto": the Triton kernel (interpreter here) against the float64 reference."""
+    x = torch.randn(2, 9, 16)
+    cn = _randomise_affine(ContraNorm(16, scale=0.5))
+    want = F.layer_norm(contranorm_ref(x.double(), scale=0.5), (16,), cn.weight.double(), cn.bias.double(), 1e-6)
+    torch.testing.assert_close(cn(x).double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("positive", [False, True])
+def test_learnable_scale_gets_a_gradient(seed, positive):
+    cn = ContraNorm(16, scale=0.2, learnable=True, positive=positive, backend="torch", dtype=torch.float64)
+    param = cn.log_scale if positive else cn.scale
+    assert param.shape == (16,)
+    torch.testing.assert_close(cn.effective_scale(), torch.full((16,), 0.2, dtype=torch.float64))
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    (cn(x) * torch.randn_like(x)).sum().backward()
+    assert param.grad is not None and param.grad.abs().sum() > 0
+    # the gradient w.r.t. the scale vector is the reference's
+    s = cn.effective_scale().detach().requires_grad_()
+    y = F.layer_norm(contranorm_ref(x, scale=s), (16,), cn.weight, cn.bias, 1e-6)
+    torch.manual_seed(0)
+    g = torch.randn_like(x)
+    (y * g).sum().backward()
+    cn.zero_grad()
+    (cn(x) * g).sum().backward()
+    want = s.grad * s.detach() if positive else s.grad  # d/d(log s) = s * d/ds
+    torch.testing.assert_close(param.grad, want)
+
+
+def test_graph_mode_matches_reference(seed):
+    data = stochastic_block_model(num_blocks=3, block_size=10, p_in=0.3, p_out=0.05, num_features=12)
+    x = torch.randn(30, 12, dtype=torch.float64)
+    cn = ContraNorm(12, scale=0.7, graph=True, dtype=torch.float64)
+    want = F.layer_norm(contranorm_ref(x, scale=0.7, edge_index=data.edge_index), (12,), eps=1e-6)
+    torch.testing.assert_close(cn(x, data.edge_index), want)
+    torch.testing.assert_close(cn(x, edge_index=data.edge_index), want)
+
+
+def test_dcontranorm_matches_feature_reference(seed):
+    x = torch.randn(2, 10, 8)
+    torch.testing.assert_close(DContraNorm(8, scale=0.3)(x), contranorm_features_ref(x, scale=0.3))
+    assert DContraNorm(8)(torch.randn(30, 8)).shape == (30, 8)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(scale=-0.1), "scale"), (dict(scale=float("nan")), "scale"), (dict(temperature=0.0), "temperature"),
+    (dict(temperature=-1.0), "temperature"), (dict(positive=True), "learnable"),
+    (dict(learnable=True, positive=True, scale=0.0), "scale"), (dict(backend="cuda"), "backend"),
+])
+def test_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ContraNorm(8, **kwargs)
+
+
+def test_bad_inputs():
+    cn = ContraNorm(8, backend="torch")
+    with pytest.raises(ValueError, match="dim=8"):
+        cn(torch.randn(2, 5, 6))
+    for shape in [(5, 8), (2, 3, 5, 8), (8,)]:
+        with pytest.raises(ValueError, match=r"\[B, L, D\]"):
+            cn(torch.randn(shape))
+    with pytest.raises(ValueError, match="graph=True"):
+        cn(torch.randn(2, 5, 8), edge_index=torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="key_padding_mask"):  # the op's own check
+        cn(torch.randn(2, 5, 8), key_padding_mask=torch.ones(2, 5, dtype=torch.bool))
+    graph = ContraNorm(8, graph=True, backend="torch")
+    with pytest.raises(ValueError, match=r"\[N, D\]"):
+        graph(torch.randn(2, 5, 8), torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="edge_index"):
+        graph(torch.randn(5, 8))
+    with pytest.raises(ValueError, match="edge_index values"):  # the op's own check
+        graph(torch.randn(5, 8), torch.tensor([[0], [5]]))
+    with pytest.raises(ValueError, match="dim=4"):
+        DContraNorm(4)(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="scale"):
+        DContraNorm(4, scale=-1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# timm.
+
+
+def test_timm_vit_with_contranorm_norm_layer_trains(seed):
+    model = timm.create_model("vit_tiny_patch16_224", norm_layer=partial(ContraNorm, scale=0.2), **TINY_VIT)
+    norms = [model.norm] + [n for b in model.blocks for n in (b.norm1, b.norm2)]
+    assert all(type(n) is ContraNorm and n.scale == 0.2 and n.eps == 1e-6 for n in norms)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
+    before = model.blocks[0].attn.qkv.weight.clone()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    opt.step()
+    assert not torch.equal(before, model.blocks[0].attn.qkv.weight)
+
+
+def test_registered_timm_names():
+    assert {"contranorm_vit_tiny_patch16_224", "contranorm_vit_small_patch16_224"} <= set(
+        timm.list_models("contranorm_*"))
+    model = timm.create_model("contranorm_vit_small_patch16_224", contranorm=dict(scale=0.05, backend="torch"),
+                              **{**TINY_VIT, "embed_dim": 24})
+    assert type(model.blocks[1].norm2) is ContraNorm and model.blocks[1].norm2.scale == 0.05
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    # ContraNorm subclasses LayerNorm with the same parameters: a LayerNorm ViT's weights load into it
+    plain = timm.create_model("vit_small_patch16_224", **{**TINY_VIT, "embed_dim": 24})
+    model.load_state_dict(plain.state_dict())
+    assert sslcore.ContraNorm is ContraNorm
+
+
+# ---------------------------------------------------------------------------------------------
+# GCN.
+
+
+def test_normalized_adjacency():
+    edge_index = torch.tensor([[0, 1, 1, 2, 0], [1, 0, 2, 1, 1]])  # path 0-1-2, one duplicate edge
+    a = normalized_adjacency(edge_index, 3).to_dense()
+    deg = torch.tensor([2.0, 3.0, 2.0])
+    dense = torch.tensor([[1.0, 1, 0], [1, 1, 1], [0, 1, 1]])
+    torch.testing.assert_close(a, dense / (deg[:, None] * deg[None, :]).sqrt())
+
+
+@pytest.mark.parametrize("norm", ["none", "layernorm", "contranorm"])
+def test_gcn_forward_backward(seed, norm):
+    data = stochastic_block_model(num_blocks=3, block_size=8, p_in=0.4, p_out=0.05, num_features=6, seed=1)
+    model = GCN(6, data.num_classes, hidden=16, depth=4, norm=norm, contranorm_scale=0.5)
+    out = model(data.x, data.edge_index)
+    assert out.shape == (24, 3)
+    F.cross_entropy(out[data.train_mask], data.y[data.train_mask]).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    if norm == "contranorm":
+        assert all(type(b.norm) is ContraNorm and b.norm.graph for b in model.blocks)
+
+
+def test_sbm_is_seeded_and_split():
+    a, b = stochastic_block_model(seed=3), stochastic_block_model(seed=3)
+    assert torch.equal(a.edge_index, b.edge_index) and torch.equal(a.x, b.x)
+    assert not torch.equal(a.edge_index, stochastic_block_model(seed=4).edge_index)
+    assert (a.train_mask ^ a.test_mask).all() and a.train_mask.sum() == 5 * 20
+    src, dst = a.edge_index
+    assert (src != dst).all() and (a.y[src] == a.y[dst]).float().mean() > 0.5  # homophilous
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics.
+
+
+def test_metrics_on_known_inputs():
+    row = torch.randn(1, 6, dtype=torch.float64)
+    identical = row.expand(5, 6)
+    assert mean_pairwise_cosine(identical) == pytest.approx(1.0)
+    assert effective_rank(identical) == pytest.approx(1.0)
+    q = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0][:4]  # 4 orthonormal rows
+    assert mean_pairwise_cosine(q) == pytest.approx(0.0, abs=1e-12)
+    assert effective_rank(q) == pytest.approx(4.0)
+    # [B, L, D]: per sequence, then averaged
+    both = torch.stack([identical[:4], q])
+    assert mean_pairwise_cosine(both) == pytest.approx(0.5)
+    assert effective_rank(both) == pytest.approx(2.5)
+    # the O(n D) cosine identity against the n x n matrix
+    x = torch.randn(7, 5, dtype=torch.float64)
+    c = F.normalize(x, dim=-1) @ F.normalize(x, dim=-1).T
+    assert mean_pairwise_cosine(x) == pytest.approx(((c.sum() - c.trace()) / 42).item())
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        mean_pairwise_cosine(torch.randn(1, 4))
+    with pytest.raises(ValueError, match=r"\[N, D\]"):
+        effective_rank(torch.randn(4))
+
+
+def test_layer_stats_hooks():
+    model = timm.create_model("vit_tiny_patch16_224", **{**TINY_VIT, "depth": 3},
+                              norm_layer=partial(ContraNorm, backend="torch"))
+    names = ["blocks.0", "blocks.1", "blocks.2", "norm"]
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad(), LayerStats(model, names) as stats:
+        model(x)
+        model(x)
+    assert [r["name"] for r in stats.layers] == names
+    tokens = model.forward_features(x)  # after the hooks are removed: not recorded
+    assert len(stats._records["norm"]) == 2
+    assert stats.layers[-1]["effective_rank"] == pytest.approx(effective_rank(tokens), rel=1e-6)
+    assert stats.layers[-1]["mean_cosine"] == pytest.approx(mean_pairwise_cosine(tokens), rel=1e-6)
+    assert len(LayerStats(model, ContraNorm).modules) == 7  # by type: norm1, norm2 per block, final norm
+    with pytest.raises(ValueError, match="no module named"):
+        LayerStats(model, ["blocks.9"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The study.
+
+
+def test_oversmoothing_quick_cli(tmp_path, capsys):
+    assert cli_main(["oversmoothing", "--quick", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "(a) ViT" in printed and "(b) GCN" in printed
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {r["depth"] for r in results["gcn"]} == set(results["config"]["gcn_depths"])
+    assert all(0 <= r["accuracy"] <= 1 and r["layers"] for r in results["vit"] + results["gcn"])
+    assert (tmp_path / "oversmoothing.png").stat().st_size > 0
+
+
+def test_study_verdicts_need_every_seed_to_agree():
+    def runs(acc_ln, acc_cn):
+        layers = [{"name": "blocks.0", "effective_rank": 2.0, "mean_cosine": 0.5}]
+        return [{"depth": 6, "norm": n, "seed": s, "accuracy": a, "layers": layers}
+                for n, accs in (("layernorm", acc_ln), ("contranorm", acc_cn)) for s, a in enumerate(accs)]
+    labels = {"layernorm": "LayerNorm", "contranorm": "ContraNorm"}
+    table = partial(oversmoothing._table, norms=("layernorm", "contranorm"), labels=labels)
+    assert "+10.0 pts (better in 3/3 seeds, helps)" in table(runs([0.5, 0.5, 0.5], [0.6, 0.6, 0.6]))
+    assert "(better in 2/3 seeds, unclear)" in table(runs([0.5, 0.5, 0.5], [0.6, 0.6, 0.45]))
+    assert "-20.0 pts (hurts)" in table(runs([0.7], [0.5]))
+    assert "+1.0 pts (unclear)" in table(runs([0.5], [0.51]))
