@@ -1,10 +1,12 @@
-"""``sslcore`` command line: ``pretrain`` (train + probe) and ``eval`` (probe a checkpoint)."""
+"""``sslcore`` command line: ``pretrain`` (train + probe), ``eval`` (probe a checkpoint) and
+``oversmoothing`` (the ContraNorm depth study)."""
 from __future__ import annotations
 
 import argparse
 import math
 
 from .data import check_data_spec
+from .experiments import oversmoothing
 from .kernels import BACKENDS
 from .methods import METHODS
 from .train import PretrainConfig, evaluate_checkpoint, pretrain, resolve_device
@@ -61,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="linear probe and k-NN accuracy of a pretraining checkpoint")
     e.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by pretrain")
     e.add_argument("--device", default="auto", help="where to compute features (default: %(default)s)")
+
+    o = sub.add_parser("oversmoothing", help="ContraNorm vs LayerNorm with depth: ViTs on digits, GCNs on an SBM")
+    oversmoothing.add_arguments(o)
     return parser
 
 
@@ -86,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             print(_table([(f"{s['method']} ({s['encoder']})", p["trained"]),
                           (f"random init ({s['encoder']})", p["random_init"]), ("raw pixels", p["raw_pixels"])]))
             print(f"wrote {cfg.out}/summary.json, metrics.jsonl, checkpoint.pt")
+        elif args.command == "oversmoothing":
+            oversmoothing.main_from_args(args)
         else:
             r = evaluate_checkpoint(args.checkpoint, device=resolve_device(args.device))
             print(f"{r['method']} on {r['data']}, epoch {r['epoch']}; held-out accuracy ({r['n_test']} test images):")

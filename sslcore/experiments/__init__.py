@@ -1,0 +1,1 @@
+"""Small, self-contained studies that reproduce a paper's claim on bundled or generated data."""

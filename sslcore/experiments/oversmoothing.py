@@ -1,0 +1,274 @@
+"""ContraNorm against oversmoothing: accuracy and representation collapse against depth.
+
+(a) timm ViTs (2x2 patches of the 8x8 digits, width 64) of depth 6/12/24, LayerNorm vs ContraNorm
+    in every norm slot, trained supervised for a few epochs;
+(b) GCNs of depth 2..64 on a seeded stochastic-block-model graph: plain (conv -> ReLU),
+    LayerNorm (conv -> LN -> ReLU) and ContraNorm (conv -> ContraNorm -> ReLU).
+
+For each model: test accuracy and, per layer, the effective rank ``exp(entropy(sigma / sum sigma))``
+and the mean pairwise cosine similarity of the tokens (per image, averaged) or of the nodes.
+Collapse = cosine -> 1 and rank -> 1.  The tables print the numbers as they come out: means over
+the seeds (3 for the ViTs, whose runs vary by several points; 1 for the GCNs, one fixed graph).
+
+    python -m sslcore.experiments.oversmoothing [--quick] [--out runs/oversmoothing]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from functools import partial
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+from ..data import digits
+from ..data.sbm import stochastic_block_model
+from ..kernels import BACKENDS
+from ..layers import ContraNorm
+from ..metrics import LayerStats
+from ..models.gcn import GCN
+from ..train.loop import lr_at
+
+FULL = dict(vit_depths=(6, 12, 24), vit_epochs=8, vit_seeds=3, gcn_depths=(2, 4, 8, 16, 32, 64), gcn_epochs=200,
+            gcn_seeds=1)
+QUICK = dict(vit_depths=(2, 6), vit_epochs=1, vit_seeds=1, gcn_depths=(2, 8, 16), gcn_epochs=40, gcn_seeds=1)
+VIT = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, num_heads=4, mlp_ratio=2.0)
+LABELS = {"none": "plain (conv -> ReLU)", "layernorm": "LayerNorm", "contranorm": "ContraNorm"}
+GRAPH = dict(num_blocks=5, block_size=100, p_in=0.05, p_out=0.01, num_features=16, signal=0.5)
+
+
+def train_vit(depth: int, scale: float | None, *, epochs: int, seed: int, backend: str, batch_size: int = 32,
+              lr: float = 2e-3) -> dict:
+    """A timm ViT on standardised digits (``scale=None``: timm's LayerNorm; else ContraNorm(scale));
+    AdamW, one epoch of warm-up, then cosine."""
+    x_train, y_train, x_test, y_test = digits.load()
+    mean, std = x_train.mean(), x_train.std()
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    torch.manual_seed(seed)
+    norm = {} if scale is None else {"norm_layer": partial(ContraNorm, scale=scale, backend=backend)}
+    model = timm.create_model("vit_tiny_patch16_224", depth=depth, **VIT, **norm)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    steps_per_epoch = -(-len(y_train) // batch_size)
+    total, step = epochs * steps_per_epoch, 0
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y_train), generator=gen).split(batch_size):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, steps_per_epoch, lr)
+            loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+    model.eval()
+    with torch.no_grad(), LayerStats(model, [f"blocks.{i}" for i in range(depth)]) as stats:
+        accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
+    return {"accuracy": accuracy, "final_loss": loss.item(), "layers": stats.layers}
+
+
+def train_gcn(graph, depth: int, norm: str, *, scale: float, epochs: int, seed: int, backend: str,
+              hidden: int = 32, lr: float = 0.01) -> dict:
+    """Full-batch GCN node classification (Adam, weight decay 5e-4) on ``graph``'s fixed split."""
+    torch.manual_seed(seed)
+    model = GCN(graph.x.shape[1], graph.num_classes, hidden=hidden, depth=depth, norm=norm,
+                contranorm_scale=scale, backend=backend)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=5e-4)
+    model.train()
+    for _ in range(epochs):
+        logits = model(graph.x, graph.edge_index)
+        loss = F.cross_entropy(logits[graph.train_mask], graph.y[graph.train_mask])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad(), LayerStats(model, [f"blocks.{i}" for i in range(depth - 1)]) as stats:
+        pred = model(graph.x, graph.edge_index).argmax(1)
+    accuracy = (pred[graph.test_mask] == graph.y[graph.test_mask]).float().mean().item()
+    return {"accuracy": accuracy, "final_loss": loss.item(), "layers": stats.layers}
+
+
+def run(*, quick: bool = False, seed: int = 0, vit_scale: float = 0.1, gcn_scale: float = 0.5,
+        backend: str = "torch", log=print) -> dict:
+    """Train every model of the study (model seeds ``seed, seed + 1, ...``; the graph from ``seed``);
+    returns one record per trained model (also what the JSON holds)."""
+    cfg = {**(QUICK if quick else FULL), "seed": seed, "vit_scale": vit_scale, "gcn_scale": gcn_scale,
+           "backend": backend, "vit": VIT, "graph": GRAPH}
+    results = {"config": cfg, "vit": [], "gcn": []}
+    start = time.perf_counter()
+
+    def record(key, depth, norm, s, train):
+        t = time.perf_counter()
+        r = train()
+        results[key].append({"depth": depth, "norm": norm, "seed": s, **r, "seconds": time.perf_counter() - t})
+        log(f"  {key.upper():<3} depth {depth:>2} {norm:<10} seed {s}  acc {r['accuracy']:.3f}  "
+            f"({time.perf_counter() - t:.0f}s)")
+
+    for depth in cfg["vit_depths"]:
+        for s in range(seed, seed + cfg["vit_seeds"]):
+            for norm, scale in (("layernorm", None), ("contranorm", vit_scale)):
+                record("vit", depth, norm, s, partial(train_vit, depth, scale, epochs=cfg["vit_epochs"], seed=s,
+                                                      backend=backend))
+    graph = stochastic_block_model(**GRAPH, seed=seed)
+    for depth in cfg["gcn_depths"]:
+        for s in range(seed, seed + cfg["gcn_seeds"]):
+            for norm in ("none", "layernorm", "contranorm"):
+                record("gcn", depth, norm, s, partial(train_gcn, graph, depth, norm, scale=gcn_scale,
+                                                      epochs=cfg["gcn_epochs"], seed=s, backend=backend))
+    results["total_seconds"] = time.perf_counter() - start
+    return results
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def aggregate(runs: list[dict]) -> dict[tuple[int, str], dict]:
+    """``(depth, norm) ->`` accuracy per seed, and the seed-mean of accuracy and of each layer's metrics."""
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["depth"], r["norm"]), []).append(r)
+    return {key: {"accuracies": [r["accuracy"] for r in rs], "accuracy": _mean(r["accuracy"] for r in rs),
+                  "layers": [{m: _mean(r["layers"][i][m] for r in rs) for m in ("effective_rank", "mean_cosine")}
+                             for i in range(len(rs[0]["layers"]))]}
+            for key, rs in groups.items()}
+
+
+NOISE_PTS = 2.0  # about one binomial standard error at 80% accuracy on ~400 test points
+
+
+def _table(runs: list[dict], norms: tuple[str, ...], labels: dict[str, str]) -> str:
+    """One line per depth: seed-mean accuracy, last layer's effective rank and cosine per norm, and
+    ContraNorm's accuracy change against the best other norm of the same seed.  Verdict: "helps" /
+    "hurts" when the mean change passes +-NOISE_PTS and every seed agrees in sign, else "unclear"."""
+    by = aggregate(runs)
+    head = "depth | " + " | ".join(f"{labels[n]}: acc  erank  cos" for n in norms) + " | ContraNorm vs best other"
+    lines = [head, "-" * len(head)]
+    for depth in sorted({d for d, _ in by}):
+        cells = []
+        for n in norms:
+            r, last = by[depth, n], by[depth, n]["layers"][-1]
+            cells.append(f"{' ' * (len(labels[n]) - 4)}{r['accuracy']:6.1%} {last['effective_rank']:6.2f} "
+                         f"{last['mean_cosine']:5.2f}")
+        others = zip(*(by[depth, n]["accuracies"] for n in norms if n != "contranorm"))
+        deltas = [100 * (c - max(o)) for c, o in zip(by[depth, "contranorm"]["accuracies"], others)]
+        delta = _mean(deltas)
+        if delta >= NOISE_PTS and min(deltas) > 0:
+            verdict = "helps"
+        elif delta <= -NOISE_PTS and max(deltas) < 0:
+            verdict = "hurts"
+        else:
+            verdict = "unclear"
+        seeds = f"better in {sum(d > 0 for d in deltas)}/{len(deltas)} seeds, " if len(deltas) > 1 else ""
+        lines.append(f"{depth:>5} | " + " | ".join(cells) + f" | {delta:+5.1f} pts ({seeds}{verdict})")
+    return "\n".join(lines)
+
+
+def format_tables(results: dict) -> str:
+    cfg = results["config"]
+    vit = _table(results["vit"], ("layernorm", "contranorm"),
+                 {"layernorm": "LayerNorm", "contranorm": f"ContraNorm s={cfg['vit_scale']}"})
+    gcn = _table(results["gcn"], ("none", "layernorm", "contranorm"),
+                 {"none": "plain GCN", "layernorm": "LayerNorm", "contranorm": f"ContraNorm s={cfg['gcn_scale']}"})
+    g = cfg["graph"]
+    return (f"Means over seeds; ContraNorm \"helps\"/\"hurts\" only when its mean accuracy change passes "
+            f"{NOISE_PTS:g} pts and every seed agrees.\n\n"
+            f"(a) ViT on digits (8x8, 2x2 patches, width {cfg['vit']['embed_dim']}), {cfg['vit_epochs']} epochs, "
+            f"{cfg['vit_seeds']} seed(s); erank/cos: tokens of the last block, test images\n{vit}\n\n"
+            f"(b) GCN on an SBM graph ({g['num_blocks']} blocks x {g['block_size']} nodes, p_in {g['p_in']}, "
+            f"p_out {g['p_out']}), {cfg['gcn_epochs']} epochs, {cfg['gcn_seeds']} seed(s); erank/cos: nodes after "
+            f"the last hidden layer\n{gcn}")
+
+
+def plot(results: dict, path: Path) -> None:
+    """Seed-mean accuracy and last-layer effective rank against depth, and effective rank per layer of
+    the deepest models."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    for row, (key, title) in zip(axes, (("vit", "ViT on digits"), ("gcn", "GCN on SBM"))):
+        by = aggregate(results[key])
+        depths = sorted({d for d, _ in by})
+        for norm in dict.fromkeys(n for _, n in by):
+            mine = [by[d, norm] for d in depths]
+            row[0].plot(depths, [r["accuracy"] for r in mine], "o-", label=LABELS[norm])
+            row[1].plot(depths, [r["layers"][-1]["effective_rank"] for r in mine], "o-", label=LABELS[norm])
+            layers = mine[-1]["layers"]
+            row[2].plot(range(1, len(layers) + 1), [s["effective_rank"] for s in layers], label=LABELS[norm])
+        row[0].set(title=f"{title}: test accuracy", xlabel="depth", ylabel="accuracy", xscale="log", ylim=(0, 1))
+        row[1].set(title=f"{title}: effective rank, last layer", xlabel="depth", ylabel="effective rank",
+                   xscale="log")
+        row[2].set(title=f"{title}: effective rank per layer (depth {depths[-1]})", xlabel="layer",
+                   ylabel="effective rank")
+        for ax in row:
+            ax.legend()
+            ax.grid(alpha=0.3)
+        for ax in row[:2]:
+            ax.set_xticks(depths, [str(d) for d in depths])
+            ax.minorticks_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _scale(text: str) -> float:
+    """argparse ``type=``: a ContraNorm scale, a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _threads(text: str) -> int:
+    """argparse ``type=``: a positive integer."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = " (default: %(default)s)"
+    p.add_argument("--quick", action="store_true", help="a smoke run: fewer depths and epochs, 1 ViT epoch (seconds)")
+    p.add_argument("--out", default="runs/oversmoothing", help="folder for results.json and oversmoothing.png" + d)
+    p.add_argument("--seed", type=int, default=0, help="seeds the graph, the inits and the batches" + d)
+    p.add_argument("--vit-scale", type=_scale, default=0.1, help="ContraNorm's s in the ViTs" + d)
+    p.add_argument("--gcn-scale", type=_scale, default=0.5, help="ContraNorm's s in the GCNs" + d)
+    p.add_argument("--backend", choices=BACKENDS, default="torch", help="ContraNorm op backend" + d)
+    p.add_argument("--threads", type=_threads,
+                   help="torch CPU threads (default: torch's choice; 1 is often fastest for these small models)")
+
+
+def main_from_args(args: argparse.Namespace) -> dict:
+    """Run the study, print the tables, write ``results.json`` and ``oversmoothing.png`` under ``args.out``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = run(quick=args.quick, seed=args.seed, vit_scale=args.vit_scale, gcn_scale=args.gcn_scale,
+                  backend=args.backend)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plot(results, out / "oversmoothing.png")
+    print("\n" + format_tables(results))
+    print(f"\n{results['total_seconds']:.0f}s; wrote {out / 'results.json'} and {out / 'oversmoothing.png'}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sslcore.experiments.oversmoothing", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    main_from_args(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
