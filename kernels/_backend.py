@@ -57,11 +57,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def new_output(shape, *, device, dtype) -> torch.Tensor:
-    """An uninitialised kernel output; NaN-filled when ``SSLCORE_POISON=1`` (the tests set it),
-    so that an element a kernel fails to write shows up."""
+    """An uninitialised kernel output; poisoned when ``SSLCORE_POISON=1`` (the tests set it) so
+    that an element a kernel fails to write shows up: NaN for floats, -1 for integers."""
     out = torch.empty(shape, device=device, dtype=dtype)
     if os.environ.get("SSLCORE_POISON", "0") == "1":
-        out.fill_(float("nan"))
+        out.fill_(float("nan") if dtype.is_floating_point else -1)
     return out
 
 

@@ -13,7 +13,7 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
-FAMILIES = ["sslcore.kernels.infonce", "sslcore.kernels.contranorm"]
+FAMILIES = ["sslcore.kernels.infonce", "sslcore.kernels.contranorm", "sslcore.kernels.kmeans"]
 DTYPES = ("bf16", "fp16")
 DIMS = (128, 768)
 ARCHS = {80: "sm_80", 90: "sm_90a"}

@@ -1,0 +1,119 @@
+"""k-means kernels (Triton; the interpreter without a GPU) against their float64 references."""
+import pytest
+import torch
+
+from sslcore.kernels import kmeans_assign, kmeans_assign_ref, kmeans_update, kmeans_update_ref, nearest_cosine
+
+
+def _dev():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _margin(x, c):
+    """Gap between the best and second-best squared distance per row, in float64."""
+    d = ((x.double()[:, None] - c.double()[None]) ** 2).sum(-1)
+    two = d.topk(2, dim=1, largest=False).values
+    return two[:, 1] - two[:, 0]
+
+
+@pytest.mark.parametrize("n,k,d", [(1000, 37, 33), (257, 5, 100), (70, 70, 8)])
+def test_assign_fp32_matches_float64(seed, n, k, d):
+    x, c = torch.randn(n, d, device=_dev()), torch.randn(k, d, device=_dev())
+    labels, dist = kmeans_assign(x, c, backend="triton")
+    ref_l, ref_d = kmeans_assign_ref(x.double(), c.double())
+    clear = _margin(x, c) > 1e-4 * ref_d.abs().max()  # rows whose nearest centroid fp32 can resolve
+    assert clear.float().mean() > 0.99
+    assert torch.equal(labels[clear], ref_l[clear])
+    assert labels.dtype == torch.int64 and dist.dtype == torch.float32
+    torch.testing.assert_close(dist.double(), ref_d, rtol=1e-5, atol=1e-4)
+
+
+def test_planted_exact_ties_go_to_lowest_index(seed):
+    c = torch.randn(37, 33, device=_dev())
+    c[20], c[31] = c[3], c[3]  # three identical centroids, and a tie across K blocks
+    x = torch.randn(300, 33, device=_dev())
+    x[:50] = c[3] + 0.01 * torch.randn(50, 33, device=_dev())
+    labels, _ = kmeans_assign(x, c, backend="triton")
+    ref_l, _ = kmeans_assign_ref(x.double(), c.double())
+    assert (labels[:50] == 3).all()
+    assert not ((labels == 20) | (labels == 31)).any()
+    assert torch.equal(labels[:50], ref_l[:50])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_assign_low_precision_inertia(seed, dtype):
+    x, c = torch.randn(600, 40, device=_dev()).to(dtype), torch.randn(23, 40, device=_dev()).to(dtype)
+    labels, dist = kmeans_assign(x, c, backend="triton")
+    ref_l, ref_d = kmeans_assign_ref(x.double(), c.double())
+    # inertia of the chosen assignment, measured exactly, within 1e-4 of the optimum
+    chosen = ((x.double() - c.double()[labels]) ** 2).sum()
+    assert abs(chosen / ref_d.sum() - 1) < 1e-4
+    torch.testing.assert_close(dist.double().sum(), ref_d.sum(), rtol=1e-3, atol=0)
+
+
+def test_assign_outputs_fully_written_and_deterministic(seed):
+    x, c = torch.randn(333, 20, device=_dev()), torch.randn(19, 20, device=_dev())
+    a = kmeans_assign(x, c, backend="triton")
+    b = kmeans_assign(x, c, backend="triton")
+    assert (a[0] >= 0).all() and torch.isfinite(a[1]).all()  # outputs are poisoned (-1 / NaN) under the tests
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_torch_path_matches_reference(seed):
+    x, c = torch.randn(500, 16), torch.randn(30, 16)
+    labels, dist = kmeans_assign(x, c, backend="torch")
+    ref_l, ref_d = kmeans_assign_ref(x, c)
+    assert torch.equal(labels, ref_l) and torch.equal(dist, ref_d)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_update_matches_reference(seed, deterministic):
+    x = torch.randn(1000, 33, device=_dev())
+    labels = torch.randint(0, 36, (1000,), device=_dev())  # cluster 36 stays empty
+    sums, counts = kmeans_update(x, labels, 37, deterministic=deterministic)
+    ref_s, ref_c = kmeans_update_ref(x.double(), labels, 37)
+    assert torch.equal(counts, ref_c) and counts[36] == 0
+    torch.testing.assert_close(sums.double(), ref_s, rtol=1e-5, atol=1e-4)
+
+
+def test_update_deterministic_bitwise(seed):
+    x = torch.randn(2000, 17, device=_dev())
+    labels = torch.randint(0, 11, (2000,), device=_dev())
+    assert torch.equal(kmeans_update(x, labels, 11)[0], kmeans_update(x, labels, 11)[0])
+
+
+def test_nearest_cosine_is_true_nearest_neighbour(seed):
+    q, bank = torch.randn(97, 24, device=_dev()), torch.randn(211, 24, device=_dev())
+    idx, sim = nearest_cosine(q, bank, backend="triton")
+    cos = torch.nn.functional.normalize(q.double(), dim=1) @ torch.nn.functional.normalize(bank.double(), dim=1).T
+    top2 = cos.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-5
+    assert torch.equal(idx[clear], cos.argmax(1)[clear])
+    torch.testing.assert_close(sim.double(), cos.max(1).values, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: kmeans_assign(torch.randn(5, 3), torch.randn(2, 4)), ValueError, "dimension 4 but x has 3"),
+    (lambda: kmeans_assign(torch.randn(0, 3), torch.randn(2, 3)), ValueError, "x is empty"),
+    (lambda: kmeans_assign(torch.randn(5, 3), torch.randn(0, 3)), ValueError, "centroids is empty"),
+    (lambda: kmeans_assign(torch.randn(5, 3), torch.randn(2, 3).half()), TypeError, "centroids has dtype"),
+    (lambda: kmeans_assign(torch.full((5, 3), float("inf")), torch.randn(2, 3)), ValueError, "x contains NaN"),
+    (lambda: kmeans_update(torch.randn(5, 3), torch.zeros(5, dtype=torch.long), 0), ValueError, "n_clusters"),
+    (lambda: kmeans_update(torch.randn(5, 3), torch.full((5,), 3), 3), ValueError, "labels must lie"),
+    (lambda: kmeans_update(torch.randn(5, 3), torch.zeros(4, dtype=torch.long), 3), ValueError, "labels must be"),
+])
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@pytest.mark.gpu
+def test_gpu_large_assignment_int64_offsets():
+    """N x D past 2^31 elements: row offsets must be int64."""
+    n, d = (2 ** 31) // 128 + 1000, 128
+    x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+    c = torch.randn(64, d, device="cuda", dtype=torch.bfloat16)
+    labels, _ = kmeans_assign(x, c)
+    tail = slice(n - 1000, n)
+    ref_l, _ = kmeans_assign_ref(x[tail], c)
+    assert (labels[tail] == ref_l).float().mean() > 0.99
