@@ -82,7 +82,7 @@ if HAS_TRITON:
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); each must compile for sm_80 and sm_90a without
 # spills (tests/test_compile.py).  None has been timed on a GPU yet.
-ASSIGN_CONFIGS = [(64, 32, 4, 2), (128, 32, 8, 2)]
+ASSIGN_CONFIGS = [(64, 32, 4, 2)]
 INTERP_CONFIG = (32, 16, 1, 1)
 
 if HAS_TRITON:
