@@ -1,8 +1,9 @@
 """sslcore: self-supervised learning methods on fused Triton kernels."""
-from . import functional, kernels, layers, metrics
+from . import cluster, functional, kernels, layers, metrics
+from .cluster import KMeans
 from .layers import ContraNorm, DContraNorm
 from .losses import InfoNCELoss, NTXentLoss
 
 __version__ = "0.1.0"
-__all__ = ["functional", "kernels", "layers", "metrics", "ContraNorm", "DContraNorm", "NTXentLoss", "InfoNCELoss",
-           "__version__"]
+__all__ = ["cluster", "functional", "kernels", "layers", "metrics", "KMeans", "ContraNorm", "DContraNorm", "NTXentLoss",
+           "InfoNCELoss", "__version__"]

@@ -96,3 +96,78 @@ class LayerStats:
 
 
 __all__ = ["LayerStats", "effective_rank", "mean_pairwise_cosine"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer-class alignment (ClusterMIM, METHODS.md §4).
+
+
+def _token_class_pairs(tokens, labels):
+    """Flatten ``tokens`` ([N] or [B, P] with per-image ``labels`` [B]) to matching int64 [M] pairs."""
+    tokens = torch.as_tensor(tokens)
+    labels = torch.as_tensor(labels)
+    if tokens.is_floating_point() or labels.is_floating_point() or tokens.dtype == torch.bool:
+        raise ValueError("tokens and labels must be integer tensors")
+    if tokens.dim() == 2 and labels.dim() == 1 and labels.shape[0] == tokens.shape[0]:
+        labels = labels[:, None].expand_as(tokens)
+    if tokens.shape != labels.shape:
+        raise ValueError(f"tokens {tuple(tokens.shape)} and labels {tuple(labels.shape)} do not match: "
+                         "give tokens [B, P] with labels [B], or both of one shape")
+    tokens, labels = tokens.reshape(-1).long().cpu(), labels.reshape(-1).long().cpu()
+    if tokens.numel() == 0:
+        raise ValueError("tokens is empty")
+    return tokens, labels
+
+
+def token_class_counts(tokens, labels, n_tokens: int, n_classes: int) -> torch.Tensor:
+    """The C x K count matrix ``N[c, k]`` of patches of class ``c`` assigned to token ``k`` (int64)."""
+    if n_tokens < 1 or n_classes < 1:
+        raise ValueError(f"n_tokens and n_classes must be >= 1, got {n_tokens} and {n_classes}")
+    tokens, labels = _token_class_pairs(tokens, labels)
+    if int(tokens.min()) < 0 or int(tokens.max()) >= n_tokens:
+        raise ValueError(f"tokens must lie in [0, n_tokens={n_tokens})")
+    if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
+        raise ValueError(f"labels must lie in [0, n_classes={n_classes})")
+    return torch.bincount(labels * n_tokens + tokens, minlength=n_classes * n_tokens).view(n_classes, n_tokens)
+
+
+def tcas(tokens, labels, n_tokens: int, n_classes: int) -> float:
+    """Token-class alignment score of a discrete tokenizer (training-free; lower is better).
+
+    **Our reading** of the ClusterMIM paper's TCAS (METHODS.md §4; not the authors' code).  From
+    the C x K count matrix ``N[c, k]`` (patches of image class c given token k) and
+    ``p(c, k) = N / sum N``::
+
+        TCAS = 1 - (1/C) sum_c sum_k p(c, k)^2 / (p(c) p(k))
+
+    zero-probability terms skipped.  ``sum_k p(k|c) p(c|k)`` is the chance that another patch
+    sharing a class-c patch's token is also of class c, so TCAS is the chance that it comes from
+    a different class, averaged over classes: 0 when every token is class-pure, 1 - 1/C when
+    tokens are independent of class (a class-blind tokenizer), whatever the class balance.
+    The average runs over the classes that occur in ``labels`` (C = their number; equal to
+    ``n_classes`` when all occur), so an absent class neither helps nor hurts.
+
+    ``tokens``: int [B, P] (patch tokens per image, with ``labels`` [B] per image) or flat [N]
+    with ``labels`` [N].
+    """
+    n = token_class_counts(tokens, labels, n_tokens, n_classes).double()
+    p = n / n.sum()
+    pc, pk = p.sum(1), p.sum(0)
+    nz = p > 0
+    ci, ki = torch.nonzero(nz, as_tuple=True)
+    same = (p[nz] ** 2 / (pc[ci] * pk[ki])).sum()
+    c_present = int((pc > 0).sum())
+    return float(1 - same / c_present)
+
+
+def token_class_nmi(tokens, labels) -> float:
+    """Normalized mutual information between patch token and image class (arithmetic mean
+    normalisation, ``sklearn.metrics.normalized_mutual_info_score``); higher = more aligned.
+    ``tokens`` [B, P] with ``labels`` [B], or both flat."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    tokens, labels = _token_class_pairs(tokens, labels)
+    return float(normalized_mutual_info_score(labels.numpy(), tokens.numpy()))
+
+
+__all__ += ["tcas", "token_class_counts", "token_class_nmi"]

@@ -1,0 +1,252 @@
+"""KMeans (sslcore.cluster) and the tokenizer-class metrics (TCAS, NMI).
+
+Without a GPU the kernels run through the Triton interpreter (tests/conftest.py), so sizes stay
+small: a few hundred points, K <= 8, D <= 16.
+"""
+import math
+
+import pytest
+import torch
+
+from sslcore.cluster import KMeans
+from sslcore.metrics import tcas, token_class_counts, token_class_nmi
+
+
+def blobs(n_per=60, k=4, d=8, spread=0.3, sep=6.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(k, d, generator=g) * sep
+    x = torch.cat([c + spread * torch.randn(n_per, d, generator=g) for c in centers])
+    y = torch.arange(k).repeat_interleave(n_per)
+    return x, y, centers
+
+
+def noisy(n=300, d=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g)
+
+
+def test_lloyd_monotone():
+    x = noisy()
+    km = KMeans(6, max_iter=15, tol=0.0, seed=3).fit(x)
+    h = km.inertia_history_
+    assert len(h) == km.n_iter_ + 1 >= 3
+    assert all(b <= a for a, b in zip(h, h[1:])), h
+    assert h[-1] < h[0]
+    # inertia_ is the exact sum of squared distances to the assigned centres, labels are nearest
+    diff = x.double() - km.cluster_centers_.double()[km.labels_]
+    assert km.inertia_ == pytest.approx(float((diff ** 2).sum()), rel=1e-9)
+    full = torch.cdist(x.double(), km.cluster_centers_.double()).argmin(1)
+    assert (full == km.labels_).float().mean() > 0.99
+
+
+def test_empty_cluster_reseeded():
+    x, _, _ = blobs(n_per=40, k=3, d=4)
+    far = torch.full((1, 4), 1e3)
+    init = torch.cat([x[:1], x[40:41], far])  # the third centre attracts no point at the start
+    km = KMeans(3, init=init, max_iter=10, tol=0.0).fit(x)
+    assert km.n_reseeded_ >= 1
+    assert bool((km.cluster_centers_.abs() < 100).all())
+    assert bool((torch.bincount(km.labels_, minlength=3) > 0).all())
+    h = km.inertia_history_
+    assert all(b <= a for a, b in zip(h, h[1:]))
+    # a re-seeded run recovers the three blobs: each blob gets its own centre
+    assert len({tuple(km.labels_[i * 40:(i + 1) * 40].unique().tolist()) for i in range(3)}) == 3
+
+
+def test_same_seed_same_result():
+    x = noisy(n=200, d=5)
+    a = KMeans(5, seed=7, max_iter=5).fit(x)
+    b = KMeans(5, seed=7, max_iter=5).fit(x)
+    assert torch.equal(a.cluster_centers_, b.cluster_centers_)
+    assert torch.equal(a.labels_, b.labels_)
+    assert a.inertia_ == b.inertia_
+    c = KMeans(5, seed=8, max_iter=5).fit(x)
+    assert not torch.equal(a.cluster_centers_, c.cluster_centers_)
+
+
+def test_n_init_keeps_best():
+    x = noisy(n=150, d=4)
+    runs = [KMeans(4, seed=11, max_iter=5, n_init=1).fit(x).inertia_]
+    best = KMeans(4, seed=11, max_iter=5, n_init=2).fit(x)
+    assert best.inertia_ <= runs[0] + 1e-9
+
+
+def test_agrees_with_faiss():
+    faiss = pytest.importorskip("faiss")  # noqa: F841
+    x = noisy(n=400, d=8, seed=5)
+    init = x[torch.randperm(400, generator=torch.Generator().manual_seed(0))[:6]].clone()
+    ours = KMeans(6, init=init, max_iter=20, tol=0.0).fit(x)
+    ref = KMeans(6, init=init, max_iter=20, tol=0.0, backend="faiss").fit(x)
+    assert ref.cluster_centers_.shape == (6, 8)
+    assert abs(ours.inertia_ - ref.inertia_) <= 0.01 * ref.inertia_, (ours.inertia_, ref.inertia_)
+
+
+def test_faiss_missing_is_clear(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_faiss(name, *a, **k):
+        if name == "faiss":
+            raise ImportError("no faiss")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_faiss)
+    with pytest.raises(ImportError, match="faiss"):
+        KMeans(2, backend="faiss").fit(noisy(n=20, d=3))
+
+
+def test_partial_fit_converges_on_blobs():
+    x, y, centers = blobs(n_per=80, k=4, d=6, seed=2)
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    km = KMeans(4, seed=0)
+    for _ in range(2):
+        for i in range(0, x.shape[0], 64):
+            km.partial_fit(x[i:i + 64])
+    assert int(km.counts_.sum()) == 2 * x.shape[0]
+    # every true centre has a learned centre close to it, and labels match the blobs up to renaming
+    d = torch.cdist(centers, km.cluster_centers_)
+    assert float(d.min(1).values.max()) < 0.5
+    pred = km.predict(x)
+    from sklearn.metrics import adjusted_rand_score
+    assert adjusted_rand_score(y.numpy(), pred.numpy()) > 0.99
+
+
+def test_partial_fit_count_update_rule():
+    # sklearn MiniBatchKMeans semantics: c_k <- (n_k c_k + sum of the batch's points in k) / (n_k + b_k)
+    x = torch.tensor([[0.0, 0.0], [10.0, 10.0]])
+    km = KMeans(2, init=x.clone()).partial_fit(x)
+    assert torch.equal(km.counts_, torch.tensor([1, 1]))
+    km.partial_fit(torch.tensor([[1.0, 0.0], [3.0, 0.0], [10.0, 12.0]]))
+    assert torch.equal(km.counts_, torch.tensor([3, 2]))
+    torch.testing.assert_close(km.cluster_centers_, torch.tensor([[4 / 3, 0.0], [10.0, 11.0]]))
+
+
+def test_minibatch_fit():
+    x, y, _ = blobs(n_per=50, k=3, d=4, seed=4)
+    km = KMeans(3, batch_size=50, max_iter=2, seed=1).fit(x)
+    from sklearn.metrics import adjusted_rand_score
+    assert adjusted_rand_score(y.numpy(), km.labels_.numpy()) > 0.99
+
+
+def test_save_load_roundtrip(tmp_path):
+    x, _, _ = blobs(n_per=30, k=3, d=5)
+    km = KMeans(3, max_iter=5, seed=2).fit(x)
+    path = tmp_path / "km.pt"
+    km.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["km.pt"]  # no temp file left behind
+    back = KMeans.load(path)
+    assert torch.equal(back.cluster_centers_, km.cluster_centers_.cpu())
+    assert back.inertia_ == km.inertia_ and back.n_iter_ == km.n_iter_
+    assert back.inertia_history_ == km.inertia_history_
+    assert torch.equal(back.predict(x), km.predict(x))
+    assert back.n_clusters == 3 and back.seed == 2 and back.max_iter == 5
+    # a streamed model keeps its counts and can continue
+    s = KMeans(3).partial_fit(x)
+    s.save(path)
+    s2 = KMeans.load(path).partial_fit(x)
+    assert torch.equal(s2.counts_, s.counts_ * 2)
+
+
+def test_bad_input():
+    x = noisy(n=10, d=3)
+    with pytest.raises(ValueError, match="n_clusters"):
+        KMeans(0)
+    with pytest.raises(ValueError, match="n_clusters"):
+        KMeans(11).fit(x)
+    with pytest.raises(ValueError, match="n_clusters"):
+        KMeans(11).partial_fit(x)
+    with pytest.raises(ValueError, match="empty"):
+        KMeans(2).fit(torch.empty(0, 3))
+    with pytest.raises(ValueError, match="x"):
+        KMeans(2).fit(torch.randn(5))
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        KMeans(2).fit(bad)
+    bad[3, 1] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        KMeans(2).fit(bad)
+    with pytest.raises(ValueError, match="not fitted"):
+        KMeans(2).predict(x)
+    km = KMeans(2, max_iter=2).fit(x)
+    with pytest.raises(ValueError, match="dimension"):
+        km.predict(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="dimension"):
+        km.partial_fit(torch.randn(4, 2))
+    with pytest.raises(ValueError, match="non-finite"):
+        km.predict(bad)
+    with pytest.raises(ValueError, match="init"):
+        KMeans(2, init="kmeans")
+    with pytest.raises(ValueError, match="init"):
+        KMeans(3, init=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="backend"):
+        KMeans(2, backend="cuda")
+    with pytest.raises(ValueError, match="batch_size"):
+        KMeans(2, batch_size=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# TCAS / NMI.
+
+
+def test_tcas_class_pure_is_zero():
+    g = torch.Generator().manual_seed(0)
+    n_classes, per_class_tokens = 5, 4
+    labels = torch.randint(n_classes, (200,), generator=g)
+    # every token belongs to one class: token = class * 4 + something
+    tokens = labels[:, None] * per_class_tokens + torch.randint(per_class_tokens, (200, 16), generator=g)
+    assert tcas(tokens, labels, n_classes * per_class_tokens, n_classes) == pytest.approx(0.0, abs=1e-12)
+    assert token_class_nmi(tokens, labels) > 0.5
+
+
+def test_tcas_class_blind_is_one_minus_one_over_c():
+    g = torch.Generator().manual_seed(1)
+    n_classes, k = 4, 10
+    labels = torch.randint(n_classes, (2000,), generator=g)
+    tokens = torch.randint(k, (2000, 16), generator=g)  # random tokenizer, ignores class
+    t = tcas(tokens, labels, k, n_classes)
+    assert t == pytest.approx(1 - 1 / n_classes, abs=0.01)
+    assert token_class_nmi(tokens, labels) < 0.01
+    # exactly 1 - 1/C for an exactly independent count matrix, even with unbalanced classes
+    pc, pk = torch.tensor([1, 2, 3, 4]), torch.tensor([1, 1, 2, 5, 7])
+    lab = torch.arange(4).repeat_interleave(pc * 16)                       # class c: 16 * pc patches
+    tok = torch.cat([torch.arange(5).repeat_interleave(pk).repeat(int(pc[c])) for c in range(4)])
+    assert tcas(tok, lab, 5, 4) == pytest.approx(0.75, abs=1e-12)
+
+
+def test_tcas_between_and_flat_matches_batched():
+    g = torch.Generator().manual_seed(2)
+    labels = torch.randint(3, (100,), generator=g)
+    pure = labels[:, None].expand(100, 8) * 2 + torch.randint(2, (100, 8), generator=g)
+    noise = torch.randint(6, (100, 8), generator=g)
+    mix = torch.where(torch.rand(100, 8, generator=g) < 0.5, pure, noise)
+    t = tcas(mix, labels, 6, 3)
+    assert 0.05 < t < 1 - 1 / 3
+    flat = tcas(mix.reshape(-1), labels[:, None].expand(100, 8).reshape(-1), 6, 3)
+    assert t == pytest.approx(flat, abs=1e-12)
+    n = token_class_counts(mix, labels, 6, 3)
+    assert n.shape == (3, 6) and int(n.sum()) == 800
+    # brute force from the definition
+    p = n.double() / n.sum()
+    ref = 1 - sum(p[c, k] ** 2 / (p[c].sum() * p[:, k].sum()) for c in range(3) for k in range(6) if p[c, k] > 0) / 3
+    assert t == pytest.approx(float(ref), abs=1e-12)
+
+
+def test_nmi_sanity():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert token_class_nmi(labels + 10, labels) == pytest.approx(1.0)   # a relabelling
+    assert token_class_nmi(torch.zeros(6, dtype=torch.long), labels) == pytest.approx(0.0)
+    assert math.isfinite(token_class_nmi(torch.randint(5, (6, 3)), labels))
+
+
+def test_tcas_bad_input():
+    with pytest.raises(ValueError, match="n_tokens"):
+        tcas(torch.tensor([0, 5]), torch.tensor([0, 1]), 5, 2)
+    with pytest.raises(ValueError, match="n_classes"):
+        tcas(torch.tensor([0, 1]), torch.tensor([0, 2]), 5, 2)
+    with pytest.raises(ValueError, match="match"):
+        tcas(torch.zeros(3, 4, dtype=torch.long), torch.zeros(5, dtype=torch.long), 5, 2)
+    with pytest.raises(ValueError, match="empty"):
+        tcas(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 5, 2)
