@@ -75,3 +75,17 @@ if HAS_TRITON:
         for c in tl.static_range(D_CHUNKS):
             acc = _chunk_dot(a_base + a_off, b_base + bt_off, c * BLOCK_D, dd, rmask, cmask, D, acc, UPCAST, PRECISION)
         return acc
+
+    @triton.jit
+    def sim_tile_any(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        """:func:`sim_tile` for narrow rows (up to 2 chunks, unrolled), :func:`sim_tile_loop` for wide
+        ones (a runtime loop over D keeps fewer registers live)."""
+        if D_CHUNKS <= 2:
+            acc = sim_tile(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
+                           BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+        else:
+            acc = sim_tile_loop(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
+                                BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
+        return acc

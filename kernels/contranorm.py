@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ._backend import (
     HAS_TRITON, cdiv, check_finite, check_float, check_positive, interpreting, new_output, resolve_backend, tl, triton,
 )
-from ._tiles import block_d, block_do as _tiles_block_do, d_chunks, precision, sim_tile, sim_tile_loop, upcast
+from ._tiles import block_d, block_do as _tiles_block_do, d_chunks, precision, sim_tile_any, sim_tile_loop, upcast
 
 LOG2E = 1.4426950408889634
 
@@ -178,12 +178,8 @@ if HAS_TRITON:
         for n0 in range(0, L, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             cmask = cols < L
-            if D_CHUNKS <= 2:
-                s = sim_tile(qb, qb, rows, cols, rmask, cmask, D, stride_ql, stride_ql,
+            s = sim_tile_any(qb, qb, rows, cols, rmask, cmask, D, stride_ql, stride_ql,
                              BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION) * scale2
-            else:  # wide rows: a runtime loop over D keeps fewer registers live
-                s = sim_tile_loop(qb, qb, rows, cols, rmask, cmask, D, stride_ql, stride_ql,
-                                  BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION) * scale2
             valid = _key_valid(KPM, b, cols, cmask, L, HAS_KPM)[None, :]
             if EXCLUDE_SELF:
                 valid = valid & (rows[:, None] != cols[None, :])
@@ -237,12 +233,8 @@ if HAS_TRITON:
         for n0 in range(0, L, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             cmask = cols < L
-            if D_CHUNKS <= 2:
-                s = sim_tile(qb, qb, rows, cols, rmask, cmask, D, stride_ql, stride_ql,
+            s = sim_tile_any(qb, qb, rows, cols, rmask, cmask, D, stride_ql, stride_ql,
                              BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION) * scale2
-            else:  # wide rows: a runtime loop over D keeps fewer registers live
-                s = sim_tile_loop(qb, qb, rows, cols, rmask, cmask, D, stride_ql, stride_ql,
-                                  BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION) * scale2
             pair = rmask[:, None] & cmask[None, :]
             if EXCLUDE_SELF:
                 pair = pair & (rows[:, None] != cols[None, :])
