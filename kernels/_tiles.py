@@ -20,6 +20,12 @@ def block_do(d: int) -> int:
     return INTERP_BLOCK_D if interpreting() else min(max(16, next_pow2(d)), 128)
 
 
+def autotuned(kernel, configs, key):
+    """``kernel`` autotuned over ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` tuples, keyed on ``key``."""
+    cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in configs]
+    return triton.autotune(configs=cfgs, key=key)(kernel)
+
+
 def precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: fp32 inputs use TF32 only where torch allows it for matmuls."""
     if dtype == torch.float32 and not interpreting() and torch.backends.cuda.matmul.allow_tf32:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ._backend import (
     HAS_TRITON, cdiv, check_finite, check_float, check_positive, interpreting, new_output, resolve_backend, tl, triton,
 )
-from ._tiles import block_d, block_do as _tiles_block_do, d_chunks, precision, sim_tile_any, sim_tile_loop, upcast
+from ._tiles import autotuned, block_d, block_do as _tiles_block_do, d_chunks, precision, sim_tile_any, sim_tile_loop, upcast
 
 LOG2E = 1.4426950408889634
 
@@ -303,12 +303,8 @@ def aot_specs(dtype: str = "bf16", d: int = 128):
 
 
 if HAS_TRITON:
-    def _tuned(kernel, configs, key):
-        cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in configs]
-        return triton.autotune(configs=cfgs, key=key)(kernel)
-
-    _attn_fwd_tuned = _tuned(_attn_fwd_kernel, FWD_CONFIGS, ["D", "EXCLUDE_SELF", "HAS_KPM"])
-    _attn_msg_tuned = _tuned(_attn_msg_kernel, MSG_CONFIGS, ["D", "D2", "HAS_ROW", "HAS_COL", "DS", "EXCLUDE_SELF", "HAS_KPM"])
+    _attn_fwd_tuned = autotuned(_attn_fwd_kernel, FWD_CONFIGS, ["D", "EXCLUDE_SELF", "HAS_KPM"])
+    _attn_msg_tuned = autotuned(_attn_msg_kernel, MSG_CONFIGS, ["D", "D2", "HAS_ROW", "HAS_COL", "DS", "EXCLUDE_SELF", "HAS_KPM"])
 
 
 def _launch(kernel, tuned, shape, args, meta):

@@ -30,7 +30,7 @@ from ._backend import (
     HAS_TRITON, cdiv, check_finite, check_float, check_positive, check_reduction, check_same,
     interpreting, new_output, resolve_backend, tl, triton,
 )
-from ._tiles import block_d, block_do, d_chunks, precision as _precision, sim_tile as _sim_tile, upcast as _upcast
+from ._tiles import autotuned, block_d, block_do, d_chunks, precision as _precision, sim_tile as _sim_tile, upcast as _upcast
 
 LOG2E = 1.4426950408889634
 
@@ -278,12 +278,8 @@ def aot_specs(dtype: str = "bf16", d: int = 128):
 
 
 if HAS_TRITON:
-    def _tuned(kernel, configs, key):
-        cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in configs]
-        return triton.autotune(configs=cfgs, key=key)(kernel)
-
-    _lse_fwd_tuned = _tuned(_lse_fwd_kernel, FWD_CONFIGS, ["D", "EXCLUDE_SELF"])
-    _lse_bwd_tuned = _tuned(_lse_bwd_kernel, BWD_CONFIGS, ["D", "EXCLUDE_SELF", "HAS_ROW", "HAS_COL"])
+    _lse_fwd_tuned = autotuned(_lse_fwd_kernel, FWD_CONFIGS, ["D", "EXCLUDE_SELF"])
+    _lse_bwd_tuned = autotuned(_lse_bwd_kernel, BWD_CONFIGS, ["D", "EXCLUDE_SELF", "HAS_ROW", "HAS_COL"])
 
 
 # The launches are torch.library custom ops, so torch.compile(fullgraph=True) traces through them.

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ._backend import (
     HAS_TRITON, cdiv, check_finite, check_float, check_same, interpreting, new_output, resolve_backend, tl, triton,
 )
-from ._tiles import block_d, d_chunks, sim_tile, upcast
+from ._tiles import autotuned, block_d, d_chunks, sim_tile, upcast
 
 # ---------------------------------------------------------------------------------------------
 # Plain-torch references.
@@ -86,9 +86,7 @@ ASSIGN_CONFIGS = [(64, 32, 4, 2)]
 INTERP_CONFIG = (32, 16, 1, 1)
 
 if HAS_TRITON:
-    _assign_tuned = triton.autotune(
-        configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-                 for bm, bn, w, st in ASSIGN_CONFIGS], key=["D", "K"])(_assign_kernel)
+    _assign_tuned = autotuned(_assign_kernel, ASSIGN_CONFIGS, ["D", "K"])
 
 
 def aot_specs(dtype: str = "bf16", d: int = 128):
