@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 
 from .data import check_data_spec
@@ -35,6 +36,17 @@ def _data_spec(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> (key, value); the value is a Python literal (number, bool, ...) or else the string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sslcore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive(int), help="pretrain on the first N training images only")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ..." + d)
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="the loss's kernel backend" + d)
+    p.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, e.g. -o proj_dim=128 (repeatable; unknown keys list the valid ones)")
     p.add_argument("--out", help="output folder (default: runs/<method>-<data>)")
     p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                    help="continue from CHECKPOINT (without one: OUT/checkpoint.pt)")
@@ -81,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "pretrain":
-            opts = {k: v for k, v in vars(args).items() if k != "command"}
+            opts = {k: v for k, v in vars(args).items() if k not in ("command", "option")}
+            opts["options"] = dict(args.option)
             cfg = PretrainConfig(**opts)
             s = pretrain(cfg)
             p = s["probes"]

@@ -1,26 +1,51 @@
-"""SSL methods, one file each: a model (encoder + heads) whose ``loss(batch)`` is its objective.
+"""SSL methods, one file each: an :class:`SSLMethod` whose ``loss(views, index=, epoch=)`` is its objective.
 
 ``METHODS`` maps the ``--method`` name to the class; a new method registers itself here.
 """
 from __future__ import annotations
 
-from torch import nn
+import inspect
 
-from ..models import create_encoder
+from .base import SSLMethod
 from .simclr import SimCLR
 
-METHODS: dict[str, type[nn.Module]] = {"simclr": SimCLR}
+METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR}
+
+# Options the trainer passes to every method; a method whose constructor lacks one just does not get it.
+COMMON_OPTIONS = ("temperature", "backend", "gather_distributed")
 
 
-def get_method(name: str) -> type[nn.Module]:
+def get_method(name: str) -> type[SSLMethod]:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
     return METHODS[name]
 
 
-def create_model(method: str, *, encoder: str, in_chans: int, **kwargs) -> nn.Module:
-    """``METHODS[method]`` around ``create_encoder(encoder)``; ``kwargs`` go to the method."""
-    return get_method(method)(create_encoder(encoder, in_chans=in_chans), **kwargs)
+def method_options(name: str) -> dict[str, object]:
+    """The keyword options (name -> default) that method ``name`` accepts, from its signatures."""
+    cls = get_method(name)
+    options = {}
+    for fn in (cls.__init__, cls.create):
+        for p in inspect.signature(fn).parameters.values():
+            if p.kind is p.KEYWORD_ONLY and p.name != "encoder":
+                options[p.name] = p.default
+    return options
 
 
-__all__ = ["METHODS", "SimCLR", "create_model", "get_method"]
+def check_options(name: str, options: dict) -> dict:
+    """``options`` without the common ones ``name`` does not take; ``ValueError`` for any other unknown key."""
+    valid = method_options(name)
+    unknown = sorted(k for k in options if k not in valid and k not in COMMON_OPTIONS)
+    if unknown:
+        raise ValueError(f"method {name!r} has no option {', '.join(map(repr, unknown))}; "
+                         f"its options: {', '.join(sorted(valid)) or 'none'}")
+    return {k: v for k, v in options.items() if k in valid}
+
+
+def create_model(method: str, data, *, encoder: str, **options) -> SSLMethod:
+    """``METHODS[method].create(data, encoder=encoder, **options)`` after checking the option names."""
+    return get_method(method).create(data, encoder=encoder, **check_options(method, options))
+
+
+__all__ = ["COMMON_OPTIONS", "METHODS", "SSLMethod", "SimCLR", "check_options", "create_model", "get_method",
+           "method_options"]

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..losses import NTXentLoss
+from .base import SSLMethod
 
 
 def projection_mlp(dim_in: int, dim_hidden: int, dim_out: int) -> nn.Sequential:
@@ -13,26 +14,19 @@ def projection_mlp(dim_in: int, dim_hidden: int, dim_out: int) -> nn.Sequential:
                          nn.ReLU(inplace=True), nn.Linear(dim_hidden, dim_out))
 
 
-class SimCLR(nn.Module):
-    """``forward(x)`` gives the encoder's features (what a probe uses); ``loss((view0, view1))`` trains.
-
-    ``encoder`` must expose ``num_features`` (timm convention).  Both views go through the encoder
-    in one batch; the projections feed :class:`sslcore.losses.NTXentLoss`.
-    """
+class SimCLR(SSLMethod):
+    """Both views go through the encoder in one batch; the projections feed
+    :class:`sslcore.losses.NTXentLoss`.  ``encoder`` must expose ``num_features`` (timm convention)."""
 
     name = "simclr"
 
     def __init__(self, encoder: nn.Module, *, temperature: float = 0.5, proj_hidden: int = 256,
                  proj_dim: int = 64, gather_distributed: bool = False, backend: str = "auto"):
-        super().__init__()
-        self.encoder = encoder
+        super().__init__(encoder)
         self.projector = projection_mlp(encoder.num_features, proj_hidden, proj_dim)
         self.criterion = NTXentLoss(temperature=temperature, gather_distributed=gather_distributed, backend=backend)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)
-
-    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        view0, view1 = batch
+    def loss(self, views, *, index=None, epoch=None) -> torch.Tensor:
+        view0, view1 = views
         z0, z1 = self.projector(self.encoder(torch.cat([view0, view1]))).chunk(2)
         return self.criterion(z0, z1)

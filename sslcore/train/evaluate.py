@@ -48,12 +48,18 @@ def probe(data: ImageData, encoder: nn.Module | None) -> dict[str, float]:
             "knn": knn_accuracy(f_train, y_train, f_test, y_test)}
 
 
+def build_model(config: dict, data):
+    """The method of a run's config (a ``PretrainConfig`` as a dict) with its options, for ``data``."""
+    options = {"temperature": config["temperature"], "backend": config["backend"], **config.get("options", {})}
+    return create_model(config["method"], data, encoder=config["encoder"], **options)
+
+
 def evaluate_checkpoint(path, *, device: torch.device | str = "cpu") -> dict:
     """Probe the encoder of a saved pretraining checkpoint on its dataset's held-out split."""
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
     data = load_dataset(cfg["data"])
-    model = create_model(cfg["method"], encoder=cfg["encoder"], in_chans=data.in_chans)
+    model = build_model(cfg, data)
     check_state_dict("model", ckpt["model"], model.state_dict())
     model.load_state_dict(ckpt["model"])
     return {"method": cfg["method"], "data": cfg["data"], "encoder": cfg["encoder"], "epoch": ckpt["epoch"],

@@ -14,13 +14,13 @@ from tqdm import tqdm
 
 from ..data import check_data_spec, load_dataset
 from ..kernels import BACKENDS
-from ..methods import create_model, get_method
+from ..methods import check_options, get_method
 from .checkpoint import CheckpointError, check_state_dict, load_checkpoint, save_checkpoint
-from .evaluate import probe
+from .evaluate import build_model, probe
 
 # Options that define a run: resuming with different values is refused (epochs may be extended).
 RUN_KEYS = ("method", "data", "encoder", "batch_size", "lr", "weight_decay", "warmup_epochs", "temperature",
-            "seed", "limit")
+            "seed", "limit", "options")
 
 
 @dataclass
@@ -40,9 +40,11 @@ class PretrainConfig:
     backend: str = "auto"  # the loss's backend: auto | triton | torch
     out: str | None = None  # default runs/<method>-<data>
     resume: str | None = None  # checkpoint to continue from; "" = OUT/checkpoint.pt
+    options: dict = dataclasses.field(default_factory=dict)  # the method's own options (``--option KEY=VALUE``)
 
     def __post_init__(self):
         get_method(self.method)
+        check_options(self.method, self.options)
         check_data_spec(self.data)
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
@@ -119,8 +121,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training set ({len(x_train)} images)")
 
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.method, encoder=cfg.encoder, in_chans=data.in_chans, temperature=cfg.temperature,
-                         backend=cfg.backend).to(device)
+    config = dataclasses.asdict(cfg)
+    model = build_model(config, data).to(device)
     init_state = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentations
@@ -137,7 +139,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
     steps_per_epoch = len(x_train) // cfg.batch_size  # drop_last: every step sees a full batch
     total_steps, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    config = dataclasses.asdict(cfg)
     bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=f"{cfg.method}/{data.name}",
                unit="step", dynamic_ncols=True)
     model.train()
@@ -149,10 +150,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
             lr = lr_at(step, total_steps, warmup, cfg.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x = x_train[perm[i * cfg.batch_size:(i + 1) * cfg.batch_size].to(device)]
-            views = (data.augment(x, generator), data.augment(x, generator))
+            index = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size].to(device)
+            x = x_train[index]
+            views = [data.augment(x, generator) for _ in range(model.n_views)]
             with amp:
-                loss = model.loss(views)
+                loss = model.loss(views, index=index, epoch=epoch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -173,7 +175,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     bar.close()
     train_time = time.perf_counter() - t_start
 
-    random_model = create_model(cfg.method, encoder=cfg.encoder, in_chans=data.in_chans).to(device)
+    random_model = build_model(config, data).to(device)
     random_model.load_state_dict(init_state)
     probes = {"trained": probe(data, model), "random_init": probe(data, random_model), "raw_pixels": probe(data, None)}
     summary = {"method": cfg.method, "data": cfg.data, "encoder": cfg.encoder, "epochs": cfg.epochs,

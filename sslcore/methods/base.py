@@ -1,0 +1,37 @@
+"""The contract between the trainer and every SSL method."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..models import create_encoder
+
+
+class SSLMethod(nn.Module):
+    """An encoder (``forward(x)`` gives the features probes read) and a training objective.
+
+    Each step the trainer draws ``n_views`` augmented views of a batch of samples and calls
+    ``loss(views, index=..., epoch=...)``: ``index`` holds the samples' positions in the training
+    set (for per-sample memories), ``epoch`` counts from 1.  Methods keep their own extra state
+    (queues, momentum encoders, memories) as buffers, so it is checkpointed with the model.
+    ``create`` builds the method for a dataset; override it when the encoder depends on the data.
+    """
+
+    name = ""
+    n_views = 2
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    @classmethod
+    def create(cls, data, *, encoder: str, **options) -> "SSLMethod":
+        return cls(create_encoder(encoder, in_chans=data.in_chans), **options)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def loss(self, views: Sequence[torch.Tensor], *, index: torch.Tensor, epoch: int) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} defines no loss")
