@@ -19,10 +19,16 @@ class ImageData:
     x_test: torch.Tensor
     y_test: torch.Tensor
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+    kind = "image"
 
     @property
     def in_chans(self) -> int:
         return self.x_train.shape[1]
+
+    @staticmethod
+    def raw_features(x: torch.Tensor) -> torch.Tensor:
+        """The baseline features a probe reads without any model: the flattened pixels."""
+        return x.flatten(1)
 
 
 def _digits(path: str) -> ImageData:

@@ -17,10 +17,13 @@ class SSLMethod(nn.Module):
     set (for per-sample memories), ``epoch`` counts from 1.  Methods keep their own extra state
     (queues, momentum encoders, memories) as buffers, so it is checkpointed with the model.
     ``create`` builds the method for a dataset; override it when the encoder depends on the data.
+    ``data_kinds`` lists the ``data.kind`` values the method trains on; ``evaluate(data)`` may add
+    method-specific held-out metrics to the run's summary (besides the probes every run gets).
     """
 
     name = ""
     n_views = 2
+    data_kinds: tuple[str, ...] = ("image",)
 
     def __init__(self, encoder: nn.Module):
         super().__init__()
@@ -32,6 +35,9 @@ class SSLMethod(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
+
+    def evaluate(self, data) -> dict[str, float]:
+        return {}
 
     def loss(self, views: Sequence[torch.Tensor], *, index: torch.Tensor, epoch: int) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} defines no loss")

@@ -40,7 +40,7 @@ def knn_accuracy(x_train, y_train, x_test, y_test, *, k: int = 20) -> float:
 def probe(data: ImageData, encoder: nn.Module | None) -> dict[str, float]:
     """``{"linear": acc, "knn": acc}`` on the held-out split; ``encoder=None`` probes the raw pixels."""
     if encoder is None:
-        f_train, f_test = data.x_train.flatten(1).double().numpy(), data.x_test.flatten(1).double().numpy()
+        f_train, f_test = (data.raw_features(x).double().numpy() for x in (data.x_train, data.x_test))
     else:
         f_train, f_test = extract_features(encoder, data.x_train), extract_features(encoder, data.x_test)
     y_train, y_test = data.y_train.numpy(), data.y_test.numpy()

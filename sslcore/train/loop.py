@@ -123,6 +123,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     config = dataclasses.asdict(cfg)
     model = build_model(config, data).to(device)
+    if data.kind not in model.data_kinds:
+        raise ValueError(f"method {cfg.method!r} trains on {' or '.join(model.data_kinds)} data; "
+                         f"--data {cfg.data} is {data.kind} data")
     init_state = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentations
@@ -178,9 +181,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
     random_model = build_model(config, data).to(device)
     random_model.load_state_dict(init_state)
     probes = {"trained": probe(data, model), "random_init": probe(data, random_model), "raw_pixels": probe(data, None)}
+    model.eval()
+    method_eval = model.evaluate(data)
     summary = {"method": cfg.method, "data": cfg.data, "encoder": cfg.encoder, "epochs": cfg.epochs,
                "final_loss": metrics[-1]["loss"] if metrics else None, "n_train": len(data.y_train),
                "n_test": len(data.y_test), "device": str(device), "train_time_s": round(train_time, 2),
-               "total_time_s": round(time.perf_counter() - t_start, 2), "probes": probes, "config": config}
+               "total_time_s": round(time.perf_counter() - t_start, 2), "probes": probes, "eval": method_eval,
+               "config": config}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
