@@ -6,7 +6,8 @@ from typing import Callable
 
 import torch
 
-from . import digits
+from . import cifar, digits, imagefolder, shapes
+from .augment import RGBAugment
 
 
 @dataclass
@@ -37,7 +38,21 @@ def _digits(path: str) -> ImageData:
     return ImageData("digits", *digits.load(), augment=digits.DigitsAugment())
 
 
-DATASETS: dict[str, Callable[[str], ImageData]] = {"digits": _digits}
+def _shapes(spec: str) -> ImageData:
+    domain, settings = shapes.parse_spec(spec)
+    return ImageData(f"shapes-{domain}", *shapes.load(domain, **settings), augment=RGBAugment())
+
+
+def _cifar(name: str) -> Callable[[str], ImageData]:
+    return lambda path: ImageData(name, *cifar.load(name, path), augment=RGBAugment())
+
+
+def _imagefolder(spec: str) -> ImageData:
+    return ImageData("imagefolder", *imagefolder.load(spec), augment=RGBAugment())
+
+
+DATASETS: dict[str, Callable[[str], ImageData]] = {"digits": _digits, "shapes": _shapes, "cifar10": _cifar("cifar10"),
+                                                   "cifar100": _cifar("cifar100"), "imagefolder": _imagefolder}
 
 
 def check_data_spec(spec: str) -> str:
