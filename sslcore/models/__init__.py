@@ -1,5 +1,14 @@
-"""Encoders (backbones): ``create_encoder(name, in_chans)`` -> module mapping images to ``[B, num_features]``."""
+"""Encoders (backbones): ``create_encoder(spec, in_chans)`` -> module mapping images to ``[B, num_features]``.
+
+``spec`` is ``NAME[:OPTION,...]``: ``NAME`` a registered encoder (``smallcnn``) or any timm model
+name; the options apply to timm models: ``small`` gives a timm ResNet a small-image stem (3x3
+stride-1 ``conv1``, no max-pool, so a 32x32 image is 4x4, not 1x1, at the last stage) and
+``KEY=VALUE`` is passed to ``timm.create_model`` (a Python literal or else a string), e.g.
+``resnet18:small`` or ``vit_tiny_patch16_224:img_size=32,patch_size=4``.
+"""
 from __future__ import annotations
+
+import ast
 
 import timm
 from torch import nn
@@ -10,13 +19,47 @@ from .gcn import GCN
 ENCODERS = {"smallcnn": SmallCNN}
 
 
-def create_encoder(name: str, *, in_chans: int = 1) -> nn.Module:
-    """A registered encoder by name, else a timm model (``num_classes=0``: pooled features)."""
+def _parse(spec: str) -> tuple[str, bool, dict]:
+    name, _, rest = spec.partition(":")
+    small, kwargs = False, {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            if key != "small":
+                raise ValueError(f"unknown encoder option {key!r} in {spec!r}; options: small, KEY=VALUE (timm)")
+            small = True
+            continue
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return name, small, kwargs
+
+
+def small_stem(model: nn.Module, in_chans: int) -> nn.Module:
+    """Replace a timm ResNet's 7x7 stride-2 ``conv1`` by a 3x3 stride-1 one and drop its max-pool."""
+    if not isinstance(getattr(model, "conv1", None), nn.Conv2d) or not hasattr(model, "maxpool"):
+        raise ValueError(f"the 'small' stem is for timm ResNets (a conv1 and a maxpool); "
+                         f"{type(model).__name__} has none")
+    model.conv1 = nn.Conv2d(in_chans, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def create_encoder(spec: str, *, in_chans: int = 1) -> nn.Module:
+    """A registered encoder by name, else a timm model (``num_classes=0``: pooled features); see the module doc."""
+    name, small, kwargs = _parse(spec)
     if name in ENCODERS:
+        if small or kwargs:
+            raise ValueError(f"encoder {name!r} takes no options, got {spec!r}")
         return ENCODERS[name](in_chans=in_chans)
     if not timm.is_model(name):
         raise ValueError(f"unknown encoder {name!r}: not one of {', '.join(ENCODERS)} nor a timm model name")
-    return timm.create_model(name, num_classes=0, in_chans=in_chans)
+    try:
+        model = timm.create_model(name, num_classes=0, in_chans=in_chans, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"timm model {name!r} does not take {kwargs}: {e}") from None
+    return small_stem(model, in_chans) if small else model
 
 
-__all__ = ["ENCODERS", "GCN", "SmallCNN", "create_encoder"]
+__all__ = ["ENCODERS", "GCN", "SmallCNN", "create_encoder", "small_stem"]
