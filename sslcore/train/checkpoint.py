@@ -4,6 +4,10 @@ A checkpoint is a plain dict of tensors and Python scalars::
 
     {"format": "sslcore-checkpoint", "version": 1, "method": str, "config": dict, "epoch": int,
      "model": state_dict, "optimizer": state_dict, "generator": ByteTensor (data RNG state)}
+
+``epoch`` counts completed epochs.  A run stopped inside an epoch (Ctrl-C) adds
+``"position": {"step": int, "perm": LongTensor, "losses": FloatTensor}``: the steps of epoch
+``epoch + 1`` already taken, that epoch's data order and its step losses so far.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..data import ImageData, load_dataset
 from ..methods import create_model
-from .checkpoint import check_state_dict, load_checkpoint
+from .checkpoint import CheckpointError, check_state_dict, load_checkpoint
 
 
 @torch.no_grad()
@@ -48,19 +48,33 @@ def probe(data: ImageData, encoder: nn.Module | None) -> dict[str, float]:
             "knn": knn_accuracy(f_train, y_train, f_test, y_test)}
 
 
-def build_model(config: dict, data):
-    """The method of a run's config (a ``PretrainConfig`` as a dict) with its options, for ``data``."""
-    options = {"temperature": config["temperature"], "backend": config["backend"], **config.get("options", {})}
+def build_model(config: dict, data, **extra):
+    """The method of a run's config (a ``PretrainConfig`` as a dict) with its options (and ``extra``), for ``data``."""
+    options = {"temperature": config["temperature"], "backend": config["backend"], **config.get("options", {}), **extra}
     return create_model(config["method"], data, encoder=config["encoder"], **options)
 
 
-def evaluate_checkpoint(path, *, device: torch.device | str = "cpu") -> dict:
-    """Probe the encoder of a saved pretraining checkpoint on its dataset's held-out split."""
+def load_encoder(path, data=None):
+    """The trained method of a checkpoint (eval mode, on the CPU), built for ``data`` (default: its own
+    dataset), and that data; a ``CheckpointError`` when the weights do not fit a model for ``data``."""
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
-    data = load_dataset(cfg["data"])
+    data = load_dataset(cfg["data"]) if data is None else data
     model = build_model(cfg, data)
-    check_state_dict("model", ckpt["model"], model.state_dict())
+    try:
+        check_state_dict("model", ckpt["model"], model.state_dict())
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (the checkpoint was trained on --data {cfg['data']}; {data.name} "
+                              f"has {data.in_chans}-channel {tuple(data.x_train.shape[2:])} images)") from None
     model.load_state_dict(ckpt["model"])
-    return {"method": cfg["method"], "data": cfg["data"], "encoder": cfg["encoder"], "epoch": ckpt["epoch"],
-            "n_test": len(data.y_test), **probe(data, model.to(device))}
+    return model.eval(), ckpt, data
+
+
+def evaluate_checkpoint(path, *, device: torch.device | str = "cpu", data: str | None = None) -> dict:
+    """Probe the encoder of a saved pretraining checkpoint on the held-out split of its dataset, or of
+    ``data`` (a ``--data`` spec: transfer to another dataset or domain; the probe is fit on that
+    dataset's training split, the encoder stays frozen)."""
+    model, ckpt, dataset = load_encoder(path, None if data is None else load_dataset(data))
+    cfg = ckpt["config"]
+    return {"method": cfg["method"], "data": data or cfg["data"], "trained_on": cfg["data"], "encoder": cfg["encoder"],
+            "epoch": ckpt["epoch"], "n_test": len(dataset.y_test), **probe(dataset, model.to(device))}

@@ -1,20 +1,38 @@
 """The pretraining loop: plain PyTorch, AdamW with warm-up + cosine, atomic per-epoch checkpoints,
-JSON-lines metrics, then linear/k-NN probes of the trained encoder against two baselines."""
+JSON-lines metrics, then linear/k-NN probes of the trained encoder against two baselines.
+
+Ctrl-C (SIGINT, or SIGTERM as torchrun sends it) stops at the end of the current step: the
+checkpoint then holds the state after that step and its place in the epoch (``position``, see
+:mod:`.checkpoint`), ``--resume`` continues bit-for-bit from there, and :class:`TrainingInterrupted`
+is raised.  A second Ctrl-C aborts at once, without a checkpoint.
+
+Distributed (``torchrun --nproc_per_node N -m sslcore pretrain ...``): DDP over gloo (CPU) or
+nccl (CUDA).  Every rank draws the same global data order and the same augmented global batch
+(one generator, as in one process) and trains on its contiguous ``1/N`` shard; methods that take
+``gather_distributed`` get it and their loss is scaled by ``N`` before ``backward`` (DDP averages
+gradients; see :mod:`sslcore.dist`); BatchNorm is synchronised.  The batch size is the global
+one.  Only rank 0 writes files, shows progress and runs the probes.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed
+from torch import nn
 from tqdm import tqdm
 
+from .. import dist
 from ..data import check_data_spec, load_dataset
 from ..kernels import BACKENDS
-from ..methods import check_options, get_method
+from ..methods import check_options, get_method, method_options
 from .checkpoint import CheckpointError, check_state_dict, load_checkpoint, save_checkpoint
 from .evaluate import build_model, probe
 
@@ -87,8 +105,74 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _resume_state(cfg: PretrainConfig, model, optimizer, generator) -> int:
-    """Load ``cfg.resume`` into model/optimizer/generator after checking all of it; returns its epoch."""
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on Ctrl-C after writing a resumable checkpoint to ``path``."""
+
+    def __init__(self, path: str, epoch: int, step: int):
+        super().__init__(f"interrupted in epoch {epoch} after step {step}; checkpoint {path}")
+        self.path, self.epoch, self.step = path, epoch, step
+
+
+class _StopRequest:
+    """While active: the first SIGINT/SIGTERM sets ``requested``; a second SIGINT raises KeyboardInterrupt."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested, self._previous = False, {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        if dist.is_main_process():
+            tqdm.write("stopping after this step to save a checkpoint (Ctrl-C again aborts without one)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def any_rank(self, device) -> bool:
+        """Whether any rank was asked to stop (all ranks must stop at the same step)."""
+        if dist.world_size() == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class _MethodLoss(nn.Module):
+    """``forward`` = the method's loss, so that DDP sees the whole training step as its forward."""
+
+    def __init__(self, method: nn.Module):
+        super().__init__()
+        self.method = method
+
+    def forward(self, views, *, index, epoch):
+        return self.method.loss(views, index=index, epoch=epoch)
+
+
+def _check_position(pos, steps_per_epoch: int, n_train: int, path: str) -> dict | None:
+    """A checkpoint's mid-epoch ``position`` (or None) after checking it fits this run."""
+    if pos is None:
+        return None
+    ok = (isinstance(pos, dict) and isinstance(pos.get("step"), int) and 0 < pos["step"] < steps_per_epoch
+          and isinstance(pos.get("perm"), torch.Tensor) and pos["perm"].shape == (n_train,)
+          and isinstance(pos.get("losses"), torch.Tensor) and pos["losses"].shape == (pos["step"],))
+    if not ok:
+        raise CheckpointError(f"checkpoint {path!r} has a malformed mid-epoch position")
+    return pos
+
+
+def _resume_state(cfg: PretrainConfig, model, optimizer, generator, steps_per_epoch: int,
+                  n_train: int) -> tuple[int, dict | None]:
+    """Load ``cfg.resume`` into model/optimizer/generator after checking all of it; returns its epoch
+    and its mid-epoch position (or None)."""
     ckpt = load_checkpoint(cfg.resume, method=cfg.method)
     saved = ckpt["config"]
     diff = [f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in RUN_KEYS if saved.get(k) != getattr(cfg, k)]
@@ -96,6 +180,7 @@ def _resume_state(cfg: PretrainConfig, model, optimizer, generator) -> int:
         raise CheckpointError(f"checkpoint {cfg.resume!r} was trained with {', '.join(diff)}; "
                               "resume with the same options")
     check_state_dict("model", ckpt["model"], model.state_dict())
+    position = _check_position(ckpt.get("position"), steps_per_epoch, n_train, cfg.resume)
     if not isinstance(ckpt["generator"], torch.Tensor) or not isinstance(ckpt["epoch"], int):
         raise CheckpointError(f"checkpoint {cfg.resume!r} has a malformed generator state or epoch")
     try:
@@ -104,17 +189,34 @@ def _resume_state(cfg: PretrainConfig, model, optimizer, generator) -> int:
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {cfg.resume!r} has an unusable optimizer/generator state: {e}") from None
     model.load_state_dict(ckpt["model"])
-    return ckpt["epoch"]
+    return ckpt["epoch"], position
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
     """Pretrain, probe, and write ``metrics.jsonl``, ``checkpoint.pt`` and ``summary.json`` to ``cfg.out``.
 
     Returns the summary: probe accuracies of the trained encoder, of its random initialisation and
-    of raw pixels on the held-out split.
+    of raw pixels on the held-out split.  Under torchrun, joins (and afterwards leaves) the process
+    group; every rank returns rank 0's summary.
     """
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
+    created = dist.init_from_env(device.type)
+    try:
+        if dist.world_size() > 1 and device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", dist.local_rank())
+            torch.cuda.set_device(device)
+        return _pretrain(cfg, device, t_start)
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
+
+
+def _pretrain(cfg: PretrainConfig, device: torch.device, t_start: float) -> dict:
+    world, rank, main = dist.world_size(), dist.rank(), dist.is_main_process()
+    if world > 1 and (cfg.batch_size < 2 * world or cfg.batch_size % world):
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of the number of processes ({world}) "
+                         f"and at least 2 x {world}: it is the global batch, split evenly across the processes")
     data = load_dataset(cfg.data)
     x_train = data.x_train[:cfg.limit].to(device)
     if cfg.batch_size > len(x_train):
@@ -122,71 +224,111 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     config = dataclasses.asdict(cfg)
-    model = build_model(config, data).to(device)
+    gathers = world > 1 and "gather_distributed" in method_options(cfg.method)
+    model = build_model(config, data, **({"gather_distributed": True} if gathers else {})).to(device)
     if data.kind not in model.data_kinds:
         raise ValueError(f"method {cfg.method!r} trains on {' or '.join(model.data_kinds)} data; "
                          f"--data {cfg.data} is {data.kind} data")
     init_state = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentations
-    start_epoch = 0 if cfg.resume is None else _resume_state(cfg, model, optimizer, generator)
+    start_epoch, position = 0, None
+    steps_per_epoch = len(x_train) // cfg.batch_size  # drop_last: every step sees a full batch
+    if cfg.resume is not None:
+        start_epoch, position = _resume_state(cfg, model, optimizer, generator, steps_per_epoch, len(x_train))
+    if world > 1:
+        model = dist.convert_sync_batchnorm(model, device.type)
+        step_loss = nn.parallel.DistributedDataParallel(
+            _MethodLoss(model), device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        step_loss = _MethodLoss(model)
+    loss_scale = world if gathers else 1
+    shard = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
     metrics = []
-    if start_epoch and metrics_path.exists():  # keep the lines of the epochs the checkpoint holds
-        metrics = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r["epoch"] <= start_epoch]
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if start_epoch and metrics_path.exists():  # keep the lines of the epochs the checkpoint holds
+            metrics = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r["epoch"] <= start_epoch]
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in metrics))
 
-    steps_per_epoch = len(x_train) // cfg.batch_size  # drop_last: every step sees a full batch
+    def save(epoch, **extra):
+        if main:
+            save_checkpoint(ckpt_path, method=cfg.method, config=config, epoch=epoch, model=model.state_dict(),
+                            optimizer=optimizer.state_dict(), generator=generator.get_state(), **extra)
+
     total_steps, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=f"{cfg.method}/{data.name}",
-               unit="step", dynamic_ncols=True)
+    first_step = position["step"] if position else 0
+    bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch + first_step, desc=f"{cfg.method}/{data.name}",
+               unit="step", dynamic_ncols=True, disable=not main)
     model.train()
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        t0, losses = time.perf_counter(), []
-        perm = torch.randperm(len(x_train), generator=generator)
-        for i in range(steps_per_epoch):
-            step = (epoch - 1) * steps_per_epoch + i
-            lr = lr_at(step, total_steps, warmup, cfg.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            index = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size].to(device)
-            x = x_train[index]
-            views = [data.augment(x, generator) for _ in range(model.n_views)]
-            with amp:
-                loss = model.loss(views, index=index, epoch=epoch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach())
-            bar.update()
-            if i == steps_per_epoch - 1 or bar.n % 5 == 0:
-                rate = (i + 1) * cfg.batch_size / (time.perf_counter() - t0)
-                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
-        row = {"epoch": epoch, "loss": torch.stack(losses).mean().item(), "lr": lr,
-               "time": round(time.perf_counter() - t0, 3)}
-        if not math.isfinite(row["loss"]):
-            raise FloatingPointError(f"loss became {row['loss']} in epoch {epoch}; try a lower --lr")
-        metrics.append(row)
-        with metrics_path.open("a") as f:  # before the checkpoint: a resume drops lines past its epoch
-            f.write(json.dumps(row) + "\n")
-        save_checkpoint(ckpt_path, method=cfg.method, config=config, epoch=epoch, model=model.state_dict(),
-                        optimizer=optimizer.state_dict(), generator=generator.get_state())
+    with _StopRequest() as stop:
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            if position:
+                perm, losses, first = position["perm"], list(position["losses"].to(device)), position["step"]
+                position = None
+            else:
+                perm, losses, first = torch.randperm(len(x_train), generator=generator), [], 0
+            for i in range(first, steps_per_epoch):
+                step = (epoch - 1) * steps_per_epoch + i
+                lr = lr_at(step, total_steps, warmup, cfg.lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                index = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size].to(device)
+                x = x_train[index]
+                views = [data.augment(x, generator)[shard] for _ in range(model.n_views)]
+                with amp:
+                    loss = step_loss(views, index=index[shard], epoch=epoch)
+                optimizer.zero_grad(set_to_none=True)
+                (loss * loss_scale).backward()
+                optimizer.step()
+                losses.append(loss.detach().float())
+                bar.update()
+                if i == steps_per_epoch - 1 or bar.n % 5 == 0:
+                    rate = (i + 1 - first) * cfg.batch_size / (time.perf_counter() - t0)
+                    bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+                if i < steps_per_epoch - 1 and stop.any_rank(device):
+                    save(epoch - 1, position={"step": i + 1, "perm": perm, "losses": torch.stack(losses).cpu()})
+                    bar.close()
+                    raise TrainingInterrupted(str(ckpt_path), epoch, i + 1)
+            mean_loss = torch.stack(losses).mean()
+            if world > 1:  # the mean of the ranks' losses (equal ranks' losses for gathered methods)
+                torch.distributed.all_reduce(mean_loss)
+                mean_loss /= world
+            row = {"epoch": epoch, "loss": mean_loss.item(), "lr": lr, "time": round(time.perf_counter() - t0, 3)}
+            if not math.isfinite(row["loss"]):
+                raise FloatingPointError(f"loss became {row['loss']} in epoch {epoch}; try a lower --lr")
+            metrics.append(row)
+            if main:
+                with metrics_path.open("a") as f:  # before the checkpoint: a resume drops lines past its epoch
+                    f.write(json.dumps(row) + "\n")
+            save(epoch)
+            if epoch < cfg.epochs and stop.any_rank(device):
+                bar.close()
+                raise TrainingInterrupted(str(ckpt_path), epoch + 1, 0)
     bar.close()
     train_time = time.perf_counter() - t_start
 
-    random_model = build_model(config, data).to(device)
-    random_model.load_state_dict(init_state)
-    probes = {"trained": probe(data, model), "random_init": probe(data, random_model), "raw_pixels": probe(data, None)}
-    model.eval()
-    method_eval = model.evaluate(data)
-    summary = {"method": cfg.method, "data": cfg.data, "encoder": cfg.encoder, "epochs": cfg.epochs,
-               "final_loss": metrics[-1]["loss"] if metrics else None, "n_train": len(data.y_train),
-               "n_test": len(data.y_test), "device": str(device), "train_time_s": round(train_time, 2),
-               "total_time_s": round(time.perf_counter() - t_start, 2), "probes": probes, "eval": method_eval,
-               "config": config}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary = None
+    if main:
+        random_model = build_model(config, data).to(device)
+        random_model.load_state_dict(init_state)
+        probes = {"trained": probe(data, model), "random_init": probe(data, random_model),
+                  "raw_pixels": probe(data, None)}
+        model.eval()
+        method_eval = model.evaluate(data)
+        summary = {"method": cfg.method, "data": cfg.data, "encoder": cfg.encoder, "epochs": cfg.epochs,
+                   "final_loss": metrics[-1]["loss"] if metrics else None, "n_train": len(data.y_train),
+                   "n_test": len(data.y_test), "device": str(device), "world_size": world,
+                   "train_time_s": round(train_time, 2), "total_time_s": round(time.perf_counter() - t_start, 2),
+                   "probes": probes, "eval": method_eval, "config": config}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if world > 1:
+        shared = [summary]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        summary = shared[0]
     return summary
