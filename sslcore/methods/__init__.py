@@ -6,10 +6,18 @@ from __future__ import annotations
 
 import inspect
 
+from .arcl import ArCL
 from .base import SSLMethod
+from .moco import MoCo
+from .nnclr import NNCLR
 from .simclr import SimCLR
+from .simclr_attn import SimCLRAttn
+from .simsiam import SimSiam
+from .simsiam_multi import SimSiamMulti
 
 METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR}
+METHODS.update({"moco": MoCo, "simsiam": SimSiam, "arcl": ArCL, "simclr-attn": SimCLRAttn,  # contrastive (MPCL, ArCL)
+                "simsiam-multi": SimSiamMulti, "nnclr": NNCLR})
 
 # Options the trainer passes to every method; a method whose constructor lacks one just does not get it.
 COMMON_OPTIONS = ("temperature", "backend", "gather_distributed")
@@ -47,5 +55,6 @@ def create_model(method: str, data, *, encoder: str, **options) -> SSLMethod:
     return get_method(method).create(data, encoder=encoder, **check_options(method, options))
 
 
-__all__ = ["COMMON_OPTIONS", "METHODS", "SSLMethod", "SimCLR", "check_options", "create_model", "get_method",
+__all__ = ["ArCL", "MoCo", "NNCLR", "SimCLRAttn", "SimSiam", "SimSiamMulti"]
+__all__ += ["COMMON_OPTIONS", "METHODS", "SSLMethod", "SimCLR", "check_options", "create_model", "get_method",
            "method_options"]

@@ -6,12 +6,7 @@ from torch import nn
 
 from ..losses import NTXentLoss
 from .base import SSLMethod
-
-
-def projection_mlp(dim_in: int, dim_hidden: int, dim_out: int) -> nn.Sequential:
-    """SimCLR's projector: Linear-BN-ReLU-Linear."""
-    return nn.Sequential(nn.Linear(dim_in, dim_hidden, bias=False), nn.BatchNorm1d(dim_hidden),
-                         nn.ReLU(inplace=True), nn.Linear(dim_hidden, dim_out))
+from .heads import projection_mlp
 
 
 class SimCLR(SSLMethod):

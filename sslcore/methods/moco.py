@@ -1,0 +1,100 @@
+"""MoCo v2 (He et al., 2020; Chen et al., 2020): query encoder vs a momentum key encoder and a queue of negatives."""
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import dist
+from ..functional import infonce
+from .base import SSLMethod
+from .heads import projection_mlp
+
+
+class MoCo(SSLMethod):
+    """Query ``q = g(f(x0))``, key ``k = g'(f'(x1))`` from momentum copies ``f', g'`` of encoder and projector.
+
+    Each step first moves the key networks toward the query networks (EMA, no gradient):
+    ``theta' <- m theta' + (1 - m) theta``, then computes the keys, then the query/key InfoNCE of the
+    fused op, ``l_i = -s(q_i, k_i) + log sum_{j in [k; queue]} exp s(q_i, k_j)``, whose negatives are the
+    batch's other keys plus the queue of past keys.  After the loss the keys are enqueued (FIFO: a
+    ring buffer whose oldest ``batch`` rows are overwritten), so ``queue_size`` must be a multiple of
+    the (global) batch size.  ``symmetric=True`` averages the loss of (x0 -> x1) and (x1 -> x0); only
+    the first direction's keys are enqueued.  With ``gather_distributed=True`` queries and keys come
+    from every rank, so each rank computes the global-batch loss and keeps the same queue.
+    Probe features come from the query encoder.
+    """
+
+    name = "moco"
+
+    def __init__(self, encoder: nn.Module, *, temperature: float = 0.2, proj_hidden: int = 256, proj_dim: int = 64,
+                 queue_size: int = 1024, momentum: float = 0.99, symmetric: bool = False,
+                 gather_distributed: bool = False, backend: str = "auto"):
+        if not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size <= 0:
+            raise ValueError(f"queue_size must be a positive integer, got {queue_size!r}")
+        if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        super().__init__(encoder)
+        self.projector = projection_mlp(encoder.num_features, proj_hidden, proj_dim)
+        self.key_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.key_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.temperature, self.momentum, self.symmetric = temperature, float(momentum), symmetric
+        self.gather_distributed, self.backend = gather_distributed, backend
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Query projections ``g(f(x))`` (with gradient)."""
+        return self.projector(self.encoder(x))
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """``theta' <- m theta' + (1 - m) theta`` for every parameter of the key encoder and projector."""
+        for online, target in ((self.encoder, self.key_encoder), (self.projector, self.key_projector)):
+            for p, p_key in zip(online.parameters(), target.parameters()):
+                p_key.mul_(self.momentum).add_(p.detach(), alpha=1.0 - self.momentum)
+
+    @torch.no_grad()
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Unit-norm key projections ``g'(f'(x))``, gathered from every rank with ``gather_distributed``."""
+        k = F.normalize(self.key_projector(self.key_encoder(x)), dim=1)
+        return dist.gather(k) if self.gather_distributed else k
+
+    def contrast(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """InfoNCE of queries ``q`` (local rows; gathered here) against keys ``[k; queue]``, positive of q_i = k_i."""
+        if self.gather_distributed:
+            q = dist.gather(q)
+        return infonce(q, torch.cat([k.to(q.dtype), self.queue.to(q.dtype)]), temperature=self.temperature,
+                       backend=self.backend)
+
+    @torch.no_grad()
+    def enqueue(self, k: torch.Tensor) -> None:
+        """Write ``k`` over the oldest rows of the ring buffer and advance its pointer."""
+        ptr, n = int(self.queue_ptr), k.shape[0]
+        self.queue[ptr:ptr + n] = k.to(self.queue.dtype)
+        self.queue_ptr.fill_((ptr + n) % self.queue.shape[0])
+
+    def contrast_pairs(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Mean loss over ``(queries, key images)`` pairs: momentum update, keys, InfoNCE, then enqueue the first keys."""
+        n_keys = pairs[0][1].shape[0] * (dist.world_size() if self.gather_distributed else 1)
+        if self.queue.shape[0] % n_keys:
+            raise ValueError(f"queue_size ({self.queue.shape[0]}) must be divisible by the batch size ({n_keys})")
+        if self.training:
+            self.momentum_update()
+        keys = [self.keys(x) for _, x in pairs]
+        loss = torch.stack([self.contrast(q, k) for (q, _), k in zip(pairs, keys)]).mean()
+        if self.training:
+            self.enqueue(keys[0])
+        return loss
+
+    def loss(self, views, *, index=None, epoch=None) -> torch.Tensor:
+        x0, x1 = views
+        if self.symmetric:
+            q0, q1 = self.project(torch.cat([x0, x1])).chunk(2)
+            return self.contrast_pairs([(q0, x1), (q1, x0)])
+        return self.contrast_pairs([(self.project(x0), x1)])

@@ -1,0 +1,75 @@
+"""SimSiam-Multi (MPCL, ICLR 2023): SimSiam whose target also aggregates last epoch's projection of the sample."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import dist
+from ..models import create_encoder
+from .simsiam import SimSiam
+
+
+class SimSiamMulti(SimSiam):
+    """Multi-stage aggregation (like jumping knowledge in GNNs) on top of :class:`SimSiam`.
+
+    A per-sample memory ``M`` (a buffer of ``n_train`` rows) holds each training sample's projection
+    from the last time it was seen, i.e. the previous epoch: after every step
+    ``M[n] <- (z0_n + z1_n) / 2`` (**[our reading]**: the mean of the sample's two view projections).
+    From epoch ``mix_epoch`` on (METHODS.md: 51) the stop-gradient target of each view becomes
+
+        t_v = (1 - mix) z_v + mix M[n]       (mix = 0.5)
+
+    for samples whose memory has been written; before that epoch the targets are SimSiam's.  With
+    ``gather_distributed=True`` every rank writes every rank's samples, so the memories stay equal.
+    """
+
+    name = "simsiam-multi"
+
+    def __init__(self, encoder: nn.Module, n_train: int, *, mix_epoch: int = 51, mix: float = 0.5,
+                 proj_hidden: int = 256, proj_dim: int = 64, pred_hidden: int = 32, gather_distributed: bool = False):
+        if not isinstance(n_train, int) or n_train <= 0:
+            raise ValueError(f"n_train must be a positive integer, got {n_train!r}")
+        if not isinstance(mix_epoch, int) or isinstance(mix_epoch, bool) or mix_epoch < 1:
+            raise ValueError(f"mix_epoch must be an integer >= 1, got {mix_epoch!r}")
+        if not isinstance(mix, (int, float)) or not 0.0 <= mix <= 1.0:
+            raise ValueError(f"mix must lie in [0, 1], got {mix!r}")
+        super().__init__(encoder, proj_hidden=proj_hidden, proj_dim=proj_dim, pred_hidden=pred_hidden,
+                         gather_distributed=gather_distributed)
+        self.mix_epoch, self.mix = mix_epoch, float(mix)
+        self.register_buffer("memory", torch.zeros(n_train, proj_dim))
+        self.register_buffer("filled", torch.zeros(n_train, dtype=torch.bool))
+
+    @classmethod
+    def create(cls, data, *, encoder: str, **options) -> "SimSiamMulti":
+        """The memory has one row per training sample: ``len(data.x_train)``."""
+        return cls(create_encoder(encoder, in_chans=data.in_chans), len(data.x_train), **options)
+
+    def _check_step(self, index, epoch, batch: int) -> None:
+        if not isinstance(index, torch.Tensor) or index.dtype != torch.long or index.shape != (batch,):
+            got = f"{index.dtype} {tuple(index.shape)}" if isinstance(index, torch.Tensor) else repr(index)
+            raise ValueError(f"index must be an int64 tensor of shape [{batch}] (the samples' training-set "
+                             f"positions), got {got}")
+        if int(index.min()) < 0 or int(index.max()) >= self.memory.shape[0]:
+            raise ValueError(f"index values must lie in [0, {self.memory.shape[0]}) (the training set size)")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+            raise ValueError(f"epoch must be an integer >= 1 (counted from 1), got {epoch!r}")
+
+    def loss(self, views, *, index=None, epoch=None) -> torch.Tensor:
+        self._check_step(index, epoch, views[0].shape[0])
+        return super().loss(views, index=index, epoch=epoch)
+
+    @torch.no_grad()
+    def targets(self, z0, z1, index, epoch):
+        """Mix the memory into the detached projections (from ``mix_epoch`` on), then write this step's projections."""
+        t0, t1 = z0.detach(), z1.detach()
+        if epoch >= self.mix_epoch:
+            weight = self.mix * self.filled[index].to(t0.dtype)[:, None]
+            past = self.memory[index].to(t0.dtype)
+            t0, t1 = (t + weight * (past - t) for t in (t0, t1))
+        if self.training:
+            z, idx = 0.5 * (z0.detach() + z1.detach()), index
+            if self.gather_distributed:
+                z, idx = dist.gather(z), dist.gather(idx)
+            self.memory[idx] = z.to(self.memory.dtype)
+            self.filled[idx] = True
+        return t0, t1
