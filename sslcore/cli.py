@@ -7,7 +7,7 @@ import ast
 import math
 
 from .data import check_data_spec
-from .experiments import oversmoothing
+from .experiments import clustermim, oversmoothing
 from .kernels import BACKENDS
 from .methods import METHODS
 from .train import PretrainConfig, evaluate_checkpoint, pretrain, resolve_device
@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive(int), help="pretrain on the first N training images only")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ..." + d)
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="the loss's kernel backend" + d)
+    p.add_argument("--tokenizer", help="clustermim's targets (same as -o tokenizer=...): "
+                   + clustermim.TOKENIZER_HELP)
     p.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. -o proj_dim=128 (repeatable; unknown keys list the valid ones)")
     p.add_argument("--out", help="output folder (default: runs/<method>-<data>)")
@@ -80,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     o = sub.add_parser("oversmoothing", help="ContraNorm vs LayerNorm with depth: ViTs on digits, GCNs on an SBM")
     oversmoothing.add_arguments(o)
+
+    t = sub.add_parser("tcas", help="TCAS and NMI(token, class) of image tokenizers (training-free)")
+    clustermim.add_tcas_arguments(t)
+    m = sub.add_parser("mim-study", help="ClusterMIM per tokenizer vs MAE: TCAS, NMI and probe accuracy")
+    clustermim.add_study_arguments(m)
     return parser
 
 
@@ -95,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "pretrain":
-            opts = {k: v for k, v in vars(args).items() if k not in ("command", "option")}
-            opts["options"] = dict(args.option)
+            opts = {k: v for k, v in vars(args).items() if k not in ("command", "option", "tokenizer")}
+            opts["options"] = dict(args.option) | ({} if args.tokenizer is None else {"tokenizer": args.tokenizer})
             cfg = PretrainConfig(**opts)
             s = pretrain(cfg)
             p = s["probes"]
@@ -108,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {cfg.out}/summary.json, metrics.jsonl, checkpoint.pt")
         elif args.command == "oversmoothing":
             oversmoothing.main_from_args(args)
+        elif args.command == "tcas":
+            clustermim.tcas_from_args(args)
+        elif args.command == "mim-study":
+            clustermim.study_from_args(args)
         else:
             r = evaluate_checkpoint(args.checkpoint, device=resolve_device(args.device))
             print(f"{r['method']} on {r['data']}, epoch {r['epoch']}; held-out accuracy ({r['n_test']} test images):")

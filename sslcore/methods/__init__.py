@@ -10,12 +10,14 @@ from .arcl import ArCL
 from .base import SSLMethod
 from .moco import MoCo
 from .nnclr import NNCLR
+from .clustermim import ClusterMIM
+from .mae import MAE
 from .simclr import SimCLR
 from .simclr_attn import SimCLRAttn
 from .simsiam import SimSiam
 from .simsiam_multi import SimSiamMulti
 
-METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR}
+METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR, "mae": MAE, "clustermim": ClusterMIM}
 METHODS.update({"moco": MoCo, "simsiam": SimSiam, "arcl": ArCL, "simclr-attn": SimCLRAttn,  # contrastive (MPCL, ArCL)
                 "simsiam-multi": SimSiamMulti, "nnclr": NNCLR})
 
@@ -31,12 +33,13 @@ def get_method(name: str) -> type[SSLMethod]:
 
 def method_options(name: str) -> dict[str, object]:
     """The keyword options (name -> default) that method ``name`` accepts, from its signatures."""
-    cls = get_method(name)
     options = {}
-    for fn in (cls.__init__, cls.create):
-        for p in inspect.signature(fn).parameters.values():
-            if p.kind is p.KEYWORD_ONLY and p.name != "encoder":
-                options[p.name] = p.default
+    for base in get_method(name).__mro__:  # a subclass's **kwargs reach its bases' options
+        if issubclass(base, SSLMethod):
+            for fn in (base.__init__, base.create):
+                for p in inspect.signature(fn).parameters.values():
+                    if p.kind is p.KEYWORD_ONLY and p.name != "encoder":
+                        options.setdefault(p.name, p.default)
     return options
 
 

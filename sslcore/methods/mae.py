@@ -1,0 +1,85 @@
+"""MAE (He et al., 2022): reconstruct the masked patches' normalised pixels; ClusterMIM's baseline.
+
+:class:`MaskedImageModel` is the part MAE and ClusterMIM share: a timm ViT encoder (for images
+of the data's size), per-sample random masking, a light decoder and a per-patch loss.
+"""
+from __future__ import annotations
+
+import timm
+import torch
+
+from ..models.mae import MaskedAutoencoder
+from ..tokenizers import patchify
+from .base import SSLMethod
+
+# The ViT the trainer's default ``--encoder smallcnn`` becomes for MIM: small enough for 2 CPU cores.
+SMALL_VIT = dict(embed_dim=64, depth=4, num_heads=4)
+
+
+def default_patch_size(image_size: int) -> int:
+    """2 for digits' 8x8, 4 up to 64x64 (CIFAR: 8x8 patches), else 16 (ImageNet)."""
+    return 2 if image_size <= 16 else 4 if image_size <= 64 else 16
+
+
+class MaskedImageModel(SSLMethod):
+    """Encoder ``timm.create_model(encoder_name, **encoder_kwargs)`` (a ViT with mean-pooled features
+    for probes) inside a :class:`~sslcore.models.mae.MaskedAutoencoder`; subclasses give ``out_dim``
+    and ``patch_loss(pred, images, mask)``."""
+
+    n_views = 1
+
+    def __init__(self, encoder_name: str, encoder_kwargs: dict, out_dim: int, *, mask_ratio: float = 0.75,
+                 decoder_dim: int = 64, decoder_depth: int = 2, decoder_heads: int = 4):
+        if not 0 < mask_ratio < 1:
+            raise ValueError(f"mask_ratio must lie in (0, 1), got {mask_ratio!r}")
+        encoder = timm.create_model(encoder_name, num_classes=0, **encoder_kwargs)
+        super().__init__(encoder)
+        self.encoder_name, self.encoder_kwargs, self.mask_ratio = encoder_name, dict(encoder_kwargs), mask_ratio
+        self.patch_size = encoder.patch_embed.patch_size[0]
+        self.mae = MaskedAutoencoder(encoder, out_dim, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
+                                     decoder_heads=decoder_heads)
+
+    @staticmethod
+    def encoder_spec(data, encoder: str, patch_size: int | None = None) -> tuple[str, dict]:
+        """The timm name and kwargs of the ViT for ``data``'s images (``smallcnn``, the trainer's
+        default, means :data:`SMALL_VIT`)."""
+        _, c, h, w = data.x_train.shape
+        p = default_patch_size(min(h, w)) if patch_size is None else patch_size
+        if h % p or w % p:
+            raise ValueError(f"images of size {h}x{w} are not a multiple of patch_size={p}")
+        kwargs = dict(img_size=(h, w), patch_size=p, in_chans=c, global_pool="avg")
+        if encoder == "smallcnn":
+            return "vit_tiny_patch16_224", {**kwargs, **SMALL_VIT}
+        if not timm.is_model(encoder) or not encoder.startswith(("vit_", "deit")):
+            raise ValueError(f"masked image modelling needs a timm ViT encoder (e.g. vit_tiny_patch16_224), "
+                             f"got {encoder!r}")
+        return encoder, kwargs
+
+    def loss(self, views, *, index=None, epoch=None) -> torch.Tensor:
+        (images,) = views
+        pred, mask = self.mae(images, self.mask_ratio)
+        return self.patch_loss(pred, images, mask)
+
+
+class MAE(MaskedImageModel):
+    """``loss = mean over masked patches of |pred - norm(patch)|^2 / (p*p*C)`` where ``norm`` subtracts
+    each target patch's mean and divides by its std (MAE's ``norm_pix_loss``)."""
+
+    name = "mae"
+
+    def __init__(self, encoder_name: str, encoder_kwargs: dict, *, norm_pix_loss: bool = True, **kwargs):
+        p, c = encoder_kwargs["patch_size"], encoder_kwargs["in_chans"]
+        super().__init__(encoder_name, encoder_kwargs, p * p * c, **kwargs)
+        self.norm_pix_loss = norm_pix_loss
+
+    @classmethod
+    def create(cls, data, *, encoder: str, patch_size: int | None = None, **options) -> "MAE":
+        return cls(*cls.encoder_spec(data, encoder, patch_size), **options)
+
+    def patch_loss(self, pred, images, mask):
+        target = patchify(images.float(), self.patch_size)
+        if self.norm_pix_loss:
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6).sqrt()
+        per_patch = (pred.float() - target).pow(2).mean(-1)
+        return (per_patch * mask).sum() / mask.sum()
