@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from . import cifar, digits, imagefolder, shapes
+from . import cifar, digits, imagefolder, shapes, text
 from .augment import RGBAugment
 
 
@@ -53,6 +53,7 @@ def _imagefolder(spec: str) -> ImageData:
 
 DATASETS: dict[str, Callable[[str], ImageData]] = {"digits": _digits, "shapes": _shapes, "cifar10": _cifar("cifar10"),
                                                    "cifar100": _cifar("cifar100"), "imagefolder": _imagefolder}
+DATASETS.update({"pystdlib": text.load_pystdlib, "text": text.load_text})  # token sequences (TokenData)
 
 
 def check_data_spec(spec: str) -> str:

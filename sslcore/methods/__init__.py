@@ -6,20 +6,25 @@ from __future__ import annotations
 
 import inspect
 
+from .ar import AR
 from .arcl import ArCL
 from .base import SSLMethod
 from .moco import MoCo
 from .nnclr import NNCLR
 from .clustermim import ClusterMIM
+from .dear import DEAR
 from .mae import MAE
+from .mlm import MLM
 from .simclr import SimCLR
 from .simclr_attn import SimCLRAttn
 from .simsiam import SimSiam
 from .simsiam_multi import SimSiamMulti
+from .vlm import VLM
 
 METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR, "mae": MAE, "clustermim": ClusterMIM}
 METHODS.update({"moco": MoCo, "simsiam": SimSiam, "arcl": ArCL, "simclr-attn": SimCLRAttn,  # contrastive (MPCL, ArCL)
                 "simsiam-multi": SimSiamMulti, "nnclr": NNCLR})
+METHODS.update({"ar": AR, "mlm": MLM, "dear": DEAR, "vlm": VLM})  # token sequences (sequence_base.py)
 
 # Options the trainer passes to every method; a method whose constructor lacks one just does not get it.
 COMMON_OPTIONS = ("temperature", "backend", "gather_distributed")

@@ -1,0 +1,33 @@
+"""VLM: variable-length masked pretraining (METHODS.md section 5) — **[our reading]** of the paper's
+masked objective with flexible context lengths; no public code exists."""
+from __future__ import annotations
+
+import torch
+
+from .sequence_base import MaskedSequenceMethod, check_ratio, random_mask, suffix_mask
+
+
+class VLM(MaskedSequenceMethod):
+    """**[our reading]** Per sequence a ratio ``r ~ U[min_ratio, max_ratio]`` and ``n = clamp(round(r L), 1, L-1)``;
+    with probability ``suffix_prob`` the last n positions are masked (a prompt of L-n tokens), otherwise n
+    positions uniformly at random.  ``L = mean over masked t of -log p(x_t | x_visible)``, as MLM.
+    """
+
+    name = "vlm"
+
+    def __init__(self, encoder, *, min_ratio: float = 0.15, max_ratio: float = 0.85, suffix_prob: float = 0.5):
+        super().__init__(encoder)
+        self.min_ratio, self.max_ratio = check_ratio("min_ratio", min_ratio), check_ratio("max_ratio", max_ratio)
+        if self.min_ratio > self.max_ratio:
+            raise ValueError(f"min_ratio ({min_ratio}) must be <= max_ratio ({max_ratio})")
+        if isinstance(suffix_prob, bool) or not isinstance(suffix_prob, (int, float)) or not 0 <= suffix_prob <= 1:
+            raise ValueError(f"suffix_prob must be a probability in [0, 1], got {suffix_prob!r}")
+        self.suffix_prob = float(suffix_prob)
+
+    def draw_mask(self, batch: int, seq_len: int, generator: torch.Generator | None) -> torch.Tensor:
+        ratio = self.min_ratio + (self.max_ratio - self.min_ratio) * torch.rand(batch, generator=generator,
+                                                                                dtype=torch.float64)
+        suffix = torch.rand(batch, generator=generator) < self.suffix_prob
+        n = (ratio * seq_len).round().clamp(1, seq_len - 1).long()
+        return torch.where(suffix[:, None], suffix_mask(n, seq_len), random_mask(batch, seq_len, ratio,
+                                                                                  generator=generator))
