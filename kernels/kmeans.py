@@ -137,12 +137,24 @@ def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, *, allow_tf32: bool 
     _check_assign(x, centroids)
     be = resolve_backend(backend, x.device)
     if be == "torch" or x.dtype == torch.float64:
-        chunk = max(1, (1 << 26) // max(1, centroids.shape[0]))  # ~256 MB of fp32 distances at a time
-        parts = [kmeans_assign_ref(x[i:i + chunk], centroids) for i in range(0, x.shape[0], chunk)]
-        labels = torch.cat([p[0] for p in parts])
-        dist = torch.cat([p[1] for p in parts])
-        return labels, dist if x.dtype == torch.float64 else dist.float()
+        return _assign_torch(x, centroids)
     return _assign_op(x.contiguous(), centroids.contiguous(), allow_tf32)
+
+
+def _assign_torch(x: torch.Tensor, centroids: torch.Tensor):
+    """The kernel's math in torch: per chunk of rows, ``max_k x.c_k - |c_k|^2/2`` by a matmul in at least
+    fp32 (first index on ties), ``dist = |x|^2 - 2 max``; ~256 MB of scores at a time, never N x K x D."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    c = centroids.to(wide)
+    half_norm = (c * c).sum(1) * 0.5
+    chunk = max(1, (1 << 26) // c.shape[0])
+    labels, dist = [], []
+    for xs in x.split(chunk):
+        xs = xs.to(wide)
+        score, idx = (xs @ c.T - half_norm).max(1)
+        labels.append(idx)
+        dist.append(((xs * xs).sum(1) - 2 * score).clamp_min(0))
+    return torch.cat(labels), torch.cat(dist)
 
 
 @torch.no_grad()

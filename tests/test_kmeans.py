@@ -59,11 +59,20 @@ def test_assign_outputs_fully_written_and_deterministic(seed):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-def test_torch_path_matches_reference(seed):
-    x, c = torch.randn(500, 16), torch.randn(30, 16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_path_matches_reference(seed, dtype):
+    x, c = torch.randn(1000, 33, dtype=dtype), torch.randn(37, 33, dtype=dtype)
+    c[5] = c[2]  # planted exact tie: the lower index wins
+    x[:20] = c[2] + 0.01 * torch.randn(20, 33, dtype=dtype)
     labels, dist = kmeans_assign(x, c, backend="torch")
-    ref_l, ref_d = kmeans_assign_ref(x, c)
-    assert torch.equal(labels, ref_l) and torch.equal(dist, ref_d)
+    ref_l, ref_d = kmeans_assign_ref(x.double(), c.double())
+    d = torch.cdist(x.double(), c.double()) ** 2
+    gap = d.topk(2, largest=False).values.diff(dim=1).squeeze(1)
+    clear = gap > 1e-3
+    assert clear.sum() > 950 and torch.equal(labels[clear], ref_l[clear])
+    assert (labels[:20] == 2).all()
+    assert dist.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(dist.double(), ref_d, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
