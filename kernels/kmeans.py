@@ -161,8 +161,9 @@ def _assign_torch(x: torch.Tensor, centroids: torch.Tensor):
 def kmeans_update(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, *, deterministic: bool = True):
     """Per-cluster ``(sums fp32 [K, D], counts int64 [K])``.
 
-    Deterministic by default (rows sorted by label, then a segment sum); ``deterministic=False``
-    uses ``index_add_`` (float atomics on a GPU: faster, not bit-reproducible).
+    Deterministic by default: on a GPU rows sorted by label, then a segment sum; on the CPU
+    ``index_add_``, which is sequential there and so reproducible.  ``deterministic=False`` uses
+    ``index_add_`` on a GPU too (float atomics: faster, not bit-reproducible).
     """
     check_float("x", x, 2)
     if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != (x.shape[0],):
@@ -173,7 +174,7 @@ def kmeans_update(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, *, det
         raise ValueError(f"labels must lie in [0, {n_clusters})")
     wide = torch.promote_types(x.dtype, torch.float32)
     counts = torch.bincount(labels, minlength=n_clusters)
-    if not deterministic:
+    if not deterministic or x.device.type == "cpu":
         return torch.zeros(n_clusters, x.shape[1], device=x.device, dtype=wide).index_add_(0, labels, x.to(wide)), counts
     order = torch.argsort(labels, stable=True)
     sums = torch.segment_reduce(x[order].to(wide), "sum", lengths=counts, axis=0, unsafe=True)

@@ -1,0 +1,167 @@
+"""k-means: nearest-centroid assignment of x [N, D] to centroids [K, D], and a whole Lloyd fit, beside their anchors.
+
+Two ops: ``kmeans-assign`` (one assignment: labels and distances) and ``kmeans-fit`` (``iters`` Lloyd
+iterations from the same K initial centres, tolerance 0; the iteration count is in the shape).
+Data: seeded Gaussian points; centroids are K of the points.  FLOPs counted for every row: 2*N*K*D
+per assignment (the distance/argmin's matmul; the update's O(N*D) is not counted).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.harness import Case, Skip, package_version, pytest_case
+from sslcore.cluster import KMeans
+from sslcore.kernels.kmeans import kmeans_assign
+
+GPU_SHAPES = [(n, k, d) for n in (10**6, 10**7) for k in (1024, 8192) for d in (128, 768)]
+GPU_QUICK = [(10**6, 1024, 128), (10**7, 8192, 128)]
+GPU_FIT = [(10**6, 1024, 128, 20), (10**7, 8192, 128, 20)]
+GPU_FIT_QUICK = [(10**6, 1024, 128, 20)]
+CPU_SHAPES = [(10**5, k, d) for k in (256, 1024) for d in (128, 768)]
+CPU_QUICK = [(10**5, 256, 128)]
+CPU_FIT = [(10**5, 256, 128, 5)]
+CPU_FIT_QUICK = [(10**5, 256, 128, 2)]
+CHUNK_BYTES = 1 << 30  # torch-chunked: rows per chunk so that one chunk's N x K fp32 scores take 1 GiB
+
+
+def _data(n, k, d, dtype, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, d, device=device, generator=g, dtype=dtype)
+    idx = torch.randperm(n, device=device, generator=g)[:k]
+    return x, x[idx].clone()
+
+
+# Assignment implementations: (x, c) -> step.
+
+def _sslcore(backend):
+    return lambda x, c: (lambda: kmeans_assign(x, c, backend=backend))
+
+
+def _torch_chunked(x, c):
+    """``x @ c.T`` in x's dtype, minus half-norms, argmax; in row chunks so no full N x K matrix."""
+    half = (c.float() ** 2).sum(1) / 2
+    rows = max(1, CHUNK_BYTES // (4 * c.shape[0]))
+
+    def step():
+        return torch.cat([(xs @ c.T).float().sub_(half).argmax(1) for xs in x.split(rows)])
+    return step
+
+
+def _flash_kmeans(x, c):
+    try:
+        from flash_kmeans.assign_euclid_triton import euclid_assign_triton
+    except ImportError:
+        raise Skip("not installed") from None
+    if x.dtype == torch.bfloat16:
+        raise Skip("skipped: flash-kmeans' assignment takes fp16/fp32, not bf16")
+    xb, cb = x[None], c[None]
+    x_sq = (x.float() ** 2).sum(1)[None]
+    return lambda: euclid_assign_triton(xb, cb, x_sq)
+
+
+def _faiss(x, c):
+    try:
+        import faiss
+    except ImportError:
+        raise Skip("not installed") from None
+    if x.is_cuda:
+        if not hasattr(faiss, "StandardGpuResources"):
+            raise Skip("skipped: this faiss has no GPU support (faiss-gpu not installed)")
+        import faiss.contrib.torch_utils  # noqa: F401 - lets faiss take CUDA tensors
+
+        index = faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), c.shape[1])
+        index.add(c.float().cpu().numpy())
+        xf = x.float()
+        return lambda: index.search(xf, 1)  # faiss' torch interop: CUDA tensors in, CUDA tensors out
+    index = faiss.IndexFlatL2(c.shape[1])
+    index.add(c.float().numpy())
+    xn = x.float().numpy()
+    return lambda: index.search(xn, 1)
+
+
+def _assign_impls(device):
+    faiss_note = f"faiss IndexFlatL2.search(k=1), fp32 (faiss {package_version('faiss-cpu') or package_version('faiss-gpu') or 'not installed'})"
+    if device == "cpu":
+        return [("sslcore-torch", _sslcore("torch"), "kmeans_assign(..., backend='torch'): chunked fp32 matmul"),
+                ("faiss-cpu", _faiss, faiss_note)]
+    return [
+        ("sslcore-triton", _sslcore("triton"), "kmeans_assign(..., backend='triton')"),
+        ("torch-chunked", _torch_chunked, "x @ c.T in the input dtype, 1 GiB chunks of fp32 scores, argmax"),
+        ("flash-kmeans", _flash_kmeans, f"euclid_assign_triton (flash-kmeans {package_version('flash-kmeans') or 'not installed'})"),
+        ("faiss-gpu", _faiss, faiss_note),
+    ]
+
+
+# Fit implementations: (x, c, iters) -> step.
+
+def _sslcore_fit(backend):
+    def make(x, c, iters):
+        km = KMeans(c.shape[0], init=c, max_iter=iters, tol=0.0, backend=backend)
+        return lambda: km.fit(x)
+    return make
+
+
+def _flash_kmeans_fit(x, c, iters):
+    try:
+        from flash_kmeans import batch_kmeans_Euclid
+    except ImportError:
+        raise Skip("not installed") from None
+    if x.dtype == torch.bfloat16:
+        raise Skip("skipped: flash-kmeans takes fp16/fp32, not bf16")
+    return lambda: batch_kmeans_Euclid(x[None], c.shape[0], max_iters=iters, tol=0.0, init_centroids=c[None])
+
+
+def _faiss_fit(x, c, iters):
+    try:
+        import faiss
+    except ImportError:
+        raise Skip("not installed") from None
+    if x.is_cuda and not hasattr(faiss, "StandardGpuResources"):
+        raise Skip("skipped: this faiss has no GPU support (faiss-gpu not installed)")
+    xn, cn = x.float().cpu().numpy(), c.float().cpu().numpy()
+
+    def step():
+        km = faiss.Kmeans(x.shape[1], c.shape[0], niter=iters, gpu=x.is_cuda, min_points_per_centroid=1,
+                          max_points_per_centroid=x.shape[0])
+        km.train(xn, init_centroids=cn)
+        return km
+    return step
+
+
+def _fit_impls(device):
+    if device == "cpu":
+        return [("sslcore-torch", _sslcore_fit("torch"), "KMeans(init=c, tol=0, backend='torch').fit"),
+                ("faiss-cpu", _faiss_fit, "faiss.Kmeans(niter).train(init_centroids=c), fp32")]
+    return [("sslcore-triton", _sslcore_fit("triton"), "KMeans(init=c, tol=0, backend='triton').fit"),
+            ("flash-kmeans", _flash_kmeans_fit, "batch_kmeans_Euclid(x[None], K, max_iters, tol=0, init_centroids)"),
+            ("faiss-gpu", _faiss_fit, "faiss.Kmeans(niter, gpu=True).train(init_centroids=c), fp32; host copies")]
+
+
+def _case(op, impl, make, note, size, dtype, device):
+    n, k, d = size[:3]
+    iters = size[3] if len(size) == 4 else 1
+    shape = {"N": n, "K": k, "D": d} | ({"iters": iters} if op == "kmeans-fit" else {})
+
+    def setup():
+        x, c = _data(n, k, d, dtype, device)
+        return make(x, c, iters) if op == "kmeans-fit" else make(x, c)
+    return Case(op, impl, dtype, shape, 2.0 * n * k * d * iters, setup, device, 0.0, note)
+
+
+def cases(quick: bool = False) -> list[Case]:
+    """GPU rows (bf16 and fp16: flash-kmeans takes no bf16) and CPU rows (fp32), side by side per shape."""
+    out = []
+    for device, dtypes, shapes, fits in (
+            ("cuda", (torch.bfloat16, torch.float16), GPU_QUICK if quick else GPU_SHAPES,
+             GPU_FIT_QUICK if quick else GPU_FIT),
+            ("cpu", (torch.float32,), CPU_QUICK if quick else CPU_SHAPES, CPU_FIT_QUICK if quick else CPU_FIT)):
+        for dtype in dtypes:
+            out += [_case("kmeans-assign", *impl, s, dtype, device) for s in shapes for impl in _assign_impls(device)]
+            out += [_case("kmeans-fit", *impl, s, dtype, device) for s in fits for impl in _fit_impls(device)]
+    return out
+
+
+@pytest.mark.parametrize("case", cases(), ids=lambda c: c.id)
+def test_kmeans(benchmark, case):
+    pytest_case(benchmark, case)
