@@ -233,3 +233,5 @@ def test_cli_tcas_and_clustermim_pretrain(tmp_path, capsys):
     assert "clustermim" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["tcas", "--n-clusters", "0"])
+    assert main(["tokenize", "--tokenizer", "random", "--n-clusters", "7", "--out", str(tmp_path / "t.pt")]) == 0
+    assert load_tokenizer(tmp_path / "t.pt").n_clusters == 7

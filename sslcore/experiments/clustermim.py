@@ -126,6 +126,27 @@ def tcas_from_args(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", default="pixel", help=f"{TOKENIZER_HELP} (default: %(default)s)")
+    p.add_argument("--data", type=_data, default="digits", help="image dataset to fit on (default: %(default)s)")
+    p.add_argument("--n-clusters", type=int, help="K (default: 50 pixel, 1000 feature)")
+    p.add_argument("--patch-size", type=int, help="patch size (default: 2 for 8x8 images, 4 up to 64x64, else 16)")
+    p.add_argument("--seed", type=int, default=0, help="k-means seed (default: %(default)s)")
+    p.add_argument("--out", required=True, help="the tokenizer file to write (for --tokenizer FILE / -o tokenizer=FILE)")
+
+
+def tokenize_from_args(args: argparse.Namespace) -> dict:
+    """Fit a tokenizer on the training images, save it, and print its TCAS/NMI on the held-out ones."""
+    data = load_dataset(args.data)
+    p = MaskedImageModel.encoder_spec(data, "smallcnn", args.patch_size)[1]["patch_size"]
+    tok = build_tokenizer(args.tokenizer, data, n_clusters=args.n_clusters, patch_size=p, seed=args.seed)
+    tok.save(args.out)
+    row = {"tokenizer": args.tokenizer, "K": tok.n_clusters, **score_tokenizer(tok, data)}
+    print(format_table([row]))
+    print(f"wrote {args.out}")
+    return row
+
+
 def add_study_arguments(p: argparse.ArgumentParser) -> None:
     d = " (default: %(default)s)"
     p.add_argument("--data", type=_data, default="digits", help="image dataset" + d)
