@@ -7,7 +7,7 @@ import ast
 import math
 
 from .data import check_data_spec
-from .experiments import clustermim, oversmoothing
+from .experiments import ar_vs_mlm, clustermim, oversmoothing
 from .kernels import BACKENDS
 from .methods import METHODS
 from .train import PretrainConfig, evaluate_checkpoint, pretrain, resolve_device
@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     clustermim.add_tcas_arguments(t)
     m = sub.add_parser("mim-study", help="ClusterMIM per tokenizer vs MAE: TCAS, NMI and probe accuracy")
     clustermim.add_study_arguments(m)
+    a = sub.add_parser("ar-vs-mlm", help="ar, mlm, dear and vlm on one budget: probe accuracy and generation loss")
+    ar_vs_mlm.add_arguments(a)
     return parser
 
 
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             clustermim.tcas_from_args(args)
         elif args.command == "mim-study":
             clustermim.study_from_args(args)
+        elif args.command == "ar-vs-mlm":
+            ar_vs_mlm.main_from_args(args)
         else:
             r = evaluate_checkpoint(args.checkpoint, device=resolve_device(args.device))
             print(f"{r['method']} on {r['data']}, epoch {r['epoch']}; held-out accuracy ({r['n_test']} test images):")

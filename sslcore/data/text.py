@@ -121,9 +121,15 @@ def _parse_len(text: str, spec: str) -> int:
 
 
 def load_pystdlib(arg: str = "", *, per_class: int = PER_CLASS) -> TokenData:
-    """``pystdlib[:LEN]``: snippets of ``LEN`` bytes (default 128) of the standard library's ``.py`` files,
-    class = the package (``STDLIB_CLASSES``); the packages' own test folders are left out."""
-    seq_len = _parse_len(arg, f"pystdlib:{arg}") if arg else DEFAULT_SEQ_LEN
+    """``pystdlib[:LEN[:PER_CLASS]]``: snippets of ``LEN`` bytes (default 128) of the standard library's ``.py``
+    files, class = the package (``STDLIB_CLASSES``), at most ``PER_CLASS`` (400) training and a quarter of that
+    test snippets per class; the packages' own test folders are left out."""
+    length, _, cap = arg.partition(":")
+    seq_len = _parse_len(length, f"pystdlib:{arg}") if length else DEFAULT_SEQ_LEN
+    if cap:
+        if not cap.isdigit():
+            raise ValueError(f"per_class in --data pystdlib:{arg} must be an integer >= 4, got {cap!r}")
+        per_class = int(cap)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     folders, roots = {}, {}
     for cls in STDLIB_CLASSES:
