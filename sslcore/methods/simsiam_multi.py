@@ -19,7 +19,8 @@ class SimSiamMulti(SimSiam):
 
         t_v = (1 - mix) z_v + mix M[n]       (mix = 0.5)
 
-    for samples whose memory has been written; before that epoch the targets are SimSiam's.  With
+    before that epoch the targets are SimSiam's.  Unwritten rows are zero, and mixing in zero only
+    rescales the target, which the cosine ignores: such a sample keeps SimSiam's target.  With
     ``gather_distributed=True`` every rank writes every rank's samples, so the memories stay equal.
     """
 
@@ -31,13 +32,12 @@ class SimSiamMulti(SimSiam):
             raise ValueError(f"n_train must be a positive integer, got {n_train!r}")
         if not isinstance(mix_epoch, int) or isinstance(mix_epoch, bool) or mix_epoch < 1:
             raise ValueError(f"mix_epoch must be an integer >= 1, got {mix_epoch!r}")
-        if not isinstance(mix, (int, float)) or not 0.0 <= mix <= 1.0:
-            raise ValueError(f"mix must lie in [0, 1], got {mix!r}")
+        if not isinstance(mix, (int, float)) or not 0.0 <= mix < 1.0:
+            raise ValueError(f"mix must lie in [0, 1), got {mix!r}")
         super().__init__(encoder, proj_hidden=proj_hidden, proj_dim=proj_dim, pred_hidden=pred_hidden,
                          gather_distributed=gather_distributed)
         self.mix_epoch, self.mix = mix_epoch, float(mix)
         self.register_buffer("memory", torch.zeros(n_train, proj_dim))
-        self.register_buffer("filled", torch.zeros(n_train, dtype=torch.bool))
 
     @classmethod
     def create(cls, data, *, encoder: str, **options) -> "SimSiamMulti":
@@ -63,13 +63,11 @@ class SimSiamMulti(SimSiam):
         """Mix the memory into the detached projections (from ``mix_epoch`` on), then write this step's projections."""
         t0, t1 = z0.detach(), z1.detach()
         if epoch >= self.mix_epoch:
-            weight = self.mix * self.filled[index].to(t0.dtype)[:, None]
             past = self.memory[index].to(t0.dtype)
-            t0, t1 = (t + weight * (past - t) for t in (t0, t1))
+            t0, t1 = ((1 - self.mix) * t + self.mix * past for t in (t0, t1))
         if self.training:
             z, idx = 0.5 * (z0.detach() + z1.detach()), index
             if self.gather_distributed:
                 z, idx = dist.gather(z), dist.gather(idx)
             self.memory[idx] = z.to(self.memory.dtype)
-            self.filled[idx] = True
         return t0, t1

@@ -1,0 +1,350 @@
+"""The contrastive methods of issue 5 (MoCo, SimSiam, ArCL, SimCLR-Attn, SimSiam-Multi, NNCLR): each
+objective against its definition computed by hand, their state (queues, momentum encoders,
+memories), training steps and option checks.  Tiny CNNs on 8x8 inputs, torch loss backend."""
+from __future__ import annotations
+
+import itertools
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sslcore.kernels import infonce_ref
+from sslcore.methods import METHODS, create_model, method_options
+from sslcore.methods.arcl import ArCL, worst_pair
+from sslcore.methods.moco import MoCo
+from sslcore.methods.nnclr import NNCLR
+from sslcore.methods.simclr_attn import SimCLRAttn
+from sslcore.methods.simsiam import SimSiam
+from sslcore.methods.simsiam_multi import SimSiamMulti
+from sslcore.models import SmallCNN
+
+B = 16  # batch size
+N_TRAIN = 40  # training-set size seen by SimSiam-Multi's memory
+TAU = 0.5
+
+
+def _encoder():
+    return SmallCNN(in_chans=1, width=4)
+
+
+def _build(name, **options):
+    cls = METHODS[name]
+    if cls is SimSiamMulti:
+        return cls(_encoder(), N_TRAIN, **options)
+    if cls is not SimSiam:
+        options = {"temperature": TAU, "backend": "torch", **options}
+    return cls(_encoder(), **options)
+
+
+def _views(m=2, n=B):
+    x = torch.rand(n, 1, 8, 8)
+    return [x + 0.1 * torch.randn_like(x) for _ in range(m)]
+
+
+def _nt_xent(z0, z1, weight=None):
+    w = None if weight is None else torch.cat([weight, weight]).double()
+    return infonce_ref(torch.cat([z0, z1]).double(), temperature=TAU, weight=w)
+
+
+def _neg_cos(p, t):
+    return -F.cosine_similarity(p.double(), t.double(), dim=1).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Every method: trains (loss finite and decreasing), gradients reach the encoder.
+
+SMALL_QUEUE = {"queue_size": 2 * B, "momentum": 0.9}  # MoCo on 40 samples: few stale copies of a sample's keys
+CASES = {"moco": SMALL_QUEUE, "moco-symmetric": {"symmetric": True, **SMALL_QUEUE}, "simsiam": {}, "arcl": {},
+         "arcl-penalty": {"mode": "penalty"}, "arcl-moco": {"base": "moco", **SMALL_QUEUE}, "simclr-attn": {},
+         "simsiam-multi": {"mix_epoch": 2}, "nnclr": {"queue_size": 2 * B}}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_training_steps_lower_the_loss_and_reach_the_encoder(case, seed):
+    name = case.split("-symmetric")[0].split("-penalty")[0].replace("arcl-moco", "arcl")
+    model = _build(name, **CASES[case])
+    data = torch.rand(N_TRAIN, 1, 8, 8)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(10):
+        index = torch.randperm(N_TRAIN)[:B]
+        views = [data[index] + 0.1 * torch.randn(B, 1, 8, 8) for _ in range(model.n_views)]
+        loss = model.loss(views, index=index, epoch=1 + step // 4)
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            grads = [p.grad for p in model.encoder.parameters()]
+            assert all(g is not None and torch.isfinite(g).all() for g in grads)
+            assert sum(g.abs().sum() for g in grads) > 0
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses), losses
+    assert sum(losses[-3:]) / 3 < sum(losses[1:4]) / 3, losses  # step 0: NNCLR's queue is still empty
+
+
+def test_registry_options_and_create():
+    for name in ("moco", "arcl", "simclr-attn", "nnclr"):
+        assert {"temperature", "backend", "gather_distributed"} <= set(method_options(name)), name
+    assert "gather_distributed" in method_options("simsiam") and "n_train" not in method_options("simsiam-multi")
+    data = SimpleNamespace(x_train=torch.zeros(37, 1, 8, 8), in_chans=1)
+    model = create_model("simsiam-multi", data, encoder="smallcnn", temperature=0.1, backend="torch")
+    assert model.memory.shape == (37, 64) and model.name == "simsiam-multi"
+    assert create_model("arcl", data, encoder="smallcnn", views=3).n_views == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# MoCo: the EMA key encoder, the FIFO queue, the loss against [keys; queue before the step].
+
+
+def test_moco_momentum_update_queue_and_loss(seed):
+    model = _build("moco", queue_size=3 * B, momentum=0.9)
+    queue = model.queue.clone()
+    with torch.no_grad():  # key networks that differ from the online ones
+        for p in itertools.chain(model.key_encoder.parameters(), model.key_projector.parameters()):
+            p.add_(torch.randn_like(p))
+    online = [p.detach().clone() for p in itertools.chain(model.encoder.parameters(), model.projector.parameters())]
+    key_before = [p.detach().clone() for p in itertools.chain(model.key_encoder.parameters(),
+                                                              model.key_projector.parameters())]
+    x0, x1 = _views()
+    loss = model.loss([x0, x1])
+    key_after = list(itertools.chain(model.key_encoder.parameters(), model.key_projector.parameters()))
+    for before, theta, after in zip(key_before, online, key_after):
+        torch.testing.assert_close(after, 0.9 * before + 0.1 * theta)
+        assert not after.requires_grad
+    with torch.no_grad():
+        k = F.normalize(model.key_projector(model.key_encoder(x1)), dim=1)
+    q = model.projector(model.encoder(x0))
+    expected = infonce_ref(q.double(), torch.cat([k, queue]).double(), temperature=TAU)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.queue[:B], k)
+    torch.testing.assert_close(model.queue[B:], queue[B:])
+    assert int(model.queue_ptr) == B
+
+    written = [k]
+    for _ in range(3):  # the third batch fills the ring, the fourth overwrites the oldest rows
+        x0, x1 = _views()
+        model.loss([x0, x1])
+        with torch.no_grad():
+            written.append(F.normalize(model.key_projector(model.key_encoder(x1)), dim=1))
+    torch.testing.assert_close(model.queue, torch.cat([written[3], written[1], written[2]]))
+    assert int(model.queue_ptr) == B
+    model.eval()
+    frozen = model.queue.clone()
+    model.loss(_views())
+    assert torch.equal(model.queue, frozen)  # evaluation does not enqueue
+
+
+def test_moco_symmetric_averages_both_directions(seed):
+    model = _build("moco", symmetric=True, momentum=0.0)
+    queue = model.queue.clone()
+    x0, x1 = _views()
+    loss = model.loss([x0, x1])
+    with torch.no_grad():
+        k0, k1 = (F.normalize(model.key_projector(model.key_encoder(x)), dim=1) for x in (x0, x1))
+        q0, q1 = model.projector(model.encoder(torch.cat([x0, x1]))).chunk(2)
+    expected = 0.5 * sum(infonce_ref(q.double(), torch.cat([k, queue]).double(), temperature=TAU)
+                         for q, k in ((q0, k1), (q1, k0)))
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_moco_queue_not_divisible_by_batch_is_refused():
+    model = _build("moco", queue_size=40)
+    before = model.queue.clone()
+    with pytest.raises(ValueError, match=r"queue_size \(40\) must be divisible by the batch size \(16\)"):
+        model.loss(_views())
+    assert torch.equal(model.queue, before) and int(model.queue_ptr) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# SimSiam and SimSiam-Multi.
+
+
+def _simsiam_expected(model, x0, x1, t0=None, t1=None):
+    z = model.projector(model.encoder(torch.cat([x0, x1])))
+    p0, p1 = model.predictor(z).chunk(2)
+    z0, z1 = z.detach().chunk(2)
+    t0, t1 = (z0 if t0 is None else t0), (z1 if t1 is None else t1)
+    return 0.5 * (_neg_cos(p0, t1) + _neg_cos(p1, t0)), z0, z1
+
+
+def test_simsiam_loss_and_stop_gradient(seed):
+    model = _build("simsiam")
+    x0, x1 = _views()
+    loss = model.loss([x0, x1])
+    expected, _, _ = _simsiam_expected(model, x0, x1)
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    # the target is constant: the gradient w.r.t. the projector's output flows through the predictor only
+    z = model.projector(model.encoder(torch.cat([x0, x1]))).detach().requires_grad_(True)
+    p0, p1 = model.predictor(z).chunk(2)
+    t0, t1 = model.targets(*z.chunk(2), None, 1)
+    assert not t0.requires_grad and not t1.requires_grad
+
+
+def test_simsiam_multi_memory_and_mixing(seed):
+    model = _build("simsiam-multi", mix_epoch=3, mix=0.25)
+    x0, x1 = _views()
+    first = torch.randperm(N_TRAIN)[:B]
+    loss = model.loss([x0, x1], index=first, epoch=1)
+    expected, z0, z1 = _simsiam_expected(model, x0, x1)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)  # no memory before mix_epoch
+    torch.testing.assert_close(model.memory[first], 0.5 * (z0 + z1))
+    rest = torch.ones(N_TRAIN, dtype=torch.bool)
+    rest[first] = False
+    assert not model.memory[rest].any()
+
+    # epoch 2 < mix_epoch: a batch of written samples still gets SimSiam's targets
+    x0, x1 = _views()
+    loss = model.loss([x0, x1], index=first, epoch=2)
+    expected, z0, z1 = _simsiam_expected(model, x0, x1)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    memory = model.memory.clone()
+
+    # epoch 3: half the batch has a memory (mixed in), half has none (zero rows: SimSiam's target); then overwritten
+    index = torch.cat([first[:B // 2], torch.nonzero(rest).flatten()[:B // 2]])
+    x0, x1 = _views()
+    loss = model.loss([x0, x1], index=index, epoch=3)
+    z = model.projector(model.encoder(torch.cat([x0, x1]))).detach()
+    z0, z1 = z.chunk(2)
+    has = torch.arange(B) < B // 2
+    t0, t1 = (torch.where(has[:, None], 0.75 * t + 0.25 * memory[index], t) for t in (z0, z1))
+    expected, _, _ = _simsiam_expected(model, x0, x1, t0, t1)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.memory[index], 0.5 * (z0 + z1))
+
+
+def test_simsiam_multi_bad_index_or_epoch():
+    model = _build("simsiam-multi")
+    with pytest.raises(ValueError, match="index"):
+        model.loss(_views(), index=None, epoch=1)
+    with pytest.raises(ValueError, match=r"index values must lie in \[0, 40\)"):
+        model.loss(_views(), index=torch.arange(B) + N_TRAIN - 1, epoch=1)
+    with pytest.raises(ValueError, match="epoch"):
+        model.loss(_views(), index=torch.arange(B), epoch=0)
+    assert not model.memory.any()
+
+
+# ---------------------------------------------------------------------------------------------
+# ArCL: the worst pair, and the loss on it.
+
+
+def _brute_force_worst_pair(z):
+    m, n = z.shape[:2]
+    a, b = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
+    for i in range(n):
+        cos = {(u, v): F.cosine_similarity(z[u, i], z[v, i], dim=0).item() for u, v in itertools.combinations(range(m), 2)}
+        a[i], b[i] = min(cos, key=cos.get)
+    return a, b
+
+
+def test_worst_pair_equals_brute_force(seed):
+    z = torch.randn(5, 33, 7, dtype=torch.float64)
+    a, b = worst_pair(z)
+    ea, eb = _brute_force_worst_pair(z)
+    assert torch.equal(a, ea) and torch.equal(b, eb)
+
+
+@pytest.mark.parametrize("mode", ["worst_pair", "penalty"])
+def test_arcl_loss_on_the_worst_pair(mode, seed):
+    model = _build("arcl", views=4, mode=mode, penalty=0.7)
+    views = _views(4)
+    loss = model.loss(views)
+    z = model.base.projector(model.encoder(torch.cat(views))).detach().unflatten(0, (4, B)).double()
+    rows = torch.arange(B)
+    if mode == "worst_pair":
+        a, b = _brute_force_worst_pair(z)
+        expected = _nt_xent(z[a, rows], z[b, rows])
+    else:
+        zn = F.normalize(z, dim=-1)
+        spread = torch.stack([max((zn[u, i] - zn[v, i]).pow(2).sum() for u, v in itertools.combinations(range(4), 2))
+                              for i in range(B)])
+        expected = _nt_xent(z[0], z[1]) + 0.7 * spread.mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_arcl_moco_keys_come_from_the_worst_pair(seed):
+    model = _build("arcl", views=3, base="moco", momentum=0.0)
+    queue = model.base.queue.clone()
+    views = _views(3)
+    loss = model.loss(views)
+    x = torch.stack(views)
+    with torch.no_grad():
+        z = model.base.projector(model.encoder(x.flatten(0, 1))).unflatten(0, (3, B))
+        a, b = _brute_force_worst_pair(z)
+        rows = torch.arange(B)
+        k = F.normalize(model.base.key_projector(model.base.key_encoder(x[b, rows])), dim=1)
+    expected = infonce_ref(z[a, rows].double(), torch.cat([k, queue]).double(), temperature=TAU)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.base.queue[:B], k)
+
+
+# ---------------------------------------------------------------------------------------------
+# SimCLR-Attn: weights on backbone features, into the fused loss's weight.
+
+
+def test_simclr_attn_weights_match_their_definition(seed):
+    model = _build("simclr-attn")
+    x0, x1 = _views()
+    loss = model.loss([x0, x1])
+    h = model.encoder(torch.cat([x0, x1])).detach()
+    h0, h1 = h.double().chunk(2)
+    raw = torch.exp((h0 * h1).sum(1) / (h0.norm(dim=1) * h1.norm(dim=1)))
+    w = raw / raw.mean()
+    torch.testing.assert_close(model.attention_weights(h0, h1).double(), w, rtol=1e-6, atol=1e-6)
+    z0, z1 = model.projector(h).detach().chunk(2)
+    expected = _nt_xent(z0, z1, weight=w)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(expected, _nt_xent(z0, z1))  # the weights matter
+
+
+# ---------------------------------------------------------------------------------------------
+# NNCLR-style rewiring: the nearest support row is an extra positive.
+
+
+def test_nnclr_neighbour_is_the_true_nearest_and_loss(seed):
+    model = _build("nnclr", queue_size=48)
+    x0, x1 = _views()
+    loss = model.loss([x0, x1])  # empty queue: SimCLR's NT-Xent, then z0 is enqueued
+    z0, z1 = model.projector(model.encoder(torch.cat([x0, x1]))).detach().chunk(2)
+    torch.testing.assert_close(loss.double(), _nt_xent(z0, z1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.support[:B], F.normalize(z0, dim=1))
+    assert int(model.support_len) == B
+    model.enqueue(torch.randn(B, 64))  # more support rows to search
+
+    x0, x1 = _views()
+    z = model.projector(model.encoder(torch.cat([x0, x1]))).detach()
+    bank = model.support[:2 * B].clone()
+    cos = F.normalize(z.double(), dim=1) @ F.normalize(bank.double(), dim=1).T
+    idx = cos.argmax(1)
+    assert torch.equal(model.nearest(z)[0], idx)
+    loss = model.loss([x0, x1])
+    m = 2 * B
+    rows = torch.arange(m)
+    pos = torch.cat([torch.stack([(rows + B) % m, rows + m], 1), torch.stack([rows, torch.full_like(rows, -1)], 1)])
+    per_row = infonce_ref(torch.cat([z, bank[idx]]).double(), temperature=TAU, pos_index=pos, reduction="none")
+    torch.testing.assert_close(loss.double(), per_row[:m].mean(), rtol=1e-5, atol=1e-5)
+    assert int(model.support_len) == 3 * B and int(model.support_ptr) == 0  # ring of 48 rows is full
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad options: ValueError naming the option, at construction.
+
+
+@pytest.mark.parametrize("name, options, match", [
+    ("arcl", {"views": 1}, "views"),
+    ("arcl", {"base": "byol"}, "base"),
+    ("arcl", {"mode": "average"}, "mode"),
+    ("arcl", {"penalty": -1.0}, "penalty"),
+    ("arcl", {"queue_size": 64}, "queue_size"),  # a MoCo option with base="simclr"
+    ("moco", {"momentum": 1.0}, "momentum"),
+    ("moco", {"queue_size": 0}, "queue_size"),
+    ("moco", {"temperature": 0.0}, "temperature"),
+    ("nnclr", {"queue_size": -4}, "queue_size"),
+    ("simsiam-multi", {"mix_epoch": 0}, "mix_epoch"),
+    ("simsiam-multi", {"mix": 1.0}, "mix"),
+])
+def test_bad_options_are_refused(name, options, match):
+    with pytest.raises(ValueError, match=match):
+        _build(name, **options)
