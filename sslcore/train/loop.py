@@ -157,6 +157,22 @@ class _MethodLoss(nn.Module):
         return self.method.loss(views, index=index, epoch=epoch)
 
 
+def build_training_model(config: dict, data, device: torch.device) -> tuple[nn.Module, nn.Module, int]:
+    """``(model, step_loss, loss_scale)`` for a run's config: the method on ``device``; the module whose
+    ``forward(views, index=, epoch=)`` is the training loss (DDP-wrapped, BatchNorm synchronised,
+    ``gather_distributed=True`` for methods that take it, when several processes run); and the
+    factor for that loss before ``backward`` (the world size for gathered methods, else 1)."""
+    world = dist.world_size()
+    gathers = world > 1 and "gather_distributed" in method_options(config["method"])
+    model = build_model(config, data, **({"gather_distributed": True} if gathers else {})).to(device)
+    if world == 1:
+        return model, _MethodLoss(model), 1
+    model = dist.convert_sync_batchnorm(model, device.type)
+    step_loss = nn.parallel.DistributedDataParallel(
+        _MethodLoss(model), device_ids=[device.index] if device.type == "cuda" else None)
+    return model, step_loss, world if gathers else 1
+
+
 def _check_position(pos, steps_per_epoch: int, n_train: int, path: str) -> dict | None:
     """A checkpoint's mid-epoch ``position`` (or None) after checking it fits this run."""
     if pos is None:
@@ -224,8 +240,7 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, t_start: float) -> dict
 
     torch.manual_seed(cfg.seed)
     config = dataclasses.asdict(cfg)
-    gathers = world > 1 and "gather_distributed" in method_options(cfg.method)
-    model = build_model(config, data, **({"gather_distributed": True} if gathers else {})).to(device)
+    model, step_loss, loss_scale = build_training_model(config, data, device)
     if data.kind not in model.data_kinds:
         raise ValueError(f"method {cfg.method!r} trains on {' or '.join(model.data_kinds)} data; "
                          f"--data {cfg.data} is {data.kind} data")
@@ -236,13 +251,6 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, t_start: float) -> dict
     steps_per_epoch = len(x_train) // cfg.batch_size  # drop_last: every step sees a full batch
     if cfg.resume is not None:
         start_epoch, position = _resume_state(cfg, model, optimizer, generator, steps_per_epoch, len(x_train))
-    if world > 1:
-        model = dist.convert_sync_batchnorm(model, device.type)
-        step_loss = nn.parallel.DistributedDataParallel(
-            _MethodLoss(model), device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        step_loss = _MethodLoss(model)
-    loss_scale = world if gathers else 1
     shard = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
 
     out = Path(cfg.out)
