@@ -1,4 +1,4 @@
-"""``imagefolder:PATH[,size=32][,seed=0]``: images in class sub-folders, decoded by torchvision, resized to ``size``.
+"""``imagefolder:PATH[,size=32][,seed=0]``: images in class sub-folders, decoded by Pillow, resized to ``size``.
 
 ``PATH/train/<class>/*`` and ``PATH/val/<class>/*`` (or ``test/``) give the two splits; without
 them ``PATH/<class>/*`` is split per class into 80 % train / 20 % test by a ``seed``-ed shuffle of
@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 from torchvision.transforms.v2.functional import center_crop, resize
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp")
@@ -54,8 +55,9 @@ def _decode(files: list[Path], size: int) -> torch.Tensor:
     out = torch.empty(len(files), 3, size, size)
     for i, f in enumerate(files):
         try:
-            img = decode_image(str(f), mode=ImageReadMode.RGB)
-        except (RuntimeError, ValueError) as e:
+            with Image.open(f) as pil:
+                img = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
+        except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
             raise ValueError(f"imagefolder: cannot decode {str(f)!r}: {e}") from None
         img = center_crop(resize(img, [size], antialias=True), [size, size])
         out[i] = img.float() / 255.0

@@ -1,0 +1,208 @@
+"""Datasets behind ``--data``: shapes (domains), CIFAR pickle archives, image folders, and the RGB augmentation."""
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sslcore.data import RGBAugment, load_dataset, shapes
+
+SMALL = "n=60,test=20,size=16"
+
+
+# --- shapes ------------------------------------------------------------------------------------------------
+
+def test_shapes_are_deterministic_balanced_and_in_range():
+    a, b = load_dataset(f"shapes:{SMALL}"), load_dataset(f"shapes:plain,{SMALL}")
+    assert a.name == "shapes-plain" and a.x_train.shape == (60, 3, 16, 16) and a.x_test.shape == (20, 3, 16, 16)
+    for x, y in ((a.x_train, b.x_train), (a.y_train, b.y_train), (a.x_test, b.x_test)):
+        assert torch.equal(x, y)
+    assert 0 <= a.x_train.min() and a.x_train.max() <= 1
+    labels = torch.cat([a.y_train, a.y_test])
+    assert torch.bincount(labels, minlength=10).tolist() == [8] * 10  # 80 images, 10 classes
+    other = load_dataset(f"shapes:{SMALL},seed=1")
+    assert not torch.equal(other.x_train, a.x_train)
+
+
+def test_shapes_domains_render_the_same_shapes_differently():
+    plain = load_dataset(f"shapes:plain,{SMALL}")
+    for domain in shapes.DOMAINS[1:]:
+        other = load_dataset(f"shapes:{domain},{SMALL}")
+        assert torch.equal(other.y_train, plain.y_train) and torch.equal(other.y_test, plain.y_test)
+        assert (other.x_train - plain.x_train).abs().mean() > 0.05, domain
+    # same geometry: the shape's pixels (where plain differs from its flat background) sit in the same place
+    g = shapes.geometry(1, size=32, seed=3)
+    cover = shapes._coverage(g, 32, outline=False)[0, 0] > 0.5
+    for domain in ("plain", "shifted"):
+        img = shapes.render(g, domain, size=32, seed=0)[0]
+        corner = img[:, 0, 0][:, None, None]
+        assert ((img - corner).abs().sum(0) > 0.05).eq(cover).float().mean() > 0.95, domain
+
+
+@pytest.mark.parametrize("kind, area", [("circle", math.pi), ("square", 2.0), ("ring", math.pi * (1 - 0.55 ** 2)),
+                                        ("triangle", 3 * math.sqrt(3) / 4), ("cross", 4 * 0.3 * 2 - 4 * 0.3 ** 2)])
+def test_shape_coverage_has_the_shape_area(kind, area):
+    r, size = 20.0, 64
+    geom = {"label": torch.tensor([shapes.CLASSES.index(kind)]), "radius": torch.tensor([r]),
+            "centre": torch.tensor([[32.0, 32.0]]), "angle": torch.tensor([0.3])}
+    covered = shapes._coverage(geom, size, outline=False).sum().item()
+    assert covered == pytest.approx(area * r * r, rel=0.03)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("shapes:watercolour", "unknown shapes domain 'watercolour'"),
+    ("shapes:plain,colour=3", "unknown shapes setting 'colour'"),
+    ("shapes:n=ten", "shapes setting n must be an integer, got 'ten'"),
+    ("shapes:size=4", "shapes size must be >= 8"),
+])
+def test_shapes_bad_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        load_dataset(spec)
+
+
+# --- RGB augmentation --------------------------------------------------------------------------------------
+
+def test_rgb_augment_is_driven_by_the_generator():
+    x = load_dataset(f"shapes:{SMALL}").x_train[:8]
+    aug = RGBAugment()
+    v1, v2 = aug(x, torch.Generator().manual_seed(7)), aug(x, torch.Generator().manual_seed(7))
+    assert torch.equal(v1, v2) and v1.shape == x.shape and 0 <= v1.min() and v1.max() <= 1
+    assert not torch.equal(v1, aug(x, torch.Generator().manual_seed(8)))
+    twins = aug(x[:1].expand(4, -1, -1, -1), torch.Generator().manual_seed(0))
+    assert not torch.equal(twins[0], twins[1])  # each image draws its own parameters
+
+
+def test_rgb_augment_identity_and_grey():
+    x = load_dataset(f"shapes:textured,{SMALL}").x_train[:4]
+    identity = RGBAugment(scale=(1, 1), ratio=(1, 1), flip_p=0, jitter_p=0, gray_p=0)
+    torch.testing.assert_close(identity(x, torch.Generator()), x)
+    flipped = RGBAugment(scale=(1, 1), ratio=(1, 1), flip_p=1, jitter_p=0, gray_p=0)(x, torch.Generator())
+    torch.testing.assert_close(flipped, x.flip(-1))
+    grey = RGBAugment(gray_p=1)(x, torch.Generator())
+    assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 1], grey[:, 2])
+    with pytest.raises(ValueError, match="scale"):
+        RGBAugment(scale=(0.5, 0.2))
+    with pytest.raises(ValueError, match="gray_p"):
+        RGBAugment(gray_p=2)
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        RGBAugment()(torch.zeros(2, 1, 8, 8), torch.Generator())
+
+
+# --- CIFAR archives ----------------------------------------------------------------------------------------
+
+def _batch(n, seed, labels_key=b"labels", classes=10):
+    rng = np.random.default_rng(seed)
+    return {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            labels_key: rng.integers(0, classes, n).tolist(), b"batch_label": b"fake"}
+
+
+def _dump(path, obj):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+@pytest.fixture
+def cifar10_dir(tmp_path):
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    for i in range(1, 6):
+        _dump(root / f"data_batch_{i}", _batch(4, i))
+    _dump(root / "test_batch", _batch(3, 9))
+    return tmp_path
+
+
+def test_cifar10_reads_the_pickle_archive(cifar10_dir):
+    data = load_dataset(f"cifar10:{cifar10_dir}")  # the parent folder: cifar-10-batches-py is found inside
+    assert data.x_train.shape == (20, 3, 32, 32) and data.x_test.shape == (3, 3, 32, 32) and data.in_chans == 3
+    first = _batch(4, 1)
+    expected = torch.from_numpy(first[b"data"][1].reshape(3, 32, 32).astype(np.float32) / 255)
+    torch.testing.assert_close(data.x_train[1], expected)  # channel-major rows, batches in order
+    assert data.y_train[:4].tolist() == first[b"labels"] and data.y_test.tolist() == _batch(3, 9)[b"labels"]
+    assert torch.equal(load_dataset(f"cifar10:{cifar10_dir / 'cifar-10-batches-py'}").x_train, data.x_train)
+
+
+def test_cifar100_uses_fine_labels(tmp_path):
+    _dump(tmp_path / "train", _batch(5, 1, b"fine_labels", 100))
+    _dump(tmp_path / "test", _batch(2, 2, b"fine_labels", 100))
+    data = load_dataset(f"cifar100:{tmp_path}")
+    assert data.x_train.shape == (5, 3, 32, 32) and data.y_train.tolist() == _batch(5, 1, b"fine_labels", 100)[b"fine_labels"]
+
+
+def test_cifar_bad_paths_and_files(cifar10_dir, tmp_path):
+    root = cifar10_dir / "cifar-10-batches-py"
+    with pytest.raises(ValueError, match="needs the folder"):
+        load_dataset("cifar10")
+    with pytest.raises(ValueError, match="is not a folder"):
+        load_dataset(f"cifar10:{tmp_path / 'nowhere'}")
+    with pytest.raises(ValueError, match="lacks train, test"):
+        load_dataset(f"cifar100:{root}")
+    (root / "data_batch_3").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="data_batch_3.* not a readable python-pickle batch"):
+        load_dataset(f"cifar10:{root}")
+    _dump(root / "data_batch_3", {b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]})
+    with pytest.raises(ValueError, match=r"expected uint8 \[N, 3072\]"):
+        load_dataset(f"cifar10:{root}")
+    _dump(root / "data_batch_3", {b"data": np.zeros((2, 3072), np.uint8)})
+    with pytest.raises(ValueError, match="lacks b'data' or b'labels'"):
+        load_dataset(f"cifar10:{root}")
+    _dump(root / "data_batch_3", {b"data": np.zeros((1, 3072), np.uint8), b"labels": [10]})
+    with pytest.raises(ValueError, match="labels outside 0..9"):
+        load_dataset(f"cifar10:{root}")
+    _dump(root / "data_batch_3", print)  # a pickle that names a callable: refused, not run
+    with pytest.raises(ValueError, match="refusing to load builtins.print"):
+        load_dataset(f"cifar10:{root}")
+    (root / "test_batch").unlink()
+    with pytest.raises(ValueError, match="lacks test_batch"):
+        load_dataset(f"cifar10:{root}")
+
+
+# --- image folders -----------------------------------------------------------------------------------------
+
+def _png(path, h, w, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (w, h), (value, value, value)).save(path)
+
+
+def test_imagefolder_with_train_and_val(tmp_path):
+    for split, n in (("train", 3), ("val", 1)):
+        for k, cls in enumerate(("cat", "dog")):
+            for i in range(n):
+                _png(tmp_path / split / cls / f"{i}.png", 10 + i, 14, 100 * k + i)
+    (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image")
+    data = load_dataset(f"imagefolder:{tmp_path},size=8")
+    assert data.x_train.shape == (6, 3, 8, 8) and data.x_test.shape == (2, 3, 8, 8)
+    assert data.y_train.tolist() == [0, 0, 0, 1, 1, 1] and data.y_test.tolist() == [0, 1]
+    assert data.x_train[4].mul(255).round().unique().tolist() == [101.0]  # dog/1.png, flat 101, resized
+
+
+def test_imagefolder_split_is_deterministic(tmp_path):
+    for k, cls in enumerate(("a", "b", "c")):
+        for i in range(5):
+            _png(tmp_path / cls / f"{i}.png", 6, 6, 10 * k + i)
+    one, two = load_dataset(f"imagefolder:{tmp_path},size=6"), load_dataset(f"imagefolder:{tmp_path},size=6")
+    assert torch.equal(one.x_test, two.x_test) and one.y_test.tolist() == [0, 1, 2]
+    assert one.y_train.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    pixels = lambda d: sorted(d.x_train[:, 0, 0, 0].mul(255).round().tolist() + d.x_test[:, 0, 0, 0].mul(255).round().tolist())
+    assert pixels(one) == sorted(10.0 * k + i for k in range(3) for i in range(5))  # a partition of the files
+    other = load_dataset(f"imagefolder:{tmp_path},size=6,seed=1")
+    assert not torch.equal(other.x_test, one.x_test)
+
+
+def test_imagefolder_errors(tmp_path):
+    with pytest.raises(ValueError, match="is not a folder"):
+        load_dataset(f"imagefolder:{tmp_path / 'missing'}")
+    with pytest.raises(ValueError, match="needs a folder"):
+        load_dataset("imagefolder:")
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        load_dataset(f"imagefolder:{tmp_path}")
+    (tmp_path / "empty").mkdir()
+    _png(tmp_path / "full" / "0.png", 4, 4, 0)
+    with pytest.raises(ValueError, match="empty hold no images"):
+        load_dataset(f"imagefolder:{tmp_path}")
+    (tmp_path / "empty" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot decode .*bad.png"):
+        load_dataset(f"imagefolder:{tmp_path}")
