@@ -183,6 +183,14 @@ def test_pystdlib_is_deterministic_balanced_and_file_disjoint():
     assert d1.y_train.bincount().tolist() == [40] * 10 and d1.y_test.bincount().tolist() == [10] * 10
 
 
+def test_image_tokens_are_pixel_tokenizer_grids_with_the_image_mask_ratio():
+    data = load_dataset("imagetokens:2:8:digits")
+    assert data.kind == "tokens" and data.vocab_size == 8 and data.seq_len == 16  # 8x8 digits, 2x2 patches
+    assert data.x_train.min() >= 0 and data.x_train.max() < 8 and len(data.x_test) == len(data.y_test)
+    assert create_model("mlm", data, encoder="transformer-tiny").mask_ratio == 0.75
+    assert create_model("mlm", _data(), encoder="transformer-tiny").mask_ratio == 0.15
+
+
 def test_bad_input_raises_naming_the_argument(tmp_path):
     data = _data(length=8)
     with pytest.raises(ValueError, match="seq_len"):

@@ -53,7 +53,8 @@ def _imagefolder(spec: str) -> ImageData:
 
 DATASETS: dict[str, Callable[[str], ImageData]] = {"digits": _digits, "shapes": _shapes, "cifar10": _cifar("cifar10"),
                                                    "cifar100": _cifar("cifar100"), "imagefolder": _imagefolder}
-DATASETS.update({"pystdlib": text.load_pystdlib, "text": text.load_text})  # token sequences (TokenData)
+DATASETS.update({"pystdlib": text.load_pystdlib, "text": text.load_text,  # token sequences (TokenData)
+                 "imagetokens": text.load_image_tokens})
 
 
 def check_data_spec(spec: str) -> str:

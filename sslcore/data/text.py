@@ -5,6 +5,8 @@ library's own source, ten of its packages as the classes.  ``text:PATH``: any fi
 sub-folders ``PATH/<class>/**``.  Both are split **by file** (whole files go to test, picked by a
 hash of their path relative to the class folder, so the split does not depend on where the corpus
 lives), then cut into non-overlapping snippets of ``seq_len`` bytes, capped per class.
+``imagetokens:[P:K:]DATA``: the images of an image dataset as raster-order token grids of the k-means
+``PixelTokenizer`` (patch P, K centres) fitted on the training images.
 """
 from __future__ import annotations
 
@@ -153,3 +155,29 @@ def load_text(arg: str, *, per_class: int = PER_CLASS) -> TokenData:
     roots = {d.name: d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")}
     folders = {cls: [f for f in d.rglob("*") if f.is_file() and not f.name.startswith(".")] for cls, d in roots.items()}
     return load_folders(f"text:{root.name}", folders, roots, seq_len=seq_len, per_class=per_class)
+
+
+def load_image_tokens(arg: str) -> TokenData:
+    """``imagetokens:[PATCH:K:]DATA``: image data spec ``DATA`` (e.g. ``digits``) as ``[N, (H/P)(W/P)]`` tokens of a
+    :class:`~sslcore.tokenizers.PixelTokenizer` with K centres fitted on its training images (full-batch Lloyd).
+    Default patch: 2 for images up to 16 pixels high, else 4; K = 50.  Masked objectives default to ratio 0.75."""
+    from ..tokenizers import PixelTokenizer
+    from . import load_dataset
+
+    fields = arg.split(":")
+    patch, k = None, 50
+    if len(fields) > 2 and fields[0].isdigit() and fields[1].isdigit():
+        patch, k, arg = int(fields[0]), int(fields[1]), ":".join(fields[2:])
+    if not arg:
+        raise ValueError("--data imagetokens needs an image dataset: imagetokens:[PATCH:K:]DATA, e.g. imagetokens:digits")
+    images = load_dataset(arg)
+    if images.kind != "image":
+        raise ValueError(f"--data imagetokens:{arg}: {arg!r} is {images.kind} data, not images")
+    height, width = images.x_train.shape[-2:]
+    patch = patch or (2 if height <= 16 else 4)
+    if height % patch or width % patch or height * width // patch ** 2 < 2:
+        raise ValueError(f"patch {patch} must divide the {height}x{width} images into >= 2 patches (seq_len >= 2)")
+    tokenizer = PixelTokenizer(patch, k, in_chans=images.in_chans, backend="torch")
+    tokenizer.fit(images.x_train, progress=False)
+    return TokenData(f"imagetokens:{images.name}", tokenizer.encode(images.x_train), images.y_train,
+                     tokenizer.encode(images.x_test), images.y_test, vocab_size=k, mask_ratio=0.75)
