@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import ast
 import math
+import sys
 
-from .data import check_data_spec
-from .experiments import ar_vs_mlm, clustermim, oversmoothing
+from .data import DATASETS, check_data_spec
+from .experiments import ar_vs_mlm, benchmark, clustermim, oversmoothing
 from .kernels import BACKENDS
 from .methods import METHODS
-from .train import PretrainConfig, evaluate_checkpoint, pretrain, resolve_device
+from .train import PretrainConfig, TrainingInterrupted, evaluate_checkpoint, pretrain, resolve_device
 
 _DEFAULTS = PretrainConfig()
 
@@ -54,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="self-supervised pretraining, then linear/k-NN probes")
     d = " (default: %(default)s)"
     p.add_argument("--method", choices=sorted(METHODS), default=_DEFAULTS.method, help="SSL method" + d)
-    p.add_argument("--data", type=_data_spec, default=_DEFAULTS.data, help="dataset (valid: digits)" + d)
-    p.add_argument("--encoder", default=_DEFAULTS.encoder, help="smallcnn or any timm model name" + d)
+    p.add_argument("--data", type=_data_spec, default=_DEFAULTS.data,
+                   help=f"dataset: {', '.join(DATASETS)} (NAME:PATH or NAME:SPEC)" + d)
+    p.add_argument("--encoder", "--backbone", default=_DEFAULTS.encoder,
+                   help="smallcnn or a timm model name[:small][,KEY=VALUE] (small: 3x3 stem for ResNets)" + d)
     p.add_argument("--epochs", type=_positive(int), default=_DEFAULTS.epochs, help="training epochs" + d)
     p.add_argument("--batch-size", type=_positive(int), default=_DEFAULTS.batch_size,
                    help="images per step, two views each" + d)
@@ -79,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="linear probe and k-NN accuracy of a pretraining checkpoint")
     e.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by pretrain")
     e.add_argument("--device", default="auto", help="where to compute features (default: %(default)s)")
+    e.add_argument("--data", type=_data_spec, help="probe on this dataset instead (transfer; default: the checkpoint's)")
+    b = sub.add_parser("benchmark", help="every method on one dataset and budget: one table of probe accuracy, time")
+    benchmark.add_arguments(b, transfer=False)
+    tr = sub.add_parser("transfer", help="train on one shapes domain, probe the frozen encoder on the others")
+    benchmark.add_arguments(tr, transfer=True)
 
     o = sub.add_parser("oversmoothing", help="ContraNorm vs LayerNorm with depth: ViTs on digits, GCNs on an SBM")
     oversmoothing.add_arguments(o)
@@ -115,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             print(_table([(f"{s['method']} ({s['encoder']})", p["trained"]),
                           (f"random init ({s['encoder']})", p["random_init"]), ("raw pixels", p["raw_pixels"])]))
             print(f"wrote {cfg.out}/summary.json, metrics.jsonl, checkpoint.pt")
+        elif args.command in ("benchmark", "transfer"):
+            benchmark.main_from_args(args, transfer=args.command == "transfer")
         elif args.command == "oversmoothing":
             oversmoothing.main_from_args(args)
         elif args.command == "tcas":
@@ -124,9 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "ar-vs-mlm":
             ar_vs_mlm.main_from_args(args)
         else:
-            r = evaluate_checkpoint(args.checkpoint, device=resolve_device(args.device))
-            print(f"{r['method']} on {r['data']}, epoch {r['epoch']}; held-out accuracy ({r['n_test']} test images):")
+            r = evaluate_checkpoint(args.checkpoint, device=resolve_device(args.device), data=args.data)
+            print(f"{r['method']} on {r['data']} (trained on {r['trained_on']}), epoch {r['epoch']}; "
+                  f"held-out accuracy ({r['n_test']} test images):")
             print(_table([(f"{r['method']} ({r['encoder']})", r)]))
     except ValueError as e:  # bad options and bad checkpoints (CheckpointError is a ValueError)
         parser.exit(2, f"sslcore {args.command}: error: {e}\n")
+    except TrainingInterrupted as e:
+        hint = f"; continue with --resume {e.path}" if args.command == "pretrain" else ""
+        print(f"\nsslcore {args.command}: {e}{hint}", file=sys.stderr)
+        return 130
     return 0

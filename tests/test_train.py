@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -15,8 +17,9 @@ from sklearn.datasets import make_blobs
 import sslcore.train.loop as loop
 from sslcore.cli import main
 from sslcore.data import load_dataset
-from sslcore.train import (CheckpointError, PretrainConfig, evaluate_checkpoint, knn_accuracy, linear_probe,
-                           load_checkpoint, pretrain)
+from sslcore.models import create_encoder
+from sslcore.train import (CheckpointError, PretrainConfig, TrainingInterrupted, evaluate_checkpoint, knn_accuracy,
+                           linear_probe, load_checkpoint, pretrain)
 
 TINY = dict(epochs=2, batch_size=32, limit=64, backend="torch")
 
@@ -65,6 +68,73 @@ def test_resume_after_interruption_is_bit_identical(tiny_run, tmp_path, monkeypa
     for key, value in full["model"].items():
         assert torch.equal(resumed["model"][key], value), key
     assert [r["loss"] for r in _read_metrics(tmp_path)] == [r["loss"] for r in _read_metrics(full_out)]
+
+
+@pytest.mark.parametrize("at_step", [1, 2])  # inside epoch 1; at epoch 1's last step (2 steps per epoch)
+def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_identically(at_step, tiny_run, tmp_path, monkeypatch):
+    full_out, _ = tiny_run
+    real_lr_at, calls = loop.lr_at, []
+
+    def lr_at_then_ctrl_c(*args):  # the trainer calls lr_at once per step, before the step
+        calls.append(1)
+        if len(calls) == at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr_at(*args)
+
+    monkeypatch.setattr(loop, "lr_at", lr_at_then_ctrl_c)
+    with pytest.raises(TrainingInterrupted) as stop:
+        pretrain(PretrainConfig(out=str(tmp_path), **TINY))
+    assert len(calls) == at_step and (stop.value.epoch, stop.value.step) == ((1, 1) if at_step == 1 else (2, 0))
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    if at_step == 1:
+        assert ckpt["epoch"] == 0 and ckpt["position"]["step"] == 1 and ckpt["position"]["losses"].shape == (1,)
+    else:
+        assert ckpt["epoch"] == 1 and "position" not in ckpt
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+    monkeypatch.setattr(loop, "lr_at", real_lr_at)
+
+    pretrain(PretrainConfig(out=str(tmp_path), resume="", **TINY))
+    resumed, full = load_checkpoint(tmp_path / "checkpoint.pt"), load_checkpoint(full_out / "checkpoint.pt")
+    for key, value in full["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    assert [r["loss"] for r in _read_metrics(tmp_path)] == [r["loss"] for r in _read_metrics(full_out)]
+
+
+def test_malformed_mid_epoch_position_is_refused(tiny_run, tmp_path):
+    good = torch.load(tiny_run[0] / "checkpoint.pt", weights_only=True)
+    bad = tmp_path / "bad.pt"
+    torch.save({**good, "epoch": 1, "position": {"step": 1, "perm": torch.arange(5), "losses": torch.zeros(1)}}, bad)
+    with pytest.raises(CheckpointError, match="malformed mid-epoch position"):
+        pretrain(PretrainConfig(out=str(tmp_path / "run"), resume=str(bad), **TINY))
+
+
+def test_eval_on_another_dataset_or_domain(tmp_path, capsys):
+    shapes = "shapes:plain,n=64,test=40,size=16"
+    pretrain(PretrainConfig(out=str(tmp_path), **{**TINY, "data": shapes, "epochs": 1}))
+    ckpt = str(tmp_path / "checkpoint.pt")
+    r = evaluate_checkpoint(ckpt, data="shapes:outline,n=64,test=40,size=16")
+    assert r["data"].startswith("shapes:outline") and r["trained_on"] == shapes and r["n_test"] == 40
+    assert 0 <= r["linear"] <= 1 and 0 <= r["knn"] <= 1
+    assert main(["eval", "--checkpoint", ckpt, "--data", "shapes:noisy,n=64,test=40,size=16"]) == 0
+    assert "trained on " + shapes in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="trained on --data shapes.*digits has 1-channel"):
+        evaluate_checkpoint(ckpt, data="digits")
+
+
+def test_encoder_specs():
+    small = create_encoder("resnet18:small", in_chans=3)
+    assert small.conv1.stride == (1, 1) and small.conv1.kernel_size == (3, 3)
+    x = torch.rand(2, 3, 32, 32)
+    feats = []
+    handle = small.layer4.register_forward_hook(lambda m, i, o: feats.append(o))
+    assert small(x).shape == (2, 512) and feats[0].shape[-2:] == (4, 4)  # 32 / 8, not 1x1
+    handle.remove()
+    vit = create_encoder("vit_tiny_patch16_224:img_size=32,patch_size=4", in_chans=3)
+    assert vit(x).shape == (2, vit.num_features)
+    for spec, message in (("vit_tiny_patch16_224:small", "for timm ResNets"), ("resnet18:wide", "unknown encoder option"),
+                          ("smallcnn:small", "takes no options"), ("resnet18:depth=3", "does not take")):
+        with pytest.raises(ValueError, match=message):
+            create_encoder(spec, in_chans=3)
 
 
 def test_resume_with_other_options_is_refused(tiny_run, tmp_path):
@@ -139,7 +209,7 @@ def test_cli_pretrain_then_eval(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "linear probe" in printed and "random init" in printed and "raw pixels" in printed
     assert main(["eval", "--checkpoint", str(tmp_path / "checkpoint.pt")]) == 0
-    assert "simclr on digits, epoch 1" in capsys.readouterr().out
+    assert "simclr on digits (trained on digits), epoch 1" in capsys.readouterr().out
 
     with pytest.raises(SystemExit) as exc:
         main(["eval", "--checkpoint", str(tmp_path / "nope.pt")])

@@ -1,0 +1,222 @@
+"""Every method on one budget: ``sslcore benchmark`` (one dataset) and ``sslcore transfer`` (shapes domains).
+
+``benchmark``: pretrains each method (default: every registered method that trains on the
+dataset's kind) with the same options, then prints one table: linear probe and k-NN accuracy on
+the held-out split, final loss and training time, with the random-init encoder and raw pixels as
+baselines.  ``transfer``: pretrains on one ``shapes`` domain, then for every domain fits and tests
+the probes on that domain's features from the frozen encoder; the table gives the source domain's
+linear-probe accuracy, the average and the worst over the other domains, and each domain.
+
+Runs go to ``OUT/<method>/`` (each a normal pretrain folder: checkpoint, metrics, summary) and
+the table to ``OUT/results.json``; ``OUT`` defaults to ``runs/benchmark-<data>`` and
+``runs/transfer-<data>``.  ``-o KEY=VALUE`` goes to every method that takes ``KEY``;
+``-o METHOD.KEY=VALUE`` to that method only.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..data import load_dataset, shapes
+from ..dist import is_main_process
+from ..methods import COMMON_OPTIONS, METHODS, get_method, method_options
+from ..train import PretrainConfig, load_encoder, pretrain, probe
+from ..train.evaluate import build_model
+
+BUDGET = dict(epochs=20)  # benchmark's default budget (PretrainConfig's defaults otherwise)
+
+
+def method_option(text: str) -> tuple[str | None, str, object]:
+    """``[METHOD.]KEY=VALUE`` -> (method or None, key, value as a Python literal or else the string)."""
+    target, sep, value = text.partition("=")
+    method, dot, key = target.rpartition(".")
+    if not sep or not key.isidentifier() or (dot and method not in METHODS):
+        raise argparse.ArgumentTypeError(f"expected [METHOD.]KEY=VALUE with a known METHOD, got {text!r}")
+    try:
+        value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        pass
+    return method or None, key, value
+
+
+def options_per_method(methods: list[str], options: list[tuple[str | None, str, object]]) -> dict[str, dict]:
+    """Each method's ``-o`` options: a plain key goes to the methods that take it (an error if none does)."""
+    per = {m: {} for m in methods}
+    for target, key, value in options:
+        if target is not None:
+            if target not in per:
+                raise ValueError(f"-o {target}.{key}: method {target!r} is not among --methods {','.join(methods)}")
+            per[target][key] = value  # PretrainConfig checks the key against the method's options
+            continue
+        takers = [m for m in methods if key in method_options(m) or key in COMMON_OPTIONS]
+        if not takers:
+            raise ValueError(f"-o {key}: none of {', '.join(methods)} takes option {key!r}")
+        for m in takers:
+            per[m][key] = value
+    return per
+
+
+def select_methods(names: list[str] | None, data) -> list[str]:
+    """``names`` after checking each trains on ``data``; None -> every registered method that does."""
+    if names is None:
+        names = [m for m, cls in METHODS.items() if data.kind in cls.data_kinds]
+        if not names:
+            raise ValueError(f"no registered method trains on {data.kind} data")
+        return names
+    for m in names:
+        if data.kind not in get_method(m).data_kinds:
+            raise ValueError(f"method {m!r} trains on {' or '.join(get_method(m).data_kinds)} data, "
+                             f"not on {data.name} ({data.kind} data)")
+    return names
+
+
+def _train_all(data_spec: str, methods: list[str], out: Path, options: list, train: dict) -> dict[str, dict]:
+    per = options_per_method(methods, options)
+    configs = {m: PretrainConfig(method=m, data=data_spec, out=str(out / m), options=per[m], **train) for m in methods}
+    return {m: pretrain(cfg) for m, cfg in configs.items()}  # all configs checked before the first run
+
+
+def run_benchmark(data_spec: str = "digits", methods: list[str] | None = None, *, out: str | None = None,
+                  options: list = (), **train) -> dict:
+    """Pretrain ``methods`` on ``data_spec`` with the same options; ``{"rows": [...], "baselines": [...]}``."""
+    data = load_dataset(data_spec)
+    methods = select_methods(methods, data)
+    out = Path(out or Path("runs") / f"benchmark-{data.name}")
+    train = {**BUDGET, **train}
+    summaries = _train_all(data_spec, methods, out, list(options), train)
+    rows = [{"method": m, "linear": s["probes"]["trained"]["linear"], "knn": s["probes"]["trained"]["knn"],
+             "final_loss": s["final_loss"], "train_time_s": s["train_time_s"]} for m, s in summaries.items()]
+    first = summaries[methods[0]]
+    baselines = [{"method": f"random init ({first['encoder']})", **first["probes"]["random_init"]},
+                 {"method": "raw pixels", **first["probes"]["raw_pixels"]}]
+    result = {"data": data_spec, "out": str(out), "n_train": first["n_train"], "n_test": first["n_test"], "device": first["device"],
+              "config": {k: v for k, v in first["config"].items() if k not in ("method", "out", "options")},
+              "options": {m: s["config"]["options"] for m, s in summaries.items()}, "rows": rows,
+              "baselines": baselines}
+    if is_main_process():
+        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def run_transfer(data_spec: str = "shapes:plain", methods: list[str] | None = None, *, domains: list[str] | None = None,
+                 out: str | None = None, options: list = (), **train) -> dict:
+    """Pretrain on the ``shapes`` domain of ``data_spec``, probe the frozen encoder on every domain of ``domains``."""
+    name, _, spec = data_spec.partition(":")
+    if name != "shapes":
+        raise ValueError(f"transfer trains on a shapes domain (--data shapes:DOMAIN[,...]), got --data {data_spec}")
+    source, settings = shapes.parse_spec(spec)
+    domains = list(shapes.DOMAINS if domains is None else domains)
+    for d in domains:
+        if d not in shapes.DOMAINS:
+            raise ValueError(f"unknown shapes domain {d!r} in --domains; valid: {', '.join(shapes.DOMAINS)}")
+    if source not in domains:
+        domains.insert(0, source)
+    if len(domains) < 2:
+        raise ValueError("transfer needs at least one domain besides the source domain")
+    setting = ",".join(f"{k}={v}" for k, v in settings.items())
+    data_spec = f"shapes:{source},{setting}"
+    targets = {d: load_dataset(f"shapes:{d},{setting}") for d in domains}
+    methods = select_methods(methods, targets[source])
+    out = Path(out or Path("runs") / f"transfer-shapes-{source}")
+    summaries = _train_all(data_spec, methods, out, list(options), {**BUDGET, **train})
+
+    def row(label, per_domain):
+        others = {d: r for d, r in per_domain.items() if d != source}
+        worst = min(others, key=lambda d: others[d]["linear"])
+        return {"method": label, "source": per_domain[source]["linear"],
+                "average_other": sum(r["linear"] for r in others.values()) / len(others),
+                "worst_other": others[worst]["linear"], "worst_domain": worst, "domains": per_domain}
+
+    rows, t0 = [], time.perf_counter()
+    if is_main_process():
+        for m in methods:
+            model, _, _ = load_encoder(out / m / "checkpoint.pt", targets[source])
+            rows.append(row(m, {d: probe(data, model) for d, data in targets.items()}))
+        config = summaries[methods[0]]["config"]
+        torch.manual_seed(config["seed"])  # as pretrain does before building the model: its initial state
+        model = build_model(config, targets[source]).eval()
+        rows.append(row(f"random init ({config['encoder']})", {d: probe(data, model) for d, data in targets.items()}))
+        rows.append(row("raw pixels", {d: probe(data, None) for d, data in targets.items()}))
+    result = {"data": data_spec, "out": str(out), "source": source, "domains": domains, "probe_time_s": round(time.perf_counter() - t0, 2),
+              "train_time_s": {m: s["train_time_s"] for m, s in summaries.items()},
+              "options": {m: s["config"]["options"] for m, s in summaries.items()}, "rows": rows}
+    if is_main_process():
+        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def benchmark_table(result: dict) -> str:
+    width = max(len("method"), *(len(r["method"]) for r in result["rows"] + result["baselines"])) + 2
+    lines = [f"{'method':<{width}}{'linear probe':>13}{'k-NN':>9}{'final loss':>12}{'train time':>12}"]
+    for r in result["rows"]:
+        loss = "-" if r["final_loss"] is None else f"{r['final_loss']:.4f}"
+        lines.append(f"{r['method']:<{width}}{r['linear']:>13.2%}{r['knn']:>9.2%}{loss:>12}{r['train_time_s']:>11.1f}s")
+    for r in result["baselines"]:
+        lines.append(f"{r['method']:<{width}}{r['linear']:>13.2%}{r['knn']:>9.2%}{'':>12}{'':>12}")
+    return "\n".join(lines)
+
+
+def transfer_table(result: dict) -> str:
+    width = max(len("method"), *(len(r["method"]) for r in result["rows"])) + 2
+    others = [d for d in result["domains"] if d != result["source"]]
+    head = (f"{'method':<{width}}{'source (' + result['source'] + ')':>18}{'avg other':>11}{'worst other':>20}"
+            + "".join(f"{d:>10}" for d in others))
+    lines = [head]
+    for r in result["rows"]:
+        worst = f"{r['worst_other']:.2%} ({r['worst_domain']})"
+        lines.append(f"{r['method']:<{width}}{r['source']:>18.2%}{r['average_other']:>11.2%}{worst:>20}"
+                     + "".join(f"{r['domains'][d]['linear']:>10.2%}" for d in others))
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser, *, transfer: bool) -> None:
+    from ..cli import _data_spec, _positive  # the pretrain parser's checks (cli imports this module first)
+
+    d = " (default: %(default)s)"
+    p.add_argument("--data", type=_data_spec, default="shapes:plain" if transfer else "digits",
+                   help=("the shapes source domain and settings, shapes:DOMAIN[,size=N,n=N,test=N,seed=S]" if transfer
+                         else "dataset") + d)
+    if transfer:
+        p.add_argument("--domains", type=lambda s: s.split(","), help="domains to probe on, comma-separated "
+                       f"(default: all of {','.join(shapes.DOMAINS)})")
+    p.add_argument("--methods", type=lambda s: s.split(","),
+                   help="comma-separated methods (default: every registered method that trains on the data)")
+    p.add_argument("--epochs", type=_positive(int), default=BUDGET["epochs"], help="training epochs per method" + d)
+    defaults = PretrainConfig()
+    p.add_argument("--encoder", "--backbone", default=defaults.encoder, help="smallcnn or a timm spec" + d)
+    p.add_argument("--batch-size", type=_positive(int), default=defaults.batch_size, help="images per step" + d)
+    p.add_argument("--lr", type=_positive(float), default=defaults.lr, help="peak AdamW learning rate" + d)
+    p.add_argument("--temperature", type=_positive(float), default=defaults.temperature, help="loss temperature" + d)
+    p.add_argument("--seed", type=int, default=defaults.seed, help="seed of every run" + d)
+    p.add_argument("--limit", type=_positive(int), help="pretrain on the first N training images only")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ..." + d)
+    p.add_argument("--backend", default="auto", help="the losses' kernel backend" + d)
+    p.add_argument("--option", "-o", type=method_option, action="append", default=[], metavar="[METHOD.]KEY=VALUE",
+                   help="a method option for every method that takes KEY, or for METHOD only (repeatable)")
+    p.add_argument("--out", help="output folder (default: runs/benchmark-<data> or runs/transfer-shapes-<domain>)")
+
+
+def main_from_args(args: argparse.Namespace, *, transfer: bool) -> dict:
+    train = dict(epochs=args.epochs, encoder=args.encoder, batch_size=args.batch_size, lr=args.lr,
+                 temperature=args.temperature, seed=args.seed, limit=args.limit, device=args.device,
+                 backend=args.backend)
+    if transfer:
+        result = run_transfer(args.data, args.methods, domains=args.domains, out=args.out, options=args.option, **train)
+        if is_main_process():
+            print(f"\ntransfer from shapes domain {result['source']!r} ({args.epochs} epochs each); "
+                  "linear-probe accuracy, probes fit and tested on each domain's frozen features:")
+            print(transfer_table(result))
+    else:
+        result = run_benchmark(args.data, args.methods, out=args.out, options=args.option, **train)
+        if is_main_process():
+            print(f"\n{result['data']}: {args.epochs} epochs per method on {result['device']}; held-out accuracy "
+                  f"({result['n_test']} test images):")
+            print(benchmark_table(result))
+    if is_main_process():
+        print(f"wrote {result['out']}/results.json and one run folder per method")
+    return result
