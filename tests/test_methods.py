@@ -13,10 +13,7 @@ import torch.nn.functional as F
 
 from sslcore.kernels import infonce_ref
 from sslcore.methods import METHODS, create_model, method_options
-from sslcore.methods.arcl import ArCL, worst_pair
-from sslcore.methods.moco import MoCo
-from sslcore.methods.nnclr import NNCLR
-from sslcore.methods.simclr_attn import SimCLRAttn
+from sslcore.methods.arcl import worst_pair
 from sslcore.methods.simsiam import SimSiam
 from sslcore.methods.simsiam_multi import SimSiamMulti
 from sslcore.models import SmallCNN
@@ -93,6 +90,20 @@ def test_registry_options_and_create():
     model = create_model("simsiam-multi", data, encoder="smallcnn", temperature=0.1, backend="torch")
     assert model.memory.shape == (37, 64) and model.name == "simsiam-multi"
     assert create_model("arcl", data, encoder="smallcnn", views=3).n_views == 3
+
+
+@pytest.mark.parametrize("name, state", [("moco", ("queue", "queue_ptr", "key_encoder.0.weight")),
+                                         ("nnclr", ("support", "support_ptr", "support_len")),
+                                         ("simsiam-multi", ("memory",))])
+def test_method_state_is_in_the_state_dict(name, state, seed):
+    """Queues, pointers, momentum encoders and memories are buffers/submodules: a checkpoint restores them."""
+    model = _build(name)
+    model.loss(_views(), index=torch.arange(B), epoch=1)
+    fresh = _build(name)
+    fresh.load_state_dict(model.state_dict())
+    for key in state:
+        assert torch.equal(fresh.state_dict()[key], model.state_dict()[key]), key
+    assert any(not torch.equal(_build(name).state_dict()[k], model.state_dict()[k]) for k in state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +245,8 @@ def _brute_force_worst_pair(z):
     m, n = z.shape[:2]
     a, b = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
     for i in range(n):
-        cos = {(u, v): F.cosine_similarity(z[u, i], z[v, i], dim=0).item() for u, v in itertools.combinations(range(m), 2)}
+        cos = {(u, v): F.cosine_similarity(z[u, i], z[v, i], dim=0).item()
+               for u, v in itertools.combinations(range(m), 2)}
         a[i], b[i] = min(cos, key=cos.get)
     return a, b
 

@@ -39,7 +39,8 @@ class ArCL(SSLMethod):
     * ``mode="penalty"``: base loss on views 0 and 1 (two random augmentations) plus
       ``penalty * mean_n max_{a,b} |z_hat_a - z_hat_b|^2`` (with gradient).
     Options other than ``views``/``base``/``mode``/``penalty`` go to the base (``queue_size``,
-    ``momentum``, ``symmetric``: only with ``base="moco"``, MoCo's defaults when unset).  Probe features come from the shared encoder.
+    ``momentum``, ``symmetric``: only with ``base="moco"``, MoCo's defaults when unset).  Probe features
+    come from the shared encoder.
     """
 
     name = "arcl"

@@ -80,7 +80,8 @@ class MoCo(SSLMethod):
         self.queue_ptr.fill_((ptr + n) % self.queue.shape[0])
 
     def contrast_pairs(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Mean loss over ``(queries, key images)`` pairs: momentum update, keys, InfoNCE, then enqueue the first keys."""
+        """Mean loss over ``(queries, key images)`` pairs: momentum update, keys, InfoNCE, then enqueue the
+        first pair's keys (training mode only)."""
         n_keys = pairs[0][1].shape[0] * (dist.world_size() if self.gather_distributed else 1)
         if self.queue.shape[0] % n_keys:
             raise ValueError(f"queue_size ({self.queue.shape[0]}) must be divisible by the batch size ({n_keys})")

@@ -1,4 +1,4 @@
-"""Graph rewiring (MPCL, ICLR 2023), NNCLR-style: each view's nearest neighbour in a support queue is an extra positive."""
+"""Graph rewiring (MPCL, ICLR 2023), NNCLR-style: a view's nearest neighbour in a support queue is an extra positive."""
 from __future__ import annotations
 
 import torch
