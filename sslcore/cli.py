@@ -8,6 +8,7 @@ import math
 import sys
 
 from .data import DATASETS, check_data_spec
+from .dist import is_main_process
 from .experiments import ar_vs_mlm, benchmark, clustermim, oversmoothing
 from .kernels import BACKENDS
 from .methods import METHODS
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             opts["options"] = dict(args.option) | ({} if args.tokenizer is None else {"tokenizer": args.tokenizer})
             cfg = PretrainConfig(**opts)
             s = pretrain(cfg)
+            if not is_main_process():  # torchrun: rank 0 reports
+                return 0
             p = s["probes"]
             loss = "" if s["final_loss"] is None else f", final loss {s['final_loss']:.4f}"
             print(f"\n{s['method']} on {s['data']}: {s['epochs']} epochs{loss}, {s['total_time_s']:.1f}s on "

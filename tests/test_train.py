@@ -1,6 +1,7 @@
 """Trainer, checkpoints, probes and the ``sslcore`` CLI on tiny digits runs (torch loss backend, CPU)."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from sklearn.datasets import make_blobs
 import sslcore.train.loop as loop
 from sslcore.cli import main
 from sslcore.data import load_dataset
+from sslcore.methods import METHODS
 from sslcore.models import create_encoder
 from sslcore.train import (CheckpointError, PretrainConfig, TrainingInterrupted, evaluate_checkpoint, knn_accuracy,
                            linear_probe, load_checkpoint, pretrain)
@@ -240,3 +242,54 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     lrs = [loop.lr_at(s, 100, 10, 1.0) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 1e-3
+
+
+def test_benchmark_trains_each_method_on_one_budget(tmp_path, capsys):
+    assert main(["benchmark", "--data", "digits", "--methods", "simclr", "--epochs", "1", "--limit", "64",
+                 "--batch-size", "32", "--backend", "torch", "--out", str(tmp_path), "-o", "simclr.proj_dim=16"]) == 0
+    printed = capsys.readouterr().out
+    assert all(word in printed for word in ("linear probe", "train time", "simclr", "random init", "raw pixels"))
+    result = json.loads((tmp_path / "results.json").read_text())
+    summary = json.loads((tmp_path / "simclr" / "summary.json").read_text())
+    assert [r["method"] for r in result["rows"]] == ["simclr"] and result["options"] == {"simclr": {"proj_dim": 16}}
+    assert result["rows"][0]["linear"] == summary["probes"]["trained"]["linear"]
+    assert result["baselines"][1] == {"method": "raw pixels", **summary["probes"]["raw_pixels"]}
+
+
+def test_benchmark_options_methods_and_errors():
+    from sslcore.experiments.benchmark import method_option, options_per_method, run_transfer, select_methods
+
+    digits = load_dataset("digits")
+    chosen = select_methods(None, digits)
+    assert "simclr" in chosen and all(digits.kind in METHODS[m].data_kinds for m in chosen)
+    per = options_per_method(["simclr"], [method_option("proj_dim=32"), method_option("simclr.proj_hidden=64")])
+    assert per == {"simclr": {"proj_dim": 32, "proj_hidden": 64}}
+    with pytest.raises(ValueError, match="none of simclr takes option 'depth'"):
+        options_per_method(["simclr"], [method_option("depth=3")])
+    with pytest.raises(argparse.ArgumentTypeError, match="known METHOD"):
+        method_option("nosuch.depth=3")
+    with pytest.raises(ValueError, match="transfer trains on a shapes domain"):
+        run_transfer("digits")
+    with pytest.raises(ValueError, match="unknown shapes domain 'sepia'"):
+        run_transfer("shapes:plain", domains=["sepia"])
+    with pytest.raises(ValueError, match="at least one domain besides"):
+        run_transfer("shapes:plain", domains=["plain"])
+
+
+def test_transfer_probes_every_domain(tmp_path, capsys):
+    assert main(["transfer", "--data", "shapes:plain,n=64,test=40,size=16", "--domains", "outline,noisy",
+                 "--methods", "simclr", "--epochs", "1", "--batch-size", "32", "--backend", "torch",
+                 "--out", str(tmp_path)]) == 0
+    assert "worst other" in capsys.readouterr().out
+    result = json.loads((tmp_path / "results.json").read_text())
+    summary = json.loads((tmp_path / "simclr" / "summary.json").read_text())
+    assert result["domains"] == ["plain", "outline", "noisy"]
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == ["simclr", "random init (smallcnn)", "raw pixels"]
+    for r in rows.values():
+        others = [r["domains"][d]["linear"] for d in ("outline", "noisy")]
+        assert r["average_other"] == pytest.approx(sum(others) / 2) and r["worst_other"] == min(others)
+        assert r["source"] == r["domains"]["plain"]["linear"]
+    # the source-domain probes are the trainer's own: the trained and the initial encoder
+    assert rows["simclr"]["domains"]["plain"] == summary["probes"]["trained"]
+    assert rows["random init (smallcnn)"]["domains"]["plain"] == summary["probes"]["random_init"]
