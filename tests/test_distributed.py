@@ -93,7 +93,7 @@ def _step(method, seed):
     loss = step_loss([v[mine] for v in views], index=index[mine], epoch=1)
     (loss * scale).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
+    return loss.detach(), grads, {n: b.clone() for n, b in model.named_buffers()}
 
 
 def _trainer_worker(rank, port, seed, out, results):
@@ -122,15 +122,19 @@ def ddp_results(tmp_path_factory):
 @pytest.mark.parametrize("method", STEP_METHODS)
 def test_ddp_step_equals_single_process(method, ddp_results):
     seed, _, results = ddp_results
-    loss, grads = _step(method, seed)  # no process group: one process, the whole batch
+    loss, grads, buffers = _step(method, seed)  # no process group: one process, the whole batch
     for rank in range(WORLD):
-        r_loss, r_grads = results[rank, "steps"][method]
+        r_loss, r_grads, r_buffers = results[rank, "steps"][method]
         torch.testing.assert_close(r_loss, loss, rtol=1e-5, atol=1e-6, msg=f"{method} loss, rank {rank}")
         assert r_grads.keys() == grads.keys()
         # float noise of reordered sums, relative to the gradients' scale (a bias before a BatchNorm gets ~0)
         atol = 1e-5 * max(g.abs().max().item() for g in grads.values())
         for name, g in grads.items():
             torch.testing.assert_close(r_grads[name], g, rtol=1e-4, atol=atol, msg=f"{method} grad {name}, rank {rank}")
+        # state the step updated (BatchNorm statistics, queues, memories) holds the whole batch on every rank
+        assert r_buffers.keys() == buffers.keys()
+        for name, b in buffers.items():
+            torch.testing.assert_close(r_buffers[name], b, rtol=1e-4, atol=1e-5, msg=f"{method} buffer {name}, rank {rank}")
 
 
 def test_ddp_pretrain_matches_single_process_and_only_rank0_writes(ddp_results, tmp_path):
