@@ -134,7 +134,8 @@ def test_ddp_step_equals_single_process(method, ddp_results):
         # state the step updated (BatchNorm statistics, queues, memories) holds the whole batch on every rank
         assert r_buffers.keys() == buffers.keys()
         for name, b in buffers.items():
-            torch.testing.assert_close(r_buffers[name], b, rtol=1e-4, atol=1e-5, msg=f"{method} buffer {name}, rank {rank}")
+            torch.testing.assert_close(r_buffers[name], b, rtol=1e-4, atol=1e-5,
+                                       msg=f"{method} buffer {name}, rank {rank}")
 
 
 def test_ddp_pretrain_matches_single_process_and_only_rank0_writes(ddp_results, tmp_path):

@@ -133,7 +133,8 @@ def test_encoder_specs():
     handle.remove()
     vit = create_encoder("vit_tiny_patch16_224:img_size=32,patch_size=4", in_chans=3)
     assert vit(x).shape == (2, vit.num_features)
-    for spec, message in (("vit_tiny_patch16_224:small", "for timm ResNets"), ("resnet18:wide", "unknown encoder option"),
+    for spec, message in (("vit_tiny_patch16_224:small", "for timm ResNets"),
+                          ("resnet18:wide", "unknown encoder option"),
                           ("smallcnn:small", "takes no options"), ("resnet18:depth=3", "does not take")):
         with pytest.raises(ValueError, match=message):
             create_encoder(spec, in_chans=3)

@@ -51,7 +51,8 @@ def _read(path: Path, labels_key: bytes, classes: int) -> tuple[torch.Tensor, to
 
 
 def load(name: str, path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x_train, y_train, x_test, y_test`` of ``name`` (``cifar10`` | ``cifar100``): images ``[N, 3, 32, 32]`` in [0, 1]."""
+    """``x_train, y_train, x_test, y_test`` of ``name`` (``cifar10`` | ``cifar100``); images ``[N, 3, 32, 32]``
+    in [0, 1]."""
     layout = LAYOUTS[name]
     if not path:
         raise ValueError(f"--data {name} needs the folder of the python-pickle archive: --data {name}:PATH")

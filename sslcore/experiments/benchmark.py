@@ -94,7 +94,8 @@ def run_benchmark(data_spec: str = "digits", methods: list[str] | None = None, *
     first = summaries[methods[0]]
     baselines = [{"method": f"random init ({first['encoder']})", **first["probes"]["random_init"]},
                  {"method": "raw pixels", **first["probes"]["raw_pixels"]}]
-    result = {"data": data_spec, "out": str(out), "n_train": first["n_train"], "n_test": first["n_test"], "device": first["device"],
+    result = {"data": data_spec, "out": str(out), "n_train": first["n_train"], "n_test": first["n_test"],
+              "device": first["device"],
               "config": {k: v for k, v in first["config"].items() if k not in ("method", "out", "options")},
               "options": {m: s["config"]["options"] for m, s in summaries.items()}, "rows": rows,
               "baselines": baselines}
@@ -142,7 +143,8 @@ def run_transfer(data_spec: str = "shapes:plain", methods: list[str] | None = No
         model = build_model(config, targets[source]).eval()
         rows.append(row(f"random init ({config['encoder']})", {d: probe(data, model) for d, data in targets.items()}))
         rows.append(row("raw pixels", {d: probe(data, None) for d, data in targets.items()}))
-    result = {"data": data_spec, "out": str(out), "source": source, "domains": domains, "probe_time_s": round(time.perf_counter() - t0, 2),
+    result = {"data": data_spec, "out": str(out), "source": source, "domains": domains,
+              "probe_time_s": round(time.perf_counter() - t0, 2),
               "train_time_s": {m: s["train_time_s"] for m, s in summaries.items()},
               "options": {m: s["config"]["options"] for m, s in summaries.items()}, "rows": rows}
     if is_main_process():
