@@ -2,9 +2,9 @@
 
 Trains ar, mlm, dear and vlm with one budget (same transformer size, data, epochs, batch size,
 learning rate and seed) through ``sslcore.train.pretrain`` and prints one table: the linear-probe
-and k-NN accuracy of the frozen, mean-pooled features, and the generation loss (nats per byte) of
-held-out continuations given prompts of 25/50/75 % of the sequence — chain rule for the causal
-models, one pass (the whole suffix masked) and left to right for the masked ones.
+and k-NN accuracy of the frozen, mean-pooled features, and the generation loss (nats per token;
+per byte on text) of held-out continuations given prompts of 25/50/75 % of the sequence — chain
+rule for the causal models, one pass (the whole suffix masked) and left to right for the masked ones.
 The paper's claims: MLM > AR on classification, AR > MLM on generation, dear and vlm narrow the gaps.
 
     sslcore ar-vs-mlm [--epochs N] [--quick] [--out runs/ar-vs-mlm]
@@ -57,12 +57,12 @@ def format_table(results: dict) -> str:
         lines.append(f"{name:<10}{p['linear']:>8.1%}{p['knn']:>8.1%}{init:>9.1%}  {gen}  {l2r}"
                      f"{s['train_time_s']:>9.0f}")
     raw = next(iter(results["runs"].values()))["probes"]["raw_pixels"]
-    lines.append(f"{'bytes':<10}{raw['linear']:>8.1%}{raw['knn']:>8.1%}  (histogram of the snippet, no model)")
+    lines.append(f"{'tokens':<10}{raw['linear']:>8.1%}{raw['knn']:>8.1%}  (histogram of the sequence's tokens, no model)")
     st = results["settings"]
     subset = "" if st["limit"] is None else f" on the first {st['limit']} snippets"
     lines.append(f"\n{st['data']}, {st['encoder']}, {st['epochs']} epochs of batch {st['batch_size']}{subset}, "
-                 f"lr {st['lr']}.  linear/k-NN: probes on held-out files (init lin: the same model untrained); "
-                 "gen: continuation loss in nats/byte (causal: chain rule; masked: suffix masked, one pass); "
+                 f"lr {st['lr']}.  linear/k-NN: probes on the held-out split (init lin: the same model untrained); "
+                 "gen: continuation loss in nats/token (causal: chain rule; masked: suffix masked, one pass); "
                  "l2r: masked models left to right.")
     return "\n".join(lines)
 
