@@ -212,6 +212,8 @@ def test_bad_input_raises_naming_the_argument(tmp_path):
         prompt_lengths((1.5,), 8)
     with pytest.raises(ValueError, match="encoder"):
         create_model("ar", data, encoder="resnet18")
+    with pytest.raises(ValueError, match="token sequences"):
+        create_model("vlm", load_dataset("digits"), encoder="transformer-tiny")
     with pytest.raises(ValueError, match="no such folder"):
         load_dataset(f"text:{tmp_path / 'missing'}")
     (tmp_path / "empty").mkdir()

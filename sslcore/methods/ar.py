@@ -14,6 +14,6 @@ class AR(SequenceMethod):
     causal = True
 
     def loss(self, views, *, index=None, epoch=None) -> torch.Tensor:
-        x = self._split(views)
+        x = self._tokens(views)
         logits = self.next_token_logits(self.encoder.hidden(x[:, :-1]))
         return F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())

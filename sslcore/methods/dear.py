@@ -50,7 +50,7 @@ class DEAR(SequenceMethod):
         return x.gather(1, torch.arange(x.shape[1] - 1, device=x.device) + offsets)
 
     def loss(self, views, *, index=None, epoch=None) -> torch.Tensor:
-        x = self._split(views)
+        x = self._tokens(views)
         offsets = self.draw_offsets(len(x), x.shape[1], step_generator(index, epoch)).to(x.device)
         logits = self.offset_logits(self.encoder.hidden(x[:, :-1]), offsets)
         return F.cross_entropy(logits.flatten(0, 1).float(), self.targets(x, offsets).flatten())

@@ -25,6 +25,7 @@ from ..models.sequence import create_sequence_encoder
 from .base import SSLMethod
 
 PROMPTS = (0.25, 0.5, 0.75)
+EVAL_SAMPLES = 512
 
 
 def check_ratio(name: str, value) -> float:
@@ -95,8 +96,11 @@ class SequenceMethod(SSLMethod):
         return {}
 
     @classmethod
-    def create(cls, data, *, encoder: str, pool: str = "mean", prompts=PROMPTS, eval_samples: int = 512,
+    def create(cls, data, *, encoder: str, pool: str = "mean", prompts=PROMPTS, eval_samples: int = EVAL_SAMPLES,
                left_to_right: bool = False, **options) -> "SequenceMethod":
+        if getattr(data, "kind", None) not in cls.data_kinds:
+            raise ValueError(f"method {cls.name!r} trains on token sequences (--data pystdlib, text:PATH, "
+                             f"imagetokens:DATA), not {getattr(data, 'kind', type(data).__name__)} data")
         prompt_lengths(prompts, data.seq_len)
         if isinstance(eval_samples, bool) or not isinstance(eval_samples, int) or eval_samples <= 0:
             raise ValueError(f"eval_samples must be a positive integer, got {eval_samples!r}")
@@ -110,9 +114,9 @@ class SequenceMethod(SSLMethod):
 
     def __init__(self, encoder):
         super().__init__(encoder)
-        self.prompts, self.eval_samples, self.left_to_right = PROMPTS, 512, False
+        self.prompts, self.eval_samples, self.left_to_right = PROMPTS, EVAL_SAMPLES, False  # create() sets them
 
-    def _split(self, views) -> torch.Tensor:
+    def _tokens(self, views) -> torch.Tensor:
         (x,) = views
         if x.ndim != 2 or x.shape[1] < 2:
             raise ValueError(f"token sequences must be [B, L] with L >= 2, got {tuple(x.shape)}")
@@ -174,7 +178,7 @@ class MaskedSequenceMethod(SequenceMethod):
     causal = False
 
     def loss(self, views, *, index=None, epoch=None) -> torch.Tensor:
-        x = self._split(views)
+        x = self._tokens(views)
         mask = self.draw_mask(len(x), x.shape[1], step_generator(index, epoch)).to(x.device)
         h = self.encoder.hidden(x, mask)
         return F.cross_entropy(self.encoder.logits(h[mask]).float(), x[mask])
