@@ -71,8 +71,8 @@ def test_gathered_loss_equals_single_process():
 
 # --- the trainer under DDP: 2 gloo processes == 1 process on the whole batch -------------------------------
 
-STEP_METHODS = [m for m in ("simclr", "moco", "simsiam", "arcl", "simclr-attn", "simsiam-multi", "nnclr")
-                if m in METHODS]
+STEP_METHODS = [m for m in ("simclr", "moco", "simsiam", "arcl", "arcl:penalty", "simclr-attn", "simsiam-multi",
+                             "nnclr") if m.partition(":")[0] in METHODS]  # METHOD[:MODE]
 STEP_BATCH = 16  # global batch of digits: 8 images per rank
 RUN = dict(epochs=1, batch_size=32, limit=64, backend="torch")  # 2 steps
 
@@ -80,7 +80,8 @@ RUN = dict(epochs=1, batch_size=32, limit=64, backend="torch")  # 2 steps
 def _step(method, seed):
     """One training step as the trainer takes it (under whatever process group exists): the loss and the
     parameter gradients of a seeded model on a seeded, augmented global batch, this rank's shard of it."""
-    cfg = dataclasses.asdict(PretrainConfig(method=method, backend="torch", seed=seed))
+    name, _, mode = method.partition(":")
+    cfg = dataclasses.asdict(PretrainConfig(method=name, backend="torch", seed=seed, options={"mode": mode} if mode else {}))
     data = load_dataset("digits")
     torch.manual_seed(seed)
     model, step_loss, scale = build_training_model(cfg, data, torch.device("cpu"))
