@@ -81,7 +81,8 @@ def _step(method, seed):
     """One training step as the trainer takes it (under whatever process group exists): the loss and the
     parameter gradients of a seeded model on a seeded, augmented global batch, this rank's shard of it."""
     name, _, mode = method.partition(":")
-    cfg = dataclasses.asdict(PretrainConfig(method=name, backend="torch", seed=seed, options={"mode": mode} if mode else {}))
+    options = {"mode": mode} if mode else {}
+    cfg = dataclasses.asdict(PretrainConfig(method=name, backend="torch", seed=seed, options=options))
     data = load_dataset("digits")
     torch.manual_seed(seed)
     model, step_loss, scale = build_training_model(cfg, data, torch.device("cpu"))
