@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("oversmoothing", help="ContraNorm vs LayerNorm with depth: ViTs on digits, GCNs on an SBM")
     oversmoothing.add_arguments(o)
 
+    k = sub.add_parser("tokenize", help="fit an image tokenizer (k-means) and save it to one file")
+    clustermim.add_tokenize_arguments(k)
     t = sub.add_parser("tcas", help="TCAS and NMI(token, class) of image tokenizers (training-free)")
     clustermim.add_tcas_arguments(t)
     m = sub.add_parser("mim-study", help="ClusterMIM per tokenizer vs MAE: TCAS, NMI and probe accuracy")
@@ -130,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             benchmark.main_from_args(args, transfer=args.command == "transfer")
         elif args.command == "oversmoothing":
             oversmoothing.main_from_args(args)
+        elif args.command == "tokenize":
+            clustermim.tokenize_from_args(args)
         elif args.command == "tcas":
             clustermim.tcas_from_args(args)
         elif args.command == "mim-study":

@@ -9,12 +9,12 @@ import inspect
 from .ar import AR
 from .arcl import ArCL
 from .base import SSLMethod
-from .moco import MoCo
-from .nnclr import NNCLR
 from .clustermim import ClusterMIM
 from .dear import DEAR
 from .mae import MAE
 from .mlm import MLM
+from .moco import MoCo
+from .nnclr import NNCLR
 from .simclr import SimCLR
 from .simclr_attn import SimCLRAttn
 from .simsiam import SimSiam
@@ -63,6 +63,6 @@ def create_model(method: str, data, *, encoder: str, **options) -> SSLMethod:
     return get_method(method).create(data, encoder=encoder, **check_options(method, options))
 
 
-__all__ = ["ArCL", "MoCo", "NNCLR", "SimCLRAttn", "SimSiam", "SimSiamMulti"]
-__all__ += ["COMMON_OPTIONS", "METHODS", "SSLMethod", "SimCLR", "check_options", "create_model", "get_method",
-           "method_options"]
+__all__ = ["AR", "COMMON_OPTIONS", "ClusterMIM", "DEAR", "MAE", "METHODS", "MLM", "ArCL", "MoCo", "NNCLR",
+           "SSLMethod", "SimCLR", "SimCLRAttn", "SimSiam", "SimSiamMulti", "VLM", "check_options", "create_model",
+           "get_method", "method_options"]
