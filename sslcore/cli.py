@@ -125,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             loss = "" if s["final_loss"] is None else f", final loss {s['final_loss']:.4f}"
             print(f"\n{s['method']} on {s['data']}: {s['epochs']} epochs{loss}, {s['total_time_s']:.1f}s on "
                   f"{s['device']}; held-out accuracy ({s['n_test']} test images):")
-            print(_table([(f"{s['method']} ({s['encoder']})", p["trained"]),
-                          (f"random init ({s['encoder']})", p["random_init"]), ("raw pixels", p["raw_pixels"])]))
+            enc = s["encoder_class"]
+            print(_table([(f"{s['method']} ({enc})", p["trained"]), (f"random init ({enc})", p["random_init"]),
+                          (s["raw_features"], p["raw_pixels"])]))
+            for name, value in s["eval"].items():  # the method's own held-out metrics
+                print(f"{name}: {value:.4f}")
             print(f"wrote {cfg.out}/summary.json, metrics.jsonl, checkpoint.pt")
         elif args.command in ("benchmark", "transfer"):
             benchmark.main_from_args(args, transfer=args.command == "transfer")

@@ -72,6 +72,27 @@ def test_resume_after_interruption_is_bit_identical(tiny_run, tmp_path, monkeypa
     assert [r["loss"] for r in _read_metrics(tmp_path)] == [r["loss"] for r in _read_metrics(full_out)]
 
 
+def test_resume_restores_the_global_rng_for_random_masks(tmp_path, monkeypatch):
+    """MAE draws its masks from torch's global RNG: the checkpoint carries that state too."""
+    tiny = dict(TINY, method="mae")
+    full = pretrain(PretrainConfig(out=str(tmp_path / "full"), **tiny))
+    real_save = loop.save_checkpoint
+
+    def save_then_crash(path, **state):
+        real_save(path, **state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(PretrainConfig(out=str(tmp_path / "cut"), **tiny))
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    torch.rand(100)  # whatever else draws from the global RNG in between must not matter
+    resumed = pretrain(PretrainConfig(out=str(tmp_path / "cut"), resume="", **tiny))
+    assert resumed["final_loss"] == full["final_loss"]
+    a, b = (load_checkpoint(tmp_path / d / "checkpoint.pt")["model"] for d in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("at_step", [1, 2])  # inside epoch 1; at epoch 1's last step (2 steps per epoch)
 def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_identically(at_step, tiny_run, tmp_path, monkeypatch):
     full_out, _ = tiny_run

@@ -21,6 +21,7 @@ class ImageData:
     y_test: torch.Tensor
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor]
     kind = "image"
+    raw_name = "raw pixels"  # what raw_features are, for tables
 
     @property
     def in_chans(self) -> int:

@@ -48,6 +48,7 @@ class TokenData:
     classes: tuple[str, ...] = ()
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] = field(default=_identity, repr=False)
     kind = "tokens"
+    raw_name = "token histogram"  # what raw_features are, for tables
 
     @property
     def seq_len(self) -> int:

@@ -2,8 +2,9 @@
 
 A checkpoint is a plain dict of tensors and Python scalars::
 
-    {"format": "sslcore-checkpoint", "version": 1, "method": str, "config": dict, "epoch": int,
-     "model": state_dict, "optimizer": state_dict, "generator": ByteTensor (data RNG state)}
+    {"format": "sslcore-checkpoint", "version": 2, "method": str, "config": dict, "epoch": int,
+     "model": state_dict, "optimizer": state_dict, "generator": ByteTensor (data RNG state),
+     "rng": {"cpu": ByteTensor, "cuda": ByteTensor | None} (torch's global RNG: masks, dropout)}
 
 ``epoch`` counts completed epochs.  A run stopped inside an epoch (Ctrl-C) adds
 ``"position": {"step": int, "perm": LongTensor, "losses": FloatTensor}``: the steps of epoch
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-FORMAT, VERSION = "sslcore-checkpoint", 1
-KEYS = ("method", "config", "epoch", "model", "optimizer", "generator")
+FORMAT, VERSION = "sslcore-checkpoint", 2
+KEYS = ("method", "config", "epoch", "model", "optimizer", "generator", "rng")
 
 
 class CheckpointError(ValueError):

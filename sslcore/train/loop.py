@@ -205,7 +205,23 @@ def _resume_state(cfg: PretrainConfig, model, optimizer, generator, steps_per_ep
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {cfg.resume!r} has an unusable optimizer/generator state: {e}") from None
     model.load_state_dict(ckpt["model"])
+    set_global_rng_state(ckpt["rng"], cfg.resume)
     return ckpt["epoch"], position
+
+
+def global_rng_state(device: torch.device) -> dict:
+    """torch's global RNG states (CPU, and the CUDA device's): what masking, dropout and init draw from."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_global_rng_state(state, path: str) -> None:
+    try:
+        torch.set_rng_state(state["cpu"])
+        if state["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
+    except (TypeError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path!r} has an unusable global RNG state: {e}") from None
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
@@ -265,7 +281,8 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, t_start: float) -> dict
     def save(epoch, **extra):
         if main:
             save_checkpoint(ckpt_path, method=cfg.method, config=config, epoch=epoch, model=model.state_dict(),
-                            optimizer=optimizer.state_dict(), generator=generator.get_state(), **extra)
+                            optimizer=optimizer.state_dict(), generator=generator.get_state(),
+                            rng=global_rng_state(device), **extra)
 
     total_steps, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -329,7 +346,8 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, t_start: float) -> dict
                   "raw_pixels": probe(data, None)}
         model.eval()
         method_eval = model.evaluate(data)
-        summary = {"method": cfg.method, "data": cfg.data, "encoder": cfg.encoder, "epochs": cfg.epochs,
+        summary = {"method": cfg.method, "data": cfg.data, "encoder": cfg.encoder,
+                   "encoder_class": type(model.encoder).__name__, "raw_features": data.raw_name, "epochs": cfg.epochs,
                    "final_loss": metrics[-1]["loss"] if metrics else None, "n_train": len(data.y_train),
                    "n_test": len(data.y_test), "device": str(device), "world_size": world,
                    "train_time_s": round(train_time, 2), "total_time_s": round(time.perf_counter() - t_start, 2),
