@@ -1,5 +1,6 @@
-"""``sslcore`` command line: ``pretrain`` (train + probe), ``eval`` (probe a checkpoint) and
-``oversmoothing`` (the ContraNorm depth study)."""
+"""``sslcore`` command line: ``pretrain`` (train + probe), ``eval`` (probe a checkpoint), the
+studies (``benchmark``, ``transfer``, ``oversmoothing``, ``mim-study``, ``ar-vs-mlm``) and the
+tokenizer tools (``tokenize``, ``tcas``)."""
 from __future__ import annotations
 
 import argparse
