@@ -8,7 +8,7 @@ import ast
 import math
 import sys
 
-from .data import DATASETS, check_data_spec
+from .data import DATASETS, data_spec_arg
 from .dist import is_main_process
 from .experiments import ar_vs_mlm, benchmark, clustermim, oversmoothing
 from .kernels import BACKENDS
@@ -32,13 +32,6 @@ def _positive(kind):
     return parse
 
 
-def _data_spec(text: str) -> str:
-    try:
-        return check_data_spec(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _option(text: str) -> tuple[str, object]:
     """``KEY=VALUE`` -> (key, value); the value is a Python literal (number, bool, ...) or else the string."""
     key, sep, value = text.partition("=")
@@ -57,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="self-supervised pretraining, then linear/k-NN probes")
     d = " (default: %(default)s)"
     p.add_argument("--method", choices=sorted(METHODS), default=_DEFAULTS.method, help="SSL method" + d)
-    p.add_argument("--data", type=_data_spec, default=_DEFAULTS.data,
+    p.add_argument("--data", type=data_spec_arg, default=_DEFAULTS.data,
                    help=f"dataset: {', '.join(DATASETS)} (NAME:PATH or NAME:SPEC)" + d)
     p.add_argument("--encoder", "--backbone", default=_DEFAULTS.encoder,
                    help="smallcnn or a timm model name[:small][,KEY=VALUE] (small: 3x3 stem for ResNets)" + d)
@@ -84,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="linear probe and k-NN accuracy of a pretraining checkpoint")
     e.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by pretrain")
     e.add_argument("--device", default="auto", help="where to compute features (default: %(default)s)")
-    e.add_argument("--data", type=_data_spec, help="probe on this dataset instead (transfer; default: the checkpoint's)")
+    e.add_argument("--data", type=data_spec_arg, help="probe on this dataset instead (transfer; default: the checkpoint's)")
     b = sub.add_parser("benchmark", help="every method on one dataset and budget: one table of probe accuracy, time")
     benchmark.add_arguments(b, transfer=False)
     tr = sub.add_parser("transfer", help="train on one shapes domain, probe the frozen encoder on the others")

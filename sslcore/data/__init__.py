@@ -1,6 +1,8 @@
 """Datasets for pretraining and probing, by ``--data`` spec (``name`` or ``name:PATH``)."""
 from __future__ import annotations
 
+import argparse
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -66,9 +68,17 @@ def check_data_spec(spec: str) -> str:
     return spec
 
 
+def data_spec_arg(text: str) -> str:
+    """``argparse`` ``type=`` for ``--data``: the spec, or the ``check_data_spec`` error as a usage error."""
+    try:
+        return check_data_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def load_dataset(spec: str) -> ImageData:
     name, _, path = check_data_spec(spec).partition(":")
     return DATASETS[name](path)
 
 
-__all__ = ["DATASETS", "ImageData", "check_data_spec", "load_dataset"]
+__all__ = ["data_spec_arg", "DATASETS", "ImageData", "check_data_spec", "load_dataset"]

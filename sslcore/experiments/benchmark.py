@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import load_dataset, shapes
+from ..data import data_spec_arg, load_dataset, shapes
 from ..dist import is_main_process
 from ..methods import COMMON_OPTIONS, METHODS, get_method, method_options
 from ..train import PretrainConfig, load_encoder, pretrain, probe
@@ -177,10 +177,10 @@ def transfer_table(result: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser, *, transfer: bool) -> None:
-    from ..cli import _data_spec, _positive  # the pretrain parser's checks (cli imports this module first)
+    from ..cli import _positive  # the pretrain parser's check (cli imports this module first)
 
     d = " (default: %(default)s)"
-    p.add_argument("--data", type=_data_spec, default="shapes:plain" if transfer else "digits",
+    p.add_argument("--data", type=data_spec_arg, default="shapes:plain" if transfer else "digits",
                    help=("the shapes source domain and settings, shapes:DOMAIN[,size=N,n=N,test=N,seed=S]" if transfer
                          else "dataset") + d)
     if transfer:

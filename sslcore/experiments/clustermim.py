@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import check_data_spec, load_dataset
+from ..data import data_spec_arg, load_dataset
 from ..metrics import tcas, token_class_nmi
 from ..methods.clustermim import TOKENIZER_HELP, build_tokenizer  # noqa: F401 - TOKENIZER_HELP for the CLI
 from ..methods.mae import MaskedImageModel
@@ -92,13 +92,6 @@ def study(*, data: str = "digits", epochs: int = 100, batch_size: int = 128, lr:
     return result
 
 
-def _data(text: str) -> str:
-    try:
-        return check_data_spec(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _ks(text: str) -> list[int]:
     try:
         ks = [int(t) for t in text.split(",")]
@@ -112,7 +105,7 @@ def _ks(text: str) -> list[int]:
 def add_tcas_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default="pixel,random",
                    help=f"comma-separated tokenizers, each {TOKENIZER_HELP} (default: %(default)s)")
-    p.add_argument("--data", type=_data, default="digits", help="image dataset (default: %(default)s)")
+    p.add_argument("--data", type=data_spec_arg, default="digits", help="image dataset (default: %(default)s)")
     p.add_argument("--n-clusters", type=_ks, default=None, help="comma-separated K values (default: per tokenizer)")
     p.add_argument("--patch-size", type=int, help="patch size (default: 2 for 8x8 images, 4 up to 64x64, else 16)")
     p.add_argument("--seed", type=int, default=0, help="k-means seed (default: %(default)s)")
@@ -128,7 +121,7 @@ def tcas_from_args(args: argparse.Namespace) -> list[dict]:
 
 def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default="pixel", help=f"{TOKENIZER_HELP} (default: %(default)s)")
-    p.add_argument("--data", type=_data, default="digits", help="image dataset to fit on (default: %(default)s)")
+    p.add_argument("--data", type=data_spec_arg, default="digits", help="image dataset to fit on (default: %(default)s)")
     p.add_argument("--n-clusters", type=int, help="K (default: 50 pixel, 1000 feature)")
     p.add_argument("--patch-size", type=int, help="patch size (default: 2 for 8x8 images, 4 up to 64x64, else 16)")
     p.add_argument("--seed", type=int, default=0, help="k-means seed (default: %(default)s)")
@@ -149,7 +142,7 @@ def tokenize_from_args(args: argparse.Namespace) -> dict:
 
 def add_study_arguments(p: argparse.ArgumentParser) -> None:
     d = " (default: %(default)s)"
-    p.add_argument("--data", type=_data, default="digits", help="image dataset" + d)
+    p.add_argument("--data", type=data_spec_arg, default="digits", help="image dataset" + d)
     p.add_argument("--epochs", type=int, default=100, help="epochs for MAE and for every ClusterMIM run" + d)
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 epochs, one K per tokenizer")
     p.add_argument("--seed", type=int, default=0, help=d.strip())
