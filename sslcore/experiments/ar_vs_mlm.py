@@ -103,15 +103,3 @@ def main_from_args(args: argparse.Namespace) -> dict:
     print("\n" + format_table(results))
     print(f"\n{results['total_seconds']:.0f}s; wrote {out / 'results.json'}")
     return results
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sslcore.experiments.ar_vs_mlm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    main_from_args(parser.parse_args(argv))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
