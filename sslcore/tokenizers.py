@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import timm
 import torch
