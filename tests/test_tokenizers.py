@@ -136,6 +136,8 @@ def test_feature_tokenizer_from_an_mae_checkpoint(digits, tmp_path):
     weights = torch.load(ckpt, weights_only=True)["model"]
     assert torch.equal(tok.model.pos_embed, weights["encoder.pos_embed"])
     assert tok.encode(digits.x_test[:3]).shape == (3, 16)
+    named = build_tokenizer("feature:vit_tiny_patch16_224", small, n_clusters=5, patch_size=2, backend="torch")
+    assert named.model.patch_embed.img_size == (8, 8) and named.encode(digits.x_test[:3]).shape == (3, 16)
     simclr = tmp_path / "simclr"
     pretrain(PretrainConfig(epochs=1, batch_size=32, limit=64, backend="torch", out=str(simclr)))
     with pytest.raises(ValueError, match="from method 'simclr'"):

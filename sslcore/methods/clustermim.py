@@ -6,14 +6,15 @@ cross-entropy of ``Linear(decoder_dim -> K)`` over the masked patches only.
 """
 from __future__ import annotations
 
+import timm
 import torch
 import torch.nn.functional as F
 
 from ..tokenizers import FeatureTokenizer, PixelTokenizer, RandomTokenizer, load_tokenizer
 from .mae import MAE, MaskedImageModel
 
-TOKENIZER_HELP = ("pixel | feature:CHECKPOINT (an mae/clustermim run's checkpoint.pt) | random (class-blind control) "
-                  "| a saved tokenizer file")
+TOKENIZER_HELP = ("pixel | feature:CHECKPOINT (an mae/clustermim run's checkpoint.pt) | feature:TIMM_VIT_NAME "
+                  "(randomly initialised: nothing is downloaded) | random (class-blind control) | a saved tokenizer file")
 
 
 def build_tokenizer(spec: str, data, *, n_clusters: int | None, patch_size: int, seed: int = 0,
@@ -27,9 +28,13 @@ def build_tokenizer(spec: str, data, *, n_clusters: int | None, patch_size: int,
         tok = PixelTokenizer(patch_size, 50 if n_clusters is None else n_clusters, in_chans=in_chans, seed=seed,
                              backend=backend)
     elif spec.startswith("feature:"):
-        name, kwargs = feature_model_spec(spec.partition(":")[2], data)
+        source = spec.partition(":")[2]
+        if timm.is_model(source):  # a timm ViT sized for the data's images
+            (name, kwargs), checkpoint = MaskedImageModel.encoder_spec(data, source, patch_size), None
+        else:
+            (name, kwargs), checkpoint = feature_model_spec(source, data), source
         tok = FeatureTokenizer(name, 1000 if n_clusters is None else n_clusters, model_kwargs=kwargs,
-                               checkpoint=spec.partition(":")[2], seed=seed, backend=backend)
+                               checkpoint=checkpoint, seed=seed, backend=backend)
         if tok.patch_size != patch_size:
             raise ValueError(f"the feature model's patch size {tok.patch_size} differs from the encoder's {patch_size}")
     else:
