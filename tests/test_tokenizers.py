@@ -199,7 +199,7 @@ def test_clustermim_targets_and_two_steps_lower_the_loss(digits, pixel_tok, tmp_
     expected = F.cross_entropy(pred[mask], pixel_tok.encode(x)[mask], label_smoothing=0.1)
     assert torch.allclose(loss, expected, atol=1e-5)
 
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # 3e-3 overshot in 5 of 30 seeds; 1e-3 in none
     losses = []
     for _ in range(3):  # the same masks every step: the loss on them must fall
         torch.manual_seed(5)
