@@ -22,7 +22,7 @@ def test_assign_fp32_matches_float64(seed, n, k, d):
     labels, dist = kmeans_assign(x, c, backend="triton")
     ref_l, ref_d = kmeans_assign_ref(x.double(), c.double())
     clear = _margin(x, c) > 1e-4 * ref_d.abs().max()  # rows whose nearest centroid fp32 can resolve
-    assert clear.float().mean() > 0.99
+    assert clear.float().mean() > 0.95  # over 2000 seeds the fewest clear rows were 97% (n=70)
     assert torch.equal(labels[clear], ref_l[clear])
     assert labels.dtype == torch.int64 and dist.dtype == torch.float32
     torch.testing.assert_close(dist.double(), ref_d, rtol=1e-5, atol=1e-4)
