@@ -48,7 +48,7 @@ class NNCLR(SSLMethod):
     def nearest(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(index [M], rows [M, D])``: each row's top-1 cosine neighbour among the filled support rows."""
         bank = self.support[:int(self.support_len)]
-        idx, _ = nearest_cosine(z.detach().float(), bank, backend=self.backend)
+        idx, _ = nearest_cosine(z.detach().to(bank.dtype), bank, backend=self.backend)
         return idx, bank[idx]
 
     @torch.no_grad()
@@ -56,7 +56,7 @@ class NNCLR(SSLMethod):
         """Write the unit-norm rows of ``z`` over the oldest support rows (wrapping around)."""
         size, n = self.support.shape[0], z.shape[0]
         slots = (int(self.support_ptr) + torch.arange(n, device=z.device)) % size
-        self.support[slots] = F.normalize(z.float(), dim=1)
+        self.support[slots] = F.normalize(z.to(self.support.dtype), dim=1)
         self.support_ptr.fill_((int(self.support_ptr) + n) % size)
         self.support_len.fill_(min(size, int(self.support_len) + n))
 
