@@ -69,8 +69,10 @@ def test_torch_path_matches_reference(seed, dtype):
     d = torch.cdist(x.double(), c.double()) ** 2
     gap = d.topk(2, largest=False).values.diff(dim=1).squeeze(1)
     clear = gap > 1e-3
-    assert clear.sum() > 900 and torch.equal(labels[clear], ref_l[clear])  # the 20 planted ties are not clear
-    assert (labels[:20] == 2).all()
+    # rows nearest to the duplicated centroid are exact ties (their share varies with the draw)
+    assert clear.sum() > 500 and torch.equal(labels[clear], ref_l[clear])
+    tied = ref_l == 2
+    assert tied[:20].all() and (labels[tied] == 2).all()
     assert dist.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     torch.testing.assert_close(dist.double(), ref_d, rtol=1e-5, atol=1e-4)
 
