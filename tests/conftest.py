@@ -35,3 +35,25 @@ def seed():
     s = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(s)
     return s
+
+
+@pytest.fixture
+def interrupted(monkeypatch):
+    """``interrupted(run)`` calls ``run()`` as if the process were killed right after its first
+    checkpoint was written (a KeyboardInterrupt out of ``save_checkpoint``)."""
+    import sslcore.train.loop as loop
+
+    real_save = loop.save_checkpoint
+
+    def save_then_crash(path, **state):
+        real_save(path, **state)
+        raise KeyboardInterrupt
+
+    def call(run):
+        monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run()
+        finally:
+            monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    return call

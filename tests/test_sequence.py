@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-import sslcore.train.loop as loop
 from sslcore.cli import build_parser
 from sslcore.data import load_dataset
 from sslcore.data.text import TokenData, load_pystdlib, split_files
@@ -226,23 +225,14 @@ def test_bad_input_raises_naming_the_argument(tmp_path):
         load_dataset(f"text:{corpus}:64")
 
 
-def test_pretrain_and_resume_on_a_tiny_text_corpus(tmp_path, monkeypatch):
+def test_pretrain_and_resume_on_a_tiny_text_corpus(tmp_path, interrupted):
     corpus = _corpus(tmp_path / "corpus", files_per_class=6, size=300)
     cfg = dict(method="dear", data=f"text:{corpus}:32", encoder="transformer-tiny", epochs=2, batch_size=8,
                warmup_epochs=0, options={"eval_samples": 16})
     summary = pretrain(PretrainConfig(out=str(tmp_path / "full"), **cfg))
     assert summary["eval"]["eval_samples"] == 16 and math.isfinite(summary["eval"]["gen_loss@50%"])
     assert 0 <= summary["probes"]["trained"]["linear"] <= 1
-    real_save = loop.save_checkpoint
-
-    def save_then_crash(path, **state):
-        real_save(path, **state)
-        raise KeyboardInterrupt  # killed right after epoch 1's checkpoint
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain(PretrainConfig(out=str(tmp_path / "part"), **cfg))
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    interrupted(lambda: pretrain(PretrainConfig(out=str(tmp_path / "part"), **cfg)))  # killed after epoch 1
     pretrain(PretrainConfig(out=str(tmp_path / "part"), resume="", **cfg))
     full, part = (load_checkpoint(tmp_path / d / "checkpoint.pt")["model"] for d in ("full", "part"))
     assert all(torch.equal(full[k], part[k]) for k in full)  # offsets come from (epoch, index): bit-exact resume

@@ -50,19 +50,10 @@ def test_pretrain_writes_metrics_summary_and_checkpoint(tiny_run):
     assert not list(out.glob("*.tmp"))  # the atomic write left no temp file
 
 
-def test_resume_after_interruption_is_bit_identical(tiny_run, tmp_path, monkeypatch):
+def test_resume_after_interruption_is_bit_identical(tiny_run, tmp_path, interrupted):
     full_out, _ = tiny_run
-    real_save = loop.save_checkpoint
-
-    def save_then_crash(path, **state):
-        real_save(path, **state)
-        raise KeyboardInterrupt  # killed right after epoch 1's checkpoint
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain(PretrainConfig(out=str(tmp_path), **TINY))
+    interrupted(lambda: pretrain(PretrainConfig(out=str(tmp_path), **TINY)))  # killed after epoch 1's checkpoint
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
 
     pretrain(PretrainConfig(out=str(tmp_path), resume="", **TINY))
     resumed, full = load_checkpoint(tmp_path / "checkpoint.pt"), load_checkpoint(full_out / "checkpoint.pt")
@@ -72,20 +63,11 @@ def test_resume_after_interruption_is_bit_identical(tiny_run, tmp_path, monkeypa
     assert [r["loss"] for r in _read_metrics(tmp_path)] == [r["loss"] for r in _read_metrics(full_out)]
 
 
-def test_resume_restores_the_global_rng_for_random_masks(tmp_path, monkeypatch):
+def test_resume_restores_the_global_rng_for_random_masks(tmp_path, interrupted):
     """MAE draws its masks from torch's global RNG: the checkpoint carries that state too."""
     tiny = dict(TINY, method="mae")
     full = pretrain(PretrainConfig(out=str(tmp_path / "full"), **tiny))
-    real_save = loop.save_checkpoint
-
-    def save_then_crash(path, **state):
-        real_save(path, **state)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain(PretrainConfig(out=str(tmp_path / "cut"), **tiny))
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    interrupted(lambda: pretrain(PretrainConfig(out=str(tmp_path / "cut"), **tiny)))
     torch.rand(100)  # whatever else draws from the global RNG in between must not matter
     resumed = pretrain(PretrainConfig(out=str(tmp_path / "cut"), resume="", **tiny))
     assert resumed["final_loss"] == full["final_loss"]
