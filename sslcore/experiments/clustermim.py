@@ -23,6 +23,11 @@ from ..methods.mae import MaskedImageModel
 from ..train import PretrainConfig, pretrain
 
 
+def _patch_size(data, patch_size: int | None) -> int:
+    """The patch size ClusterMIM's encoder uses on ``data`` (checked to divide the images)."""
+    return MaskedImageModel.encoder_spec(data, "smallcnn", patch_size)[1]["patch_size"]
+
+
 def score_tokenizer(tok, data, *, batch_size: int = 512) -> dict:
     """TCAS and NMI(token, class) of ``tok`` on ``data``'s held-out images."""
     tokens = torch.cat([tok.encode(x) for x in data.x_test.split(batch_size)]).cpu()
@@ -34,7 +39,7 @@ def tcas_table(specs: list[str], data_spec: str, n_clusters: list[int | None], *
                seed: int = 0) -> list[dict]:
     """One row per (tokenizer, K): fitted on the training images, scored on the held-out ones."""
     data = load_dataset(data_spec)
-    p = MaskedImageModel.encoder_spec(data, "smallcnn", patch_size)[1]["patch_size"]
+    p = _patch_size(data, patch_size)
     rows = []
     for spec in specs:
         for k in n_clusters:
@@ -69,7 +74,7 @@ def study(*, data: str = "digits", epochs: int = 100, batch_size: int = 128, lr:
                   warmup_epochs=max(1, epochs // 10))
     mae = pretrain(PretrainConfig(method="mae", out=str(out_dir / "mae"), **common))
     dataset = load_dataset(data)
-    p = MaskedImageModel.encoder_spec(dataset, "smallcnn", None)[1]["patch_size"]
+    p = _patch_size(dataset, None)
     specs = [("pixel", k) for k in pixel_k] + [(f"feature:{out_dir / 'mae' / 'checkpoint.pt'}", k) for k in feature_k]
     specs.append(("random", pixel_k[-1]))
     rows = []
@@ -131,7 +136,7 @@ def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
 def tokenize_from_args(args: argparse.Namespace) -> dict:
     """Fit a tokenizer on the training images, save it, and print its TCAS/NMI on the held-out ones."""
     data = load_dataset(args.data)
-    p = MaskedImageModel.encoder_spec(data, "smallcnn", args.patch_size)[1]["patch_size"]
+    p = _patch_size(data, args.patch_size)
     tok = build_tokenizer(args.tokenizer, data, n_clusters=args.n_clusters, patch_size=p, seed=args.seed)
     tok.save(args.out)
     row = {"tokenizer": args.tokenizer, "K": tok.n_clusters, **score_tokenizer(tok, data)}
