@@ -85,12 +85,18 @@ def contranorm_ref(h, *, scale, temperature=1.0, dual=False, identity=False, key
     return _combine(x, y, scale, identity, key_padding_mask)
 
 
-def contranorm_features_ref(h, *, scale, temperature=1.0):
-    """Feature-wise D-ContraNorm: ``H - s H softmax(H_hat^T H_hat / tau)``, columns normalised (D x D, small)."""
+def contranorm_features_ref(h, *, scale, temperature=1.0, identity=False):
+    """Feature-wise D-ContraNorm: ``H - s H softmax(H_hat^T H_hat / tau)`` (``identity``: ``(1 + s) H - s H P``).
+
+    ``H_hat`` has each token (row) L2-normalised, as in the paper and the authors' code; the D x D
+    softmax is row-wise and runs over the rows of ``h`` [N, D] or of each sequence of ``h`` [B, L, D].
+    The authors' reported OGB run is ``scale=1, temperature=1, identity=True``.  See docs/methods.md.
+    """
     x = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
-    xn = F.normalize(x, dim=-2)
+    xn = F.normalize(x, dim=-1)
     p = torch.softmax(xn.transpose(-1, -2) @ xn / temperature, dim=-1)
-    return (x - scale * (x @ p)).to(h.dtype)
+    out = (1 + scale) * x - scale * (x @ p) if identity else x - scale * (x @ p)
+    return out.to(h.dtype)
 
 
 def _combine(x, y, scale, identity, key_padding_mask):

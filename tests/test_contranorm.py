@@ -1,5 +1,6 @@
 """ContraNorm's fused update (Triton; the interpreter without a GPU) against its float64 reference."""
 import importlib
+import math
 
 import pytest
 import torch
@@ -150,11 +151,33 @@ def test_saved_tensors_linear_in_length(seed):
     assert max(sizes) <= b * l * d, sizes
 
 
-def test_feature_wise_reference():
-    h = torch.randn(2, 10, 6, dtype=torch.float64)
-    p = torch.softmax(torch.nn.functional.normalize(h, dim=1).transpose(1, 2)
-                      @ torch.nn.functional.normalize(h, dim=1) / 0.5, -1)
-    torch.testing.assert_close(contranorm_features_ref(h, scale=0.2, temperature=0.5), h - 0.2 * h @ p)
+def _d_contranorm_transcribed(x, s, tau, identity):
+    """D-ContraNorm written out element by element from the paper's formula (float64, loops):
+    x_hat_i = x_i / |x_i| per token; A_ab = exp(sum_i x_hat_ia x_hat_ib / tau) / sum_c (...);
+    out_ia = (1 + s [identity]) x_ia - s sum_b x_ib A_ba."""
+    n, d = len(x), len(x[0])
+    norms = [sum(v * v for v in row) ** 0.5 for row in x]
+    xh = [[v / nr for v in row] for row, nr in zip(x, norms)]
+    gram = [[sum(xh[i][a] * xh[i][b] for i in range(n)) / tau for b in range(d)] for a in range(d)]
+    attn = []
+    for a in range(d):
+        top = max(gram[a])
+        e = [math.exp(g - top) for g in gram[a]]
+        attn.append([v / sum(e) for v in e])
+    keep = 1 + s if identity else 1.0
+    return [[keep * x[i][a] - s * sum(x[i][b] * attn[b][a] for b in range(d)) for a in range(d)] for i in range(n)]
+
+
+@pytest.mark.parametrize("identity", [False, True])
+def test_feature_wise_reference_is_the_papers_formula(seed, identity):
+    """Tokens (rows) normalised, as the paper and the authors' code: a column-normalised version fails."""
+    h = torch.randn(3, 7, 5, dtype=torch.float64) * torch.rand(3, 7, 1, dtype=torch.float64) * 3
+    got = contranorm_features_ref(h, scale=0.7, temperature=0.6, identity=identity)
+    want = torch.tensor([_d_contranorm_transcribed(seq.tolist(), 0.7, 0.6, identity) for seq in h], dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    cols = torch.nn.functional.normalize(h, dim=-2)  # the old, wrong normalisation differs by O(1)
+    wrong = (1.7 if identity else 1.0) * h - 0.7 * h @ torch.softmax(cols.transpose(-1, -2) @ cols / 0.6, -1)
+    assert (wrong - want).abs().max() > 1e-3
 
 
 def test_fullgraph_trace(seed):
