@@ -8,9 +8,12 @@ random g.
 
 FLOPs counted for every row, attention-style (as FlashAttention counts, 2 FLOPs per multiply-add):
 7 * 2*B*L*L*D = 14*B*L^2*D (graph: 14*N^2*D) -- the forward's two L x L x D matmuls (S = H_hat H_hat^T,
-P H) and the backward's five (S recomputed, P^T G, G H^T, dS H_hat and dS^T H_hat).  The eager reference
-keeps P and so skips the recompute; the normalisation, the elementwise terms and the graph's O(E*D)
-sparse correction are not counted.  The count is the same for every impl, so TFLOP/s compares times.
+P H) and the backward's five.  The count is the same for every impl, so TFLOP/s compares times.
+
+The ``passes`` column is what each row's step really performs, in units of one L x L x D matmul over
+the batch: sslcore's from the matmuls the op launches (``record_launches``), the torch rows' from
+``torch.utils.flop_counter`` (eager keeps P, so it needs fewer passes and L x L memory); none for
+``torch.compile``.
 """
 from __future__ import annotations
 
@@ -19,9 +22,11 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from bench.harness import Case, Skip, pytest_case
 from sslcore.kernels import contranorm, contranorm_ref
+from sslcore.kernels.contranorm import record_launches
 
 SCALE, TAU = 0.1, 1.0
 DEGREE = 10  # edges per node in the random graph (E = DEGREE * N, symmetric)
@@ -91,6 +96,20 @@ def _sdpa(h, edge_index, case):
     return fn
 
 
+def _passes(impl, step, rows, length, d):
+    """Matmul passes of one step (see the module docstring); None where they cannot be counted."""
+    one = 2.0 * rows * length * length * d
+    if impl.startswith("sslcore"):
+        with record_launches() as log:
+            step()
+        return log.passes(rows, length, d)
+    if impl == "torch-compile":
+        return None
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / one or None  # 0: a kernel torch's counter has no formula for
+
+
 def _impls(device):
     """(impl, make, k: the step needs over k*4*B*L*L (k*4*N*N) bytes, note) for the rows of ``device``."""
     sdpa = ("torch-sdpa", _sdpa, 0, SDPA_NOTE)
@@ -132,6 +151,7 @@ def _case(impl, make, k, note, size, dtype, device):
             if gd is None:
                 gd = grads[out.dtype] = g.to(out.dtype)
             return torch.autograd.grad(out, h, gd)
+        case.passes = _passes(impl, step, rows, length, d)  # also the warm-up call
         return step
 
     op = "contranorm-graph" if graph else "contranorm"

@@ -42,6 +42,7 @@ class Case:
     device: str  # "cuda" or "cpu"
     min_bytes: float = 0.0  # lower bound on the step's extra memory: skipped up front above free memory
     note: str = ""
+    passes: float | None = None  # matmul passes one step performs, where the family's setup counts them
 
     @property
     def id(self) -> str:
@@ -196,7 +197,7 @@ def run_case(case: Case, timer=None) -> dict:
     return {
         "time": datetime.now().isoformat(timespec="seconds"), **env,
         "op": case.op, "impl": case.impl, "dtype": DTYPE_NAMES[case.dtype], "shape": dict(case.shape),
-        "flops": case.flops, "median_ms": ms, "peak_extra_mib": peak, "tflops": tflops,
+        "flops": case.flops, "median_ms": ms, "peak_extra_mib": peak, "tflops": tflops, "passes": case.passes,
         "frac_bf16_peak": tflops / peak_tflops if tflops and peak_tflops else None,
         "status": status, "note": case.note,
     }

@@ -48,12 +48,13 @@ def markdown(rows: list[dict]) -> str:
     for op in dict.fromkeys(r["op"] for r in rows):
         rs = [r for r in rows if r["op"] == op]
         sizes = list(dict.fromkeys(k for r in rs for k in r["shape"]))
-        head = ["impl", "dtype", *sizes, *NUMBERS, "status"]
-        align = ["---"] * 2 + ["---:"] * (len(sizes) + len(NUMBERS)) + ["---"]
+        numbers = {**NUMBERS, **({"passes": "passes"} if any(r.get("passes") is not None for r in rs) else {})}
+        head = ["impl", "dtype", *sizes, *numbers, "status"]
+        align = ["---"] * 2 + ["---:"] * (len(sizes) + len(numbers)) + ["---"]
         lines = [f"**{op}**", "", "| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"]
         for r in rs:
-            nums = [r[key] for key in NUMBERS.values()]
-            nums[-1] = None if nums[-1] is None else 100 * nums[-1]
+            nums = [r.get(key) for key in numbers.values()]
+            nums[3] = None if nums[3] is None else 100 * nums[3]  # the fraction of peak, as a percentage
             cells = [r["impl"], r["dtype"], *(str(r["shape"].get(k, "")) for k in sizes), *map(fmt, nums), r["status"]]
             lines.append("| " + " | ".join(cells) + " |")
         notes = dict.fromkeys((r["impl"], r["note"]) for r in rs if r["note"])

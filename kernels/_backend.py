@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -24,6 +25,23 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
 BACKENDS = ("auto", "triton", "torch")
 HAS_TRITON = triton is not None
+
+
+class KernelSpec(NamedTuple):
+    """One compiled variant of a kernel, for the ahead-of-time compile test (tests/aot.py).
+
+    ``args`` maps every non-constexpr parameter to an example value as a launch would pass it
+    (tensors, ints, floats, None): the test derives each argument's type and its launch-time
+    specialisation (``tt.divisibility = 16``, ints equal to 1 made constant) from these values,
+    exactly as Triton's launcher does.  ``mma``: the kernel's main loop runs on tensor cores.
+    """
+    name: str
+    fn: object
+    args: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    mma: bool
 
 
 def interpreting() -> bool:
@@ -99,8 +117,27 @@ def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
 
 
 def check_positive(name: str, value: float) -> None:
+    """A finite number > 0.  Not while ``torch.compile`` traces: a float argument can then be a
+    ``SymFloat`` (after a recompile for a new value), whose value is unknown; modules check theirs
+    when built."""
+    if torch.compiler.is_compiling():
+        return
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def validating(device: torch.device, validate: bool | None = None) -> bool:
+    """Whether to run the checks that read tensor *values* (finiteness, index ranges).
+
+    They need the data on the host, which on CUDA is a synchronisation per call: there they run
+    only when asked (``validate=True`` or ``SSLCORE_VALIDATE=1``).  On the CPU they are free and
+    always run unless ``validate=False``.  Never while ``torch.compile`` traces.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if validate is not None:
+        return bool(validate)
+    return device.type == "cpu" or os.environ.get("SSLCORE_VALIDATE", "0") == "1"
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:

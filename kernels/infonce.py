@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import (
-    HAS_TRITON, cdiv, check_finite, check_float, check_positive, check_reduction, check_same,
+    HAS_TRITON, KernelSpec, cdiv, check_finite, check_float, check_positive, check_reduction, check_same,
     interpreting, new_output, resolve_backend, tl, triton,
 )
 from ._tiles import autotuned, block_d, block_do, d_chunks, precision as _precision, sim_tile as _sim_tile, upcast as _upcast
@@ -257,23 +257,23 @@ INTERP_CONFIG = (32, 32, 1, 1)
 
 
 def aot_specs(dtype: str = "bf16", d: int = 128):
-    """Every autotune config of every kernel as ``(name, fn, signature, constexprs, warps, stages)``
-    for ahead-of-time compilation (tests/test_compile.py)."""
-    ptr = "*" + dtype
-    fwd_sig = {"A": ptr, "B": ptr, "LSE": "*fp32", "M": "i32", "N": "i32", "D": "i32",
-               "stride_a": "i32", "stride_b": "i32", "scale2": "fp32"}
-    bwd_sig = {"A": ptr, "B": ptr, "C": ptr, "OUT": ptr, "LSE_R": "*fp32", "G_R": "*fp32", "LSE_C": "*fp32",
-               "G_C": "*fp32", "GSCALE": "*fp32", "M": "i32", "N": "i32", "D": "i32", "stride_a": "i32",
-               "stride_b": "i32", "stride_c": "i32", "stride_o": "i32", "scale2": "fp32", "out_scale": "fp32"}
+    """Every autotune config of every kernel as a :class:`KernelSpec` (tests/test_compile.py), with the
+    launch arguments of the self form at M = 65,536 (all pointers aligned, dims divisible by 16)."""
+    t = torch.empty(16, dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
+    f32 = torch.empty(16)
+    m = 65536
+    fwd_args = dict(A=t, B=t, LSE=f32, M=m, N=m, D=d, stride_a=d, stride_b=d, scale2=2.88)
+    bwd_args = dict(A=t, B=t, C=t, OUT=t, LSE_R=f32, G_R=f32, LSE_C=f32, G_C=f32, GSCALE=f32, M=m, N=m, D=d,
+                    stride_a=d, stride_b=d, stride_c=d, stride_o=d, scale2=2.88, out_scale=2.0)
     common = {"EXCLUDE_SELF": True, "UPCAST": False, "PRECISION": "ieee", "BLOCK_D": block_d(d), "D_CHUNKS": d_chunks(d)}
     specs = []
     for bm, bn, warps, stages in FWD_CONFIGS:
-        specs.append((f"infonce_lse_fwd[{bm}x{bn}w{warps}s{stages}]", _lse_fwd_kernel, fwd_sig,
-                      dict(common, BLOCK_M=bm, BLOCK_N=bn), warps, stages))
+        specs.append(KernelSpec(f"infonce_lse_fwd[{bm}x{bn}w{warps}s{stages}]", _lse_fwd_kernel, fwd_args,
+                                dict(common, BLOCK_M=bm, BLOCK_N=bn), warps, stages, mma=True))
     for bm, bn, warps, stages in BWD_CONFIGS:
-        specs.append((f"infonce_lse_bwd[{bm}x{bn}w{warps}s{stages}]", _lse_bwd_kernel, bwd_sig,
-                      dict(common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DO=block_do(d), HAS_ROW=True, HAS_COL=True),
-                      warps, stages))
+        specs.append(KernelSpec(f"infonce_lse_bwd[{bm}x{bn}w{warps}s{stages}]", _lse_bwd_kernel, bwd_args,
+                                dict(common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DO=block_do(d), HAS_ROW=True, HAS_COL=True),
+                                warps, stages, mma=True))
     return specs
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import (
-    HAS_TRITON, cdiv, check_finite, check_float, check_same, interpreting, new_output, resolve_backend, tl, triton,
+    HAS_TRITON, KernelSpec, cdiv, check_finite, check_float, check_same, interpreting, new_output, resolve_backend, tl, triton,
 )
 from ._tiles import autotuned, block_d, d_chunks, sim_tile, upcast
 
@@ -90,12 +90,14 @@ if HAS_TRITON:
 
 
 def aot_specs(dtype: str = "bf16", d: int = 128):
-    """Every autotune config as ``(name, fn, signature, constexprs, warps, stages)`` (tests/test_compile.py)."""
-    ptr = "*" + dtype
-    sig = {"X": ptr, "C": ptr, "HALF_NORM": "*fp32", "LABEL": "*i64", "SCORE": "*fp32", "N": "i32", "K": "i32",
-           "D": "i32", "stride_x": "i32", "stride_c": "i32"}
+    """Every autotune config as a :class:`KernelSpec` (tests/test_compile.py), with the launch arguments of
+    N = 10^7 points and K = 8192 centroids (pointers aligned, dims divisible by 16)."""
+    t = torch.empty(16, dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
+    args = dict(X=t, C=t, HALF_NORM=torch.empty(16), LABEL=torch.empty(16, dtype=torch.int64), SCORE=torch.empty(16),
+                N=10**7, K=8192, D=d, stride_x=d, stride_c=d)
     common = {"UPCAST": False, "PRECISION": "ieee", "BLOCK_D": block_d(d), "D_CHUNKS": d_chunks(d)}
-    return [(f"kmeans_assign[{bm}x{bn}w{w}s{st}]", _assign_kernel, sig, dict(common, BLOCK_M=bm, BLOCK_N=bn), w, st)
+    return [KernelSpec(f"kmeans_assign[{bm}x{bn}w{w}s{st}]", _assign_kernel, args, dict(common, BLOCK_M=bm, BLOCK_N=bn),
+                       w, st, mma=True)
             for bm, bn, w, st in ASSIGN_CONFIGS]
 
 

@@ -1,8 +1,15 @@
-"""Ahead-of-time compile of every kernel config (run as a script, without TRITON_INTERPRET).
+"""Ahead-of-time compile of every kernel variant, as the binary a launch really builds.
 
-Prints one JSON object per (kernel config, dtype, D, arch): shared memory, whether tensor-core
-instructions are in the PTX, the spill bytes ptxas -v reports, or the error.  tests/test_compile.py
-runs this in a subprocess because the interpreter replaces @triton.jit functions in-process.
+Run as a script (without TRITON_INTERPRET): prints one JSON object per (kernel variant, dtype, D,
+arch) with shared memory, registers, spills, the tensor-core instructions in the PTX (and the
+widths of the wgmma ones), or the error.  tests/test_compile.py runs it in a subprocess because
+the interpreter replaces @triton.jit functions in-process.
+
+Each kernel module's ``aot_specs(dtype, d)`` gives :class:`~sslcore.kernels._backend.KernelSpec`s
+with example launch arguments.  The signature is derived from those values by Triton's own
+``specialize_impl``, as its launcher does: 16-byte-aligned pointers and integers divisible by 16
+get ``tt.divisibility = 16`` and integers equal to 1 become constants.  Without those attributes
+the compile is a different binary (no async copies, other registers, other shared memory).
 """
 import importlib
 import json
@@ -15,9 +22,10 @@ from concurrent.futures import ProcessPoolExecutor
 
 FAMILIES = ["sslcore.kernels.infonce", "sslcore.kernels.contranorm", "sslcore.kernels.kmeans"]
 DTYPES = ("bf16", "fp16")
-DIMS = (128, 768)
+DIMS = {"sslcore.kernels.infonce": (128, 256, 384, 768), "sslcore.kernels.kmeans": (128, 256),
+        "sslcore.kernels.contranorm": (0,)}  # ContraNorm's kernels are elementwise: D does not enter them
 ARCHS = {80: "sm_80", 90: "sm_90a"}
-TENSOR_CORE = {80: r"\bmma\.sync", 90: r"\bwgmma\."}
+TENSOR_CORE = {80: r"\bmma\.sync", 90: r"\bwgmma\.mma_async"}
 
 
 def cases():
@@ -26,10 +34,34 @@ def cases():
     for fam in FAMILIES:
         module = importlib.import_module(fam)
         for dtype in DTYPES:
-            for d in DIMS:
+            for d in DIMS[fam]:
                 for i, spec in enumerate(module.aot_specs(dtype, d)):
-                    out += [(fam, dtype, d, i, spec[0], cc) for cc in ARCHS]
+                    out += [(fam, dtype, d, i, spec.name, cc) for cc in ARCHS]
     return out
+
+
+def case_id(case) -> str:
+    fam, dtype, d, _, name, cc = case
+    return f"{name}-{dtype}{f'-D{d}' if d else ''}-sm{cc}"
+
+
+def launch_signature(spec):
+    """``(signature, constexprs, attrs)`` exactly as the launcher derives them from ``spec.args``."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    signature, constexprs, attrs = {}, dict(spec.constexprs), {}
+    for i, name in enumerate(spec.fn.arg_names):
+        if name in spec.constexprs:
+            signature[name] = "constexpr"
+            continue
+        kind, spec_key = native_specialize_impl(BaseBackend, spec.args[name], False, True, True)[:2]
+        signature[name] = kind
+        if kind == "constexpr":  # an int equal to 1 (or None) is compiled in as a constant
+            constexprs[name] = spec.args[name]
+        elif spec_key and isinstance(spec_key, str):
+            attrs[(i,)] = BaseBackend.parse_attr(spec_key)
+    return signature, constexprs, attrs
 
 
 def compile_case(case):
@@ -38,12 +70,13 @@ def compile_case(case):
     from triton.compiler import ASTSource
 
     fam, dtype, d, i, name, cc = case
-    _, fn, signature, constexprs, warps, stages = importlib.import_module(fam).aot_specs(dtype, d)[i]
-    res = {"id": f"{name}-{dtype}-D{d}-sm{cc}"}
+    spec = importlib.import_module(fam).aot_specs(dtype, d)[i]
+    res = {"id": case_id(case), "mma_expected": spec.mma}
     try:
-        sig = dict(signature, **{k: "constexpr" for k in constexprs})
-        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
-                                target=GPUTarget("cuda", cc, 32), options={"num_warps": warps, "num_stages": stages})
+        signature, constexprs, attrs = launch_signature(spec)
+        kernel = triton.compile(ASTSource(fn=spec.fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                                target=GPUTarget("cuda", cc, 32),
+                                options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
         ptx = kernel.asm["ptx"]
         ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
         with tempfile.TemporaryDirectory() as tmp:
@@ -54,6 +87,8 @@ def compile_case(case):
                                  capture_output=True, text=True, check=True)
         report = rep.stdout + rep.stderr
         res.update(shared=kernel.metadata.shared, tensor_core=bool(re.search(TENSOR_CORE[cc], ptx)),
+                   wgmma_n=sorted({int(n) for n in re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k", ptx)}),
+                   divisible=sorted(spec.fn.arg_names[k[0]] for k in attrs),
                    spills=[int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)],
                    registers=[int(x) for x in re.findall(r"Used (\d+) registers", report)])
     except Exception as exc:  # reported per case by the test
