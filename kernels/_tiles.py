@@ -50,19 +50,6 @@ if HAS_TRITON:
         return tl.dot(a, bt, acc, input_precision=PRECISION)
 
     @triton.jit
-    def sim_tile_loop(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                      UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-        """:func:`sim_tile` with a runtime loop over D: fewer live registers, for a second tile."""
-        dd = tl.arange(0, BLOCK_D)
-        a_ptrs = A + tl.min(rows, 0).to(tl.int64) * stride_a + tl.arange(0, BLOCK_M)[:, None] * stride_a + dd[None, :]
-        bt_ptrs = B + tl.min(cols, 0).to(tl.int64) * stride_b + tl.arange(0, BLOCK_N)[None, :] * stride_b + dd[:, None]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            acc = _chunk_dot(a_ptrs, bt_ptrs, d0, dd, rmask, cmask, D, acc, UPCAST, PRECISION)
-        return acc
-
-    @triton.jit
     def sim_tile(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -80,18 +67,4 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for c in tl.static_range(D_CHUNKS):
             acc = _chunk_dot(a_base + a_off, b_base + bt_off, c * BLOCK_D, dd, rmask, cmask, D, acc, UPCAST, PRECISION)
-        return acc
-
-    @triton.jit
-    def sim_tile_any(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
-                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-        """:func:`sim_tile` for narrow rows (up to 2 chunks, unrolled), :func:`sim_tile_loop` for wide
-        ones (a runtime loop over D keeps fewer registers live)."""
-        if D_CHUNKS <= 2:
-            acc = sim_tile(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
-                           BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
-        else:
-            acc = sim_tile_loop(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
-                                BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
         return acc

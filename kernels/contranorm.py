@@ -41,8 +41,8 @@ from ._backend import (
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # Bytes of chunk buffers (3 per chunk) the op may hold at once: the chunk is as many whole sequences,
-# or graph rows, as fit (at least one).  At B=32, L=4096, bf16: 5 sequences; graph N=131072: 682 rows.
-CHUNK_BYTES = 512 * 2**20
+# or graph rows, as fit (at least one).  bf16 at L = 4096: 4 sequences; a graph of N = 131,072: 512 rows.
+CHUNK_BYTES = 384 * 2**20
 N_BUFFERS = 3
 
 # ---------------------------------------------------------------------------------------------
@@ -652,10 +652,10 @@ def contranorm(h: torch.Tensor, *, scale, temperature: float = 1.0, dual: bool =
                              "any row); use backend='torch' for it")
         return contranorm_ref(h, scale=scale, temperature=temperature, dual=True, identity=identity,
                               edge_index=edge_index).to(h.dtype)
-    # rows normalised with an fp32 (fp64) norm: no fp16 overflow; q in h's dtype for the matmuls
+    # rows normalised by an fp32 (fp64) norm -- no fp16 overflow -- applied in h's dtype (no wide copy of h)
     wide = torch.promote_types(h.dtype, torch.float32)
     norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True, dtype=wide).clamp_min(1e-12)
-    q = (h / norm).to(h.dtype)
+    q = h * (1.0 / norm).to(h.dtype)
     if be == "torch" and edge_index is None and not dual:  # torch's fused attention: exact, fastest on a CPU
         keep = ~key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
         y = F.scaled_dot_product_attention(q[:, None], q[:, None], h[:, None], attn_mask=keep,
