@@ -86,6 +86,44 @@ def test_learnable_scale_gets_a_gradient(seed, positive):
     torch.testing.assert_close(param.grad, want)
 
 
+@pytest.mark.parametrize("options", [dict(scale=0.5), dict(scale=2.0, dual=True), dict(scale=0.3, identity=True),
+                                     dict(scale=0.3, learnable=True, positive=True)])
+def test_no_token_axis_is_layernorm_bit_exact(seed, options):
+    """[B, D] (timm's fc_norm after pooling) and [D]: nn.LayerNorm, outputs and gradients bit for bit."""
+    cn = _randomise_affine(ContraNorm(24, **options))
+    ln = torch.nn.LayerNorm(24, eps=1e-6)
+    ln.load_state_dict(cn.state_dict(), strict=False)
+    for shape in [(5, 24), (24,)]:
+        x = torch.randn(shape, requires_grad=True)
+        g = torch.randn(shape)
+        got = cn(x)
+        (dx_cn,) = torch.autograd.grad(got, x, g)
+        want = ln(x)
+        (dx_ln,) = torch.autograd.grad(want, x, g)
+        assert torch.equal(got, want) and torch.equal(dx_cn, dx_ln)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_extra_leading_axes_are_batched(seed, backend):
+    """[B, heads, L, D] (timm's qk_norm) is each [L, D] slice on its own; a mask broadcasts to x.shape[:-1]."""
+    x = torch.randn(2, 3, 6, 8)
+    mask = torch.zeros(2, 1, 6, dtype=torch.bool)
+    mask[1, 0, 4:] = True
+    cn = _randomise_affine(ContraNorm(8, scale=0.4, temperature=0.5, backend=backend))
+    with torch.no_grad():
+        got, got_masked = cn(x), cn(x, mask)
+        assert got.shape == got_masked.shape == x.shape
+        assert not torch.allclose(got_masked[1], got[1])
+        torch.testing.assert_close(got_masked[0], got[0])
+        for i in range(2):
+            for j in range(3):
+                torch.testing.assert_close(got[i, j], cn(x[i, j][None])[0])
+                torch.testing.assert_close(got_masked[i, j], cn(x[i, j][None], mask[i, 0][None])[0])
+        # a strided view (timm permutes q/k) gives the same as its contiguous copy
+        xt = x.transpose(1, 2).contiguous().transpose(1, 2)
+        torch.testing.assert_close(cn(xt), got)
+
+
 def test_graph_mode_matches_reference(seed):
     data = stochastic_block_model(num_blocks=3, block_size=10, p_in=0.3, p_out=0.05, num_features=12)
     x = torch.randn(30, 12, dtype=torch.float64)
@@ -111,13 +149,32 @@ def test_bad_options(kwargs, match):
         ContraNorm(8, **kwargs)
 
 
+@pytest.mark.parametrize("dim,error", [(-3, ValueError), (0, ValueError), (8.0, TypeError), (True, TypeError)])
+def test_bad_dim_is_named_first(dim, error):
+    for cls in (ContraNorm, DContraNorm):
+        with pytest.raises(error, match="dim must be"):
+            cls(dim, scale=-1.0)  # the bad dim is reported before the bad scale
+
+
 def test_bad_inputs():
     cn = ContraNorm(8, backend="torch")
-    with pytest.raises(ValueError, match="dim=8"):
-        cn(torch.randn(2, 5, 6))
-    for shape in [(5, 8), (2, 3, 5, 8), (8,)]:
-        with pytest.raises(ValueError, match=r"\[B, L, D\]"):
+    for shape in [(2, 5, 6), (2, 3, 5, 6), (5, 6), (6,)]:
+        with pytest.raises(ValueError, match="dim=8"):
             cn(torch.randn(shape))
+    with pytest.raises(ValueError, match=r"\[\.\.\., L, D\]"):
+        cn(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="x must be a tensor"):
+        cn([[1.0] * 8])
+    with pytest.raises(ValueError, match="key_padding_mask needs tokens"):  # no token axis, nothing to mask
+        cn(torch.randn(5, 8), key_padding_mask=torch.zeros(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        cn(torch.randn(2, 3, 5, 8), key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        cn(torch.randn(2, 5, 8), key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="key_padding_mask"):
+        cn(torch.randn(2, 5, 8), key_padding_mask=[[False] * 5] * 2)
+    with pytest.raises(TypeError, match="key_padding_mask"):  # the op's own check: bool only
+        cn(torch.randn(2, 5, 8), key_padding_mask=torch.zeros(2, 5))
     with pytest.raises(ValueError, match="graph=True"):
         cn(torch.randn(2, 5, 8), edge_index=torch.zeros(2, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="key_padding_mask"):  # the op's own check
