@@ -196,18 +196,71 @@ def test_bad_inputs():
 # timm.
 
 
-def test_timm_vit_with_contranorm_norm_layer_trains(seed):
-    model = timm.create_model("vit_tiny_patch16_224", norm_layer=partial(ContraNorm, scale=0.2), **TINY_VIT)
-    norms = [model.norm] + [n for b in model.blocks for n in (b.norm1, b.norm2)]
-    assert all(type(n) is ContraNorm and n.scale == 0.2 and n.eps == 1e-6 for n in norms)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
-    before = model.blocks[0].attn.qkv.weight.clone()
-    loss = F.cross_entropy(model(x), y)
+# Every ViT family in timm that takes norm_layer: (model, options, norm slots that must exist).  fc_norm gets
+# [B, D] (after average pooling), qk_norm [B, heads, L, head_dim], the rest [B, L, D].
+TIMM_FAMILIES = {
+    "vit": ("vit_tiny_patch16_224", {}, ["blocks.1.norm1", "blocks.1.norm2", "norm"]),
+    "vit-avg-fc_norm": ("vit_tiny_patch16_224", dict(global_pool="avg", class_token=False, fc_norm=True),
+                        ["fc_norm"]),
+    "vit-qk_norm": ("vit_tiny_patch16_224", dict(qk_norm=True), ["blocks.0.attn.q_norm", "blocks.0.attn.k_norm"]),
+    "vit-reg_tokens": ("vit_tiny_patch16_224", dict(reg_tokens=4), ["norm"]),
+    "deit": ("deit_tiny_patch16_224", {}, ["norm"]),
+    "deit-distilled": ("deit_tiny_distilled_patch16_224", {}, ["norm"]),
+    "deit3": ("deit3_small_patch16_224", {}, ["norm"]),
+    "eva02": ("eva02_tiny_patch14_224", {}, ["fc_norm"]),  # its default: average pooling, then fc_norm
+    "eva02-inner-norms": ("eva02_tiny_patch14_224", dict(qk_norm=True, scale_mlp=True, scale_attn_inner=True),
+                          ["blocks.0.attn.q_norm", "blocks.0.attn.norm", "blocks.0.mlp.norm", "fc_norm"]),
+    "beit": ("beit_base_patch16_224", {}, ["fc_norm"]),  # its default: average pooling, then fc_norm
+}
+SMALL_VIT = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=2, num_heads=2, num_classes=5)
+
+
+def _norm_slots(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+
+
+def _train_one_step(model):
+    """One SGD step on a random batch: the loss and every gradient are finite, every norm's weight has a
+    non-zero gradient (eva and beit scale the head's init down, so theirs can be too small to move the weight
+    in fp32), and the step changes the weights."""
+    model.train()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    loss = F.cross_entropy(model(torch.randn(3, 1, 8, 8)), torch.tensor([1, 2, 3]))
+    assert torch.isfinite(loss)
     loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-    opt.step()
-    assert not torch.equal(before, model.blocks[0].attn.qkv.weight)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert [name for name, n in _norm_slots(model).items() if not n.weight.grad.any()] == []
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    moved = {name for name, p in model.named_parameters() if not torch.equal(before[name], p)}
+    assert {"head.weight", "blocks.0.attn.proj.weight"} <= moved
+
+
+@pytest.mark.parametrize("family", TIMM_FAMILIES)
+def test_timm_family_with_contranorm_norm_layer_trains(seed, family):
+    arch, options, slots = TIMM_FAMILIES[family]
+    model = timm.create_model(arch, norm_layer=partial(ContraNorm, scale=0.1, backend="torch"), **SMALL_VIT,
+                              **options)
+    norms = _norm_slots(model)
+    # every LayerNorm slot of the plain model is a ContraNorm (eps 1e-6, the layer's default)
+    assert norms.keys() == _norm_slots(timm.create_model(arch, **SMALL_VIT, **options)).keys() >= set(slots)
+    assert all(type(n) is ContraNorm and n.scale == 0.1 and n.eps == 1e-6 for n in norms.values())
+    _train_one_step(model)
+
+
+def test_timm_qk_norm_and_fc_norm_on_the_default_backend(seed):
+    """backend="auto" (the Triton interpreter here) inside a ViT with qk_norm and fc_norm, against the torch path."""
+    options = dict(SMALL_VIT, depth=1, qk_norm=True, global_pool="avg", class_token=False, fc_norm=True)
+    model = timm.create_model("vit_tiny_patch16_224", norm_layer=partial(ContraNorm, scale=0.3), **options)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        got = model(x)
+        for n in _norm_slots(model).values():
+            n.backend = "torch"
+        torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-5)
+        for n in _norm_slots(model).values():
+            n.backend = "auto"
+    _train_one_step(model)
 
 
 def test_registered_timm_names():
