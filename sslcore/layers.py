@@ -142,24 +142,26 @@ class ContraNorm(nn.LayerNorm):
 
 
 class DContraNorm(nn.Module):
-    """Feature-wise D-ContraNorm: ``H - s * H softmax(H_hat^T H_hat / tau)``, columns of H L2-normalised.
+    """Feature-wise D-ContraNorm: ``H - s * H P`` (``identity``: ``(1 + s) H - s H P``), no LayerNorm, no parameters.
 
-    The D x D softmax runs over the rows of ``x`` [N, D] (a graph's nodes) or of each sequence of
-    ``x`` [B, L, D]; no LayerNorm, no parameters.
+    ``P = softmax(H_hat^T H_hat / tau)``, the D x D softmax taken row-wise, with ``H_hat`` = each token
+    (row) of H L2-normalised; the tokens are the rows of ``x`` [N, D] (a graph's nodes) or of each
+    sequence of ``x`` [B, L, D].  The authors' reported ogbn-arxiv run is ``scale=1, temperature=1,
+    identity=True``.
     """
 
-    def __init__(self, dim: int, scale: float = 0.1, temperature: float = 1.0):
+    def __init__(self, dim: int, scale: float = 0.1, temperature: float = 1.0, identity: bool = False):
         super().__init__()
         _check_dim(dim)
         _check_scale_temperature(scale, temperature)
-        self.dim, self.scale, self.temperature = dim, float(scale), float(temperature)
+        self.dim, self.scale, self.temperature, self.identity = dim, float(scale), float(temperature), identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.dim, (2, 3), "[N, D] or [B, L, D]")
-        return contranorm_features_ref(x, scale=self.scale, temperature=self.temperature)
+        return contranorm_features_ref(x, scale=self.scale, temperature=self.temperature, identity=self.identity)
 
     def extra_repr(self) -> str:
-        return f"{self.dim}, scale={self.scale}, temperature={self.temperature}"
+        return f"{self.dim}, scale={self.scale}, temperature={self.temperature}, identity={self.identity}"
 
 
 # ---------------------------------------------------------------------------------------------

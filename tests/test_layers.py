@@ -133,9 +133,16 @@ def test_graph_mode_matches_reference(seed):
     torch.testing.assert_close(cn(x, edge_index=data.edge_index), want)
 
 
-def test_dcontranorm_matches_feature_reference(seed):
-    x = torch.randn(2, 10, 8)
-    torch.testing.assert_close(DContraNorm(8, scale=0.3)(x), contranorm_features_ref(x, scale=0.3))
+@pytest.mark.parametrize("identity", [False, True])
+def test_dcontranorm_matches_feature_reference(seed, identity):
+    x = torch.randn(2, 10, 8, dtype=torch.float64)
+    layer = DContraNorm(8, scale=0.3, temperature=0.5, identity=identity)
+    want = contranorm_features_ref(x, scale=0.3, temperature=0.5, identity=identity)
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+    # the formula written out: tokens (rows) L2-normalised, D x D softmax row-wise
+    for h in x:
+        p = torch.softmax(F.normalize(h, dim=1).T @ F.normalize(h, dim=1) / 0.5, dim=1)
+        torch.testing.assert_close(layer(h), (1.3 if identity else 1.0) * h - 0.3 * h @ p, rtol=1e-12, atol=1e-12)
     assert DContraNorm(8)(torch.randn(30, 8)).shape == (30, 8)
 
 
