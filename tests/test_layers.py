@@ -307,6 +307,42 @@ def test_gcn_forward_backward(seed, norm):
         assert all(type(b.norm) is ContraNorm and b.norm.graph for b in model.blocks)
 
 
+def test_gcn_contranorm_is_the_authors_gnn_layer(seed):
+    """LayerNorm((1 + s) H - s P H) with eps 1e-5, then ReLU; s in the authors' convention, default 1."""
+    data = stochastic_block_model(num_blocks=3, block_size=8, p_in=0.4, p_out=0.05, num_features=6, seed=1)
+    assert GCN(6, 3, norm="contranorm").blocks[0].norm.scale == 1.0
+    model = GCN(6, 3, hidden=16, depth=3, norm="contranorm", contranorm_scale=0.7).double()
+    block = model.blocks[1]
+    _randomise_affine(block.norm)
+    h = torch.randn(24, 16, dtype=torch.float64)
+    want = F.layer_norm(contranorm_ref(h, scale=0.7, identity=True, edge_index=data.edge_index), (16,),
+                        block.norm.weight, block.norm.bias, eps=1e-5)
+    torch.testing.assert_close(block.norm(h, data.edge_index), want, rtol=1e-12, atol=1e-12)
+    adj = normalized_adjacency(data.edge_index, 24).double()
+    torch.testing.assert_close(block(h, adj, data.edge_index),
+                               F.relu(block.norm(block.conv(h, adj), data.edge_index)), rtol=0, atol=0)
+    # s = 0 is the LayerNorm GCN exactly
+    torch.manual_seed(0)
+    cn = GCN(6, 3, hidden=16, depth=3, norm="contranorm", contranorm_scale=0.0)
+    torch.manual_seed(0)
+    ln = GCN(6, 3, hidden=16, depth=3, norm="layernorm")
+    assert torch.equal(cn(data.x, data.edge_index), ln(data.x, data.edge_index))
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_identity_form_is_the_plain_form_with_s_over_1_plus_s(seed, graph):
+    """LN_eps((1 + a) H - a P H) = LN_eps'(H - b P H) with b = a / (1 + a), eps' = eps / (1 + a)^2: LayerNorm
+    takes out the factor 1 + a, so an identity-form s = a is a plain-form s = b (docs/methods.md)."""
+    data = stochastic_block_model(num_blocks=3, block_size=8, p_in=0.4, p_out=0.05, num_features=6, seed=1)
+    x = torch.randn(24, 12, dtype=torch.float64) if graph else torch.randn(2, 9, 12, dtype=torch.float64)
+    args = (x, data.edge_index) if graph else (x,)
+    for a in (0.2, 1.0, 3.0):
+        ident = ContraNorm(12, scale=a, identity=True, eps=1e-5, graph=graph, dtype=torch.float64)
+        plain = ContraNorm(12, scale=a / (1 + a), eps=1e-5 / (1 + a) ** 2, graph=graph, dtype=torch.float64)
+        torch.testing.assert_close(ident(*args), plain(*args), rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(ident(*args), ContraNorm(12, scale=a, graph=graph, dtype=torch.float64)(*args))
+
+
 def test_sbm_is_seeded_and_split():
     a, b = stochastic_block_model(seed=3), stochastic_block_model(seed=3)
     assert torch.equal(a.edge_index, b.edge_index) and torch.equal(a.x, b.x)
@@ -368,6 +404,7 @@ def test_oversmoothing_quick_cli(tmp_path, capsys):
     assert cli_main(["oversmoothing", "--quick", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "(a) ViT" in printed and "(b) GCN" in printed
+    assert "ContraNorm LN((1+s)H - sPH) as the authors' GNN (= LN(H - s'PH), s' = s/(1+s) = 0.5)" in printed
     results = json.loads((tmp_path / "results.json").read_text())
     assert {r["depth"] for r in results["gcn"]} == set(results["config"]["gcn_depths"])
     assert all(0 <= r["accuracy"] <= 1 and r["layers"] for r in results["vit"] + results["gcn"])
