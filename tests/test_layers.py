@@ -124,6 +124,20 @@ def test_extra_leading_axes_are_batched(seed, backend):
         torch.testing.assert_close(cn(xt), got)
 
 
+def test_learnable_identity_is_one_plus_s_per_channel(seed):
+    """learnable + identity: (1 + s) H - s P H per channel, as the fixed-scale identity form (not the
+    authors' s H - s P H in this one case; docs/methods.md)."""
+    cn = _randomise_affine(ContraNorm(8, learnable=True, identity=True, backend="torch", dtype=torch.float64))
+    with torch.no_grad():
+        cn.scale.uniform_(0.1, 0.9)
+    s = cn.scale.detach()
+    x = torch.randn(2, 7, 8, dtype=torch.float64)
+    xn = F.normalize(x, dim=-1)
+    px = torch.softmax(xn @ xn.transpose(-1, -2), dim=-1) @ x
+    torch.testing.assert_close(cn(x), F.layer_norm((1 + s) * x - s * px, (8,), cn.weight, cn.bias, 1e-6))
+    assert not torch.allclose(cn(x), F.layer_norm(s * x - s * px, (8,), cn.weight, cn.bias, 1e-6), atol=1e-3)
+
+
 def test_graph_mode_matches_reference(seed):
     data = stochastic_block_model(num_blocks=3, block_size=10, p_in=0.3, p_out=0.05, num_features=12)
     x = torch.randn(30, 12, dtype=torch.float64)
