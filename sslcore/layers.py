@@ -2,7 +2,8 @@
 
 ``ContraNorm(H) = LayerNorm(H - s * softmax(H_hat H_hat^T / tau) H)`` (H_hat: rows L2-normalised),
 a drop-in for ``nn.LayerNorm`` and timm's ``norm_layer``.  Importing this module registers
-``contranorm_vit_{tiny,small,base}_patch16_224`` with timm.
+``contranorm_vit_{tiny,small,base}_patch16_224`` with timm.  Formulas, variants, conventions and
+how they differ from the authors' code: docs/methods.md.
 """
 from __future__ import annotations
 
@@ -26,34 +27,64 @@ def _check_scale_temperature(scale, temperature):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
+def _check_dim(dim):
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int (the number of channels), got {type(dim).__name__}")
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1 (the number of channels), got {dim}")
+
+
 def _check_input(x, dim, ranks, what):
+    """``ranks``: the allowed ``x.dim()`` (None: any >= 1)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if x.dim() not in ranks:
+    if x.dim() == 0 or (ranks is not None and x.dim() not in ranks):
         raise ValueError(f"x must be {what}, got shape {tuple(x.shape)}")
     if x.shape[-1] != dim:
         raise ValueError(f"x has {x.shape[-1]} channels but the layer was built for dim={dim}")
+
+
+def _broadcast_mask(key_padding_mask, shape):
+    """``key_padding_mask`` broadcast to ``shape`` (the input's shape without its channel axis)."""
+    if not isinstance(key_padding_mask, torch.Tensor):
+        raise TypeError(f"key_padding_mask must be a bool tensor, got {type(key_padding_mask).__name__}")
+    try:
+        return key_padding_mask.expand(shape)
+    except RuntimeError:
+        raise ValueError(f"key_padding_mask of shape {tuple(key_padding_mask.shape)} does not broadcast to "
+                         f"{tuple(shape)}, the input's shape without its channel axis") from None
 
 
 class ContraNorm(nn.LayerNorm):
     """``LayerNorm(H - s * softmax(H_hat H_hat^T / tau) H)``; with ``s = 0`` exactly ``nn.LayerNorm(dim, eps)``.
 
     A subclass of ``nn.LayerNorm`` (same ``weight``/``bias``, so LayerNorm checkpoints load), usable
-    as timm's ``norm_layer``: ``partial(ContraNorm, scale=0.1)``.
+    as timm's ``norm_layer``: ``partial(ContraNorm, scale=0.1)``.  Inputs (``D = dim``):
 
-    * sequences (default): ``forward(x [B, L, D], key_padding_mask [B, L] = None)`` -- the softmax
-      runs over the tokens of each sequence, padding keys excluded, padding rows only LayerNorm'ed;
-    * ``graph=True``: ``forward(x [N, D], edge_index [2, E])`` -- over all nodes except each node
-      itself and its neighbours (pass ``temperature=1``, the paper's graph setting).
+    * ``[B, L, D]`` tokens with an optional ``key_padding_mask`` [B, L] (True = padding): the softmax
+      runs over the tokens of each sequence, never across the batch; padding tokens take no part in it
+      and are only LayerNorm'ed;
+    * ``[..., L, D]`` with more leading axes (timm's ``qk_norm``: ``[B, heads, L, head_dim]``): each
+      ``[L, D]`` slice is one sequence (the input is batched as ``[-1, L, D]``); a ``key_padding_mask``
+      must broadcast to ``x.shape[:-1]``;
+    * ``[B, D]`` or ``[D]``, no token axis (timm's ``fc_norm`` after pooling): exactly
+      ``nn.LayerNorm``, for every ``s``.  A token alone has only itself to contrast with (``P = 1``),
+      so the update would merely scale it by ``1 - s`` (``identity``: leave it as is), which the
+      LayerNorm removes anyway for a scalar ``s < 1``;
+    * ``graph=True``: ``x`` [N, D] and ``edge_index`` [2, E] (also positional: ``norm(x, edge_index)``):
+      the softmax runs over all nodes except each node itself and its neighbours.
 
-    ``dual``: ``P + P^T`` instead of ``P``; ``identity``: ``(1 + s) H - s P H``.  ``learnable``: a
-    per-channel scale ``[dim]`` initialised to ``scale`` (``positive``: stored as ``log s``, used as
-    ``exp``).  ``backend`` is the op's (``"auto"``, ``"triton"``, ``"torch"``).
+    ``dual``: ``P + P^T`` instead of ``P``.  ``identity``: ``(1 + s) H - s P H``; under the LayerNorm
+    this equals the plain form with ``s / (1 + s)`` (up to ``eps``).  ``learnable``: a per-channel scale
+    ``[dim]`` initialised to ``scale`` (``positive``: stored as ``log s``, used as ``exp``); with
+    ``identity`` too this is ``(1 + s) H - s P H`` per channel, where the authors' ViT code has
+    ``s H - s P H`` in that one case.  ``backend`` is the op's (``"auto"``, ``"triton"``, ``"torch"``).
     """
 
     def __init__(self, dim: int, scale: float = 0.1, temperature: float = 1.0, dual: bool = False,
                  identity: bool = False, learnable: bool = False, positive: bool = False, eps: float = 1e-6,
                  graph: bool = False, backend: str = "auto", *, device=None, dtype=None):
+        _check_dim(dim)
         _check_scale_temperature(scale, temperature)
         if positive and not learnable:
             raise ValueError("positive=True applies to a learnable scale: pass learnable=True too")
@@ -77,25 +108,32 @@ class ContraNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
                 edge_index: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` [B, L, D] with an optional ``key_padding_mask`` [B, L] (True = padding); with
-        ``graph=True``, ``x`` [N, D] and ``edge_index`` [2, E], also accepted positionally: ``norm(x, edge_index)``."""
+        """``x`` [..., L, D] with an optional ``key_padding_mask`` broadcastable to ``x.shape[:-1]``
+        (True = padding), or ``x`` [B, D] / [D] (LayerNorm only); with ``graph=True``, ``x`` [N, D] and
+        ``edge_index`` [2, E], also accepted positionally: ``norm(x, edge_index)``."""
         if self.graph:
             if key_padding_mask is not None and edge_index is not None:
                 raise ValueError("graph=True takes edge_index only, not a key_padding_mask")
             edge_index = key_padding_mask if edge_index is None else edge_index
-            key_padding_mask = None
             _check_input(x, self.normalized_shape[0], (2,), "[N, D] node features (graph=True)")
             if edge_index is None:
                 raise ValueError("graph=True needs edge_index [2, E]")
-        else:
-            if edge_index is not None:
-                raise ValueError("edge_index needs a graph layer: ContraNorm(dim, graph=True)")
-            _check_input(x, self.normalized_shape[0], (3,),
-                         "[B, L, D] tokens (for [N, D] graph nodes build ContraNorm(dim, graph=True))")
-        h = contranorm(x, scale=self.effective_scale(), temperature=self.temperature, dual=self.dual,
-                       identity=self.identity, key_padding_mask=key_padding_mask, edge_index=edge_index,
+            h = contranorm(x, scale=self.effective_scale(), temperature=self.temperature, dual=self.dual,
+                           identity=self.identity, edge_index=edge_index, backend=self.backend)
+            return F.layer_norm(h, self.normalized_shape, self.weight, self.bias, self.eps)
+        if edge_index is not None:
+            raise ValueError("edge_index needs a graph layer: ContraNorm(dim, graph=True)")
+        _check_input(x, self.normalized_shape[0], None, "[..., L, D] tokens, or [B, D] / [D]")
+        if x.dim() < 3:  # no token axis: plain LayerNorm (see the class docstring)
+            if key_padding_mask is not None:
+                raise ValueError(f"key_padding_mask needs tokens [..., L, D], got x of shape {tuple(x.shape)}")
+            return super().forward(x)
+        if key_padding_mask is not None:
+            key_padding_mask = _broadcast_mask(key_padding_mask, x.shape[:-1]).reshape(-1, x.shape[-2])
+        h = contranorm(x.reshape(-1, *x.shape[-2:]), scale=self.effective_scale(), temperature=self.temperature,
+                       dual=self.dual, identity=self.identity, key_padding_mask=key_padding_mask,
                        backend=self.backend)
-        return F.layer_norm(h, self.normalized_shape, self.weight, self.bias, self.eps)
+        return F.layer_norm(h, self.normalized_shape, self.weight, self.bias, self.eps).reshape(x.shape)
 
     def extra_repr(self) -> str:
         scale = f"learnable{'(positive)' if self.positive else ''}" if self.learnable else self.scale
@@ -104,23 +142,26 @@ class ContraNorm(nn.LayerNorm):
 
 
 class DContraNorm(nn.Module):
-    """Feature-wise D-ContraNorm: ``H - s * H softmax(H_hat^T H_hat / tau)``, columns of H L2-normalised.
+    """Feature-wise D-ContraNorm: ``H - s * H P`` (``identity``: ``(1 + s) H - s H P``), no LayerNorm, no parameters.
 
-    The D x D softmax runs over the rows of ``x`` [N, D] (a graph's nodes) or of each sequence of
-    ``x`` [B, L, D]; no LayerNorm, no parameters.
+    ``P = softmax(H_hat^T H_hat / tau)``, the D x D softmax taken row-wise, with ``H_hat`` = each token
+    (row) of H L2-normalised; the tokens are the rows of ``x`` [N, D] (a graph's nodes) or of each
+    sequence of ``x`` [B, L, D].  The authors' reported ogbn-arxiv run is ``scale=1, temperature=1,
+    identity=True``.
     """
 
-    def __init__(self, dim: int, scale: float = 0.1, temperature: float = 1.0):
+    def __init__(self, dim: int, scale: float = 0.1, temperature: float = 1.0, identity: bool = False):
         super().__init__()
+        _check_dim(dim)
         _check_scale_temperature(scale, temperature)
-        self.dim, self.scale, self.temperature = dim, float(scale), float(temperature)
+        self.dim, self.scale, self.temperature, self.identity = dim, float(scale), float(temperature), identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.dim, (2, 3), "[N, D] or [B, L, D]")
-        return contranorm_features_ref(x, scale=self.scale, temperature=self.temperature)
+        return contranorm_features_ref(x, scale=self.scale, temperature=self.temperature, identity=self.identity)
 
     def extra_repr(self) -> str:
-        return f"{self.dim}, scale={self.scale}, temperature={self.temperature}"
+        return f"{self.dim}, scale={self.scale}, temperature={self.temperature}, identity={self.identity}"
 
 
 # ---------------------------------------------------------------------------------------------

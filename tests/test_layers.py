@@ -86,6 +86,58 @@ def test_learnable_scale_gets_a_gradient(seed, positive):
     torch.testing.assert_close(param.grad, want)
 
 
+@pytest.mark.parametrize("options", [dict(scale=0.5), dict(scale=2.0, dual=True), dict(scale=0.3, identity=True),
+                                     dict(scale=0.3, learnable=True, positive=True)])
+def test_no_token_axis_is_layernorm_bit_exact(seed, options):
+    """[B, D] (timm's fc_norm after pooling) and [D]: nn.LayerNorm, outputs and gradients bit for bit."""
+    cn = _randomise_affine(ContraNorm(24, **options))
+    ln = torch.nn.LayerNorm(24, eps=1e-6)
+    ln.load_state_dict(cn.state_dict(), strict=False)
+    for shape in [(5, 24), (24,)]:
+        x = torch.randn(shape, requires_grad=True)
+        g = torch.randn(shape)
+        got = cn(x)
+        (dx_cn,) = torch.autograd.grad(got, x, g)
+        want = ln(x)
+        (dx_ln,) = torch.autograd.grad(want, x, g)
+        assert torch.equal(got, want) and torch.equal(dx_cn, dx_ln)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_extra_leading_axes_are_batched(seed, backend):
+    """[B, heads, L, D] (timm's qk_norm) is each [L, D] slice on its own; a mask broadcasts to x.shape[:-1]."""
+    x = torch.randn(2, 3, 6, 8)
+    mask = torch.zeros(2, 1, 6, dtype=torch.bool)
+    mask[1, 0, 4:] = True
+    cn = _randomise_affine(ContraNorm(8, scale=0.4, temperature=0.5, backend=backend))
+    with torch.no_grad():
+        got, got_masked = cn(x), cn(x, mask)
+        assert got.shape == got_masked.shape == x.shape
+        assert not torch.allclose(got_masked[1], got[1])
+        torch.testing.assert_close(got_masked[0], got[0])
+        for i in range(2):
+            for j in range(3):
+                torch.testing.assert_close(got[i, j], cn(x[i, j][None])[0])
+                torch.testing.assert_close(got_masked[i, j], cn(x[i, j][None], mask[i, 0][None])[0])
+        # a strided view (timm permutes q/k) gives the same as its contiguous copy
+        xt = x.transpose(1, 2).contiguous().transpose(1, 2)
+        torch.testing.assert_close(cn(xt), got)
+
+
+def test_learnable_identity_is_one_plus_s_per_channel(seed):
+    """learnable + identity: (1 + s) H - s P H per channel, as the fixed-scale identity form (not the
+    authors' s H - s P H in this one case; docs/methods.md)."""
+    cn = _randomise_affine(ContraNorm(8, learnable=True, identity=True, backend="torch", dtype=torch.float64))
+    with torch.no_grad():
+        cn.scale.uniform_(0.1, 0.9)
+    s = cn.scale.detach()
+    x = torch.randn(2, 7, 8, dtype=torch.float64)
+    xn = F.normalize(x, dim=-1)
+    px = torch.softmax(xn @ xn.transpose(-1, -2), dim=-1) @ x
+    torch.testing.assert_close(cn(x), F.layer_norm((1 + s) * x - s * px, (8,), cn.weight, cn.bias, 1e-6))
+    assert not torch.allclose(cn(x), F.layer_norm(s * x - s * px, (8,), cn.weight, cn.bias, 1e-6), atol=1e-3)
+
+
 def test_graph_mode_matches_reference(seed):
     data = stochastic_block_model(num_blocks=3, block_size=10, p_in=0.3, p_out=0.05, num_features=12)
     x = torch.randn(30, 12, dtype=torch.float64)
@@ -95,9 +147,16 @@ def test_graph_mode_matches_reference(seed):
     torch.testing.assert_close(cn(x, edge_index=data.edge_index), want)
 
 
-def test_dcontranorm_matches_feature_reference(seed):
-    x = torch.randn(2, 10, 8)
-    torch.testing.assert_close(DContraNorm(8, scale=0.3)(x), contranorm_features_ref(x, scale=0.3))
+@pytest.mark.parametrize("identity", [False, True])
+def test_dcontranorm_matches_feature_reference(seed, identity):
+    x = torch.randn(2, 10, 8, dtype=torch.float64)
+    layer = DContraNorm(8, scale=0.3, temperature=0.5, identity=identity)
+    want = contranorm_features_ref(x, scale=0.3, temperature=0.5, identity=identity)
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+    # the formula written out: tokens (rows) L2-normalised, D x D softmax row-wise
+    for h in x:
+        p = torch.softmax(F.normalize(h, dim=1).T @ F.normalize(h, dim=1) / 0.5, dim=1)
+        torch.testing.assert_close(layer(h), (1.3 if identity else 1.0) * h - 0.3 * h @ p, rtol=1e-12, atol=1e-12)
     assert DContraNorm(8)(torch.randn(30, 8)).shape == (30, 8)
 
 
@@ -111,13 +170,32 @@ def test_bad_options(kwargs, match):
         ContraNorm(8, **kwargs)
 
 
+@pytest.mark.parametrize("dim,error", [(-3, ValueError), (0, ValueError), (8.0, TypeError), (True, TypeError)])
+def test_bad_dim_is_named_first(dim, error):
+    for cls in (ContraNorm, DContraNorm):
+        with pytest.raises(error, match="dim must be"):
+            cls(dim, scale=-1.0)  # the bad dim is reported before the bad scale
+
+
 def test_bad_inputs():
     cn = ContraNorm(8, backend="torch")
-    with pytest.raises(ValueError, match="dim=8"):
-        cn(torch.randn(2, 5, 6))
-    for shape in [(5, 8), (2, 3, 5, 8), (8,)]:
-        with pytest.raises(ValueError, match=r"\[B, L, D\]"):
+    for shape in [(2, 5, 6), (2, 3, 5, 6), (5, 6), (6,)]:
+        with pytest.raises(ValueError, match="dim=8"):
             cn(torch.randn(shape))
+    with pytest.raises(ValueError, match=r"\[\.\.\., L, D\]"):
+        cn(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="x must be a tensor"):
+        cn([[1.0] * 8])
+    with pytest.raises(ValueError, match="key_padding_mask needs tokens"):  # no token axis, nothing to mask
+        cn(torch.randn(5, 8), key_padding_mask=torch.zeros(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        cn(torch.randn(2, 3, 5, 8), key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        cn(torch.randn(2, 5, 8), key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="key_padding_mask"):
+        cn(torch.randn(2, 5, 8), key_padding_mask=[[False] * 5] * 2)
+    with pytest.raises(TypeError, match="key_padding_mask"):  # the op's own check: bool only
+        cn(torch.randn(2, 5, 8), key_padding_mask=torch.zeros(2, 5))
     with pytest.raises(ValueError, match="graph=True"):
         cn(torch.randn(2, 5, 8), edge_index=torch.zeros(2, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="key_padding_mask"):  # the op's own check
@@ -139,18 +217,71 @@ def test_bad_inputs():
 # timm.
 
 
-def test_timm_vit_with_contranorm_norm_layer_trains(seed):
-    model = timm.create_model("vit_tiny_patch16_224", norm_layer=partial(ContraNorm, scale=0.2), **TINY_VIT)
-    norms = [model.norm] + [n for b in model.blocks for n in (b.norm1, b.norm2)]
-    assert all(type(n) is ContraNorm and n.scale == 0.2 and n.eps == 1e-6 for n in norms)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
-    before = model.blocks[0].attn.qkv.weight.clone()
-    loss = F.cross_entropy(model(x), y)
+# Every ViT family in timm that takes norm_layer: (model, options, norm slots that must exist).  fc_norm gets
+# [B, D] (after average pooling), qk_norm [B, heads, L, head_dim], the rest [B, L, D].
+TIMM_FAMILIES = {
+    "vit": ("vit_tiny_patch16_224", {}, ["blocks.1.norm1", "blocks.1.norm2", "norm"]),
+    "vit-avg-fc_norm": ("vit_tiny_patch16_224", dict(global_pool="avg", class_token=False, fc_norm=True),
+                        ["fc_norm"]),
+    "vit-qk_norm": ("vit_tiny_patch16_224", dict(qk_norm=True), ["blocks.0.attn.q_norm", "blocks.0.attn.k_norm"]),
+    "vit-reg_tokens": ("vit_tiny_patch16_224", dict(reg_tokens=4), ["norm"]),
+    "deit": ("deit_tiny_patch16_224", {}, ["norm"]),
+    "deit-distilled": ("deit_tiny_distilled_patch16_224", {}, ["norm"]),
+    "deit3": ("deit3_small_patch16_224", {}, ["norm"]),
+    "eva02": ("eva02_tiny_patch14_224", {}, ["fc_norm"]),  # its default: average pooling, then fc_norm
+    "eva02-inner-norms": ("eva02_tiny_patch14_224", dict(qk_norm=True, scale_mlp=True, scale_attn_inner=True),
+                          ["blocks.0.attn.q_norm", "blocks.0.attn.norm", "blocks.0.mlp.norm", "fc_norm"]),
+    "beit": ("beit_base_patch16_224", {}, ["fc_norm"]),  # its default: average pooling, then fc_norm
+}
+SMALL_VIT = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=2, num_heads=2, num_classes=5)
+
+
+def _norm_slots(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+
+
+def _train_one_step(model):
+    """One SGD step on a random batch: the loss and every gradient are finite, every norm's weight has a
+    non-zero gradient (eva and beit scale the head's init down, so theirs can be too small to move the weight
+    in fp32), and the step changes the weights."""
+    model.train()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    loss = F.cross_entropy(model(torch.randn(3, 1, 8, 8)), torch.tensor([1, 2, 3]))
+    assert torch.isfinite(loss)
     loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-    opt.step()
-    assert not torch.equal(before, model.blocks[0].attn.qkv.weight)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert [name for name, n in _norm_slots(model).items() if not n.weight.grad.any()] == []
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    moved = {name for name, p in model.named_parameters() if not torch.equal(before[name], p)}
+    assert {"head.weight", "blocks.0.attn.proj.weight"} <= moved
+
+
+@pytest.mark.parametrize("family", TIMM_FAMILIES)
+def test_timm_family_with_contranorm_norm_layer_trains(seed, family):
+    arch, options, slots = TIMM_FAMILIES[family]
+    model = timm.create_model(arch, norm_layer=partial(ContraNorm, scale=0.1, backend="torch"), **SMALL_VIT,
+                              **options)
+    norms = _norm_slots(model)
+    # every LayerNorm slot of the plain model is a ContraNorm (eps 1e-6, the layer's default)
+    assert norms.keys() == _norm_slots(timm.create_model(arch, **SMALL_VIT, **options)).keys() >= set(slots)
+    assert all(type(n) is ContraNorm and n.scale == 0.1 and n.eps == 1e-6 for n in norms.values())
+    _train_one_step(model)
+
+
+def test_timm_qk_norm_and_fc_norm_on_the_default_backend(seed):
+    """backend="auto" (the Triton interpreter here) inside a ViT with qk_norm and fc_norm, against the torch path."""
+    options = dict(SMALL_VIT, depth=1, qk_norm=True, global_pool="avg", class_token=False, fc_norm=True)
+    model = timm.create_model("vit_tiny_patch16_224", norm_layer=partial(ContraNorm, scale=0.3), **options)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        got = model(x)
+        for n in _norm_slots(model).values():
+            n.backend = "torch"
+        torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-5)
+        for n in _norm_slots(model).values():
+            n.backend = "auto"
+    _train_one_step(model)
 
 
 def test_registered_timm_names():
@@ -188,6 +319,42 @@ def test_gcn_forward_backward(seed, norm):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     if norm == "contranorm":
         assert all(type(b.norm) is ContraNorm and b.norm.graph for b in model.blocks)
+
+
+def test_gcn_contranorm_is_the_authors_gnn_layer(seed):
+    """LayerNorm((1 + s) H - s P H) with eps 1e-5, then ReLU; s in the authors' convention, default 1."""
+    data = stochastic_block_model(num_blocks=3, block_size=8, p_in=0.4, p_out=0.05, num_features=6, seed=1)
+    assert GCN(6, 3, norm="contranorm").blocks[0].norm.scale == 1.0
+    model = GCN(6, 3, hidden=16, depth=3, norm="contranorm", contranorm_scale=0.7).double()
+    block = model.blocks[1]
+    _randomise_affine(block.norm)
+    h = torch.randn(24, 16, dtype=torch.float64)
+    want = F.layer_norm(contranorm_ref(h, scale=0.7, identity=True, edge_index=data.edge_index), (16,),
+                        block.norm.weight, block.norm.bias, eps=1e-5)
+    torch.testing.assert_close(block.norm(h, data.edge_index), want, rtol=1e-12, atol=1e-12)
+    adj = normalized_adjacency(data.edge_index, 24).double()
+    torch.testing.assert_close(block(h, adj, data.edge_index),
+                               F.relu(block.norm(block.conv(h, adj), data.edge_index)), rtol=0, atol=0)
+    # s = 0 is the LayerNorm GCN exactly
+    torch.manual_seed(0)
+    cn = GCN(6, 3, hidden=16, depth=3, norm="contranorm", contranorm_scale=0.0)
+    torch.manual_seed(0)
+    ln = GCN(6, 3, hidden=16, depth=3, norm="layernorm")
+    assert torch.equal(cn(data.x, data.edge_index), ln(data.x, data.edge_index))
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_identity_form_is_the_plain_form_with_s_over_1_plus_s(seed, graph):
+    """LN_eps((1 + a) H - a P H) = LN_eps'(H - b P H) with b = a / (1 + a), eps' = eps / (1 + a)^2: LayerNorm
+    takes out the factor 1 + a, so an identity-form s = a is a plain-form s = b (docs/methods.md)."""
+    data = stochastic_block_model(num_blocks=3, block_size=8, p_in=0.4, p_out=0.05, num_features=6, seed=1)
+    x = torch.randn(24, 12, dtype=torch.float64) if graph else torch.randn(2, 9, 12, dtype=torch.float64)
+    args = (x, data.edge_index) if graph else (x,)
+    for a in (0.2, 1.0, 3.0):
+        ident = ContraNorm(12, scale=a, identity=True, eps=1e-5, graph=graph, dtype=torch.float64)
+        plain = ContraNorm(12, scale=a / (1 + a), eps=1e-5 / (1 + a) ** 2, graph=graph, dtype=torch.float64)
+        torch.testing.assert_close(ident(*args), plain(*args), rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(ident(*args), ContraNorm(12, scale=a, graph=graph, dtype=torch.float64)(*args))
 
 
 def test_sbm_is_seeded_and_split():
@@ -251,6 +418,7 @@ def test_oversmoothing_quick_cli(tmp_path, capsys):
     assert cli_main(["oversmoothing", "--quick", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "(a) ViT" in printed and "(b) GCN" in printed
+    assert "ContraNorm LN((1+s)H - sPH) as the authors' GNN (= LN(H - s'PH), s' = s/(1+s) = 0.5)" in printed
     results = json.loads((tmp_path / "results.json").read_text())
     assert {r["depth"] for r in results["gcn"]} == set(results["config"]["gcn_depths"])
     assert all(0 <= r["accuracy"] <= 1 and r["layers"] for r in results["vit"] + results["gcn"])

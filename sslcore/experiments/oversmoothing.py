@@ -3,7 +3,9 @@
 (a) timm ViTs (2x2 patches of the 8x8 digits, width 64) of depth 6/12/24, LayerNorm vs ContraNorm
     in every norm slot, trained supervised for a few epochs;
 (b) GCNs of depth 2..64 on a seeded stochastic-block-model graph: plain (conv -> ReLU),
-    LayerNorm (conv -> LN -> ReLU) and ContraNorm (conv -> ContraNorm -> ReLU).
+    LayerNorm (conv -> LN -> ReLU) and ContraNorm (conv -> ContraNorm -> ReLU), ContraNorm in the
+    authors' GNN form LN((1+s)H - sPH), eps 1e-5; s = 1 is s' = s/(1+s) = 0.5 in the plain form
+    LN(H - s'PH) of the ViTs and of earlier runs of this study (docs/methods.md).
 
 For each model: test accuracy and, per layer, the effective rank ``exp(entropy(sigma / sum sigma))``
 and the mean pairwise cosine similarity of the tokens (per image, averaged) or of the nodes.
@@ -91,10 +93,11 @@ def train_gcn(graph, depth: int, norm: str, *, scale: float, epochs: int, seed: 
     return {"accuracy": accuracy, "final_loss": loss.item(), "layers": stats.layers}
 
 
-def run(*, quick: bool = False, seed: int = 0, vit_scale: float = 0.1, gcn_scale: float = 0.5,
+def run(*, quick: bool = False, seed: int = 0, vit_scale: float = 0.1, gcn_scale: float = 1.0,
         backend: str = "torch", log=print) -> dict:
     """Train every model of the study (model seeds ``seed, seed + 1, ...``; the graph from ``seed``);
-    returns one record per trained model (also what the JSON holds)."""
+    returns one record per trained model (also what the JSON holds).  ``vit_scale``: s in
+    ``LN(H - sPH)``; ``gcn_scale``: s in ``LN((1+s)H - sPH)`` (the authors' conventions for each)."""
     cfg = {**(QUICK if quick else FULL), "seed": seed, "vit_scale": vit_scale, "gcn_scale": gcn_scale,
            "backend": backend, "vit": VIT, "graph": GRAPH}
     results = {"config": cfg, "vit": [], "gcn": []}
@@ -174,14 +177,17 @@ def format_tables(results: dict) -> str:
                  {"layernorm": "LayerNorm", "contranorm": f"ContraNorm s={cfg['vit_scale']}"})
     gcn = _table(results["gcn"], ("none", "layernorm", "contranorm"),
                  {"none": "plain GCN", "layernorm": "LayerNorm", "contranorm": f"ContraNorm s={cfg['gcn_scale']}"})
+    s = cfg["gcn_scale"]
     g = cfg["graph"]
     return (f"Means over seeds; ContraNorm \"helps\"/\"hurts\" only when its mean accuracy change passes "
             f"{NOISE_PTS:g} pts and every seed agrees.\n\n"
             f"(a) ViT on digits (8x8, 2x2 patches, width {cfg['vit']['embed_dim']}), {cfg['vit_epochs']} epochs, "
-            f"{cfg['vit_seeds']} seed(s); erank/cos: tokens of the last block, test images\n{vit}\n\n"
+            f"{cfg['vit_seeds']} seed(s); ContraNorm LN(H - sPH); erank/cos: tokens of the last block, "
+            f"test images\n{vit}\n\n"
             f"(b) GCN on an SBM graph ({g['num_blocks']} blocks x {g['block_size']} nodes, p_in {g['p_in']}, "
-            f"p_out {g['p_out']}), {cfg['gcn_epochs']} epochs, {cfg['gcn_seeds']} seed(s); erank/cos: nodes after "
-            f"the last hidden layer\n{gcn}")
+            f"p_out {g['p_out']}), {cfg['gcn_epochs']} epochs, {cfg['gcn_seeds']} seed(s); ContraNorm "
+            f"LN((1+s)H - sPH) as the authors' GNN (= LN(H - s'PH), s' = s/(1+s) = {s / (1 + s):.3g}); erank/cos: "
+            f"nodes after the last hidden layer\n{gcn}")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -240,8 +246,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a smoke run: fewer depths and epochs, 1 ViT epoch (seconds)")
     p.add_argument("--out", default="runs/oversmoothing", help="folder for results.json and oversmoothing.png" + d)
     p.add_argument("--seed", type=int, default=0, help="seeds the graph, the inits and the batches" + d)
-    p.add_argument("--vit-scale", type=_scale, default=0.1, help="ContraNorm's s in the ViTs" + d)
-    p.add_argument("--gcn-scale", type=_scale, default=0.5, help="ContraNorm's s in the GCNs" + d)
+    p.add_argument("--vit-scale", type=_scale, default=0.1, help="ContraNorm's s in the ViTs, LN(H - sPH)" + d)
+    p.add_argument("--gcn-scale", type=_scale, default=1.0,
+                   help="ContraNorm's s in the GCNs, LN((1+s)H - sPH) as the authors' GNN; = LN(H - s'PH) with "
+                        "s' = s/(1+s), so 1.0 here is 0.5 in the plain form" + d)
     p.add_argument("--backend", choices=BACKENDS, default="torch", help="ContraNorm op backend" + d)
     p.add_argument("--threads", type=_threads,
                    help="torch CPU threads (default: torch's choice; 1 is often fastest for these small models)")

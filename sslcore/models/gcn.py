@@ -5,8 +5,13 @@ Each hidden layer is ``conv -> norm -> ReLU``; the last conv gives the class log
 
 * ``"none"``: the plain GCN (conv -> ReLU);
 * ``"layernorm"``: conv -> LayerNorm -> ReLU;
-* ``"contranorm"``: conv -> ContraNorm(graph=True) -> ReLU, where ContraNorm is
-  ``LayerNorm(H - s * softmax(H_hat H_hat^T) H)`` over all nodes but each node's neighbourhood.
+* ``"contranorm"``: conv -> ContraNorm -> ReLU with ContraNorm as in the authors' GNN layer:
+  ``LayerNorm((1 + s) H - s * softmax(H_hat H_hat^T) H)`` (identity form, LayerNorm eps 1e-5), the
+  softmax over all nodes but each node itself and its neighbours.
+
+The s convention is the authors' (default s = 1).  Under the LayerNorm the identity form equals the
+plain ``H - s' P H`` with ``s' = s / (1 + s)`` (up to eps).  Earlier sslcore GCNs used the plain form
+(eps 1e-6): their s' is ``s = s' / (1 - s')`` here, so their default s' = 0.5 is s = 1.  See docs/methods.md.
 """
 from __future__ import annotations
 
@@ -40,15 +45,17 @@ class GraphConv(nn.Linear):
 
 
 class GCNBlock(nn.Module):
-    """``ReLU(norm(GraphConv(x)))``, one hidden layer."""
+    """``ReLU(norm(GraphConv(x)))``, one hidden layer.  ``"contranorm"``: ``LayerNorm((1 + s) H - s P H)``
+    (eps 1e-5, as the authors' GNN); ``"layernorm"``: ``LayerNorm(H)`` with the same eps, so s = 0 is it exactly."""
 
     def __init__(self, in_dim: int, out_dim: int, norm: str, contranorm_scale: float, backend: str):
         super().__init__()
         self.conv = GraphConv(in_dim, out_dim)
         if norm == "contranorm":
-            self.norm = ContraNorm(out_dim, scale=contranorm_scale, graph=True, backend=backend)
+            self.norm = ContraNorm(out_dim, scale=contranorm_scale, identity=True, eps=1e-5, graph=True,
+                                   backend=backend)
         else:
-            self.norm = nn.LayerNorm(out_dim, eps=1e-6) if norm == "layernorm" else nn.Identity()
+            self.norm = nn.LayerNorm(out_dim, eps=1e-5) if norm == "layernorm" else nn.Identity()
 
     def forward(self, x: torch.Tensor, adj: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
         h = self.conv(x, adj)
@@ -59,11 +66,12 @@ class GCNBlock(nn.Module):
 class GCN(nn.Module):
     """``depth`` graph convolutions: ``depth - 1`` hidden blocks (``blocks.i``), then a conv to logits.
 
-    ``forward(x [N, in_dim], edge_index [2, E]) -> [N, num_classes]``.
+    ``forward(x [N, in_dim], edge_index [2, E]) -> [N, num_classes]``.  ``contranorm_scale``: s in the
+    authors' convention, ``(1 + s) H - s P H``.
     """
 
     def __init__(self, in_dim: int, num_classes: int, *, hidden: int = 64, depth: int = 2, norm: str = "layernorm",
-                 contranorm_scale: float = 0.5, dropout: float = 0.0, backend: str = "auto"):
+                 contranorm_scale: float = 1.0, dropout: float = 0.0, backend: str = "auto"):
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
