@@ -1,4 +1,5 @@
-"""Tiling shared by the kernel families: the similarity tile and the block sizes that follow D."""
+"""Tiling shared by the matmul kernel families (InfoNCE, k-means): how D is split, the row-tile loads
+and the streamed similarity tile, and the autotuner wrapper."""
 import torch
 
 from ._backend import HAS_TRITON, cdiv, interpreting, next_pow2, tl, triton
@@ -6,24 +7,29 @@ from ._backend import HAS_TRITON, cdiv, interpreting, next_pow2, tl, triton
 INTERP_BLOCK_D = 32  # under the interpreter: small, so test shapes span several chunks
 
 
-def block_d(d: int) -> int:
-    """Chunk of D per dot step of a similarity tile on a GPU: all of D up to 128, else 64-wide chunks."""
-    return INTERP_BLOCK_D if interpreting() else (max(16, next_pow2(d)) if d <= 128 else 64)
+def d_tiling(d: int, esize: int) -> dict:
+    """How a similarity tile covers D for elements of ``esize`` bytes: ``BLOCK_D`` is all of D up to
+    256 bf16 (128 fp32) values -- one tensor-core chain per tile, the row tile loaded once -- and 64
+    beyond, streamed; ``D_CHUNKS``; ``EVEN_D`` (no column mask)."""
+    if interpreting():
+        bd = INTERP_BLOCK_D
+    else:
+        bd = max(16, next_pow2(d)) if d <= 512 // esize else 64
+    return dict(BLOCK_D=bd, D_CHUNKS=cdiv(d, bd), EVEN_D=d % bd == 0)
 
 
-def d_chunks(d: int) -> int:
-    return cdiv(d, block_d(d))
+def size_bucket(n: int) -> int:
+    """An autotune key's size: log2 of the rows, so a config is picked per size range, not per size."""
+    return max(0, n - 1).bit_length()
 
 
-def block_do(d: int) -> int:
-    """Output columns per program of an aggregating kernel (the fp32 accumulator lives in registers)."""
-    return INTERP_BLOCK_D if interpreting() else min(max(16, next_pow2(d)), 128)
-
-
-def autotuned(kernel, configs, key):
-    """``kernel`` autotuned over ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` tuples, keyed on ``key``."""
+def tuned(kernel, configs, key, even: dict):
+    """``kernel`` autotuned over ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` configs keyed on ``key``;
+    ``even`` maps constexpr flags to ``(size argument, block)`` (e.g. ``EVEN_N: ("N", "BLOCK_N")``), set
+    per config: the size is a multiple of the block, so that loop needs no mask."""
     cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in configs]
-    return triton.autotune(configs=cfgs, key=key)(kernel)
+    rules = {flag: (lambda args, n=n, b=b: args[n] % args[b] == 0) for flag, (n, b) in even.items()}
+    return triton.autotune(configs=cfgs, key=key)(triton.heuristics(rules)(kernel))
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -37,34 +43,28 @@ def upcast(dtype: torch.dtype) -> bool:
     """The interpreter's bf16 dot multiplies bit patterns: kernels upcast bf16 to fp32 there."""
     return interpreting() and dtype == torch.bfloat16
 
+
 if HAS_TRITON:
 
     @triton.jit
-    def _chunk_dot(a_ptrs, bt_ptrs, d0, dd, rmask, cmask, D, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-        dmask = (d0 + dd) < D
-        a = tl.load(a_ptrs + d0, mask=rmask[:, None] & dmask[None, :], other=0.0)
-        bt = tl.load(bt_ptrs + d0, mask=dmask[:, None] & cmask[None, :], other=0.0)
+    def load_rows(ptrs, rmask, d0, D, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Columns ``d0 .. d0 + BLOCK_D`` of a tile of rows (``ptrs`` at column 0 of each row)."""
+        if EVEN_D:
+            x = tl.load(ptrs + d0, mask=rmask[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs + d0, mask=rmask[:, None] & ((d0 + tl.arange(0, BLOCK_D)) < D)[None, :], other=0.0)
         if UPCAST:
-            a = a.to(tl.float32)
-            bt = bt.to(tl.float32)
-        return tl.dot(a, bt, acc, input_precision=PRECISION)
+            x = x.to(tl.float32)
+        return x
 
     @triton.jit
-    def sim_tile(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
-                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-        """fp32 tile ``A[rows] . B[cols]^T``, the dot product summed over D_CHUNKS chunks of D.
-
-        The chunk loop is unrolled (static_range): a runtime loop nested in the tile loop makes
-        Triton's software pipeliner spill registers.
-        """
-        # int64 base pointer of the tile (rows x stride can pass 2^31), int32 offsets inside it
-        dd = tl.arange(0, BLOCK_D)
-        a_base = A + tl.min(rows, 0).to(tl.int64) * stride_a
-        b_base = B + tl.min(cols, 0).to(tl.int64) * stride_b
-        a_off = tl.arange(0, BLOCK_M)[:, None] * stride_a + dd[None, :]
-        bt_off = tl.arange(0, BLOCK_N)[None, :] * stride_b + dd[:, None]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for c in tl.static_range(D_CHUNKS):
-            acc = _chunk_dot(a_base + a_off, b_base + bt_off, c * BLOCK_D, dd, rmask, cmask, D, acc, UPCAST, PRECISION)
-        return acc
+    def sim_streamed(a_ptrs, b_ptrs, rmask, cmask, D, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """The fp32 tile ``A[rows] . B[cols]^T`` for a D of several chunks: a runtime loop over them, the
+        A chunks streamed with the B chunks (a row tile of all of D would not fit on chip beside them)."""
+        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for d0 in tl.range(0, D, BLOCK_D):
+            a = load_rows(a_ptrs, rmask, d0, D, EVEN_D, UPCAST, BLOCK_D)
+            b = load_rows(b_ptrs, cmask, d0, D, EVEN_D, UPCAST, BLOCK_D)
+            s = tl.dot(a, tl.trans(b), s, input_precision=PRECISION)
+        return s

@@ -24,13 +24,14 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ._backend import (
     HAS_TRITON, KernelSpec, cdiv, check_finite, check_float, check_positive, check_reduction, check_same,
-    interpreting, new_output, resolve_backend, tl, triton,
+    interpreting, new_output, next_pow2, resolve_backend, tl, triton, unit_rows, validating,
 )
-from ._tiles import autotuned, block_d, block_do, d_chunks, precision as _precision, sim_tile as _sim_tile, upcast as _upcast
+from ._tiles import (
+    d_tiling, load_rows, precision as _precision, sim_streamed, size_bucket, tuned, upcast as _upcast,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -51,15 +52,15 @@ def lse_similarity_ref(a: torch.Tensor, b: torch.Tensor, *, scale: float, exclud
 def infonce_ref(z, keys=None, *, temperature=0.5, pos_index=None, labels=None, weight=None,
                 normalize=True, symmetric=False, reduction="mean"):
     """Plain-torch InfoNCE with the same arguments and semantics as :func:`infonce`."""
-    _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, reduction)
+    _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, reduction, True)
     dtype = torch.promote_types(z.dtype, torch.float32)
     q = z.to(dtype)
-    q = F.normalize(q, dim=1) if normalize else q
+    q = unit_rows(q) if normalize else q
     if keys is None:
         k = q
     else:
         k = keys.to(dtype)
-        k = F.normalize(k, dim=1) if normalize else k
+        k = unit_rows(k) if normalize else k
     s = q @ k.T / temperature
     if keys is None:
         s = s.masked_fill(torch.eye(len(q), dtype=torch.bool, device=q.device), float("-inf"))
@@ -99,10 +100,10 @@ def _reduce(loss, reduction):
 # Argument checks (before any work; nothing is mutated).
 
 
-def _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, reduction):
-    """Shape/type checks always; value checks (indices, labels, finiteness) in eager mode only,
-    since they read the data (torch.compile traces without them)."""
-    values = not torch.compiler.is_compiling()
+def _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, reduction, validate=None):
+    """Shape/type checks always; value checks (indices, labels, finiteness), which read the data,
+    where :func:`~sslcore.kernels._backend.validating` says so."""
+    values = validating(z.device, validate)
     check_float("z", z, 2)
     check_positive("temperature", temperature)
     check_reduction(reduction)
@@ -165,66 +166,114 @@ def _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, redu
         check_finite("z", z)
         if keys is not None:
             check_finite("keys", keys)
+        if weight is not None:
+            check_finite("weight", weight)
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels.
+# Triton kernels.  Rows of A (M) against rows of B (N), D-dimensional, unit stride in D.  A row
+# block is one program: BLOCK_M = 128 rows over two warpgroups, its A tile loaded once (all of D
+# up to 256), B tiles of BLOCK_N rows streamed through the tensor cores.
 
 if HAS_TRITON:
 
     @triton.jit
-    def _lse_fwd_kernel(A, B, LSE, M, N, D, stride_a, stride_b, scale2,
-                        EXCLUDE_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _valid(rows, cols, cmask, row_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               EXCLUDE_SELF: tl.constexpr, EVEN_N: tl.constexpr):
+        """Which pairs count: existing columns, and (self form) not the row's own column ``r + row_offset``."""
+        valid = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
+        if not EVEN_N:
+            valid = valid & cmask[None, :]
+        if EXCLUDE_SELF:
+            valid = valid & ((rows[:, None] + row_offset) != cols[None, :])
+        return valid
+
+    @triton.jit
+    def _lse_fwd_kernel(A, B, LSE, M, N, D, stride_a, stride_b, row_offset, scale2, size_bucket,
+                        EXCLUDE_SELF: tl.constexpr, STATIC_MAX: tl.constexpr, EVEN_N: tl.constexpr,
+                        EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
                         PRECISION: tl.constexpr):
-        """Row log-sum-exp of ``scale * A . B^T`` with a running max and sum (base 2 inside)."""
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        """Row log-sum-exp of ``scale * A . B^T`` (base 2 inside).
+
+        STATIC_MAX (unit rows, so ``s <= scale``): ``LSE = scale + log sum exp(s - scale)`` with no
+        running max or rescaling; otherwise the online max/sum of flash attention.  Row ``r`` of A is
+        column ``r + row_offset`` of B in the self form (EXCLUDE_SELF).
+        """
+        row0 = tl.program_id(0) * BLOCK_M
+        rows = row0 + tl.arange(0, BLOCK_M)
         rmask = rows < M
+        offs_n = tl.arange(0, BLOCK_N)
+        dd = tl.arange(0, BLOCK_D)
+        a_ptrs = A + row0.to(tl.int64) * stride_a + tl.arange(0, BLOCK_M)[:, None] * stride_a + dd[None, :]
+        b_ptrs = B + offs_n[:, None] * stride_b + dd[None, :]
+        if D_CHUNKS == 1:  # the A tile, all of D, loaded once: one tensor-core chain per S tile
+            a = load_rows(a_ptrs, rmask, 0, D, EVEN_D, UPCAST, BLOCK_D)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
+            cols = n0 + offs_n
             cmask = cols < N
-            s = _sim_tile(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
-                          BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION) * scale2
-            valid = cmask[None, :]
-            if EXCLUDE_SELF:
-                valid = valid & (rows[:, None] != cols[None, :])
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
-            m_i = m_new
-        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-        tl.store(LSE + rows, lse, mask=rmask)
+            if D_CHUNKS == 1:
+                s = tl.dot(a, tl.trans(load_rows(b_ptrs, cmask, 0, D, EVEN_D, UPCAST, BLOCK_D)),
+                           input_precision=PRECISION)
+            else:
+                s = sim_streamed(a_ptrs, b_ptrs, rmask, cmask, D, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
+                                  BLOCK_D)
+            s = tl.where(_valid(rows, cols, cmask, row_offset, BLOCK_M, BLOCK_N, EXCLUDE_SELF, EVEN_N),
+                         s * scale2, float("-inf"))
+            if STATIC_MAX:
+                l_i += tl.sum(tl.exp2(s - scale2), 1)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+                m_i = m_new
+            b_ptrs += BLOCK_N * stride_b
+        if STATIC_MAX:
+            m_i = tl.full([BLOCK_M], scale2, dtype=tl.float32)
+        tl.store(LSE + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rmask)
 
     @triton.jit
     def _lse_bwd_kernel(A, B, C, OUT, LSE_R, G_R, LSE_C, G_C, GSCALE, M, N, D,
-                        stride_a, stride_b, stride_c, stride_o, scale2, out_scale,
+                        stride_a, stride_b, stride_c, stride_o, row_offset, scale2, out_scale, size_bucket,
                         HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+                        C_IS_B: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         D_CHUNKS: tl.constexpr, BLOCK_DO: tl.constexpr, UPCAST: tl.constexpr,
                         PRECISION: tl.constexpr):
-        """``OUT[r] = out_scale * sum_c W_rc C[c]`` with the message weights recomputed per tile:
+        """``OUT[r, do] = out_scale * sum_c W_rc C[c, do]`` with the message weights recomputed per tile:
 
         ``W_rc = g_r exp(s_rc - LSE_r)`` (HAS_ROW) ``+ g_c exp(s_rc - LSE_c)`` (HAS_COL), where
         ``s = scale * A . B^T``; the g's come divided by GSCALE (their max) so W stays O(1) in
-        low precision, and GSCALE multiplies the result.
+        low precision, and GSCALE multiplies the result.  C_IS_B (C is B and one program holds all
+        of D): the B tile that made S is the message operand too, so nothing is loaded twice.
         """
-        pid_m = tl.program_id(0)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row0 = tl.program_id(0) * BLOCK_M
+        rows = row0 + tl.arange(0, BLOCK_M)
         rmask = rows < M
+        offs_n = tl.arange(0, BLOCK_N)
+        dd = tl.arange(0, BLOCK_D)
         do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
         domask = do < D
+        a_ptrs = A + row0.to(tl.int64) * stride_a + tl.arange(0, BLOCK_M)[:, None] * stride_a + dd[None, :]
+        b_ptrs = B + offs_n[:, None] * stride_b + dd[None, :]
+        c_ptrs = C + offs_n[:, None] * stride_c + do[None, :]
+        if D_CHUNKS == 1:
+            a = load_rows(a_ptrs, rmask, 0, D, EVEN_D, UPCAST, BLOCK_D)
         if HAS_ROW:
             lse_r = tl.load(LSE_R + rows, mask=rmask, other=0.0) * 1.4426950408889634
             g_r = tl.load(G_R + rows, mask=rmask, other=0.0)
         acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
+            cols = n0 + offs_n
             cmask = cols < N
-            s = _sim_tile(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
-                          BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION) * scale2
+            if D_CHUNKS == 1:
+                b = load_rows(b_ptrs, cmask, 0, D, EVEN_D, UPCAST, BLOCK_D)
+                s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale2
+            else:
+                s = sim_streamed(a_ptrs, b_ptrs, rmask, cmask, D, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
+                                  BLOCK_D) * scale2
             # P <= 1 wherever it counts: the clamp only stops masked entries (the diagonal) overflowing
             w = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             if HAS_ROW:
@@ -233,80 +282,125 @@ if HAS_TRITON:
                 lse_c = tl.load(LSE_C + cols, mask=cmask, other=0.0) * 1.4426950408889634
                 g_c = tl.load(G_C + cols, mask=cmask, other=0.0)
                 w += g_c[None, :] * tl.exp2(tl.minimum(s - lse_c[None, :], 0.0))
-            valid = rmask[:, None] & cmask[None, :]
-            if EXCLUDE_SELF:
-                valid = valid & (rows[:, None] != cols[None, :])
-            w = tl.where(valid, w, 0.0)
-            c = tl.load(C + tl.min(cols, 0).to(tl.int64) * stride_c + tl.arange(0, BLOCK_N)[:, None] * stride_c + do[None, :],
-                        mask=cmask[:, None] & domask[None, :], other=0.0)
-            if UPCAST:
-                c = c.to(tl.float32)
-            acc = tl.dot(w.to(c.dtype), c, acc, input_precision=PRECISION)
+            w = tl.where(_valid(rows, cols, cmask, row_offset, BLOCK_M, BLOCK_N, EXCLUDE_SELF, EVEN_N), w, 0.0)
+            if C_IS_B:  # (implies one chunk of D)
+                ct = b  # the S operand's tile: on chip already
+            else:
+                ct = tl.load(c_ptrs, mask=cmask[:, None] & domask[None, :], other=0.0)
+                if UPCAST:
+                    ct = ct.to(tl.float32)
+            acc = tl.dot(w.to(ct.dtype), ct, acc, input_precision=PRECISION)
+            b_ptrs += BLOCK_N * stride_b
+            c_ptrs += BLOCK_N * stride_c
         acc = acc * (tl.load(GSCALE) * out_scale)
         out_ptrs = OUT + rows.to(tl.int64)[:, None] * stride_o + do[None, :]
         tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=rmask[:, None] & domask[None, :])
 
 
-# Autotune configs: (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_D / BLOCK_DO follow D.
-# Each must compile for sm_80 and sm_90a without spills at D = 128 and 768 (tests/test_compile.py);
-# larger tiles spilled in an offline sweep, and none has been timed on a GPU yet.
-FWD_CONFIGS = [(64, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)]
-BWD_CONFIGS = [(64, 32, 4, 2), (64, 32, 8, 2)]
+# Autotune configs: (BLOCK_M, BLOCK_N, num_warps, num_stages).  BLOCK_M = 128 over two warpgroups
+# (8 warps), S tiles 64 or 128 wide.  tests/test_compile.py compiles every config, as launched, for
+# sm_80 and sm_90a at D in {128, 256, 384, 768} in bf16, fp16 and fp32.  None is timed on a GPU yet.
+FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2)]
+BWD_CONFIGS = [(128, 64, 8, 2)]
 # Under the interpreter one config, small enough that test shapes span several tiles.
 INTERP_CONFIG = (32, 32, 1, 1)
+# The static max needs exp2(s - max) to stay a normal fp32 over the whole range s in [-scale, scale].
+STATIC_MAX_LIMIT = 100.0  # 2 * scale * log2(e) below this: temperature above about 0.029
 
 
-def aot_specs(dtype: str = "bf16", d: int = 128):
+def _blocks(d: int, esize: int = 2, cc: int = 90) -> dict:
+    """The tiling of D (:func:`~sslcore.kernels._tiles.d_tiling`) and the backward's BLOCK_DO: output
+    columns per program, all of D up to 256 bf16 (128 fp32) values on Hopper, whose accumulator then
+    holds a whole row block, half that on Ampere, whose registers would spill."""
+    tiling = d_tiling(d, esize)
+    whole = 512 // esize
+    bdo = tiling["BLOCK_D"] if interpreting() else min(max(16, next_pow2(d)), whole if cc >= 90 else whole // 2)
+    return dict(tiling, BLOCK_DO=bdo)
+
+
+def passes(d: int, esize: int = 2, cc: int = 90) -> int:
+    """M x M x D matmul passes of a self-form forward + backward: S once forward; backward S once per
+    program column of BLOCK_DO outputs, plus the messages W.Z over all of D once."""
+    return 1 + cdiv(d, _blocks(d, esize, cc)["BLOCK_DO"]) + 1
+
+
+def _arch(t: torch.Tensor) -> int:
+    """Compute capability of ``t``'s device as one number (90 for sm_90); 90 off a GPU."""
+    if t.device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
+
+
+def aot_specs(dtype: str = "bf16", d: int = 128, cc: int = 90):
     """Every autotune config of every kernel as a :class:`KernelSpec` (tests/test_compile.py), with the
     launch arguments of the self form at M = 65,536 (all pointers aligned, dims divisible by 16)."""
     t = torch.empty(16, dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
     f32 = torch.empty(16)
     m = 65536
-    fwd_args = dict(A=t, B=t, LSE=f32, M=m, N=m, D=d, stride_a=d, stride_b=d, scale2=2.88)
+    fwd_args = dict(A=t, B=t, LSE=f32, M=m, N=m, D=d, stride_a=d, stride_b=d, row_offset=0, scale2=2.88,
+                    size_bucket=size_bucket(m))
     bwd_args = dict(A=t, B=t, C=t, OUT=t, LSE_R=f32, G_R=f32, LSE_C=f32, G_C=f32, GSCALE=f32, M=m, N=m, D=d,
-                    stride_a=d, stride_b=d, stride_c=d, stride_o=d, scale2=2.88, out_scale=2.0)
-    common = {"EXCLUDE_SELF": True, "UPCAST": False, "PRECISION": "ieee", "BLOCK_D": block_d(d), "D_CHUNKS": d_chunks(d)}
+                    stride_a=d, stride_b=d, stride_c=d, stride_o=d, row_offset=0, scale2=2.88, out_scale=2.0,
+                    size_bucket=size_bucket(m))
+    blocks = _blocks(d, t.element_size(), cc)
+    common = dict(EXCLUDE_SELF=True, EVEN_N=True, UPCAST=False, PRECISION="tf32" if dtype == "fp32" else "ieee",
+                  **{k: blocks[k] for k in ("BLOCK_D", "D_CHUNKS", "EVEN_D")})
+    c_is_b = blocks["D_CHUNKS"] == 1 and blocks["BLOCK_DO"] == blocks["BLOCK_D"]
     specs = []
     for bm, bn, warps, stages in FWD_CONFIGS:
         specs.append(KernelSpec(f"infonce_lse_fwd[{bm}x{bn}w{warps}s{stages}]", _lse_fwd_kernel, fwd_args,
-                                dict(common, BLOCK_M=bm, BLOCK_N=bn), warps, stages, mma=True))
+                                dict(common, STATIC_MAX=True, BLOCK_M=bm, BLOCK_N=bn), warps, stages, mma=True))
     for bm, bn, warps, stages in BWD_CONFIGS:
         specs.append(KernelSpec(f"infonce_lse_bwd[{bm}x{bn}w{warps}s{stages}]", _lse_bwd_kernel, bwd_args,
-                                dict(common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DO=block_do(d), HAS_ROW=True, HAS_COL=True),
-                                warps, stages, mma=True))
+                                dict(common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DO=blocks["BLOCK_DO"], HAS_ROW=True,
+                                     HAS_COL=True, C_IS_B=c_is_b), warps, stages, mma=True))
     return specs
 
 
 if HAS_TRITON:
-    _lse_fwd_tuned = autotuned(_lse_fwd_kernel, FWD_CONFIGS, ["D", "EXCLUDE_SELF"])
-    _lse_bwd_tuned = autotuned(_lse_bwd_kernel, BWD_CONFIGS, ["D", "EXCLUDE_SELF", "HAS_ROW", "HAS_COL"])
+    _lse_fwd_tuned = tuned(_lse_fwd_kernel, FWD_CONFIGS, ["D", "EXCLUDE_SELF", "STATIC_MAX", "size_bucket"],
+                           {"EVEN_N": ("N", "BLOCK_N")})
+    _lse_bwd_tuned = tuned(_lse_bwd_kernel, BWD_CONFIGS,
+                           ["D", "EXCLUDE_SELF", "HAS_ROW", "HAS_COL", "C_IS_B", "size_bucket"],
+                           {"EVEN_N": ("N", "BLOCK_N")})
+
+
+def _launch(kernel, tuned, grid_rows, grid_cols, n, args, meta):
+    """One launch: the interpreter's single small config, else the autotuned one."""
+    if interpreting():
+        bm, bn, _, _ = INTERP_CONFIG
+        kernel[(cdiv(grid_rows, bm), grid_cols)](*args, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=n % bn == 0, **meta)
+    else:
+        tuned[lambda m: (cdiv(grid_rows, m["BLOCK_M"]), grid_cols)](*args, **meta)
 
 
 # The launches are torch.library custom ops, so torch.compile(fullgraph=True) traces through them.
 @torch.library.custom_op("sslcore::infonce_lse_fwd", mutates_args=())
-def _lse_fwd_launch(a: torch.Tensor, b: torch.Tensor, scale: float, exclude_self: bool) -> torch.Tensor:
+def _lse_fwd_launch(a: torch.Tensor, b: torch.Tensor, scale: float, exclude_self: bool, row_offset: int = 0,
+                    unit_norm: bool = False) -> torch.Tensor:
+    """Row LSEs of ``scale a b^T``; ``unit_norm``: the caller guarantees |a_i| = |b_j| = 1 (static max)."""
     m, d = a.shape
     n = b.shape[0]
     lse = new_output((m,), device=a.device, dtype=torch.float32)
-    common = dict(EXCLUDE_SELF=exclude_self, UPCAST=_upcast(a.dtype), PRECISION=_precision(a.dtype),
-                  BLOCK_D=block_d(d), D_CHUNKS=d_chunks(d))
-    args = (a, b, lse, m, n, d, a.stride(0), b.stride(0), scale * LOG2E)
-    if interpreting():
-        bm, bn, _, _ = INTERP_CONFIG
-        _lse_fwd_kernel[(cdiv(m, bm),)](*args, BLOCK_M=bm, BLOCK_N=bn, **common)
-    else:
-        _lse_fwd_tuned[lambda meta: (cdiv(m, meta["BLOCK_M"]),)](*args, **common)
+    blocks = _blocks(d, a.element_size(), _arch(a))
+    meta = dict(EXCLUDE_SELF=exclude_self, STATIC_MAX=unit_norm and 2 * scale * LOG2E < STATIC_MAX_LIMIT,
+                UPCAST=_upcast(a.dtype), PRECISION=_precision(a.dtype),
+                **{k: blocks[k] for k in ("BLOCK_D", "D_CHUNKS", "EVEN_D")})
+    args = (a, b, lse, m, n, d, a.stride(0), b.stride(0), row_offset, scale * LOG2E, size_bucket(m))
+    _launch(_lse_fwd_kernel, _lse_fwd_tuned, m, 1, n, args, meta)
     return lse
 
 
 @_lse_fwd_launch.register_fake
-def _(a, b, scale, exclude_self):
+def _(a, b, scale, exclude_self, row_offset=0, unit_norm=False):
     return a.new_empty(a.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("sslcore::infonce_lse_bwd", mutates_args=())
 def _lse_bwd_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, lse_r: torch.Tensor | None, g_r: torch.Tensor | None,
-                lse_c: torch.Tensor | None, g_c: torch.Tensor | None, scale: float, exclude_self: bool) -> torch.Tensor:
+                lse_c: torch.Tensor | None, g_c: torch.Tensor | None, scale: float, exclude_self: bool,
+                row_offset: int = 0) -> torch.Tensor:
     """``scale * sum_c W_rc c_c`` (see ``_lse_bwd_kernel``); a missing (lse, g) pair drops its term."""
     m, d = a.shape
     n = b.shape[0]
@@ -316,21 +410,19 @@ def _lse_bwd_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, lse_r: torch.
     gscale = torch.stack([g.abs().amax() for g in gs]).amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
     lse_r, g_r = (lse_r, g_r / gscale) if has_row else (gscale, gscale)
     lse_c, g_c = (lse_c, g_c / gscale) if has_col else (gscale, gscale)
-    common = dict(HAS_ROW=has_row, HAS_COL=has_col, EXCLUDE_SELF=exclude_self,
-                  UPCAST=_upcast(a.dtype), PRECISION=_precision(a.dtype),
-                  BLOCK_D=block_d(d), D_CHUNKS=d_chunks(d), BLOCK_DO=block_do(d))
-    args = (a, b, c, out, lse_r, g_r, lse_c, g_c, gscale, m, n, d,
-            a.stride(0), b.stride(0), c.stride(0), out.stride(0), scale * LOG2E, scale)
-    if interpreting():
-        bm, bn, _, _ = INTERP_CONFIG
-        _lse_bwd_kernel[(cdiv(m, bm), cdiv(d, block_do(d)))](*args, BLOCK_M=bm, BLOCK_N=bn, **common)
-    else:
-        _lse_bwd_tuned[lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(d, block_do(d)))](*args, **common)
+    blocks = _blocks(d, a.element_size(), _arch(a))
+    same = c.data_ptr() == b.data_ptr() and c.shape == b.shape and c.stride() == b.stride()
+    meta = dict(HAS_ROW=has_row, HAS_COL=has_col, EXCLUDE_SELF=exclude_self, UPCAST=_upcast(a.dtype),
+                PRECISION=_precision(a.dtype), C_IS_B=same and blocks["D_CHUNKS"] == 1
+                and blocks["BLOCK_DO"] == blocks["BLOCK_D"], **blocks)
+    args = (a, b, c, out, lse_r, g_r, lse_c, g_c, gscale, m, n, d, a.stride(0), b.stride(0), c.stride(0),
+            out.stride(0), row_offset, scale * LOG2E, scale, size_bucket(m))
+    _launch(_lse_bwd_kernel, _lse_bwd_tuned, m, cdiv(d, blocks["BLOCK_DO"]), n, args, meta)
     return out
 
 
 @_lse_bwd_op.register_fake
-def _(a, b, c, lse_r, g_r, lse_c, g_c, scale, exclude_self):
+def _(a, b, c, lse_r, g_r, lse_c, g_c, scale, exclude_self, row_offset=0):
     return torch.empty_like(a)
 
 
@@ -353,9 +445,9 @@ class _SelfLSE(torch.autograd.Function):
     """``LSE_i = log sum_{j != i} exp(scale z_i . z_j)``; backward is the one-pass W = gP + (gP)^T."""
 
     @staticmethod
-    def forward(ctx, z, scale):
+    def forward(ctx, z, scale, unit_norm):
         z = _contig(z)
-        lse = _lse_fwd_launch(z, z, scale, True)
+        lse = _lse_fwd_launch(z, z, scale, True, 0, unit_norm)
         ctx.save_for_backward(z, lse)
         ctx.scale = scale
         return lse
@@ -365,17 +457,17 @@ class _SelfLSE(torch.autograd.Function):
         z, lse = ctx.saved_tensors
         g = g.float().contiguous()
         dz = _lse_bwd_launch(z, z, z, (lse, g), (lse, g), ctx.scale, True)
-        return dz, None
+        return dz, None, None
 
 
 class _CrossLSE(torch.autograd.Function):
     """Row LSEs of ``scale q . k^T`` and, with ``cols=True``, column LSEs too (CLIP's two directions)."""
 
     @staticmethod
-    def forward(ctx, q, k, scale, cols):
+    def forward(ctx, q, k, scale, cols, unit_norm):
         q, k = _contig(q), _contig(k)
-        lse_r = _lse_fwd_launch(q, k, scale, False)
-        lse_c = _lse_fwd_launch(k, q, scale, False) if cols else lse_r.new_zeros(0)
+        lse_r = _lse_fwd_launch(q, k, scale, False, 0, unit_norm)
+        lse_c = _lse_fwd_launch(k, q, scale, False, 0, unit_norm) if cols else lse_r.new_zeros(0)
         ctx.save_for_backward(q, k, lse_r, lse_c)
         ctx.scale, ctx.cols = scale, cols
         return lse_r, lse_c
@@ -390,15 +482,17 @@ class _CrossLSE(torch.autograd.Function):
             dq = _lse_bwd_launch(q, k, k, row, col, ctx.scale, False)
         if ctx.needs_input_grad[1]:
             dk = _lse_bwd_launch(k, q, q, col, row, ctx.scale, False)
-        return dq, dk, None, None
+        return dq, dk, None, None, None
 
 
 def lse_similarity(a: torch.Tensor, b: torch.Tensor | None = None, *, scale: float, cols: bool = False,
-                   backend: str = "auto"):
+                   unit_norm: bool = False, backend: str = "auto"):
     """Fused ``log sum_j exp(scale * a_i . b_j)`` per row, differentiable, without the matrix.
 
     ``b=None`` is the self form (``b = a``, j != i).  With ``b`` given and ``cols=True`` returns
-    ``(row_lse, col_lse)``; otherwise the row LSEs alone (fp32).
+    ``(row_lse, col_lse)``; otherwise the row LSEs alone (fp32).  ``unit_norm=True`` promises unit
+    rows (so every logit is at most ``scale``): the kernel then uses that bound as a fixed max, with no
+    running max or rescaling, where ``scale`` allows it (below about 34.7, a temperature above 0.029).
     """
     check_float("a", a, 2)
     if b is not None:
@@ -416,8 +510,8 @@ def lse_similarity(a: torch.Tensor, b: torch.Tensor | None = None, *, scale: flo
         row = lse_similarity_ref(a, b, scale=scale)
         return (row, lse_similarity_ref(b, a, scale=scale)) if cols else row
     if b is None:
-        return _SelfLSE.apply(a, scale)
-    row, col = _CrossLSE.apply(a, b, scale, cols)
+        return _SelfLSE.apply(a, scale, unit_norm)
+    row, col = _CrossLSE.apply(a, b, scale, cols, unit_norm)
     return (row, col) if cols else row
 
 
@@ -429,9 +523,8 @@ def _alignment(q, k, pos_index, labels, self_mode):
     """``mean_{p in P(i)} q_i . k_p`` per row, O(M.m.D) (labels: class sums, O(M.D))."""
     m = q.shape[0]
     if labels is not None:
-        _, inv, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-        sums = torch.zeros(len(counts), q.shape[1], dtype=q.dtype, device=q.device).index_add(0, inv, k)
-        return ((q * (sums[inv] - k)).sum(1)) / (counts[inv] - 1).to(q.dtype)
+        sums, counts = _class_sums(k, labels)
+        return (q * (sums - k)).sum(1) / (counts - 1).to(q.dtype)
     idx = _default_pos_index(m, self_mode, q.device) if pos_index is None else pos_index
     idx = idx.reshape(m, -1).long()
     valid = idx >= 0
@@ -440,32 +533,48 @@ def _alignment(q, k, pos_index, labels, self_mode):
     return dots.sum(1) / valid.sum(1).to(q.dtype)
 
 
+def _class_sums(k, labels):
+    """Per row, the sum of ``k`` over the rows of its label and their number (itself included), without
+    host synchronisation: rows sorted by label, one segment sum per label (segment ids and offsets
+    from a cumulative sum and ``searchsorted``, sized by the number of rows, not of labels)."""
+    m = labels.shape[0]
+    order = torch.argsort(labels, stable=True)
+    ordered = labels[order]
+    start = torch.ones(m, dtype=torch.int64, device=labels.device)
+    start[1:] = (ordered[1:] != ordered[:-1]).long()
+    seg = torch.cumsum(start, 0) - 1  # label number of each sorted row
+    offsets = torch.searchsorted(seg, torch.arange(m + 1, device=labels.device))  # unused labels: empty
+    sums = torch.segment_reduce(k[order], "sum", offsets=offsets, axis=0, unsafe=True)
+    row_seg = torch.empty_like(seg).scatter_(0, order, seg)
+    return sums[row_seg], (offsets[1:] - offsets[:-1])[row_seg]
+
+
 def _infonce_parts(z, keys, temperature, pos_index, labels, weight, normalize, symmetric, backend):
     """(alignment term, uniformity term) per row, both fp32: loss = unif - align."""
-    qn = F.normalize(z, dim=1) if normalize else z
+    qn = unit_rows(z) if normalize else z
     if keys is None:
         kn = qn
     else:
-        kn = F.normalize(keys, dim=1) if normalize else keys
+        kn = unit_rows(keys) if normalize else keys
     wide = torch.promote_types(z.dtype, torch.float32)
     align = _alignment(qn.to(wide), kn.to(wide), pos_index, labels, keys is None) / temperature
     w = 1.0 if weight is None else weight.to(wide)
     align = align * w
     if keys is None:
-        unif = lse_similarity(qn, scale=1.0 / temperature, backend=backend)
+        unif = lse_similarity(qn, scale=1.0 / temperature, unit_norm=normalize, backend=backend)
     elif symmetric:
-        row, col = lse_similarity(qn, kn, scale=1.0 / temperature, cols=True, backend=backend)
+        row, col = lse_similarity(qn, kn, scale=1.0 / temperature, cols=True, unit_norm=normalize, backend=backend)
         col_align = _alignment(kn.to(wide), qn.to(wide), None, None, False) / temperature * w
         return 0.5 * (align + col_align), 0.5 * (row + col).to(wide)
     else:
-        unif = lse_similarity(qn, kn, scale=1.0 / temperature, backend=backend)
+        unif = lse_similarity(qn, kn, scale=1.0 / temperature, unit_norm=normalize, backend=backend)
     return align, unif.to(wide)
 
 
 def infonce(z: torch.Tensor, keys: torch.Tensor | None = None, *, temperature: float = 0.5,
             pos_index: torch.Tensor | None = None, labels: torch.Tensor | None = None,
             weight: torch.Tensor | None = None, normalize: bool = True, symmetric: bool = False,
-            reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+            reduction: str = "mean", backend: str = "auto", validate: bool | None = None) -> torch.Tensor:
     """InfoNCE / NT-Xent, fused (no M x M matrix on the Triton path).
 
     ``l_i = -w_i * mean_{p in P(i)} s_ip + log sum_{j in N(i)} exp(s_ij)``, ``s = z_hat k_hat^T / tau``.
@@ -477,17 +586,20 @@ def infonce(z: torch.Tensor, keys: torch.Tensor | None = None, *, temperature: f
       the denominator.  ``symmetric=True`` (CLIP) averages both directions (needs N keys).
     * ``weight`` [M]: per-row weight on the alignment term (SimCLR-Attn).
 
-    Statistics and the returned loss are fp32 (fp64 for fp64 inputs); gradients come back in the
-    input dtype.  Non-finite inputs raise ``ValueError``.
+    Rows are normalised with an fp32 norm (no overflow for any finite input).  Statistics and the
+    returned loss are fp32 (fp64 for fp64 inputs); gradients come back in the input dtype.  Bad
+    values (non-finite inputs, out-of-range indices, a label seen once) raise ``ValueError`` where
+    ``validate`` says so (:func:`~sslcore.kernels._backend.validating`: on CPU tensors, and on CUDA
+    when asked, since reading values synchronises); no host synchronisation otherwise.
     """
-    _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, reduction)
+    _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, reduction, validate)
     align, unif = _infonce_parts(z, keys, temperature, pos_index, labels, weight, normalize, symmetric, backend)
     return _reduce(unif - align, reduction)
 
 
 def infonce_messages(z: torch.Tensor, *, temperature: float = 0.5, pos_index: torch.Tensor | None = None,
                      labels: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-                     backend: str = "auto"):
+                     backend: str = "auto", validate: bool | None = None):
     """The message-passing decomposition of the (mean) NT-Xent gradient w.r.t. ``z_hat``.
 
     Returns ``(loss, alignment, uniformity)`` with ``alignment + uniformity = dL/dz_hat``:
@@ -496,8 +608,8 @@ def infonce_messages(z: torch.Tensor, *, temperature: float = 0.5, pos_index: to
     ``uniformity_i = (1/(M tau)) sum_j (P_ij + P_ji) z_hat_j`` (attention-weighted messages from
     all samples).  Computed on the fused kernel; ``z_hat = z / |z|`` is taken as the leaf.
     """
-    _check_args(z, None, temperature, pos_index, labels, weight, False, "mean")
-    zn = F.normalize(z.detach(), dim=1).requires_grad_(True)
+    _check_args(z, None, temperature, pos_index, labels, weight, False, "mean", validate)
+    zn = unit_rows(z.detach()).requires_grad_(True)
     with torch.enable_grad():
         align, unif = _infonce_parts(zn, None, temperature, pos_index, labels, weight, False, False, backend)
         m = zn.shape[0]

@@ -1,9 +1,11 @@
 """Fused InfoNCE (Triton; the interpreter without a GPU) against its float64 plain-torch reference."""
 import importlib
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sslcore import InfoNCELoss, NTXentLoss
 from sslcore.functional import nt_xent, supcon
@@ -52,8 +54,10 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,d", [(37, 33), (129, 100)])
+@pytest.mark.parametrize("n,d", [(37, 24), (37, 33), (129, 100)])
 def test_ntxent_two_view(seed, dtype, n, d):
+    """D = 24 is one chunk of D under the interpreter (the backward's key tile is its message operand,
+    C_IS_B); 33 and 100 stream several chunks."""
     z = _leaf((2 * n, d), dtype)
     _check(INFONCE, [z], dtype, temperature=0.3)
 
@@ -130,6 +134,61 @@ def test_fp16_large_rows(seed):
     with torch.no_grad():
         z.mul_(150.0)
     _check(INFONCE, [z], torch.float16, temperature=0.1)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_fp16_rows_past_the_fp16_norm_are_normalised_in_fp32(seed, backend):
+    """|z_i| ~ 1.6e5 > 65504: an fp16 norm overflows and every row would become 0 (loss log(M-1))."""
+    z = (torch.randn(8, 64, device=_dev()).clamp(-1, 1) * 2e4).half().requires_grad_(True)
+    loss = infonce(z, temperature=0.5, backend=backend)
+    g, = torch.autograd.grad(loss, z)
+    zr = z.detach().double().requires_grad_(True)
+    ref = infonce_ref(zr, temperature=0.5)
+    assert abs(loss.item() - math.log(7)) > 1e-2 and g.abs().max() > 0
+    _close(loss, ref, torch.float16, "loss")
+    g_ref = torch.autograd.grad(ref, zr)[0]  # ~1/|z| = 6e-6: fp16 subnormals, so compare directions
+    assert F.cosine_similarity(g.double().flatten(), g_ref.flatten(), dim=0) > 0.999
+    big = torch.randn(6, 16, device=_dev()) * 1e19  # fp32 rows whose squares overflow fp32
+    torch.testing.assert_close(infonce(big, temperature=0.5, backend=backend).double(),
+                               infonce_ref(big.double(), temperature=0.5), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.3, 0.02])
+def test_static_max_matches_the_online_max(seed, temperature):
+    """Unit rows bound every logit by 1/tau: the kernel then uses it as a fixed max (tau = 0.3); at
+    tau = 0.02 exp(s - 1/tau) could underflow, so it keeps the running max there."""
+    z = K.unit_rows(torch.randn(70, 40, device=_dev()))
+    scale = 1 / temperature
+    assert (2 * scale * K.LOG2E < K.STATIC_MAX_LIMIT) == (temperature == 0.3)
+    want = lse_similarity_ref(z.double(), z.double(), scale=scale, exclude_self=True)
+    for unit in (True, False):
+        got = lse_similarity(z, scale=scale, unit_norm=unit, backend="triton")
+        _close(got, want, torch.float32, f"LSE, unit_norm={unit}")
+
+
+def test_row_offset_rows_against_all_keys(seed):
+    """A block of rows of z against all of z, the excluded self pair shifted by the block's offset:
+    the LSEs and the query-side messages of those rows (what one rank computes in data parallelism)."""
+    z = K.unit_rows(torch.randn(90, 33, device=_dev()))
+    r0, r1, scale = 31, 62, 2.5
+    lse = K._lse_fwd_launch(z[r0:r1], z, scale, True, r0, True)
+    zd = z.double()
+    s = (zd @ zd.T * scale).fill_diagonal_(float("-inf"))
+    want = torch.logsumexp(s, 1)
+    _close(lse, want[r0:r1], torch.float32, "LSE of the block")
+    g = torch.rand(r1 - r0, device=_dev())
+    msg = K._lse_bwd_op(z[r0:r1], z, z, lse, g, None, None, scale, True, r0)
+    p = torch.softmax(s, 1)[r0:r1]
+    _close(msg, scale * (g.double()[:, None] * p) @ zd, torch.float32, "messages to the block")
+
+
+@pytest.mark.parametrize("d,cc,passes", [(128, 90, 3), (256, 90, 3), (384, 90, 4), (768, 90, 5), (256, 80, 4)])
+def test_pass_count(monkeypatch, d, cc, passes):
+    """M x M x D matmul passes of forward + backward on a GPU's tiling (bf16): 3 up to D = 256 on Hopper
+    (the backward holds all of D), 5 at D = 768."""
+    monkeypatch.setattr(K, "interpreting", lambda: False)
+    monkeypatch.setattr(importlib.import_module("sslcore.kernels._tiles"), "interpreting", lambda: False)
+    assert K.passes(d, 2, cc) == passes
 
 
 def test_messages_decompose_the_gradient(seed):
@@ -325,6 +384,43 @@ def test_fullgraph_trace_through_custom_ops(seed):
     ref = infonce_ref(zr, temperature=0.2)
     _close(loss, ref, torch.float32, "compiled loss")
     _close(g, torch.autograd.grad(ref, zr)[0], torch.float32, "compiled grad")
+
+
+def test_fullgraph_survives_a_new_temperature(seed):
+    """A second temperature recompiles with a SymFloat temperature: the checks must not read it."""
+    z = _leaf((2 * 19, 24), torch.float32)
+    for tau in (0.2, 0.35):
+        loss = torch.compile(lambda x: infonce(x, temperature=tau, backend="triton"), fullgraph=True,
+                             backend="aot_eager")(z)
+        _close(loss, infonce_ref(z.detach().double(), temperature=tau), torch.float32, f"loss at tau={tau}")
+
+
+class _NoHostSync(TorchDispatchMode):
+    """Fails on the ATen ops that read device data on the host (a synchronisation on CUDA)."""
+    SYNCING = {"aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2", "aten::unique_dim", "aten::equal",
+               "aten::is_nonzero", "aten::masked_select", "aten::unique_consecutive"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.SYNCING:
+            raise AssertionError(f"{func._schema.name}: a host synchronisation on CUDA")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("form", ["ntxent", "labels", "pos_index", "keys"])
+def test_no_host_synchronisation(seed, backend, form):
+    """Forward and backward without validation read no tensor value on the host (labels included)."""
+    z = _leaf((40, 16), torch.float32)
+    kw = dict(temperature=0.3, backend=backend, validate=False)
+    if form == "labels":
+        kw["labels"] = torch.arange(40, device=_dev()) % 7
+    elif form == "pos_index":
+        kw["pos_index"] = (torch.arange(40, device=_dev()) + 20) % 40
+    args = (z, _leaf((50, 16), torch.float32)) if form == "keys" else (z,)
+    with _NoHostSync():
+        torch.autograd.grad(infonce(*args, **kw), args)
+    with pytest.raises(AssertionError, match="host synchronisation"), _NoHostSync():
+        infonce(*args, **{**kw, "validate": True})
 
 
 def test_custom_op_registration():

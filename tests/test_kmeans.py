@@ -1,8 +1,12 @@
 """k-means kernels (Triton; the interpreter without a GPU) against their float64 references."""
+import importlib
+
 import pytest
 import torch
 
 from sslcore.kernels import kmeans_assign, kmeans_assign_ref, kmeans_update, kmeans_update_ref, nearest_cosine
+
+KM = importlib.import_module("sslcore.kernels.kmeans")
 
 
 def _dev():
@@ -85,6 +89,15 @@ def test_update_matches_reference(seed, deterministic):
     ref_s, ref_c = kmeans_update_ref(x.double(), labels, 37)
     assert torch.equal(counts, ref_c) and counts[36] == 0
     torch.testing.assert_close(sums.double(), ref_s, rtol=1e-5, atol=1e-4)
+
+
+def test_sorted_segment_sums_in_chunks(seed, monkeypatch):
+    """The GPU's deterministic update (run here on CPU tensors): chunks of sorted rows, segment sums."""
+    monkeypatch.setattr(KM, "UPDATE_CHUNK_BYTES", 4 * 33 * 70)  # 70 rows a chunk: 15 chunks
+    x = torch.randn(1000, 33)
+    labels = torch.randint(0, 36, (1000,))
+    sums = KM._sorted_segment_sums(x, labels, torch.zeros(37, 33))
+    torch.testing.assert_close(sums.double(), kmeans_update_ref(x.double(), labels, 37)[0], rtol=1e-5, atol=1e-4)
 
 
 def test_update_deterministic_bitwise(seed):
