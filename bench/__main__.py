@@ -1,14 +1,16 @@
-"""``python -m bench [infonce|contranorm|kmeans|all] [--quick] [--plot] [--json-dir DIR]``,
-``python -m bench readme [FILE ...]``.
+"""``python -m bench [infonce|contranorm|kmeans|all] [--quick | --goal] [--plot] [--json-dir DIR]``,
+``python -m bench readme [FILE ...]``, ``python -m bench gpu --out DIR [--dry-run]``.
 
 Runs this machine's rows of each family (GPU rows where CUDA exists, CPU rows otherwise), appends
-them to ``<json-dir>/<YYYYMMDD-HHMMSS>-<device>.jsonl`` and prints the markdown table.
+them to ``<json-dir>/<YYYYMMDD-HHMMSS>-<device>.jsonl`` and prints the markdown table.  ``gpu`` is
+the prepared run for a lent GPU (bench/gpu.py).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import importlib.util
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -19,11 +21,11 @@ from bench.harness import environment, off_machine, run_case
 FAMILIES = ("infonce", "contranorm", "kmeans")
 
 
-def load_cases(family: str, quick: bool) -> list:
+def load_cases(family: str, quick: bool, goal: bool = False) -> list:
     if importlib.util.find_spec(f"bench.{family}") is None:
         print(f"{family}: skipped, no benchmark yet (bench/{family}.py does not exist)")
         return []
-    return importlib.import_module(f"bench.{family}").cases(quick)
+    return importlib.import_module(f"bench.{family}").cases(quick, goal)
 
 
 def print_skipped(cases: list) -> None:
@@ -39,14 +41,22 @@ def print_skipped(cases: list) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gpu"]:
+        from bench import gpu
+        sys.exit(gpu.main(argv[1:]))
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
     parser.add_argument("what", nargs="?", default="all", choices=[*FAMILIES, "all", "readme"])
     parser.add_argument("files", nargs="*", help="readme: results files to render (default: the newest "
                                                  "committed file per device)")
-    parser.add_argument("--quick", action="store_true", help="fewer, smaller shapes: a smoke run")
+    grid = parser.add_mutually_exclusive_group()
+    grid.add_argument("--quick", action="store_true", help="fewer, smaller shapes: a smoke run")
+    grid.add_argument("--goal", action="store_true", help="the GPU rows at the goal shapes only")
     parser.add_argument("--plot", action="store_true", help="also write a PNG next to the JSONL")
     parser.add_argument("--json-dir", type=Path, default=report.RESULTS, help="where the JSONL goes "
                                                                               "(default: bench/results)")
+    parser.add_argument("--file", help="the JSONL's name in --json-dir (default: <time>-<device>.jsonl); "
+                                       "rows are appended")
     args = parser.parse_args(argv)
     if args.what == "readme":
         print(report.readme(args.files))
@@ -54,12 +64,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.files:
         parser.error("only 'readme' takes files")
 
-    cases = [c for family in (FAMILIES if args.what == "all" else [args.what]) for c in load_cases(family, args.quick)]
+    cases = [c for family in (FAMILIES if args.what == "all" else [args.what])
+             for c in load_cases(family, args.quick, args.goal)]
     print_skipped([c for c in cases if off_machine(c)])
     cases = [c for c in cases if not off_machine(c)]
     if not cases:
         return
-    path = report.results_path(args.json_dir, environment()["device"], datetime.now())
+    path = (args.json_dir / args.file if args.file
+            else report.results_path(args.json_dir, environment()["device"], datetime.now()))
     rows = []
     for case in cases:
         rows.append(run_case(case))

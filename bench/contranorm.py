@@ -35,6 +35,8 @@ GPU_SEQ = [(b, l, d) for b in (32,) for l in (197, 1024, 4096) for d in (384, 76
 GPU_SEQ_QUICK = [(32, 197, 384), (32, 1024, 768)]
 GPU_GRAPH = [(n, 256) for n in (16384, 131072)]
 GPU_GRAPH_QUICK = [(16384, 256)]
+GPU_GOAL = [(32, 1024, 768), (32, 4096, 768)]  # the goal: B = 32, L = 4096, D = 768; and the graph below
+GPU_GRAPH_GOAL = [(131072, 256)]
 CPU_SEQ = [(4, l, d) for l in (64, 197) for d in (64, 128)]
 CPU_SEQ_QUICK = [(4, 64, 64), (4, 197, 128)]
 CPU_GRAPH = [(2048, 64)]
@@ -99,10 +101,10 @@ def _sdpa(h, edge_index, case):
 def _passes(impl, step, rows, length, d):
     """Matmul passes of one step (see the module docstring); None where they cannot be counted."""
     one = 2.0 * rows * length * length * d
-    if impl.startswith("sslcore"):
+    if impl.startswith("sslcore"):  # None where the op runs torch's SDPA (the torch backend's plain sequences)
         with record_launches() as log:
             step()
-        return log.passes(rows, length, d)
+        return log.passes(rows, length, d) or None
     if impl == "torch-compile":
         return None
     with FlopCounterMode(display=False) as counter:
@@ -160,10 +162,14 @@ def _case(impl, make, k, note, size, dtype, device):
     return case
 
 
-def cases(quick: bool = False) -> list[Case]:
-    """GPU rows (bf16) and CPU rows (fp32), the implementations side by side per shape."""
-    grids = [("cuda", torch.bfloat16, (GPU_SEQ_QUICK + GPU_GRAPH_QUICK) if quick else (GPU_SEQ + GPU_GRAPH)),
-             ("cpu", torch.float32, (CPU_SEQ_QUICK + CPU_GRAPH_QUICK) if quick else (CPU_SEQ + CPU_GRAPH))]
+def cases(quick: bool = False, goal: bool = False) -> list[Case]:
+    """GPU rows (bf16) and CPU rows (fp32), the implementations side by side per shape; ``goal``: the
+    GPU rows at the goal shapes only (``python -m bench gpu``)."""
+    if goal:
+        grids = [("cuda", torch.bfloat16, GPU_GOAL + GPU_GRAPH_GOAL)]
+    else:
+        grids = [("cuda", torch.bfloat16, (GPU_SEQ_QUICK + GPU_GRAPH_QUICK) if quick else (GPU_SEQ + GPU_GRAPH)),
+                 ("cpu", torch.float32, (CPU_SEQ_QUICK + CPU_GRAPH_QUICK) if quick else (CPU_SEQ + CPU_GRAPH))]
     return [_case(*impl, size, dtype, device)
             for device, dtype, sizes in grids for size in sizes for impl in _impls(device)]
 

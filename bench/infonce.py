@@ -16,6 +16,7 @@ from sslcore.kernels.infonce import infonce, infonce_ref
 TAU = 0.5
 GPU_SHAPES = [(m, d) for m in (4096, 16384, 65536) for d in (128, 256, 768)]
 GPU_QUICK = [(4096, 128), (16384, 256)]
+GPU_GOAL = [(16384, 256), (65536, 256)]  # the goal shape last: M = 65,536, D = 256
 CPU_SHAPES = [(m, d) for m in (1024, 4096) for d in (128, 256)]
 CPU_QUICK = [(1024, 128), (1024, 256)]
 REF_NOTE = "sslcore.kernels.infonce_ref: builds the M x M matrix, fp32 math"
@@ -76,8 +77,11 @@ def _case(impl, make_loss, k, note, m, d, dtype, device):
     return Case("infonce", impl, dtype, {"M": m, "D": d}, 6.0 * m * m * d, setup, device, k * 4.0 * m * m, note)
 
 
-def cases(quick: bool = False) -> list[Case]:
-    """GPU rows (bf16) and CPU rows (fp32), the implementations side by side per shape."""
+def cases(quick: bool = False, goal: bool = False) -> list[Case]:
+    """GPU rows (bf16) and CPU rows (fp32), the implementations side by side per shape; ``goal``: the
+    GPU rows at the goal shapes only (``python -m bench gpu``)."""
+    if goal:
+        return [_case(*impl, m, d, torch.bfloat16, "cuda") for m, d in GPU_GOAL for impl in _impls("cuda")]
     grids = [("cuda", torch.bfloat16, GPU_QUICK if quick else GPU_SHAPES),
              ("cpu", torch.float32, CPU_QUICK if quick else CPU_SHAPES)]
     return [_case(*impl, m, d, dtype, device)

@@ -18,6 +18,8 @@ GPU_SHAPES = [(n, k, d) for n in (10**6, 10**7) for k in (1024, 8192) for d in (
 GPU_QUICK = [(10**6, 1024, 128), (10**7, 8192, 128)]
 GPU_FIT = [(10**6, 1024, 128, 20), (10**7, 8192, 128, 20)]
 GPU_FIT_QUICK = [(10**6, 1024, 128, 20)]
+GPU_GOAL = [(10**7, 8192, 128)]  # the goal shapes: one assignment, and a 20-iteration fit
+GPU_FIT_GOAL = [(10**7, 8192, 128, 20)]
 CPU_SHAPES = [(10**5, k, d) for k in (256, 1024) for d in (128, 768)]
 CPU_QUICK = [(10**5, 256, 128)]
 CPU_FIT = [(10**5, 256, 128, 5)]
@@ -149,16 +151,18 @@ def _case(op, impl, make, note, size, dtype, device):
     return Case(op, impl, dtype, shape, 2.0 * n * k * d * iters, setup, device, 0.0, note)
 
 
-def cases(quick: bool = False) -> list[Case]:
-    """GPU rows (bf16 and fp16: flash-kmeans takes no bf16) and CPU rows (fp32), side by side per shape."""
+def cases(quick: bool = False, goal: bool = False) -> list[Case]:
+    """GPU rows (bf16 and fp16: flash-kmeans takes no bf16) and CPU rows (fp32), side by side per shape;
+    ``goal``: the GPU rows at the goal shapes only (``python -m bench gpu``)."""
     out = []
-    for device, dtypes, shapes, fits in (
-            ("cuda", (torch.bfloat16, torch.float16), GPU_QUICK if quick else GPU_SHAPES,
-             GPU_FIT_QUICK if quick else GPU_FIT),
-            ("cpu", (torch.float32,), CPU_QUICK if quick else CPU_SHAPES, CPU_FIT_QUICK if quick else CPU_FIT)):
-        for dtype in dtypes:
-            out += [_case("kmeans-assign", *impl, s, dtype, device) for s in shapes for impl in _assign_impls(device)]
-            out += [_case("kmeans-fit", *impl, s, dtype, device) for s in fits for impl in _fit_impls(device)]
+    grids = [("cuda", (torch.bfloat16, torch.float16), GPU_GOAL, GPU_FIT_GOAL)] if goal else [
+        ("cuda", (torch.bfloat16, torch.float16), GPU_QUICK if quick else GPU_SHAPES,
+         GPU_FIT_QUICK if quick else GPU_FIT),
+        ("cpu", (torch.float32,), CPU_QUICK if quick else CPU_SHAPES, CPU_FIT_QUICK if quick else CPU_FIT)]
+    for device, dtypes, shapes, fits in grids:  # every assignment before the (slower) fits
+        out += [_case("kmeans-assign", *impl, s, dtype, device)
+                for dtype in dtypes for s in shapes for impl in _assign_impls(device)]
+        out += [_case("kmeans-fit", *impl, s, dtype, device) for dtype in dtypes for s in fits for impl in _fit_impls(device)]
     return out
 
 

@@ -25,6 +25,24 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def no_host_sync():
+    """``with no_host_sync(): ...`` runs ops under ``torch.cuda.set_sync_debug_mode("error")``: a host
+    synchronisation inside raises (GPU tests put the ops' forward and backward there, and compare
+    outside)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def mode():
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return mode
+
+
+@pytest.fixture
 def device():
     return torch.device("cuda" if HAS_CUDA else "cpu")
 

@@ -450,22 +450,18 @@ def test_validate_false_skips_the_value_checks():
 # On a GPU.
 
 
-def _fwd_bwd_without_sync(h, **kw):
-    """The op's forward and backward under ``set_sync_debug_mode("error")``: a host sync raises."""
+def _fwd_bwd(h, no_host_sync, **kw):
+    """The op's forward and backward with no host synchronisation (``no_host_sync``, conftest)."""
     h = h.detach().requires_grad_(True)
     g = torch.randn(h.shape, device=h.device, dtype=h.dtype)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         out = contranorm(h, **kw)
         grad, = torch.autograd.grad(out, h, g)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     return out, grad, g
 
 
-def _against_reference(h, **kw):
-    out, grad, g = _fwd_bwd_without_sync(h, backend="triton", **kw)
+def _against_reference(h, no_host_sync, **kw):
+    out, grad, g = _fwd_bwd(h, no_host_sync, backend="triton", **kw)
     hr = h.detach().double().requires_grad_(True)
     ref = contranorm_ref(hr, **kw)
     ref_grad, = torch.autograd.grad(ref, hr, g.double())
@@ -475,28 +471,28 @@ def _against_reference(h, **kw):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [384, 768, 1024])
-def test_gpu_vit_sizes(seed, d):
-    _against_reference(torch.randn(4, 197, d, device="cuda", dtype=torch.bfloat16), scale=0.3)
+def test_gpu_vit_sizes(seed, d, no_host_sync):
+    _against_reference(torch.randn(4, 197, d, device="cuda", dtype=torch.bfloat16), no_host_sync, scale=0.3)
 
 
 @pytest.mark.gpu
-def test_gpu_long_sequences_dual_padded(seed):
+def test_gpu_long_sequences_dual_padded(seed, no_host_sync):
     kpm = torch.zeros(2, 2048, dtype=torch.bool, device="cuda")
     kpm[1, 1500:] = True
-    _against_reference(torch.randn(2, 2048, 256, device="cuda", dtype=torch.bfloat16), scale=0.3,
+    _against_reference(torch.randn(2, 2048, 256, device="cuda", dtype=torch.bfloat16), no_host_sync, scale=0.3,
                        key_padding_mask=kpm, dual=True)
 
 
 @pytest.mark.gpu
-def test_gpu_graph_matches_reference(seed):
+def test_gpu_graph_matches_reference(seed, no_host_sync):
     n = 3000
     h = torch.randn(n, 256, device="cuda", dtype=torch.bfloat16)
     edges = torch.randint(0, n, (2, 10 * n), device="cuda")
-    _against_reference(h, scale=0.5, edge_index=prepare_graph(edges, n))
+    _against_reference(h, no_host_sync, scale=0.5, edge_index=prepare_graph(edges, n))
 
 
 @pytest.mark.gpu
-def test_gpu_large_graph_memory(seed):
+def test_gpu_large_graph_memory(seed, no_host_sync):
     """N = 131,072, E = 1.31 M, D = 256: under 1 GiB beyond the input, forward + backward, no host sync."""
     n, d = 131072, 256
     h = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
@@ -504,6 +500,6 @@ def test_gpu_large_graph_memory(seed):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    _, grad, _ = _fwd_bwd_without_sync(h, scale=0.5, edge_index=graph, backend="triton")
+    _, grad, _ = _fwd_bwd(h, no_host_sync, scale=0.5, edge_index=graph, backend="triton")
     assert torch.cuda.max_memory_allocated() - base < 2 ** 30
     assert torch.isfinite(grad).all()

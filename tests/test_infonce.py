@@ -346,9 +346,38 @@ def test_infonce_loss_queue_is_fifo(seed):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gpu_real_sizes(seed, dtype):
-    z = _leaf((4096 + 2 * 37, 256), dtype)
-    _check(INFONCE, [z], dtype, temperature=0.1)
+@pytest.mark.parametrize("d", [128, 256, 768])
+def test_gpu_real_sizes(seed, dtype, d, no_host_sync):
+    """Forward and backward with no host synchronisation, against the float64 reference."""
+    z = _leaf((4096 + 2 * 37, d), dtype)
+    with no_host_sync():
+        loss = infonce(z, temperature=0.1, backend="triton")
+        g, = torch.autograd.grad(loss, z)
+    zr = z.detach().double().requires_grad_(True)
+    ref = infonce_ref(zr, temperature=0.1)
+    _close(loss, ref, dtype, "loss")
+    _close(g, torch.autograd.grad(ref, zr)[0], dtype, "grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["labels", "keys", "symmetric"])
+def test_gpu_forms_without_sync(seed, form, no_host_sync):
+    z = _leaf((2048, 256), torch.bfloat16)
+    kw = dict(temperature=0.2, backend="triton")
+    if form == "labels":
+        kw["labels"] = torch.arange(2048, device="cuda") % 100
+        args = (z,)
+    else:
+        args = (z, _leaf((2048 if form == "symmetric" else 3000, 256), torch.bfloat16))
+        kw["symmetric"] = form == "symmetric"
+    with no_host_sync():
+        loss = infonce(*args, **kw)
+        grads = torch.autograd.grad(loss, args)
+    refs = [x.detach().double().requires_grad_(True) for x in args]
+    ref = infonce_ref(*refs, **{k: v for k, v in kw.items() if k != "backend"})
+    _close(loss, ref, torch.bfloat16, "loss")
+    for g, r in zip(grads, torch.autograd.grad(ref, refs)):
+        _close(g, r, torch.bfloat16, "grad")
 
 
 @pytest.mark.gpu

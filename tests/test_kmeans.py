@@ -132,6 +132,24 @@ def test_bad_input(call, exc, match):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_assignment_and_update_without_sync(seed, dtype, no_host_sync):
+    x = torch.randn(300_001, 128, device="cuda").to(dtype)
+    c = x[torch.randperm(300_001, device="cuda")[:8192]].clone()
+    with no_host_sync():
+        labels, dist = kmeans_assign(x, c)
+        sums, counts = kmeans_update(x, labels, 8192)
+    rows = torch.arange(0, 300_001, 97, device="cuda")
+    ref_l, ref_d = kmeans_assign_ref(x[rows], c)
+    clear = _margin(x[rows], c) > 1e-2
+    assert (labels[rows][clear] == ref_l[clear]).all()
+    torch.testing.assert_close(dist[rows].double(), ref_d.double(), rtol=2e-2, atol=1e-1)
+    ref_s, ref_c = kmeans_update_ref(x.double(), labels, 8192)
+    assert torch.equal(counts, ref_c)
+    torch.testing.assert_close(sums.double(), ref_s, rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.gpu
 def test_gpu_large_assignment_int64_offsets():
     """N x D past 2^31 elements: row offsets must be int64."""
     n, d = (2 ** 31) // 128 + 1000, 128
