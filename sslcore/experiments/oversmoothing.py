@@ -9,10 +9,11 @@
 
 For each model: test accuracy and, per layer, the effective rank ``exp(entropy(sigma / sum sigma))``
 and the mean pairwise cosine similarity of the tokens (per image, averaged) or of the nodes.
-Collapse = cosine -> 1 and rank -> 1.  The tables print the numbers as they come out: means over
-the seeds (3 for the ViTs, whose runs vary by several points; 1 for the GCNs, one fixed graph).
+Collapse = cosine -> 1 and rank -> 1.  The tables print the numbers as they come out: accuracy as
+mean +- std over 3 model seeds (the GCNs on one graph, from ``--seed``), rank and cosine as means.
 
-    python -m sslcore.experiments.oversmoothing [--quick] [--out runs/oversmoothing]
+    sslcore oversmoothing [--quick] [--out runs/oversmoothing]
+    sslcore oversmoothing --tables docs/results/oversmoothing.json   # re-render a committed run
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from ..models.gcn import GCN
 from ..train.loop import lr_at
 
 FULL = dict(vit_depths=(6, 12, 24), vit_epochs=8, vit_seeds=3, gcn_depths=(2, 4, 8, 16, 32, 64), gcn_epochs=200,
-            gcn_seeds=1)
+            gcn_seeds=3)
 QUICK = dict(vit_depths=(2, 6), vit_epochs=1, vit_seeds=1, gcn_depths=(2, 8, 16), gcn_epochs=40, gcn_seeds=1)
 VIT = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, num_heads=4, mlp_ratio=2.0)
 LABELS = {"none": "plain (conv -> ReLU)", "layernorm": "LayerNorm", "contranorm": "ContraNorm"}
@@ -144,18 +145,28 @@ def aggregate(runs: list[dict]) -> dict[tuple[int, str], dict]:
 NOISE_PTS = 2.0  # about one binomial standard error at 80% accuracy on ~400 test points
 
 
+def _mean_std(accuracies: list[float]) -> str:
+    """``mean +- std`` in percent over seeds (sample std; none for one seed)."""
+    mean = _mean(accuracies)
+    if len(accuracies) < 2:
+        return f"{100 * mean:5.1f}%"
+    std = (sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1)) ** 0.5
+    return f"{100 * mean:5.1f}+-{100 * std:3.1f}%"
+
+
 def _table(runs: list[dict], norms: tuple[str, ...], labels: dict[str, str]) -> str:
     """One line per depth: seed-mean accuracy, last layer's effective rank and cosine per norm, and
     ContraNorm's accuracy change against the best other norm of the same seed.  Verdict: "helps" /
     "hurts" when the mean change passes +-NOISE_PTS and every seed agrees in sign, else "unclear"."""
     by = aggregate(runs)
-    head = "depth | " + " | ".join(f"{labels[n]}: acc  erank  cos" for n in norms) + " | ContraNorm vs best other"
+    head = "depth | " + " | ".join(f"{labels[n]}: acc (mean+-std)  erank  cos" for n in norms) + \
+        " | ContraNorm vs best other"
     lines = [head, "-" * len(head)]
     for depth in sorted({d for d, _ in by}):
         cells = []
         for n in norms:
             r, last = by[depth, n], by[depth, n]["layers"][-1]
-            cells.append(f"{' ' * (len(labels[n]) - 4)}{r['accuracy']:6.1%} {last['effective_rank']:6.2f} "
+            cells.append(f"{' ' * (len(labels[n]) - 4)}{_mean_std(r['accuracies'])} {last['effective_rank']:6.2f} "
                          f"{last['mean_cosine']:5.2f}")
         others = zip(*(by[depth, n]["accuracies"] for n in norms if n != "contranorm"))
         deltas = [100 * (c - max(o)) for c, o in zip(by[depth, "contranorm"]["accuracies"], others)]
@@ -253,10 +264,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="torch", help="ContraNorm op backend" + d)
     p.add_argument("--threads", type=_threads,
                    help="torch CPU threads (default: torch's choice; 1 is often fastest for these small models)")
+    p.add_argument("--tables", metavar="RESULTS_JSON",
+                   help="train nothing: print the tables and write the plot (beside the file) of a results.json")
 
 
 def main_from_args(args: argparse.Namespace) -> dict:
-    """Run the study, print the tables, write ``results.json`` and ``oversmoothing.png`` under ``args.out``."""
+    """Run the study, print the tables, write ``results.json`` and ``oversmoothing.png`` under ``args.out``
+    (with ``--tables``: re-render a results file instead)."""
+    if args.tables:
+        path = Path(args.tables)
+        results = json.loads(path.read_text())
+        plot(results, path.with_suffix(".png"))
+        print(format_tables(results) + f"\n\nwrote {path.with_suffix('.png')}")
+        return results
     if args.threads:
         torch.set_num_threads(args.threads)
     results = run(quick=args.quick, seed=args.seed, vit_scale=args.vit_scale, gcn_scale=args.gcn_scale,
