@@ -39,13 +39,15 @@ LOG2E = 1.4426950408889634
 # Plain-torch references (readable definitions; they materialise S).
 
 
-def lse_similarity_ref(a: torch.Tensor, b: torch.Tensor, *, scale: float, exclude_self: bool = False) -> torch.Tensor:
-    """``LSE_i = log sum_j exp(scale * a_i . b_j)`` over j (j != i when ``exclude_self``), fp32 or wider."""
+def lse_similarity_ref(a: torch.Tensor, b: torch.Tensor, *, scale: float, exclude_self: bool = False,
+                       self_offset: int | None = None) -> torch.Tensor:
+    """``LSE_i = log sum_j exp(scale * a_i . b_j)`` over j, fp32 or wider: j != i with ``exclude_self``,
+    j != i + ``self_offset`` with that (row i of a is row i + offset of b; the offset may be negative)."""
     dtype = torch.promote_types(a.dtype, torch.float32)
     s = (a.to(dtype) @ b.to(dtype).T) * scale
-    if exclude_self:
-        eye = torch.eye(s.shape[0], s.shape[1], dtype=torch.bool, device=s.device)
-        s = s.masked_fill(eye, float("-inf"))
+    if exclude_self or self_offset is not None:
+        rows = torch.arange(s.shape[0], device=s.device)[:, None] + (self_offset or 0)
+        s = s.masked_fill(rows == torch.arange(s.shape[1], device=s.device)[None, :], float("-inf"))
     return torch.logsumexp(s, dim=1)
 
 
@@ -426,11 +428,11 @@ def _(a, b, c, lse_r, g_r, lse_c, g_c, scale, exclude_self, row_offset=0):
     return torch.empty_like(a)
 
 
-def _lse_bwd_launch(a, b, c, row, col, scale, exclude_self):
+def _lse_bwd_launch(a, b, c, row, col, scale, exclude_self, row_offset=0):
     """The backward op with row/col given as (lse, g) pairs or None."""
     lse_r, g_r = row if row is not None else (None, None)
     lse_c, g_c = col if col is not None else (None, None)
-    return _lse_bwd_op(a, b, c, lse_r, g_r, lse_c, g_c, scale, exclude_self)
+    return _lse_bwd_op(a, b, c, lse_r, g_r, lse_c, g_c, scale, exclude_self, row_offset)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,15 +463,21 @@ class _SelfLSE(torch.autograd.Function):
 
 
 class _CrossLSE(torch.autograd.Function):
-    """Row LSEs of ``scale q . k^T`` and, with ``cols=True``, column LSEs too (CLIP's two directions)."""
+    """Row LSEs of ``scale q . k^T`` and, with ``cols=True``, column LSEs too (CLIP's two directions).
+
+    ``offset``: None, or the rows of q are rows ``offset ..`` of k (a block of the self form against all
+    keys), and each row's own key, ``offset + i``, is left out.  Backward: the query side and the key
+    side, each one pass over the M x N tiles.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, scale, cols, unit_norm):
+    def forward(ctx, q, k, scale, cols, unit_norm, offset):
         q, k = _contig(q), _contig(k)
-        lse_r = _lse_fwd_launch(q, k, scale, False, 0, unit_norm)
-        lse_c = _lse_fwd_launch(k, q, scale, False, 0, unit_norm) if cols else lse_r.new_zeros(0)
+        excl, off = offset is not None, offset or 0
+        lse_r = _lse_fwd_launch(q, k, scale, excl, off, unit_norm)
+        lse_c = _lse_fwd_launch(k, q, scale, excl, -off, unit_norm) if cols else lse_r.new_zeros(0)
         ctx.save_for_backward(q, k, lse_r, lse_c)
-        ctx.scale, ctx.cols = scale, cols
+        ctx.scale, ctx.cols, ctx.excl, ctx.off = scale, cols, excl, off
         return lse_r, lse_c
 
     @staticmethod
@@ -479,26 +487,35 @@ class _CrossLSE(torch.autograd.Function):
         col = (lse_c, g_c.float().contiguous()) if ctx.cols and g_c is not None else None
         dq = dk = None
         if ctx.needs_input_grad[0]:
-            dq = _lse_bwd_launch(q, k, k, row, col, ctx.scale, False)
+            dq = _lse_bwd_launch(q, k, k, row, col, ctx.scale, ctx.excl, ctx.off)
         if ctx.needs_input_grad[1]:
-            dk = _lse_bwd_launch(k, q, q, col, row, ctx.scale, False)
-        return dq, dk, None, None, None
+            dk = _lse_bwd_launch(k, q, q, col, row, ctx.scale, ctx.excl, -ctx.off)
+        return dq, dk, None, None, None, None
 
 
 def lse_similarity(a: torch.Tensor, b: torch.Tensor | None = None, *, scale: float, cols: bool = False,
-                   unit_norm: bool = False, backend: str = "auto"):
+                   unit_norm: bool = False, self_offset: int | None = None, backend: str = "auto"):
     """Fused ``log sum_j exp(scale * a_i . b_j)`` per row, differentiable, without the matrix.
 
-    ``b=None`` is the self form (``b = a``, j != i).  With ``b`` given and ``cols=True`` returns
-    ``(row_lse, col_lse)``; otherwise the row LSEs alone (fp32).  ``unit_norm=True`` promises unit
-    rows (so every logit is at most ``scale``): the kernel then uses that bound as a fixed max, with no
-    running max or rescaling, where ``scale`` allows it (below about 34.7, a temperature above 0.029).
+    ``b=None`` is the self form (``b = a``, j != i).  ``self_offset=o`` with ``b``: the rows of ``a``
+    are rows ``o .. o + len(a)`` of ``b`` (one rank's block of a gathered batch), and pair
+    ``(i, o + i)`` is left out.  With ``b`` given and ``cols=True`` returns ``(row_lse, col_lse)``;
+    otherwise the row LSEs alone (fp32).  ``unit_norm=True`` promises unit rows (so every logit is at
+    most ``scale``): the kernel then uses that bound as a fixed max, with no running max or
+    rescaling, where ``scale`` allows it (below about 34.7, a temperature above 0.029).
     """
     check_float("a", a, 2)
     if b is not None:
         check_float("b", b, 2)
         check_same("b", b, "a", a)
     check_positive("scale", scale)
+    if self_offset is not None:
+        if b is None:
+            raise ValueError("self_offset places a's rows among b's: it needs b")
+        if isinstance(self_offset, bool) or not isinstance(self_offset, int) or not (
+                0 <= self_offset <= b.shape[0] - a.shape[0]):
+            raise ValueError(f"self_offset must be an int in [0, {b.shape[0] - a.shape[0]}] (a's rows within b), "
+                             f"got {self_offset!r}")
     be = resolve_backend(backend, a.device)
     if a.dtype == torch.float64:  # the kernels take fp32/fp16/bf16; fp64 is the reference's domain
         if backend == "triton":
@@ -507,11 +524,12 @@ def lse_similarity(a: torch.Tensor, b: torch.Tensor | None = None, *, scale: flo
     if be == "torch":
         if b is None:
             return lse_similarity_ref(a, a, scale=scale, exclude_self=True)
-        row = lse_similarity_ref(a, b, scale=scale)
-        return (row, lse_similarity_ref(b, a, scale=scale)) if cols else row
+        row = lse_similarity_ref(a, b, scale=scale, self_offset=self_offset)
+        return (row, lse_similarity_ref(b, a, scale=scale, self_offset=None if self_offset is None
+                                        else -self_offset)) if cols else row
     if b is None:
         return _SelfLSE.apply(a, scale, unit_norm)
-    row, col = _CrossLSE.apply(a, b, scale, cols, unit_norm)
+    row, col = _CrossLSE.apply(a, b, scale, cols, unit_norm, self_offset)
     return (row, col) if cols else row
 
 

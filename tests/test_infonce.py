@@ -16,7 +16,7 @@ K = importlib.import_module("sslcore.kernels.infonce")
 # Tolerances relative to the largest reference magnitude: fp32 is near-exact; fp16/bf16 inputs
 # are rounded first (the reference sees the same rounded values), the kernel then casts the
 # message weights to the input dtype for the tensor-core dot and returns gradients in it.
-TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 def _dev():
@@ -166,20 +166,24 @@ def test_static_max_matches_the_online_max(seed, temperature):
         _close(got, want, torch.float32, f"LSE, unit_norm={unit}")
 
 
-def test_row_offset_rows_against_all_keys(seed):
-    """A block of rows of z against all of z, the excluded self pair shifted by the block's offset:
-    the LSEs and the query-side messages of those rows (what one rank computes in data parallelism)."""
-    z = K.unit_rows(torch.randn(90, 33, device=_dev()))
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_self_offset_rows_against_all_keys(seed, backend):
+    """A block of rows of z against all of z, each row's own key (shifted by the block's offset) left
+    out: the LSEs and the gradients to the block and to every key (what one rank computes in data
+    parallelism), against the float64 reference of the same."""
+    z = _leaf((90, 33), torch.float32)
     r0, r1, scale = 31, 62, 2.5
-    lse = K._lse_fwd_launch(z[r0:r1], z, scale, True, r0, True)
-    zd = z.double()
-    s = (zd @ zd.T * scale).fill_diagonal_(float("-inf"))
-    want = torch.logsumexp(s, 1)
-    _close(lse, want[r0:r1], torch.float32, "LSE of the block")
     g = torch.rand(r1 - r0, device=_dev())
-    msg = K._lse_bwd_op(z[r0:r1], z, z, lse, g, None, None, scale, True, r0)
-    p = torch.softmax(s, 1)[r0:r1]
-    _close(msg, scale * (g.double()[:, None] * p) @ zd, torch.float32, "messages to the block")
+    lse = lse_similarity(z[r0:r1], z, scale=scale, self_offset=r0, backend=backend)
+    grad, = torch.autograd.grad((lse * g).sum(), z)
+    zr = z.detach().double().requires_grad_(True)
+    ref = lse_similarity_ref(zr[r0:r1], zr, scale=scale, self_offset=r0)
+    _close(lse, ref, torch.float32, "LSE of the block")
+    _close(grad, torch.autograd.grad((ref * g.double()).sum(), zr)[0], torch.float32, "gradient")
+    s = zr.detach() @ zr.detach().T * scale  # the reference's exclusion is the self form's
+    _close(ref, torch.logsumexp(s.fill_diagonal_(float("-inf")), 1)[r0:r1], torch.float64, "reference")
+    with pytest.raises(ValueError, match="self_offset must be"):
+        lse_similarity(z[r0:r1], z, scale=scale, self_offset=70, backend=backend)
 
 
 @pytest.mark.parametrize("d,cc,passes", [(128, 90, 3), (256, 90, 3), (384, 90, 4), (768, 90, 5), (256, 80, 4)])
