@@ -68,3 +68,15 @@ if HAS_TRITON:
             b = load_rows(b_ptrs, cmask, d0, D, EVEN_D, UPCAST, BLOCK_D)
             s = tl.dot(a, tl.trans(b), s, input_precision=PRECISION)
         return s
+
+    @triton.jit
+    def sim_tile(a, a_ptrs, b_ptrs, rmask, cmask, D, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 D_CHUNKS: tl.constexpr):
+        """The fp32 tile ``A[rows] . B[cols]^T``: one tensor-core chain over ``a``, the row tile the caller
+        loaded once, when D is one chunk; else :func:`sim_streamed` (``a`` unused)."""
+        if D_CHUNKS == 1:
+            s = tl.dot(a, tl.trans(load_rows(b_ptrs, cmask, 0, D, EVEN_D, UPCAST, BLOCK_D)), input_precision=PRECISION)
+        else:
+            s = sim_streamed(a_ptrs, b_ptrs, rmask, cmask, D, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        return s

@@ -284,12 +284,23 @@ if HAS_TRITON:
         return offs, inb, keep, stat_r, stat_c, r < R, c < C
 
     @triton.jit
+    def _logits(S, offs, inb, keep, scale2):
+        """The chunk tile's ``scale * S`` in base-2 units (fp32) and where it counts (unmasked, not -inf)."""
+        s = tl.load(S + offs, mask=inb, other=float("-inf")).to(tl.float32) * scale2
+        return s, keep & (s > float("-inf"))
+
+    @triton.jit
+    def _lse2(LSE, idx, mask):
+        """LSEs (natural log in memory) in base-2 units."""
+        return tl.load(LSE + idx, mask=mask, other=0.0) * 1.4426950408889634
+
+    @triton.jit
     def _lse_partial_kernel(S, PART, VALID, R, C, CP, row0, n_cblocks, scale2,
                             HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """``PART[b, r, k] = log sum_{c in block k} exp(scale S_rc)`` over unmasked pairs (-inf if none)."""
         pid_c, pid_r, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs, inb, keep, _, _, rmask, _ = _tile(b, pid_r, pid_c, R, C, CP, row0, VALID, HAS_VALID, BLOCK_R, BLOCK_C)
-        s = tl.load(S + offs, mask=inb, other=float("-inf")).to(tl.float32) * scale2
+        s, keep = _logits(S, offs, inb, keep, scale2)
         s = tl.where(keep, s, float("-inf"))
         m = tl.max(s, 1)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
@@ -304,13 +315,10 @@ if HAS_TRITON:
         pid_c, pid_r, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs, inb, keep, stat_r, stat_c, rmask, cmask = _tile(b, pid_r, pid_c, R, C, CP, row0, VALID, HAS_VALID,
                                                                BLOCK_R, BLOCK_C)
-        s = tl.load(S + offs, mask=inb, other=float("-inf")).to(tl.float32) * scale2
-        keep = keep & (s > float("-inf"))
-        lse_r = tl.load(LSE + stat_r, mask=rmask, other=0.0) * 1.4426950408889634
-        p = tl.where(keep, tl.exp2(s - lse_r[:, None]), 0.0)
+        s, keep = _logits(S, offs, inb, keep, scale2)
+        p = tl.where(keep, tl.exp2(s - _lse2(LSE, stat_r, rmask)[:, None]), 0.0)
         if DUAL:
-            lse_c = tl.load(LSE + stat_c, mask=cmask, other=0.0) * 1.4426950408889634
-            p += tl.where(keep, tl.exp2(s - lse_c[None, :]), 0.0)
+            p += tl.where(keep, tl.exp2(s - _lse2(LSE, stat_c, cmask)[None, :]), 0.0)
         tl.store(S + offs, p.to(S.dtype.element_ty), mask=inb)
 
     @triton.jit
@@ -320,12 +328,10 @@ if HAS_TRITON:
         pid_c, pid_r, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs, inb, keep, stat_r, _, rmask, _ = _tile(b, pid_r, pid_c, R, C, CP, row0, VALID, HAS_VALID,
                                                       BLOCK_R, BLOCK_C)
-        s = tl.load(S + offs, mask=inb, other=float("-inf")).to(tl.float32) * scale2
-        keep = keep & (s > float("-inf"))
-        lse_r = tl.load(LSE + stat_r, mask=rmask, other=0.0) * 1.4426950408889634
+        s, keep = _logits(S, offs, inb, keep, scale2)
         dp = (tl.load(DPR + offs, mask=inb, other=0.0).to(tl.float32)
               + tl.load(DPC + offs, mask=inb, other=0.0).to(tl.float32))
-        part = tl.sum(tl.where(keep, tl.exp2(s - lse_r[:, None]) * dp, 0.0), 1)
+        part = tl.sum(tl.where(keep, tl.exp2(s - _lse2(LSE, stat_r, rmask)[:, None]) * dp, 0.0), 1)
         r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         tl.store(PART + (b * R + r).to(tl.int64) * n_cblocks + pid_c, part, mask=rmask)
 
@@ -336,14 +342,11 @@ if HAS_TRITON:
         pid_c, pid_r, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs, inb, keep, stat_r, stat_c, rmask, cmask = _tile(b, pid_r, pid_c, R, C, CP, row0, VALID, HAS_VALID,
                                                                BLOCK_R, BLOCK_C)
-        s = tl.load(S + offs, mask=inb, other=float("-inf")).to(tl.float32) * scale2
-        keep = keep & (s > float("-inf"))
-        lse_r = tl.load(LSE + stat_r, mask=rmask, other=0.0) * 1.4426950408889634
-        lse_c = tl.load(LSE + stat_c, mask=cmask, other=0.0) * 1.4426950408889634
+        s, keep = _logits(S, offs, inb, keep, scale2)
         d_r = tl.load(DELTA + stat_r, mask=rmask, other=0.0)
         d_c = tl.load(DELTA + stat_c, mask=cmask, other=0.0)
-        p_rc = tl.where(keep, tl.exp2(s - lse_r[:, None]), 0.0)
-        p_cr = tl.where(keep, tl.exp2(s - lse_c[None, :]), 0.0)
+        p_rc = tl.where(keep, tl.exp2(s - _lse2(LSE, stat_r, rmask)[:, None]), 0.0)
+        p_cr = tl.where(keep, tl.exp2(s - _lse2(LSE, stat_c, cmask)[None, :]), 0.0)
         dpr = tl.load(DPR + offs, mask=inb, other=0.0).to(tl.float32)
         dpc = tl.load(DPC + offs, mask=inb, other=0.0).to(tl.float32)
         if DUAL:

@@ -30,7 +30,7 @@ from ._backend import (
     interpreting, new_output, next_pow2, resolve_backend, tl, triton, unit_rows, validating,
 )
 from ._tiles import (
-    d_tiling, load_rows, precision as _precision, sim_streamed, size_bucket, tuned, upcast as _upcast,
+    d_tiling, load_rows, precision as _precision, sim_streamed, sim_tile, size_bucket, tuned, upcast as _upcast,
 )
 
 LOG2E = 1.4426950408889634
@@ -209,19 +209,14 @@ if HAS_TRITON:
         dd = tl.arange(0, BLOCK_D)
         a_ptrs = A + row0.to(tl.int64) * stride_a + tl.arange(0, BLOCK_M)[:, None] * stride_a + dd[None, :]
         b_ptrs = B + offs_n[:, None] * stride_b + dd[None, :]
-        if D_CHUNKS == 1:  # the A tile, all of D, loaded once: one tensor-core chain per S tile
-            a = load_rows(a_ptrs, rmask, 0, D, EVEN_D, UPCAST, BLOCK_D)
+        a = load_rows(a_ptrs, rmask, 0, D, EVEN_D, UPCAST, BLOCK_D)  # the A tile when D is one chunk
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + offs_n
             cmask = cols < N
-            if D_CHUNKS == 1:
-                s = tl.dot(a, tl.trans(load_rows(b_ptrs, cmask, 0, D, EVEN_D, UPCAST, BLOCK_D)),
-                           input_precision=PRECISION)
-            else:
-                s = sim_streamed(a_ptrs, b_ptrs, rmask, cmask, D, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
-                                  BLOCK_D)
+            s = sim_tile(a, a_ptrs, b_ptrs, rmask, cmask, D, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+                         D_CHUNKS)
             s = tl.where(_valid(rows, cols, cmask, row_offset, BLOCK_M, BLOCK_N, EXCLUDE_SELF, EVEN_N),
                          s * scale2, float("-inf"))
             if STATIC_MAX:

@@ -16,7 +16,7 @@ from ._backend import (
     HAS_TRITON, KernelSpec, cdiv, check_finite, check_float, check_same, interpreting, new_output, resolve_backend, tl, triton,
     unit_rows, validating,
 )
-from ._tiles import d_tiling, load_rows, sim_streamed, size_bucket, tuned, upcast
+from ._tiles import d_tiling, load_rows, sim_tile, size_bucket, tuned, upcast
 
 # ---------------------------------------------------------------------------------------------
 # Plain-torch references.
@@ -77,8 +77,8 @@ if HAS_TRITON:
         dd = tl.arange(0, BLOCK_D)
         x_ptrs = X + row0 * stride_x + tl.arange(0, BLOCK_M)[:, None] * stride_x + dd[None, :]
         c_ptrs = C + offs_n[:, None] * stride_c + dd[None, :]
+        x = load_rows(x_ptrs, rmask, 0, D, EVEN_D, UPCAST, BLOCK_D)  # the X tile when D is one chunk
         if D_CHUNKS == 1:
-            x = load_rows(x_ptrs, rmask, 0, D, EVEN_D, UPCAST, BLOCK_D)
             xf = x.to(tl.float32)
             x_sq = tl.sum(xf * xf, 1)
         else:
@@ -91,12 +91,8 @@ if HAS_TRITON:
         for k0 in range(0, K, BLOCK_N):
             cols = k0 + offs_n
             cmask = cols < K
-            if D_CHUNKS == 1:
-                s = tl.dot(x, tl.trans(load_rows(c_ptrs, cmask, 0, D, EVEN_D, UPCAST, BLOCK_D)),
-                           input_precision=PRECISION)
-            else:
-                s = sim_streamed(x_ptrs, c_ptrs, rmask, cmask, D, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
-                                 BLOCK_D)
+            s = sim_tile(x, x_ptrs, c_ptrs, rmask, cmask, D, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+                         D_CHUNKS)
             if EVEN_K:
                 s = s - tl.load(HALF_NORM + cols)[None, :]
             else:  # a missing centroid's half-norm is +inf: its score -inf

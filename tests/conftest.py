@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
 os.environ["SSLCORE_POISON"] = "1"
 
 import pytest  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -40,6 +41,24 @@ def no_host_sync():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return mode
+
+
+class _NoHostReads(TorchDispatchMode):
+    """Fails on the ATen ops that read tensor values on the host: each is a synchronisation on CUDA."""
+    READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2", "aten::unique_dim", "aten::equal",
+             "aten::is_nonzero", "aten::masked_select", "aten::unique_consecutive"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.READS:
+            raise AssertionError(f"{func._schema.name}: a host synchronisation on CUDA")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def no_host_reads():
+    """``with no_host_reads(): ...`` fails if the ops inside read a tensor value on the host (the CPU
+    stand-in for the GPU tests' sync debug mode: the same driver code runs on both)."""
+    return _NoHostReads
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from sslcore.kernels import contranorm, contranorm_features_ref, contranorm_ref, prepare_graph, tied_attention_ref
 
@@ -323,20 +322,9 @@ def test_sequences_save_o_bld(seed):
     assert op_max <= b * length * d
 
 
-class _NoHostSync(TorchDispatchMode):
-    """Fails on the ATen ops that read device data on the host (a synchronisation on CUDA)."""
-    SYNCING = {"aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2", "aten::unique_dim", "aten::equal",
-               "aten::is_nonzero", "aten::masked_select", "aten::unique_consecutive"}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name in self.SYNCING:
-            raise AssertionError(f"{func._schema.name}: a host synchronisation on CUDA")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("backend", ["torch"])
 @pytest.mark.parametrize("form", ["padded", "dual", "graph"])
-def test_no_host_synchronisation(seed, form, backend):
+def test_no_host_synchronisation(seed, form, backend, no_host_reads):
     """Forward and backward without validation read no device data on the host.  (The Triton
     interpreter copies tensors to numpy itself, so the driver is checked on the torch backend; the
     Triton backend runs the same driver.)"""
@@ -350,9 +338,9 @@ def test_no_host_synchronisation(seed, form, backend):
         kpm[1, 15:] = True
         kw.update(key_padding_mask=kpm, dual=form == "dual")
     contranorm(h, **kw)  # warm: a graph's chunk bounds are computed once, on the CPU copy of its rows
-    with _NoHostSync():
+    with no_host_reads():
         contranorm(h, **kw).sum().backward()
-    with pytest.raises(AssertionError, match="host synchronisation"), _NoHostSync():
+    with pytest.raises(AssertionError, match="host synchronisation"), no_host_reads():
         contranorm(h, **{**kw, "validate": True})  # the checker does see the validating path's reads
 
 
