@@ -87,6 +87,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_identically(at_step, tiny_ru
         return real_lr_at(*args)
 
     monkeypatch.setattr(loop, "lr_at", lr_at_then_ctrl_c)
+    previous = signal.getsignal(signal.SIGINT)  # the default handler, or SIG_IGN under nohup / `make test &`
     with pytest.raises(TrainingInterrupted) as stop:
         pretrain(PretrainConfig(out=str(tmp_path), **TINY))
     assert len(calls) == at_step and (stop.value.epoch, stop.value.step) == ((1, 1) if at_step == 1 else (2, 0))
@@ -95,7 +96,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_identically(at_step, tiny_ru
         assert ckpt["epoch"] == 0 and ckpt["position"]["step"] == 1 and ckpt["position"]["losses"].shape == (1,)
     else:
         assert ckpt["epoch"] == 1 and "position" not in ckpt
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+    assert signal.getsignal(signal.SIGINT) is previous  # the handler was put back
     monkeypatch.setattr(loop, "lr_at", real_lr_at)
 
     pretrain(PretrainConfig(out=str(tmp_path), resume="", **TINY))
@@ -103,6 +104,18 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_identically(at_step, tiny_ru
     for key, value in full["model"].items():
         assert torch.equal(resumed["model"][key], value), key
     assert [r["loss"] for r in _read_metrics(tmp_path)] == [r["loss"] for r in _read_metrics(full_out)]
+
+
+def test_stop_request_puts_back_an_ignored_sigint():
+    """A run started with SIGINT ignored (nohup, a background job) still stops on it and leaves it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with loop._StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.requested
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_malformed_mid_epoch_position_is_refused(tiny_run, tmp_path):
