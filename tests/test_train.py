@@ -118,10 +118,9 @@ def test_stop_request_puts_back_an_ignored_sigint():
         signal.signal(signal.SIGINT, previous)
 
 
-def test_malformed_mid_epoch_position_is_refused(tiny_run, tmp_path):
-    good = torch.load(tiny_run[0] / "checkpoint.pt", weights_only=True)
-    bad = tmp_path / "bad.pt"
-    torch.save({**good, "epoch": 1, "position": {"step": 1, "perm": torch.arange(5), "losses": torch.zeros(1)}}, bad)
+def test_malformed_mid_epoch_position_is_refused(tiny_run, tmp_path, edit_checkpoint):
+    bad = edit_checkpoint(tiny_run[0] / "checkpoint.pt", tmp_path / "bad.pt", epoch=1,
+                          position={"step": 1, "perm": torch.arange(5), "losses": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="malformed mid-epoch position"):
         pretrain(PretrainConfig(out=str(tmp_path / "run"), resume=str(bad), **TINY))
 
@@ -163,7 +162,7 @@ def test_resume_with_other_options_is_refused(tiny_run, tmp_path):
         pretrain(PretrainConfig(out=str(tmp_path), resume=str(out / "checkpoint.pt"), **{**TINY, "lr": 2 * lr}))
 
 
-def test_bad_checkpoints_are_refused(tiny_run, tmp_path):
+def test_bad_checkpoints_are_refused(tiny_run, tmp_path, edit_checkpoint):
     good = torch.load(tiny_run[0] / "checkpoint.pt", weights_only=True)
     missing = tmp_path / "missing.pt"
     with pytest.raises(CheckpointError, match="does not exist"):
@@ -179,15 +178,15 @@ def test_bad_checkpoints_are_refused(tiny_run, tmp_path):
         with pytest.raises(CheckpointError, match="corrupted"):
             pretrain(PretrainConfig(out=str(run), resume=str(path), **TINY))
 
-    other = tmp_path / "other.pt"
-    torch.save({**good, "method": "moco"}, other)
+    other = edit_checkpoint(tiny_run[0] / "checkpoint.pt", tmp_path / "other.pt", method="moco",
+                            config={**good["config"], "method": "moco"})
     with pytest.raises(CheckpointError, match="from method 'moco', not 'simclr'"):
         pretrain(PretrainConfig(out=str(run), resume=str(other), **TINY))
     assert not run.exists()  # refused before anything was loaded or written
 
-    reshaped = tmp_path / "reshaped.pt"
     key = next(iter(good["model"]))
-    torch.save({**good, "model": {**good["model"], key: torch.zeros(3)}}, reshaped)
+    reshaped = edit_checkpoint(tiny_run[0] / "checkpoint.pt", tmp_path / "reshaped.pt",
+                               model={**good["model"], key: torch.zeros(3)})
     with pytest.raises(CheckpointError, match="shape"):
         evaluate_checkpoint(reshaped)
 
