@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: runs/<method>-<data>)")
     p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                    help="continue from CHECKPOINT (without one: OUT/checkpoint.pt)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in OUT (its files are deleted once this run is ready to train)")
 
     e = sub.add_parser("eval", help="linear probe and k-NN accuracy of a pretraining checkpoint")
     e.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by pretrain")

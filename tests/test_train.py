@@ -201,6 +201,7 @@ def test_bad_config_values_name_the_option():
             PretrainConfig(**{name: 0})
     with pytest.raises(ValueError, match="batch_size .* larger than the training set"):
         pretrain(PretrainConfig(batch_size=128, limit=64, backend="torch", out="unused"))
+    assert not os.path.exists("unused")  # the run folder it created for its lock is gone again
 
 
 @pytest.mark.parametrize("args, message", [

@@ -201,12 +201,13 @@ def add_arguments(p: argparse.ArgumentParser, *, transfer: bool) -> None:
     p.add_argument("--option", "-o", type=method_option, action="append", default=[], metavar="[METHOD.]KEY=VALUE",
                    help="a method option for every method that takes KEY, or for METHOD only (repeatable)")
     p.add_argument("--out", help="output folder (default: runs/benchmark-<data> or runs/transfer-shapes-<domain>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the runs already in OUT")
 
 
 def main_from_args(args: argparse.Namespace, *, transfer: bool) -> dict:
     train = dict(epochs=args.epochs, encoder=args.encoder, batch_size=args.batch_size, lr=args.lr,
                  temperature=args.temperature, seed=args.seed, limit=args.limit, device=args.device,
-                 backend=args.backend)
+                 backend=args.backend, overwrite=args.overwrite)
     if transfer:
         result = run_transfer(args.data, args.methods, domains=args.domains, out=args.out, options=args.option, **train)
         if is_main_process():

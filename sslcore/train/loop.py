@@ -12,6 +12,9 @@ nccl (CUDA).  Every rank draws the same global data order and the same augmented
 ``gather_distributed`` get it and their loss is scaled by ``N`` before ``backward`` (DDP averages
 gradients; see :mod:`sslcore.dist`); BatchNorm is synchronised.  The batch size is the global
 one.  Only rank 0 writes files, shows progress and runs the probes.
+
+Rank 0 holds the run directory for the whole run and refuses one that holds another run
+(:mod:`.rundir`).
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from ..kernels import BACKENDS
 from ..methods import check_options, get_method, method_options
 from .checkpoint import CheckpointError, check_state_dict, load_checkpoint, save_checkpoint
 from .evaluate import build_model, probe
+from .rundir import RunDirectory
 
 # Options that define a run: resuming with different values is refused (epochs may be extended).
 RUN_KEYS = ("method", "data", "encoder", "batch_size", "lr", "weight_decay", "warmup_epochs", "temperature",
@@ -58,6 +62,7 @@ class PretrainConfig:
     backend: str = "auto"  # the loss's backend: auto | triton | torch
     out: str | None = None  # default runs/<method>-<data>
     resume: str | None = None  # checkpoint to continue from; "" = OUT/checkpoint.pt
+    overwrite: bool = False  # replace the run in OUT (deleted only when this run is ready to train)
     options: dict = dataclasses.field(default_factory=dict)  # the method's own options (``--option KEY=VALUE``)
 
     def __post_init__(self):
@@ -79,6 +84,8 @@ class PretrainConfig:
             raise ValueError(f"limit must be a positive integer, got {self.limit!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.resume is not None and self.overwrite:
+            raise ValueError("--resume continues a run and --overwrite starts a new one: give one")
         if self.out is None:
             self.out = str(Path("runs") / f"{self.method}-{self.data.partition(':')[0]}")
         if self.resume == "":
@@ -245,10 +252,19 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 
 def _pretrain(cfg: PretrainConfig, device: torch.device, t_start: float) -> dict:
-    world, rank, main = dist.world_size(), dist.rank(), dist.is_main_process()
+    world, main = dist.world_size(), dist.is_main_process()
     if world > 1 and (cfg.batch_size < 2 * world or cfg.batch_size % world):
         raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of the number of processes ({world}) "
                          f"and at least 2 x {world}: it is the global batch, split evenly across the processes")
+    out = Path(cfg.out)
+    continuing = cfg.resume is not None and Path(cfg.resume).resolve().parent == out.resolve()
+    with RunDirectory(out, continuing=continuing, overwrite=cfg.overwrite, enabled=main) as run:
+        return _run(cfg, device, t_start, run)
+
+
+def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDirectory) -> dict:
+    """The run itself, in the locked run directory ``run``."""
+    world, rank, main = dist.world_size(), dist.rank(), dist.is_main_process()
     data = load_dataset(cfg.data)
     x_train = data.x_train[:cfg.limit].to(device)
     if cfg.batch_size > len(x_train):
@@ -269,11 +285,11 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, t_start: float) -> dict
         start_epoch, position = _resume_state(cfg, model, optimizer, generator, steps_per_epoch, len(x_train))
     shard = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
 
+    run.replace_previous()  # --overwrite: the old run goes only now, with the new one ready to train
     out = Path(cfg.out)
     ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
     metrics = []
     if main:
-        out.mkdir(parents=True, exist_ok=True)
         if start_epoch and metrics_path.exists():  # keep the lines of the epochs the checkpoint holds
             metrics = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r["epoch"] <= start_epoch]
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in metrics))
