@@ -197,7 +197,7 @@ def test_bad_config_values_name_the_option():
     with pytest.raises(ValueError, match="unknown dataset 'mnist' for --data; valid: digits"):
         PretrainConfig(data="mnist")
     for name in ("epochs", "batch_size", "lr", "temperature"):
-        with pytest.raises(ValueError, match=name):
+        with pytest.raises(ValueError, match="--" + name.replace("_", "-")):
             PretrainConfig(**{name: 0})
     with pytest.raises(ValueError, match="batch_size .* larger than the training set"):
         pretrain(PretrainConfig(batch_size=128, limit=64, backend="torch", out="unused"))
@@ -207,11 +207,11 @@ def test_bad_config_values_name_the_option():
 @pytest.mark.parametrize("args, message", [
     (["--method", "nosuch"], "--method: invalid choice: 'nosuch' (choose from "),
     (["--data", "mnist"], "--data: unknown dataset 'mnist' for --data; valid: digits"),
-    (["--epochs", "0"], "--epochs: must be > 0"),
-    (["--batch-size", "-4"], "--batch-size: must be > 0"),
-    (["--lr", "0"], "--lr: must be > 0"),
-    (["--temperature", "-0.1"], "--temperature: must be > 0"),
-    (["--lr", "nan"], "--lr: must be > 0"),
+    (["--epochs", "0"], "--epochs: must be an integer >= 1, got '0'"),
+    (["--batch-size", "-4"], "--batch-size: must be an integer >= 1, got '-4'"),
+    (["--lr", "0"], "--lr: must be a number in (0, 1], got '0'"),
+    (["--temperature", "-0.1"], "--temperature: must be a number >= 1e-08, got '-0.1'"),
+    (["--lr", "nan"], "--lr: must be a number in (0, 1], got 'nan'"),
 ])
 def test_cli_rejects_bad_arguments(args, message, capsys):
     with pytest.raises(SystemExit) as exc:

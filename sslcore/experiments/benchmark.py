@@ -15,13 +15,13 @@ the table to ``OUT/results.json``; ``OUT`` defaults to ``runs/benchmark-<data>``
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import time
 from pathlib import Path
 
 import torch
 
+from ..checks import parse_literal
 from ..data import data_spec_arg, load_dataset, shapes
 from ..dist import is_main_process
 from ..methods import COMMON_OPTIONS, METHODS, get_method, method_options
@@ -37,11 +37,7 @@ def method_option(text: str) -> tuple[str | None, str, object]:
     method, dot, key = target.rpartition(".")
     if not sep or not key.isidentifier() or (dot and method not in METHODS):
         raise argparse.ArgumentTypeError(f"expected [METHOD.]KEY=VALUE with a known METHOD, got {text!r}")
-    try:
-        value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        pass
-    return method or None, key, value
+    return method or None, key, parse_literal(value)
 
 
 def options_per_method(methods: list[str], options: list[tuple[str | None, str, object]]) -> dict[str, dict]:
@@ -177,7 +173,7 @@ def transfer_table(result: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser, *, transfer: bool) -> None:
-    from ..cli import _positive  # the pretrain parser's check (cli imports this module first)
+    from ..cli import device_arg, setting  # the pretrain parser's checks (cli imports this module first)
 
     d = " (default: %(default)s)"
     p.add_argument("--data", type=data_spec_arg, default="shapes:plain" if transfer else "digits",
@@ -188,15 +184,16 @@ def add_arguments(p: argparse.ArgumentParser, *, transfer: bool) -> None:
                        f"(default: all of {','.join(shapes.DOMAINS)})")
     p.add_argument("--methods", type=lambda s: s.split(","),
                    help="comma-separated methods (default: every registered method that trains on the data)")
-    p.add_argument("--epochs", type=_positive(int), default=BUDGET["epochs"], help="training epochs per method" + d)
+    p.add_argument("--epochs", type=setting("epochs"), default=BUDGET["epochs"], help="training epochs per method" + d)
     defaults = PretrainConfig()
     p.add_argument("--encoder", "--backbone", default=defaults.encoder, help="smallcnn or a timm spec" + d)
-    p.add_argument("--batch-size", type=_positive(int), default=defaults.batch_size, help="images per step" + d)
-    p.add_argument("--lr", type=_positive(float), default=defaults.lr, help="peak AdamW learning rate" + d)
-    p.add_argument("--temperature", type=_positive(float), default=defaults.temperature, help="loss temperature" + d)
-    p.add_argument("--seed", type=int, default=defaults.seed, help="seed of every run" + d)
-    p.add_argument("--limit", type=_positive(int), help="pretrain on the first N training images only")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ..." + d)
+    p.add_argument("--batch-size", type=setting("batch_size"), default=defaults.batch_size, help="images per step" + d)
+    p.add_argument("--lr", type=setting("lr"), default=defaults.lr, help="peak AdamW learning rate" + d)
+    p.add_argument("--temperature", type=setting("temperature"), default=defaults.temperature,
+                   help="loss temperature" + d)
+    p.add_argument("--seed", type=setting("seed"), default=defaults.seed, help="seed of every run" + d)
+    p.add_argument("--limit", type=setting("limit"), help="pretrain on the first N training images only")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda, ..." + d)
     p.add_argument("--backend", default="auto", help="the losses' kernel backend" + d)
     p.add_argument("--option", "-o", type=method_option, action="append", default=[], metavar="[METHOD.]KEY=VALUE",
                    help="a method option for every method that takes KEY, or for METHOD only (repeatable)")
