@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdamW weight decay" + d)
     p.add_argument("--warmup-epochs", type=setting("warmup_epochs"), default=_DEFAULTS.warmup_epochs,
                    help="linear warm-up before the cosine decay" + d)
-    p.add_argument("--temperature", type=setting("temperature"), default=_DEFAULTS.temperature,
-                   help="loss temperature" + d)
+    p.add_argument("--temperature", type=setting("temperature"),
+                   help="loss temperature (default: the method's own, e.g. simclr 0.5, moco 0.2)")
     p.add_argument("--seed", type=setting("seed"), default=_DEFAULTS.seed,
                    help="seeds init, shuffling and augmentations" + d)
     p.add_argument("--limit", type=setting("limit"), help="pretrain on the first N training images only")
@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             p = s["probes"]
             loss = "" if s["final_loss"] is None else f", final loss {s['final_loss']:.4f}"
-            print(f"\n{s['method']} on {s['data']}: {s['epochs']} epochs{loss}, {s['total_time_s']:.1f}s on "
+            tau = "" if s["temperature"] is None else f" at temperature {s['temperature']:g}"
+            print(f"\n{s['method']} on {s['data']}: {s['epochs']} epochs{tau}{loss}, {s['total_time_s']:.1f}s on "
                   f"{s['device']}; held-out accuracy ({s['n_test']} test images):")
             enc = s["encoder_class"]
             print(_table([(f"{s['method']} ({enc})", p["trained"]), (f"random init ({enc})", p["random_init"]),

@@ -72,13 +72,15 @@ def _files(folder):
     (["-o", "proj_dim=1.5"], "proj_dim' of method 'simclr' must be an integer in [1, 16384], got 1.5"),
     (["-o", "proj_dim=None"], "proj_dim' of method 'simclr' must be an integer in [1, 16384], got None"),
     (["-o", "proj_hidden=1000000000"], "proj_hidden' of method 'simclr' must be an integer in [1, 16384]"),
-    (["-o", "temperature=nan"], "option 'temperature' of method 'simclr' must be a number >= 1e-08, got 'nan'"),
+    (["-o", "temperature=nan"], "-o temperature must be a number >= 1e-08, got 'nan'"),
     (["--method", "moco", "-o", "momentum=1.5"], "option 'momentum' of method 'moco' must be a number in [0, 1)"),
     (["--method", "arcl", "-o", "base=byol"], "option 'base' of method 'arcl' must be one of 'simclr', 'moco'"),
     (["--method", "mae", "-o", "norm_pix_loss=1"], "option 'norm_pix_loss' of method 'mae' must be True or False"),
     (["-o", "backend=triton"], "-o backend is set by the trainer (--backend)"),
     (["-o", "proj_dim=8", "-o", "proj_dim=16"], "-o proj_dim is given twice (8 and 16)"),
+    (["--temperature", "0.1", "-o", "temperature=5"], "the temperature is given twice, --temperature 0.1 and -o"),
     (["--temperature", "1e-40"], "argument --temperature: must be a number >= 1e-08, got '1e-40'"),
+    (["--method", "simsiam", "--temperature", "0.3"], "method 'simsiam' has no temperature"),
     (["--lr", "1e30"], "argument --lr: must be a number in (0, 1], got '1e30'"),
     (["--lr", "1e-3", "--weight-decay", "1000"], "--lr 0.001 x --weight-decay 1000 must be < 1"),
     (["--weight-decay", "inf"], "argument --weight-decay: must be a number >= 0, got 'inf'"),
@@ -148,7 +150,8 @@ def test_every_method_option_has_a_checkable_domain_holding_its_default():
             cfg = PretrainConfig(method=name, data=SHAPES if "image" in METHODS[name].data_kinds else TEXT,
                                  **({} if p.default is None or key in loop.TRAINER_OPTIONS
                                     else {"options": {key: p.default}}))
-            assert cfg.options == ({} if p.default is None or key in loop.TRAINER_OPTIONS else {key: p.default})
+            assert cfg.options == ({} if p.default is None or key in loop.TRAINER_OPTIONS or key == "temperature"
+                                   else {key: p.default})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +330,7 @@ def test_a_nan_loss_names_the_options_that_cause_it(tmp_path, capsys, monkeypatc
         _pretrain(tmp_path / "nan-loss", "--lr", "0.5", "--limit", "16")  # one step: the epoch's mean is NaN
     assert exc.value.code == 1
     assert ("training diverged in epoch 1: its mean loss is nan; lower --lr (now 0.5) or raise --temperature "
-            "(now 0.1)") in capsys.readouterr().err
+            "(now 0.5)") in capsys.readouterr().err
 
     def poisoned(self, views, **kw):  # weights blown up after a step: the next forward's check trips
         with torch.no_grad():
@@ -337,6 +340,25 @@ def test_a_nan_loss_names_the_options_that_cause_it(tmp_path, capsys, monkeypatc
     with pytest.raises(SystemExit) as exc:
         _pretrain(tmp_path / "nan-weights")
     assert "training diverged in epoch 1: the weights hold NaN or Inf at step 1; lower --lr" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Temperatures: each method's own unless --temperature is given; printed and in summary.json.
+
+
+def test_each_method_keeps_its_own_temperature_unless_one_is_given(tmp_path, capsys, no_probes):
+    defaults = {m: p["temperature"].default for m in METHODS if "temperature" in (p := option_parameters(m))}
+    assert defaults["simclr"] == 0.5 and defaults["moco"] == 0.2
+    for name in METHODS:
+        data = SHAPES if "image" in METHODS[name].data_kinds else TEXT
+        assert PretrainConfig(method=name, data=data).temperature == defaults.get(name)
+    assert PretrainConfig(temperature=0.3).temperature == 0.3
+    assert PretrainConfig(options={"temperature": 0.3}).temperature == 0.3
+    assert _pretrain(tmp_path / "moco", "--method", "moco", "-o", "queue_size=64") == 0
+    assert "moco on shapes:n=32,test=16,size=8: 1 epochs at temperature 0.2" in capsys.readouterr().out
+    assert json.loads((tmp_path / "moco" / "summary.json").read_text())["temperature"] == 0.2
+    assert _pretrain(tmp_path / "simclr", "--temperature", "0.3") == 0
+    assert json.loads((tmp_path / "simclr" / "summary.json").read_text())["temperature"] == 0.3
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from .. import dist
 from ..checks import Backend, NonNegative, NonNegativeInt, PositiveInt, Range, Seed, Temperature, check_value
 from ..data import check_data_spec, data_kind, load_dataset
 from ..kernels import resolve_backend
-from ..methods import check_options, get_method, method_options
+from ..methods import check_options, get_method, method_options, option_parameters
 from .checkpoint import (CheckpointError, atomic_write, check_optimizer_state, check_state_dict, load_checkpoint,
                          save_checkpoint)
 from .evaluate import build_model, probe
@@ -60,7 +60,8 @@ class PretrainConfig:
     Each is checked on creation against its annotated domain (the CLI parses with the same
     annotations), and so are the cross-checks that need no data: the data kind against the
     method, the method's options, the batch size against the method's minimum, the device and
-    backend.
+    backend.  ``temperature=None`` means the method's own default (then stored here); a method
+    without a temperature takes none.  ``-o temperature=`` is the same as ``--temperature``, not both.
     """
 
     method: str = "simclr"
@@ -71,7 +72,7 @@ class PretrainConfig:
     lr: LearningRate = 2e-3
     weight_decay: NonNegative = 1e-4
     warmup_epochs: NonNegativeInt = 3
-    temperature: Temperature = 0.1
+    temperature: Temperature | None = None
     seed: Seed = 0
     limit: PositiveInt | None = None  # pretrain on the first `limit` training images only (smoke tests)
     device: str = "auto"
@@ -89,6 +90,11 @@ class PretrainConfig:
         for key, flag in TRAINER_OPTIONS.items():
             if key in options:
                 raise ValueError(f"-o {key} is set by the trainer ({flag}), not as a method option")
+        if "temperature" in options:
+            if self.temperature is not None:
+                raise ValueError(f"the temperature is given twice, --temperature {self.temperature} and "
+                                 f"-o temperature={options['temperature']!r}: give one")
+            self.temperature = check_value("-o temperature", options.pop("temperature"), Temperature)
         hints = typing.get_type_hints(type(self), include_extras=True)
         for f in dataclasses.fields(self):
             if f.name != "options":
@@ -98,6 +104,13 @@ class PretrainConfig:
         if data_kind(self.data) not in cls.data_kinds:
             raise ValueError(f"method {self.method!r} trains on {' or '.join(cls.data_kinds)} data; --data {self.data} "
                              f"is {data_kind(self.data)} data")
+        params = option_parameters(self.method)
+        if "temperature" in params:
+            if self.temperature is None:
+                self.temperature = params["temperature"].default
+        elif self.temperature is not None:
+            raise ValueError(f"method {self.method!r} has no temperature (its loss has no softmax over negatives); "
+                             "leave out --temperature")
         if self.lr * self.weight_decay >= 1:
             raise ValueError(f"--lr {self.lr:g} x --weight-decay {self.weight_decay:g} must be < 1: AdamW multiplies "
                              "every weight by 1 - lr x weight_decay each step")
@@ -273,8 +286,8 @@ def _resume_state(cfg: PretrainConfig, ckpt: dict, model, optimizer, generator, 
 def _diverged(cfg: PretrainConfig, epoch: int, what: str) -> FloatingPointError:
     """The error for a run whose loss or weights stopped being finite, naming the options that cause it."""
     hint = f"lower --lr (now {cfg.lr:g})"
-    if "temperature" in method_options(cfg.method):
-        hint += f" or raise --temperature (now {cfg.options.get('temperature', cfg.temperature):g})"
+    if cfg.temperature is not None:
+        hint += f" or raise --temperature (now {cfg.temperature:g})"
     return FloatingPointError(f"training diverged in epoch {epoch}: {what}; {hint}")
 
 
@@ -369,6 +382,8 @@ def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDire
     first_step = position["step"] if position else 0
     bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch + first_step, desc=f"{cfg.method}/{data.name}",
                unit="step", dynamic_ncols=True, disable=not main)
+    if main and cfg.temperature is not None:
+        tqdm.write(f"{cfg.method}: temperature {cfg.temperature:g}")
     model.train()
     with _StopRequest() as stop:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
@@ -433,6 +448,7 @@ def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDire
         method_eval = model.evaluate(data)
         summary = {"method": cfg.method, "data": cfg.data, "encoder": cfg.encoder,
                    "encoder_class": type(model.encoder).__name__, "raw_features": data.raw_name, "epochs": cfg.epochs,
+                   "temperature": cfg.temperature,
                    "final_loss": metrics[-1]["loss"] if metrics else None, "n_train": len(data.y_train),
                    "n_test": len(data.y_test), "device": str(device), "world_size": world,
                    "train_time_s": round(train_time, 2), "total_time_s": round(time.perf_counter() - t_start, 2),
