@@ -27,8 +27,8 @@ def device_arg(text: str) -> str:
     """argparse ``type=`` for ``--device``: a device this machine has (or ``auto``)."""
     try:
         resolve_device(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--device {text!r}").lstrip(": ") or str(e)) from None
+    except ValueError as e:  # argparse names the flag itself
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--device ")) from None
     return text
 
 

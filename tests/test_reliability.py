@@ -85,8 +85,8 @@ def _files(folder):
     (["--lr", "1e-3", "--weight-decay", "1000"], "--lr 0.001 x --weight-decay 1000 must be < 1"),
     (["--weight-decay", "inf"], "argument --weight-decay: must be a number >= 0, got 'inf'"),
     (["--seed", str(2 ** 64)], "argument --seed: must be an integer in [-9223372036854775808, 18446744073709551615]"),
-    (["--device", "meta"], "argument --device: training and probes run on cpu, cuda or mps, not meta"),
-    (["--device", "mps"], "argument --device: requested but this torch build or machine has no MPS device"),
+    (["--device", "meta"], "argument --device: 'meta': training and probes run on cpu, cuda or mps, not meta"),
+    (["--device", "mps"], "argument --device: 'mps': this torch build or machine has no MPS device"),
     (["--batch-size", "1"], "--batch-size 1 is too small for simclr: it needs at least 2 samples per batch"),
     (["--method", "moco", "--batch-size", "1"], "--batch-size 1 is too small for moco"),
     (["--data", "shapes:size=3000"], "--data shapes:size=3000 needs about"),
@@ -115,7 +115,7 @@ def test_absent_cuda_and_triton_on_cpu_are_refused(tmp_path, capsys, no_work, mo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit):
         _pretrain(tmp_path / "run", "--device", "cuda")
-    assert "argument --device: requested but CUDA is not available" in capsys.readouterr().err
+    assert "argument --device: 'cuda': CUDA is not available on this machine" in capsys.readouterr().err
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a CPU machine outside the test suite
     with pytest.raises(SystemExit):
         _pretrain(tmp_path / "run", "--backend", "triton", "--device", "cpu")

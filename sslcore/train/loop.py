@@ -150,12 +150,12 @@ def resolve_device(device: str) -> torch.device:
         raise ValueError(f"--device {device!r} is not a torch device: {e}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device!r} requested but CUDA is not available")
+            raise ValueError(f"--device {device!r}: CUDA is not available on this machine")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type == "mps":
         if not torch.backends.mps.is_available():
-            raise ValueError(f"--device {device!r} requested but this torch build or machine has no MPS device")
+            raise ValueError(f"--device {device!r}: this torch build or machine has no MPS device")
     elif dev.type != "cpu":
         raise ValueError(f"--device {device!r}: training and probes run on cpu, cuda or mps, not {dev.type} "
                          "(meta tensors, for one, hold no values)")
