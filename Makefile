@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/sslcore pretrain --method simclr --data digits
+	$(BIN)/sslcore pretrain --method simclr --data digits --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

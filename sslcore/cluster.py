@@ -10,6 +10,7 @@ rate 1 / count), for data that does not fit in memory.  ``backend="faiss"`` runs
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import tempfile
@@ -23,6 +24,8 @@ __all__ = ["KMeans"]
 _INITS = ("k-means++", "random")
 _BACKENDS = ("auto", "triton", "torch", "faiss")
 _FORMAT = 1
+_STATE_KEYS = ("format", "config", "init", "cluster_centers", "counts", "inertia", "n_iter", "n_steps",
+               "inertia_history")
 
 
 def _as_points(x, name: str = "x") -> torch.Tensor:
@@ -235,10 +238,21 @@ class KMeans:
     # -----------------------------------------------------------------------------------------
     # Public API.
 
+    def _atomically(self, step) -> "KMeans":
+        """Run ``step(trial)`` on a shallow copy and adopt its state only if it succeeds (every fitted
+        attribute is replaced, never changed in place): a failed fit leaves ``self`` as it was."""
+        trial = copy.copy(self)
+        step(trial)
+        self.__dict__.update(trial.__dict__)
+        return self
+
     def fit(self, x, y=None):
-        """Cluster ``x`` [N, D]; returns ``self``."""
+        """Cluster ``x`` [N, D]; returns ``self``.  A fit that fails leaves the estimator as it was."""
         x = _as_points(x)
         self._check_k(x.shape[0])
+        return self._atomically(lambda trial: trial._fit(x))
+
+    def _fit(self, x):
         self._reset()
         if self.backend == "faiss":
             return self._fit_faiss(x)
@@ -325,8 +339,12 @@ class KMeans:
     def partial_fit(self, x, y=None):
         """One mini-batch step on ``x`` [B, D] (the first call initialises the centres from it,
         so it must hold at least ``n_clusters`` points); returns ``self``.  ``labels_`` and
-        ``inertia_`` then describe this batch against the updated centres."""
+        ``inertia_`` then describe this batch against the updated centres.  A step that fails
+        leaves the estimator as it was."""
         x = _as_points(x)
+        return self._atomically(lambda trial: trial._partial_fit(x))
+
+    def _partial_fit(self, x):
         if self.cluster_centers_ is None:
             self._check_k(x.shape[0])
             self._generator = self._new_generator(x.device)
@@ -341,7 +359,6 @@ class KMeans:
         labels, _ = self._assign(x, self.cluster_centers_)
         self.labels_ = labels
         self.inertia_ = _exact_inertia(x, self.cluster_centers_, labels)
-        return self
 
     def predict(self, x) -> torch.Tensor:
         """Index of the nearest centre (int64 [N]) of each row of ``x``."""
@@ -384,7 +401,13 @@ class KMeans:
     def load_state_dict(self, state: dict):
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise ValueError("not a KMeans state dict (missing or unknown 'format')")
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"the KMeans state dict lacks {', '.join(missing)}")
         centers = state["cluster_centers"]
+        if not isinstance(centers, torch.Tensor) or centers.dim() != 2 or not centers.is_floating_point():
+            raise ValueError(f"the KMeans state's cluster_centers must be a float [K, D] tensor, got "
+                             f"{getattr(centers, 'shape', type(centers).__name__)}")
         if centers.shape[0] != self.n_clusters:
             raise ValueError(f"state has {centers.shape[0]} centres but n_clusters={self.n_clusters}")
         self._reset()
@@ -417,12 +440,22 @@ class KMeans:
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "KMeans":
-        """A fitted :class:`KMeans` from a file written by :meth:`save` (``torch.load(weights_only=True)``)."""
-        state = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
-        if not isinstance(state, dict) or "config" not in state:
-            raise ValueError(f"{path} does not hold a KMeans state dict")
-        km = cls(**state["config"], init=state["init"])
-        return km.load_state_dict(state)
+        """A fitted :class:`KMeans` from a file written by :meth:`save` (``torch.load(weights_only=True)``);
+        a ``ValueError`` naming the file when it is missing, unreadable or not a whole KMeans state."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ValueError(f"KMeans file {path!r} does not exist")
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch.load raises many types on bad files
+            raise ValueError(f"KMeans file {path!r} is corrupted or not a torch file: {e}") from None
+        if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or "init" not in state:
+            raise ValueError(f"{path!r} does not hold a KMeans state dict (written by KMeans.save)")
+        try:
+            km = cls(**state["config"], init=state["init"])
+            return km.load_state_dict(state)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"KMeans file {path!r} holds an unusable state: {e}") from None
 
     def __repr__(self):
         return (f"KMeans(n_clusters={self.n_clusters}, init={self.init if isinstance(self.init, str) else 'array'!r}, "

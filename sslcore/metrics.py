@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import PositiveInt, check_value
+
 
 def _sets(x: torch.Tensor) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
@@ -121,8 +123,8 @@ def _token_class_pairs(tokens, labels):
 
 def token_class_counts(tokens, labels, n_tokens: int, n_classes: int) -> torch.Tensor:
     """The C x K count matrix ``N[c, k]`` of patches of class ``c`` assigned to token ``k`` (int64)."""
-    if n_tokens < 1 or n_classes < 1:
-        raise ValueError(f"n_tokens and n_classes must be >= 1, got {n_tokens} and {n_classes}")
+    check_value("n_tokens", n_tokens, PositiveInt)
+    check_value("n_classes", n_classes, PositiveInt)
     tokens, labels = _token_class_pairs(tokens, labels)
     if int(tokens.min()) < 0 or int(tokens.max()) >= n_tokens:
         raise ValueError(f"tokens must lie in [0, n_tokens={n_tokens})")

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .checks import PositiveInt, check_value
 from .cluster import KMeans
 from .kernels.kmeans import kmeans_assign
 
@@ -100,8 +101,8 @@ class _KMeansTokenizer(_Tokenizer):
     def __init__(self, n_clusters: int, patch_size: int, dim: int, *, max_iter: int, batch_size: int, seed: int,
                  backend: str):
         super().__init__()
-        if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
-            raise ValueError(f"n_clusters must be an integer >= 1, got {n_clusters!r}")
+        for name, value in (("n_clusters", n_clusters), ("max_iter", max_iter), ("batch_size", batch_size)):
+            check_value(name, value, PositiveInt)
         self.n_clusters, self.patch_size, self.dim = n_clusters, patch_size, dim
         self.max_iter, self.batch_size, self.seed, self.backend = max_iter, batch_size, seed, backend
         self.register_buffer("centers", torch.zeros(n_clusters, dim))
@@ -124,7 +125,18 @@ class _KMeansTokenizer(_Tokenizer):
     @torch.no_grad()
     def fit(self, data, *, progress: bool = True) -> "_KMeansTokenizer":
         """Learn the centres from images: a ``[N, C, H, W]`` tensor (all patches, full-batch Lloyd) or a
-        dataset / loader (streamed: ``max_iter`` passes of mini-batch k-means).  Returns ``self``."""
+        dataset / loader (streamed: ``max_iter`` passes of mini-batch k-means).  Returns ``self``.
+        A fit that fails leaves the tokenizer as it was (centres, statistics, ``fitted``)."""
+        saved = {name: b.clone() for name, b in self._buffers.items() if b is not None}
+        try:
+            self._fit(data, progress)
+        except BaseException:
+            for name, b in saved.items():
+                self._buffers[name].copy_(b)
+            raise
+        return self
+
+    def _fit(self, data, progress: bool) -> None:
         self._prepare(data)
         km = KMeans(self.n_clusters, max_iter=self.max_iter, seed=self.seed, backend=self.backend)
         desc = f"{self.kind} tokenizer"
@@ -144,7 +156,6 @@ class _KMeansTokenizer(_Tokenizer):
                 raise ValueError("the data to fit the tokenizer on is empty")
         self.centers.copy_(km.cluster_centers_.to(self.centers))
         self.fitted.fill_(True)
-        return self
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -164,8 +175,8 @@ class PixelTokenizer(_KMeansTokenizer):
 
     def __init__(self, patch_size: int, n_clusters: int = 50, *, in_chans: int = 3, max_iter: int = 100,
                  batch_size: int = 1024, seed: int = 0, backend: str = "auto"):
-        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
-            raise ValueError(f"patch_size must be an integer >= 1, got {patch_size!r}")
+        check_value("patch_size", patch_size, PositiveInt)
+        check_value("in_chans", in_chans, PositiveInt)
         super().__init__(n_clusters, patch_size, patch_size * patch_size * in_chans, max_iter=max_iter,
                          batch_size=batch_size, seed=seed, backend=backend)
         self.in_chans = in_chans
@@ -183,6 +194,8 @@ class PixelTokenizer(_KMeansTokenizer):
             total, total_sq, count = total + x.sum(1), total_sq + (x * x).sum(1), count + x.shape[1]
         if count == 0:
             raise ValueError("the data to fit the tokenizer on is empty")
+        if not bool(torch.isfinite(total).all() & torch.isfinite(total_sq).all()):
+            raise ValueError("the images to fit the tokenizer on contain non-finite values (NaN or Inf)")
         mean = total / count
         self.mean.copy_(mean)
         self.std.copy_((total_sq / count - mean * mean).clamp_min(1e-12).sqrt())

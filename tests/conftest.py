@@ -75,6 +75,21 @@ def seed():
 
 
 @pytest.fixture
+def edit_checkpoint():
+    """``edit_checkpoint(src, dst, **changes)`` writes checkpoint ``src`` with entries replaced by ``changes``
+    to ``dst`` with a fresh checksum, as a deliberate (or buggy) writer would: what the checks after the
+    checksum must catch.  Returns ``dst``."""
+    from sslcore.train.checkpoint import save_checkpoint
+
+    def edit(src, dst, **changes):
+        state = {k: v for k, v in torch.load(src, weights_only=True).items()
+                 if k not in ("format", "version", "checksum")}
+        save_checkpoint(dst, **{**state, **changes})
+        return dst
+    return edit
+
+
+@pytest.fixture
 def interrupted(monkeypatch):
     """``interrupted(run)`` calls ``run()`` as if the process were killed right after its first
     checkpoint was written (a KeyboardInterrupt out of ``save_checkpoint``)."""

@@ -87,6 +87,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_identically(at_step, tiny_ru
         return real_lr_at(*args)
 
     monkeypatch.setattr(loop, "lr_at", lr_at_then_ctrl_c)
+    previous = signal.getsignal(signal.SIGINT)  # the default handler, or SIG_IGN under nohup / `make test &`
     with pytest.raises(TrainingInterrupted) as stop:
         pretrain(PretrainConfig(out=str(tmp_path), **TINY))
     assert len(calls) == at_step and (stop.value.epoch, stop.value.step) == ((1, 1) if at_step == 1 else (2, 0))
@@ -95,7 +96,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_identically(at_step, tiny_ru
         assert ckpt["epoch"] == 0 and ckpt["position"]["step"] == 1 and ckpt["position"]["losses"].shape == (1,)
     else:
         assert ckpt["epoch"] == 1 and "position" not in ckpt
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+    assert signal.getsignal(signal.SIGINT) is previous  # the handler was put back
     monkeypatch.setattr(loop, "lr_at", real_lr_at)
 
     pretrain(PretrainConfig(out=str(tmp_path), resume="", **TINY))
@@ -105,10 +106,21 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_identically(at_step, tiny_ru
     assert [r["loss"] for r in _read_metrics(tmp_path)] == [r["loss"] for r in _read_metrics(full_out)]
 
 
-def test_malformed_mid_epoch_position_is_refused(tiny_run, tmp_path):
-    good = torch.load(tiny_run[0] / "checkpoint.pt", weights_only=True)
-    bad = tmp_path / "bad.pt"
-    torch.save({**good, "epoch": 1, "position": {"step": 1, "perm": torch.arange(5), "losses": torch.zeros(1)}}, bad)
+def test_stop_request_puts_back_an_ignored_sigint():
+    """A run started with SIGINT ignored (nohup, a background job) still stops on it and leaves it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with loop._StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.requested
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_malformed_mid_epoch_position_is_refused(tiny_run, tmp_path, edit_checkpoint):
+    bad = edit_checkpoint(tiny_run[0] / "checkpoint.pt", tmp_path / "bad.pt", epoch=1,
+                          position={"step": 1, "perm": torch.arange(5), "losses": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="malformed mid-epoch position"):
         pretrain(PretrainConfig(out=str(tmp_path / "run"), resume=str(bad), **TINY))
 
@@ -150,7 +162,7 @@ def test_resume_with_other_options_is_refused(tiny_run, tmp_path):
         pretrain(PretrainConfig(out=str(tmp_path), resume=str(out / "checkpoint.pt"), **{**TINY, "lr": 2 * lr}))
 
 
-def test_bad_checkpoints_are_refused(tiny_run, tmp_path):
+def test_bad_checkpoints_are_refused(tiny_run, tmp_path, edit_checkpoint):
     good = torch.load(tiny_run[0] / "checkpoint.pt", weights_only=True)
     missing = tmp_path / "missing.pt"
     with pytest.raises(CheckpointError, match="does not exist"):
@@ -166,15 +178,15 @@ def test_bad_checkpoints_are_refused(tiny_run, tmp_path):
         with pytest.raises(CheckpointError, match="corrupted"):
             pretrain(PretrainConfig(out=str(run), resume=str(path), **TINY))
 
-    other = tmp_path / "other.pt"
-    torch.save({**good, "method": "moco"}, other)
+    other = edit_checkpoint(tiny_run[0] / "checkpoint.pt", tmp_path / "other.pt", method="moco",
+                            config={**good["config"], "method": "moco"})
     with pytest.raises(CheckpointError, match="from method 'moco', not 'simclr'"):
         pretrain(PretrainConfig(out=str(run), resume=str(other), **TINY))
     assert not run.exists()  # refused before anything was loaded or written
 
-    reshaped = tmp_path / "reshaped.pt"
     key = next(iter(good["model"]))
-    torch.save({**good, "model": {**good["model"], key: torch.zeros(3)}}, reshaped)
+    reshaped = edit_checkpoint(tiny_run[0] / "checkpoint.pt", tmp_path / "reshaped.pt",
+                               model={**good["model"], key: torch.zeros(3)})
     with pytest.raises(CheckpointError, match="shape"):
         evaluate_checkpoint(reshaped)
 
@@ -185,20 +197,21 @@ def test_bad_config_values_name_the_option():
     with pytest.raises(ValueError, match="unknown dataset 'mnist' for --data; valid: digits"):
         PretrainConfig(data="mnist")
     for name in ("epochs", "batch_size", "lr", "temperature"):
-        with pytest.raises(ValueError, match=name):
+        with pytest.raises(ValueError, match="--" + name.replace("_", "-")):
             PretrainConfig(**{name: 0})
     with pytest.raises(ValueError, match="batch_size .* larger than the training set"):
         pretrain(PretrainConfig(batch_size=128, limit=64, backend="torch", out="unused"))
+    assert not os.path.exists("unused")  # the run folder it created for its lock is gone again
 
 
 @pytest.mark.parametrize("args, message", [
     (["--method", "nosuch"], "--method: invalid choice: 'nosuch' (choose from "),
     (["--data", "mnist"], "--data: unknown dataset 'mnist' for --data; valid: digits"),
-    (["--epochs", "0"], "--epochs: must be > 0"),
-    (["--batch-size", "-4"], "--batch-size: must be > 0"),
-    (["--lr", "0"], "--lr: must be > 0"),
-    (["--temperature", "-0.1"], "--temperature: must be > 0"),
-    (["--lr", "nan"], "--lr: must be > 0"),
+    (["--epochs", "0"], "--epochs: must be an integer >= 1, got '0'"),
+    (["--batch-size", "-4"], "--batch-size: must be an integer >= 1, got '-4'"),
+    (["--lr", "0"], "--lr: must be a number in (0, 1], got '0'"),
+    (["--temperature", "-0.1"], "--temperature: must be a number >= 1e-08, got '-0.1'"),
+    (["--lr", "nan"], "--lr: must be a number in (0, 1], got 'nan'"),
 ])
 def test_cli_rejects_bad_arguments(args, message, capsys):
     with pytest.raises(SystemExit) as exc:

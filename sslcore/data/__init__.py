@@ -29,6 +29,10 @@ class ImageData:
     def in_chans(self) -> int:
         return self.x_train.shape[1]
 
+    def describe(self) -> str:
+        """What a model for this data must fit, for error messages."""
+        return f"{self.name} has {self.in_chans}-channel {tuple(self.x_train.shape[2:])} images"
+
     @staticmethod
     def raw_features(x: torch.Tensor) -> torch.Tensor:
         """The baseline features a probe reads without any model: the flattened pixels."""
@@ -58,14 +62,29 @@ DATASETS: dict[str, Callable[[str], ImageData]] = {"digits": _digits, "shapes": 
                                                    "cifar100": _cifar("cifar100"), "imagefolder": _imagefolder}
 DATASETS.update({"pystdlib": text.load_pystdlib, "text": text.load_text,  # token sequences (TokenData)
                  "imagetokens": text.load_image_tokens})
+TOKEN_DATASETS = ("pystdlib", "text", "imagetokens")  # the others are images
 
 
 def check_data_spec(spec: str) -> str:
-    """``spec`` unchanged if its name is known, else a ``ValueError`` listing the valid names."""
-    name = spec.partition(":")[0]
+    """``spec`` unchanged if its name is known and, where that needs no loading, its settings are valid;
+    else a ``ValueError`` (the valid names, or what is wrong with the settings)."""
+    if not isinstance(spec, str):
+        raise ValueError(f"--data must be a string, got {spec!r}")
+    name, _, arg = spec.partition(":")
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r} for --data; valid: {', '.join(DATASETS)}")
+    if name == "shapes":
+        shapes.parse_spec(arg)
+    elif name == "imagetokens":
+        inner = text.parse_image_tokens(arg)[2]
+        if data_kind(check_data_spec(inner)) != "image":
+            raise ValueError(f"--data {spec}: {inner!r} is token data; imagetokens tokenizes an image dataset")
     return spec
+
+
+def data_kind(spec: str) -> str:
+    """``"image"`` or ``"tokens"``: the ``kind`` of the data ``spec`` loads, known without loading it."""
+    return "tokens" if spec.partition(":")[0] in TOKEN_DATASETS else "image"
 
 
 def data_spec_arg(text: str) -> str:
@@ -81,4 +100,4 @@ def load_dataset(spec: str) -> ImageData:
     return DATASETS[name](path)
 
 
-__all__ = ["data_spec_arg", "DATASETS", "ImageData", "check_data_spec", "load_dataset"]
+__all__ = ["data_spec_arg", "DATASETS", "ImageData", "check_data_spec", "data_kind", "load_dataset"]

@@ -20,12 +20,14 @@ test images).  Generated in memory in about a second for the defaults.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 CLASSES = ("circle", "ring", "triangle", "square", "pentagon", "star", "cross", "ellipse", "bar", "cut-disc")
 DOMAINS = ("plain", "textured", "shifted", "noisy", "outline")
 DEFAULTS = dict(size=32, n=4000, test=1000, seed=0)
+PEAK_COPIES = 5  # drawing needs about five float32 copies of the images at its peak (measured: noisy domain)
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, int]]:
@@ -48,6 +50,13 @@ def parse_spec(spec: str) -> tuple[str, dict[str, int]]:
         raise ValueError(f"shapes size must be >= 8 pixels, got {settings['size']}")
     if settings["n"] < 1 or settings["test"] < 1:
         raise ValueError(f"shapes n and test must be >= 1, got n={settings['n']}, test={settings['test']}")
+    images = settings["n"] + settings["test"]
+    need = PEAK_COPIES * images * 3 * settings["size"] ** 2 * 4
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise ValueError(f"--data shapes:{spec} needs about {need / 2 ** 30:,.0f} GiB of memory to draw {images} "
+                         f"images of {settings['size']}x{settings['size']} pixels, more than this machine's "
+                         f"{have / 2 ** 30:,.0f} GiB: lower size, n or test")
     return domain, settings
 
 

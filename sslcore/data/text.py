@@ -54,6 +54,10 @@ class TokenData:
     def seq_len(self) -> int:
         return self.x_train.shape[1]
 
+    def describe(self) -> str:
+        """What a model for this data must fit, for error messages."""
+        return f"{self.name} has sequences of {self.seq_len} tokens over a vocabulary of {self.vocab_size}"
+
     def raw_features(self, x: torch.Tensor) -> torch.Tensor:
         """The no-model probe baseline: each sequence's normalised token histogram ``[N, vocab_size]``."""
         counts = torch.zeros(len(x), self.vocab_size, dtype=torch.float64)
@@ -158,6 +162,17 @@ def load_text(arg: str, *, per_class: int = PER_CLASS) -> TokenData:
     return load_folders(f"text:{root.name}", folders, roots, seq_len=seq_len, per_class=per_class)
 
 
+def parse_image_tokens(arg: str) -> tuple[int | None, int, str]:
+    """``[PATCH:K:]DATA`` -> ``(PATCH or None, K, DATA)``."""
+    fields = arg.split(":")
+    patch, k = None, 50
+    if len(fields) > 2 and fields[0].isdigit() and fields[1].isdigit():
+        patch, k, arg = int(fields[0]), int(fields[1]), ":".join(fields[2:])
+    if not arg:
+        raise ValueError("--data imagetokens needs an image dataset: imagetokens:[PATCH:K:]DATA, e.g. imagetokens:digits")
+    return patch, k, arg
+
+
 def load_image_tokens(arg: str) -> TokenData:
     """``imagetokens:[PATCH:K:]DATA``: image data spec ``DATA`` (e.g. ``digits``) as ``[N, (H/P)(W/P)]`` tokens of a
     :class:`~sslcore.tokenizers.PixelTokenizer` with K centres fitted on its training images (full-batch Lloyd).
@@ -165,12 +180,7 @@ def load_image_tokens(arg: str) -> TokenData:
     from ..tokenizers import PixelTokenizer
     from . import load_dataset
 
-    fields = arg.split(":")
-    patch, k = None, 50
-    if len(fields) > 2 and fields[0].isdigit() and fields[1].isdigit():
-        patch, k, arg = int(fields[0]), int(fields[1]), ":".join(fields[2:])
-    if not arg:
-        raise ValueError("--data imagetokens needs an image dataset: imagetokens:[PATCH:K:]DATA, e.g. imagetokens:digits")
+    patch, k, arg = parse_image_tokens(arg)
     images = load_dataset(arg)
     if images.kind != "image":
         raise ValueError(f"--data imagetokens:{arg}: {arg!r} is {images.kind} data, not images")

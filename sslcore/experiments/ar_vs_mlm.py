@@ -27,8 +27,10 @@ QUICK = dict(epochs=1, limit=512)
 
 def run(*, data: str = DATA, encoder: str = "transformer-tiny", epochs: int | None = None,
         quick: bool = False, batch_size: int = 64, lr: float = 2e-3, seed: int = 0, eval_samples: int = 256,
-        left_to_right: bool = True, device: str = "auto", out: str = "runs/ar-vs-mlm") -> dict:
-    """Pretrain each objective with the same settings; returns ``{"settings", "runs": {name: summary}}``."""
+        left_to_right: bool = True, device: str = "auto", out: str = "runs/ar-vs-mlm",
+        overwrite: bool = False) -> dict:
+    """Pretrain each objective with the same settings; returns ``{"settings", "runs": {name: summary}}``
+    (``overwrite``: replace the runs already in ``out``)."""
     settings = dict(QUICK if quick else FULL)
     if epochs is not None:
         settings["epochs"] = epochs
@@ -37,7 +39,8 @@ def run(*, data: str = DATA, encoder: str = "transformer-tiny", epochs: int | No
     t0, runs = time.perf_counter(), {}
     for name in OBJECTIVES:
         options = {"eval_samples": eval_samples, "prompts": PROMPTS, "left_to_right": left_to_right}
-        runs[name] = pretrain(PretrainConfig(method=name, out=str(Path(out) / name), options=options, **settings))
+        runs[name] = pretrain(PretrainConfig(method=name, out=str(Path(out) / name), options=options,
+                                             overwrite=overwrite, **settings))
     return {"settings": settings, "runs": runs, "total_seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -90,13 +93,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the masked models' left-to-right generation loss (one pass per position)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ..." + d)
     p.add_argument("--out", default="runs/ar-vs-mlm", help="folder for results.json and one run folder per objective" + d)
+    p.add_argument("--overwrite", action="store_true", help="replace the runs already in OUT")
 
 
 def main_from_args(args: argparse.Namespace) -> dict:
     """Run the study, print the table, write ``results.json`` under ``args.out``."""
     results = run(data=args.data, encoder=args.encoder, epochs=args.epochs, quick=args.quick,
                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, eval_samples=args.eval_samples,
-                  left_to_right=not args.no_left_to_right, device=args.device, out=args.out)
+                  left_to_right=not args.no_left_to_right, device=args.device, out=args.out,
+                  overwrite=args.overwrite)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -15,16 +15,16 @@ the table to ``OUT/results.json``; ``OUT`` defaults to ``runs/benchmark-<data>``
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import time
 from pathlib import Path
 
 import torch
 
+from ..checks import parse_literal
 from ..data import data_spec_arg, load_dataset, shapes
 from ..dist import is_main_process
-from ..methods import COMMON_OPTIONS, METHODS, get_method, method_options
+from ..methods import METHODS, get_method, method_options
 from ..train import PretrainConfig, load_encoder, pretrain, probe
 from ..train.evaluate import build_model
 
@@ -37,11 +37,7 @@ def method_option(text: str) -> tuple[str | None, str, object]:
     method, dot, key = target.rpartition(".")
     if not sep or not key.isidentifier() or (dot and method not in METHODS):
         raise argparse.ArgumentTypeError(f"expected [METHOD.]KEY=VALUE with a known METHOD, got {text!r}")
-    try:
-        value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        pass
-    return method or None, key, value
+    return method or None, key, parse_literal(value)
 
 
 def options_per_method(methods: list[str], options: list[tuple[str | None, str, object]]) -> dict[str, dict]:
@@ -53,7 +49,7 @@ def options_per_method(methods: list[str], options: list[tuple[str | None, str, 
                 raise ValueError(f"-o {target}.{key}: method {target!r} is not among --methods {','.join(methods)}")
             per[target][key] = value  # PretrainConfig checks the key against the method's options
             continue
-        takers = [m for m in methods if key in method_options(m) or key in COMMON_OPTIONS]
+        takers = [m for m in methods if key in method_options(m)]
         if not takers:
             raise ValueError(f"-o {key}: none of {', '.join(methods)} takes option {key!r}")
         for m in takers:
@@ -76,8 +72,14 @@ def select_methods(names: list[str] | None, data) -> list[str]:
 
 
 def _train_all(data_spec: str, methods: list[str], out: Path, options: list, train: dict) -> dict[str, dict]:
+    """Pretrain each method into ``out/<method>``; ``train["temperature"]`` (if not None) goes to the methods
+    that have one, the others keep their own defaults."""
     per = options_per_method(methods, options)
-    configs = {m: PretrainConfig(method=m, data=data_spec, out=str(out / m), options=per[m], **train) for m in methods}
+    train = dict(train)
+    temperature = train.pop("temperature", None)
+    configs = {m: PretrainConfig(method=m, data=data_spec, out=str(out / m), options=per[m],
+                                 temperature=temperature if "temperature" in method_options(m) else None, **train)
+               for m in methods}
     return {m: pretrain(cfg) for m, cfg in configs.items()}  # all configs checked before the first run
 
 
@@ -96,7 +98,9 @@ def run_benchmark(data_spec: str = "digits", methods: list[str] | None = None, *
                  {"method": "raw pixels", **first["probes"]["raw_pixels"]}]
     result = {"data": data_spec, "out": str(out), "n_train": first["n_train"], "n_test": first["n_test"],
               "device": first["device"],
-              "config": {k: v for k, v in first["config"].items() if k not in ("method", "out", "options")},
+              "config": {k: v for k, v in first["config"].items()
+                         if k not in ("method", "out", "options", "temperature")},
+              "temperatures": {m: s["temperature"] for m, s in summaries.items()},
               "options": {m: s["config"]["options"] for m, s in summaries.items()}, "rows": rows,
               "baselines": baselines}
     if is_main_process():
@@ -146,6 +150,7 @@ def run_transfer(data_spec: str = "shapes:plain", methods: list[str] | None = No
     result = {"data": data_spec, "out": str(out), "source": source, "domains": domains,
               "probe_time_s": round(time.perf_counter() - t0, 2),
               "train_time_s": {m: s["train_time_s"] for m, s in summaries.items()},
+              "temperatures": {m: s["temperature"] for m, s in summaries.items()},
               "options": {m: s["config"]["options"] for m, s in summaries.items()}, "rows": rows}
     if is_main_process():
         (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -177,7 +182,7 @@ def transfer_table(result: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser, *, transfer: bool) -> None:
-    from ..cli import _positive  # the pretrain parser's check (cli imports this module first)
+    from ..cli import device_arg, setting  # the pretrain parser's checks (cli imports this module first)
 
     d = " (default: %(default)s)"
     p.add_argument("--data", type=data_spec_arg, default="shapes:plain" if transfer else "digits",
@@ -188,25 +193,27 @@ def add_arguments(p: argparse.ArgumentParser, *, transfer: bool) -> None:
                        f"(default: all of {','.join(shapes.DOMAINS)})")
     p.add_argument("--methods", type=lambda s: s.split(","),
                    help="comma-separated methods (default: every registered method that trains on the data)")
-    p.add_argument("--epochs", type=_positive(int), default=BUDGET["epochs"], help="training epochs per method" + d)
+    p.add_argument("--epochs", type=setting("epochs"), default=BUDGET["epochs"], help="training epochs per method" + d)
     defaults = PretrainConfig()
     p.add_argument("--encoder", "--backbone", default=defaults.encoder, help="smallcnn or a timm spec" + d)
-    p.add_argument("--batch-size", type=_positive(int), default=defaults.batch_size, help="images per step" + d)
-    p.add_argument("--lr", type=_positive(float), default=defaults.lr, help="peak AdamW learning rate" + d)
-    p.add_argument("--temperature", type=_positive(float), default=defaults.temperature, help="loss temperature" + d)
-    p.add_argument("--seed", type=int, default=defaults.seed, help="seed of every run" + d)
-    p.add_argument("--limit", type=_positive(int), help="pretrain on the first N training images only")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ..." + d)
+    p.add_argument("--batch-size", type=setting("batch_size"), default=defaults.batch_size, help="images per step" + d)
+    p.add_argument("--lr", type=setting("lr"), default=defaults.lr, help="peak AdamW learning rate" + d)
+    p.add_argument("--temperature", type=setting("temperature"),
+                   help="loss temperature of the methods that have one (default: each method's own)")
+    p.add_argument("--seed", type=setting("seed"), default=defaults.seed, help="seed of every run" + d)
+    p.add_argument("--limit", type=setting("limit"), help="pretrain on the first N training images only")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda, ..." + d)
     p.add_argument("--backend", default="auto", help="the losses' kernel backend" + d)
     p.add_argument("--option", "-o", type=method_option, action="append", default=[], metavar="[METHOD.]KEY=VALUE",
                    help="a method option for every method that takes KEY, or for METHOD only (repeatable)")
     p.add_argument("--out", help="output folder (default: runs/benchmark-<data> or runs/transfer-shapes-<domain>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the runs already in OUT")
 
 
 def main_from_args(args: argparse.Namespace, *, transfer: bool) -> dict:
     train = dict(epochs=args.epochs, encoder=args.encoder, batch_size=args.batch_size, lr=args.lr,
                  temperature=args.temperature, seed=args.seed, limit=args.limit, device=args.device,
-                 backend=args.backend)
+                 backend=args.backend, overwrite=args.overwrite)
     if transfer:
         result = run_transfer(args.data, args.methods, domains=args.domains, out=args.out, options=args.option, **train)
         if is_main_process():

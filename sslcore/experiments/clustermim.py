@@ -67,11 +67,12 @@ def format_table(rows: list[dict]) -> str:
 
 def study(*, data: str = "digits", epochs: int = 100, batch_size: int = 128, lr: float = 1e-3,
           pixel_k: tuple[int, ...] = (16, 50), feature_k: tuple[int, ...] = (50, 200), seed: int = 0,
-          out: str = "runs/mim-study") -> dict:
-    """Train MAE, then ClusterMIM per tokenizer with the same budget; rows of the study table."""
+          out: str = "runs/mim-study", overwrite: bool = False) -> dict:
+    """Train MAE, then ClusterMIM per tokenizer with the same budget; rows of the study table
+    (``overwrite``: replace the runs already in ``out``)."""
     t0, out_dir = time.perf_counter(), Path(out)
     common = dict(data=data, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.05, seed=seed,
-                  warmup_epochs=max(1, epochs // 10))
+                  warmup_epochs=max(1, epochs // 10), overwrite=overwrite)
     mae = pretrain(PretrainConfig(method="mae", out=str(out_dir / "mae"), **common))
     dataset = load_dataset(data)
     p = _patch_size(dataset, None)
@@ -81,11 +82,11 @@ def study(*, data: str = "digits", epochs: int = 100, batch_size: int = 128, lr:
     for spec, k in specs:
         label = "feature (MAE encoder)" if spec.startswith("feature:") else spec
         tok = build_tokenizer(spec, dataset, n_clusters=k, patch_size=p, seed=seed)
-        run_dir = out_dir / f"clustermim-{label.split()[0]}-{k}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tok.save(run_dir / "tokenizer.pt")  # fitted once: scored here, loaded by the run
-        run = pretrain(PretrainConfig(method="clustermim", out=str(run_dir),
-                                      options={"tokenizer": str(run_dir / "tokenizer.pt")}, **common))
+        name = f"clustermim-{label.split()[0]}-{k}"
+        tok_path = out_dir / f"{name}.tokenizer.pt"  # beside the run folder: that holds only the run's files
+        tok.save(tok_path)  # fitted once: scored here, loaded by the run
+        run = pretrain(PretrainConfig(method="clustermim", out=str(out_dir / name),
+                                      options={"tokenizer": str(tok_path)}, **common))
         rows.append({"tokenizer": label, "K": k, **score_tokenizer(tok, dataset),
                      "clustermim_linear": run["probes"]["trained"]["linear"],
                      "clustermim_knn": run["probes"]["trained"]["knn"]})
@@ -152,11 +153,12 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 epochs, one K per tokenizer")
     p.add_argument("--seed", type=int, default=0, help=d.strip())
     p.add_argument("--out", default="runs/mim-study", help="output folder" + d)
+    p.add_argument("--overwrite", action="store_true", help="replace the runs already in OUT")
 
 
 def study_from_args(args: argparse.Namespace) -> dict:
     extra = dict(epochs=2, pixel_k=(16,), feature_k=(16,)) if args.quick else dict(epochs=args.epochs)
-    result = study(data=args.data, seed=args.seed, out=args.out, **extra)
+    result = study(data=args.data, seed=args.seed, out=args.out, overwrite=args.overwrite, **extra)
     print(f"\nClusterMIM vs MAE on {result['data']}, {result['epochs']} epochs each "
           f"(TCAS/NMI on held-out images; probes: held-out accuracy of frozen mean-pooled features):")
     print(format_table(result["rows"]))

@@ -4,8 +4,10 @@
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
+from ..checks import check_value
 from .ar import AR
 from .arcl import ArCL
 from .base import SSLMethod
@@ -36,26 +38,34 @@ def get_method(name: str) -> type[SSLMethod]:
     return METHODS[name]
 
 
-def method_options(name: str) -> dict[str, object]:
-    """The keyword options (name -> default) that method ``name`` accepts, from its signatures."""
+@functools.cache
+def option_parameters(name: str) -> dict[str, inspect.Parameter]:
+    """The keyword options of method ``name`` (name -> parameter: default and annotated domain), from its signatures."""
     options = {}
     for base in get_method(name).__mro__:  # a subclass's **kwargs reach its bases' options
         if issubclass(base, SSLMethod):
             for fn in (base.__init__, base.create):
-                for p in inspect.signature(fn).parameters.values():
+                for p in inspect.signature(fn, eval_str=True).parameters.values():
                     if p.kind is p.KEYWORD_ONLY and p.name != "encoder":
-                        options.setdefault(p.name, p.default)
+                        options.setdefault(p.name, p)
     return options
 
 
+def method_options(name: str) -> dict[str, object]:
+    """The keyword options (name -> default) that method ``name`` accepts."""
+    return {k: p.default for k, p in option_parameters(name).items()}
+
+
 def check_options(name: str, options: dict) -> dict:
-    """``options`` without the common ones ``name`` does not take; ``ValueError`` for any other unknown key."""
-    valid = method_options(name)
+    """``options`` without the common ones ``name`` does not take, each checked against its annotated domain
+    (ints widened to floats, lists to tuples); ``ValueError`` naming any unknown key or bad value."""
+    valid = option_parameters(name)
     unknown = sorted(k for k in options if k not in valid and k not in COMMON_OPTIONS)
     if unknown:
         raise ValueError(f"method {name!r} has no option {', '.join(map(repr, unknown))}; "
                          f"its options: {', '.join(sorted(valid)) or 'none'}")
-    return {k: v for k, v in options.items() if k in valid}
+    return {k: check_value(f"option {k!r} of method {name!r}", v, valid[k].annotation)
+            for k, v in options.items() if k in valid}
 
 
 def create_model(method: str, data, *, encoder: str, **options) -> SSLMethod:
@@ -65,4 +75,4 @@ def create_model(method: str, data, *, encoder: str, **options) -> SSLMethod:
 
 __all__ = ["AR", "COMMON_OPTIONS", "ClusterMIM", "DEAR", "MAE", "METHODS", "MLM", "ArCL", "MoCo", "NNCLR",
            "SSLMethod", "SimCLR", "SimCLRAttn", "SimSiam", "SimSiamMulti", "VLM", "check_options", "create_model",
-           "get_method", "method_options"]
+           "get_method", "method_options", "option_parameters"]

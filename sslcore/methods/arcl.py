@@ -1,17 +1,21 @@
 """ArCL (ICLR 2023): contrastive learning aligned on the worst-case augmentation pair of each sample."""
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import dist
+from ..checks import MAX_LAYERS, Backend, NonNegative, QueueSize, Range, Temperature, UnitInterval, Width
 from .base import SSLMethod
 from .moco import MoCo
 from .simclr import SimCLR
 
 BASES = ("simclr", "moco")
 MODES = ("worst_pair", "penalty")
+Views = Annotated[int, Range(2, MAX_LAYERS)]
 
 
 def worst_pair(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,11 +48,13 @@ class ArCL(SSLMethod):
     """
 
     name = "arcl"
+    min_batch_size, min_batch_reason = 2, "both bases need it (SimCLR's negatives, MoCo's BatchNorm)"
 
-    def __init__(self, encoder: nn.Module, *, views: int = 4, base: str = "simclr", mode: str = "worst_pair",
-                 penalty: float = 1.0, temperature: float = 0.5, proj_hidden: int = 256, proj_dim: int = 64,
-                 queue_size: int | None = None, momentum: float | None = None, symmetric: bool | None = None,
-                 gather_distributed: bool = False, backend: str = "auto"):
+    def __init__(self, encoder: nn.Module, *, views: Views = 4, base: Literal[BASES] = "simclr",
+                 mode: Literal[MODES] = "worst_pair", penalty: NonNegative = 1.0, temperature: Temperature = 0.5,
+                 proj_hidden: Width = 256, proj_dim: Width = 64, queue_size: QueueSize | None = None,
+                 momentum: UnitInterval | None = None, symmetric: bool | None = None,
+                 gather_distributed: bool = False, backend: Backend = "auto"):
         if not isinstance(views, int) or isinstance(views, bool) or views < 2:
             raise ValueError(f"views must be an integer >= 2 (views per sample), got {views!r}")
         if base not in BASES:

@@ -19,11 +19,15 @@ class SSLMethod(nn.Module):
     ``create`` builds the method for a dataset; override it when the encoder depends on the data.
     ``data_kinds`` lists the ``data.kind`` values the method trains on; ``evaluate(data)`` may add
     method-specific held-out metrics to the run's summary (besides the probes every run gets).
+    A (global) batch needs at least ``min_batch_size`` samples, for ``min_batch_reason``.
+    Keyword options are annotated with their domains (:mod:`sslcore.checks`): the trainer checks
+    them against these before any work.
     """
 
     name = ""
     n_views = 2
     data_kinds: tuple[str, ...] = ("image",)
+    min_batch_size, min_batch_reason = 1, ""
 
     def __init__(self, encoder: nn.Module):
         super().__init__()

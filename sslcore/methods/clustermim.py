@@ -10,6 +10,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from ..checks import Backend, PositiveInt, Seed, UnitInterval, Width
 from ..tokenizers import FeatureTokenizer, PixelTokenizer, RandomTokenizer, load_tokenizer
 from .mae import MAE, MaskedImageModel
 
@@ -65,7 +66,7 @@ class ClusterMIM(MaskedImageModel):
 
     name = "clustermim"
 
-    def __init__(self, encoder_name: str, encoder_kwargs: dict, tokenizer, *, label_smoothing: float = 0.0,
+    def __init__(self, encoder_name: str, encoder_kwargs: dict, tokenizer, *, label_smoothing: UnitInterval = 0.0,
                  **kwargs):
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
@@ -74,8 +75,9 @@ class ClusterMIM(MaskedImageModel):
         self.label_smoothing = label_smoothing
 
     @classmethod
-    def create(cls, data, *, encoder: str, tokenizer: str = "pixel", n_clusters: int | None = None,
-               patch_size: int | None = None, seed: int = 0, backend: str = "auto", **options) -> "ClusterMIM":
+    def create(cls, data, *, encoder: str, tokenizer: str = "pixel", n_clusters: Width | None = None,
+               patch_size: PositiveInt | None = None, seed: Seed = 0, backend: Backend = "auto",
+               **options) -> "ClusterMIM":
         name, kwargs = cls.encoder_spec(data, encoder, patch_size)
         tok = build_tokenizer(tokenizer, data, n_clusters=n_clusters, patch_size=kwargs["patch_size"], seed=seed,
                               backend=backend)

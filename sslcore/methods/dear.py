@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
 
+from ..checks import PositiveInt
 from .sequence_base import SequenceMethod, step_generator
 
 
@@ -22,7 +23,7 @@ class DEAR(SequenceMethod):
     name = "dear"
     causal = True
 
-    def __init__(self, encoder, *, max_offset: int = 4):
+    def __init__(self, encoder, *, max_offset: PositiveInt = 4):
         super().__init__(encoder)
         if isinstance(max_offset, bool) or not isinstance(max_offset, int) or not 1 <= max_offset < encoder.seq_len:
             raise ValueError(f"max_offset must be an integer in [1, seq_len={encoder.seq_len}), got {max_offset!r}")

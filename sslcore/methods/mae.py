@@ -8,6 +8,7 @@ from __future__ import annotations
 import timm
 import torch
 
+from ..checks import Fraction, LayerCount, PositiveInt, Width
 from ..models.mae import MaskedAutoencoder
 from ..tokenizers import patchify
 from .base import SSLMethod
@@ -28,10 +29,12 @@ class MaskedImageModel(SSLMethod):
 
     n_views = 1
 
-    def __init__(self, encoder_name: str, encoder_kwargs: dict, out_dim: int, *, mask_ratio: float = 0.75,
-                 decoder_dim: int = 64, decoder_depth: int = 2, decoder_heads: int = 4):
+    def __init__(self, encoder_name: str, encoder_kwargs: dict, out_dim: int, *, mask_ratio: Fraction = 0.75,
+                 decoder_dim: Width = 64, decoder_depth: LayerCount = 2, decoder_heads: LayerCount = 4):
         if not 0 < mask_ratio < 1:
             raise ValueError(f"mask_ratio must lie in (0, 1), got {mask_ratio!r}")
+        if decoder_dim % decoder_heads:
+            raise ValueError(f"decoder_dim ({decoder_dim}) must be a multiple of decoder_heads ({decoder_heads})")
         encoder = timm.create_model(encoder_name, num_classes=0, **encoder_kwargs)
         super().__init__(encoder)
         self.encoder_name, self.encoder_kwargs, self.mask_ratio = encoder_name, dict(encoder_kwargs), mask_ratio
@@ -73,7 +76,7 @@ class MAE(MaskedImageModel):
         self.norm_pix_loss = norm_pix_loss
 
     @classmethod
-    def create(cls, data, *, encoder: str, patch_size: int | None = None, **options) -> "MAE":
+    def create(cls, data, *, encoder: str, patch_size: PositiveInt | None = None, **options) -> "MAE":
         return cls(*cls.encoder_spec(data, encoder, patch_size), **options)
 
     def patch_loss(self, pred, images, mask):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import Fraction
 from .sequence_base import MaskedSequenceMethod, check_ratio, random_mask
 
 
@@ -19,7 +20,7 @@ class MLM(MaskedSequenceMethod):
     def data_defaults(cls, data) -> dict:
         return {"mask_ratio": data.mask_ratio}
 
-    def __init__(self, encoder, *, mask_ratio: float | None = None):
+    def __init__(self, encoder, *, mask_ratio: Fraction | None = None):
         super().__init__(encoder)
         self.mask_ratio = check_ratio("mask_ratio", 0.15 if mask_ratio is None else mask_ratio)
 

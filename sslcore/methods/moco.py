@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import dist
+from ..checks import Backend, QueueSize, Temperature, UnitInterval, Width
 from ..functional import infonce
 from .base import SSLMethod
 from .heads import projection_mlp
@@ -29,10 +30,11 @@ class MoCo(SSLMethod):
     """
 
     name = "moco"
+    min_batch_size, min_batch_reason = 2, "the projectors' BatchNorm needs 2 samples, the keys come from one view"
 
-    def __init__(self, encoder: nn.Module, *, temperature: float = 0.2, proj_hidden: int = 256, proj_dim: int = 64,
-                 queue_size: int = 1024, momentum: float = 0.99, symmetric: bool = False,
-                 gather_distributed: bool = False, backend: str = "auto"):
+    def __init__(self, encoder: nn.Module, *, temperature: Temperature = 0.2, proj_hidden: Width = 256,
+                 proj_dim: Width = 64, queue_size: QueueSize = 1024, momentum: UnitInterval = 0.99,
+                 symmetric: bool = False, gather_distributed: bool = False, backend: Backend = "auto"):
         if not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size <= 0:
             raise ValueError(f"queue_size must be a positive integer, got {queue_size!r}")
         if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:

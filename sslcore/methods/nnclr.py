@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import dist
+from ..checks import Backend, QueueSize, Temperature, Width
 from ..functional import infonce
 from ..kernels import nearest_cosine
 from .base import SSLMethod
@@ -30,9 +31,11 @@ class NNCLR(SSLMethod):
     """
 
     name = "nnclr"
+    min_batch_size, min_batch_reason = 2, "its first step is SimCLR's, whose negatives are the other samples"
 
-    def __init__(self, encoder: nn.Module, *, temperature: float = 0.5, proj_hidden: int = 256, proj_dim: int = 64,
-                 queue_size: int = 1024, gather_distributed: bool = False, backend: str = "auto"):
+    def __init__(self, encoder: nn.Module, *, temperature: Temperature = 0.5, proj_hidden: Width = 256,
+                 proj_dim: Width = 64, queue_size: QueueSize = 1024, gather_distributed: bool = False,
+                 backend: Backend = "auto"):
         if not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size <= 0:
             raise ValueError(f"queue_size must be a positive integer, got {queue_size!r}")
         if not temperature > 0:

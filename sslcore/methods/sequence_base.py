@@ -17,11 +17,13 @@ draws the same ones (without ``index``, e.g. in tests, from torch's global gener
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from ..models.sequence import create_sequence_encoder
+from ..checks import Fraction, PositiveInt
+from ..models.sequence import POOLS, create_sequence_encoder
 from .base import SSLMethod
 
 PROMPTS = (0.25, 0.5, 0.75)
@@ -96,8 +98,10 @@ class SequenceMethod(SSLMethod):
         return {}
 
     @classmethod
-    def create(cls, data, *, encoder: str, pool: str = "mean", prompts=PROMPTS, eval_samples: int = EVAL_SAMPLES,
-               left_to_right: bool = False, **options) -> "SequenceMethod":
+    def create(cls, data, *, encoder: str, pool: Literal[POOLS] = "mean",
+               prompts: tuple[Fraction | PositiveInt, ...] | Fraction | PositiveInt = PROMPTS,
+               eval_samples: PositiveInt = EVAL_SAMPLES, left_to_right: bool = False,
+               **options) -> "SequenceMethod":
         if getattr(data, "kind", None) not in cls.data_kinds:
             raise ValueError(f"method {cls.name!r} trains on token sequences (--data pystdlib, text:PATH, "
                              f"imagetokens:DATA), not {getattr(data, 'kind', type(data).__name__)} data")

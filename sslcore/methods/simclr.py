@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..checks import Backend, Temperature, Width
 from ..losses import NTXentLoss
 from .base import SSLMethod
 from .heads import projection_mlp
@@ -14,9 +15,10 @@ class SimCLR(SSLMethod):
     :class:`sslcore.losses.NTXentLoss`.  ``encoder`` must expose ``num_features`` (timm convention)."""
 
     name = "simclr"
+    min_batch_size, min_batch_reason = 2, "NT-Xent's negatives are the other samples of the batch"
 
-    def __init__(self, encoder: nn.Module, *, temperature: float = 0.5, proj_hidden: int = 256,
-                 proj_dim: int = 64, gather_distributed: bool = False, backend: str = "auto"):
+    def __init__(self, encoder: nn.Module, *, temperature: Temperature = 0.5, proj_hidden: Width = 256,
+                 proj_dim: Width = 64, gather_distributed: bool = False, backend: Backend = "auto"):
         super().__init__(encoder)
         self.projector = projection_mlp(encoder.num_features, proj_hidden, proj_dim)
         self.criterion = NTXentLoss(temperature=temperature, gather_distributed=gather_distributed, backend=backend)

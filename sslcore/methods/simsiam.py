@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import dist
+from ..checks import Width
 from .base import SSLMethod
 from .heads import prediction_mlp, simsiam_projector
 
@@ -22,7 +23,7 @@ class SimSiam(SSLMethod):
 
     name = "simsiam"
 
-    def __init__(self, encoder: nn.Module, *, proj_hidden: int = 256, proj_dim: int = 64, pred_hidden: int = 32,
+    def __init__(self, encoder: nn.Module, *, proj_hidden: Width = 256, proj_dim: Width = 64, pred_hidden: Width = 32,
                  gather_distributed: bool = False):
         super().__init__(encoder)
         self.projector = simsiam_projector(encoder.num_features, proj_hidden, proj_dim)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .. import dist
+from ..checks import PositiveInt, UnitInterval, Width
 from ..models import create_encoder
 from .simsiam import SimSiam
 
@@ -26,8 +27,9 @@ class SimSiamMulti(SimSiam):
 
     name = "simsiam-multi"
 
-    def __init__(self, encoder: nn.Module, n_train: int, *, mix_epoch: int = 51, mix: float = 0.5,
-                 proj_hidden: int = 256, proj_dim: int = 64, pred_hidden: int = 32, gather_distributed: bool = False):
+    def __init__(self, encoder: nn.Module, n_train: int, *, mix_epoch: PositiveInt = 51, mix: UnitInterval = 0.5,
+                 proj_hidden: Width = 256, proj_dim: Width = 64, pred_hidden: Width = 32,
+                 gather_distributed: bool = False):
         if not isinstance(n_train, int) or n_train <= 0:
             raise ValueError(f"n_train must be a positive integer, got {n_train!r}")
         if not isinstance(mix_epoch, int) or isinstance(mix_epoch, bool) or mix_epoch < 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import Fraction, Probability
 from .sequence_base import MaskedSequenceMethod, check_ratio, random_mask, suffix_mask
 
 
@@ -15,7 +16,8 @@ class VLM(MaskedSequenceMethod):
 
     name = "vlm"
 
-    def __init__(self, encoder, *, min_ratio: float = 0.15, max_ratio: float = 0.85, suffix_prob: float = 0.5):
+    def __init__(self, encoder, *, min_ratio: Fraction = 0.15, max_ratio: Fraction = 0.85,
+                 suffix_prob: Probability = 0.5):
         super().__init__(encoder)
         self.min_ratio, self.max_ratio = check_ratio("min_ratio", min_ratio), check_ratio("max_ratio", max_ratio)
         if self.min_ratio > self.max_ratio:

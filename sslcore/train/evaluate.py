@@ -9,8 +9,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from ..data import ImageData, load_dataset
-from ..methods import create_model
+from ..data import ImageData, check_data_spec, data_kind, load_dataset
+from ..methods import create_model, get_method
 from .checkpoint import CheckpointError, check_state_dict, load_checkpoint
 
 
@@ -50,22 +50,35 @@ def probe(data: ImageData, encoder: nn.Module | None) -> dict[str, float]:
 
 def build_model(config: dict, data, **extra):
     """The method of a run's config (a ``PretrainConfig`` as a dict) with its options (and ``extra``), for ``data``."""
-    options = {"temperature": config["temperature"], "backend": config["backend"], **config.get("options", {}), **extra}
+    common = {"temperature": config["temperature"]} if config["temperature"] is not None else {}
+    options = {**common, "backend": config["backend"], **config.get("options", {}), **extra}
     return create_model(config["method"], data, encoder=config["encoder"], **options)
 
 
+def _check_kind(method: str, kind: str, label: str) -> None:
+    """Refuse data of another kind than ``method`` trains on (``label``: the data, for the message)."""
+    kinds = get_method(method).data_kinds
+    if kind not in kinds:
+        raise CheckpointError(f"a checkpoint of method {method!r} takes {' or '.join(kinds)} data; {label} is "
+                              f"{kind} data")
+
+
 def load_encoder(path, data=None):
-    """The trained method of a checkpoint (eval mode, on the CPU), built for ``data`` (default: its own
-    dataset), and that data; a ``CheckpointError`` when the weights do not fit a model for ``data``."""
+    """The trained method of a checkpoint (eval mode, on the CPU), built for ``data`` (a dataset or a
+    ``--data`` spec, checked before it is loaded; default: its own dataset), and that data; a
+    ``CheckpointError`` when the weights do not fit a model for ``data``."""
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
-    data = load_dataset(cfg["data"]) if data is None else data
+    if data is None or isinstance(data, str):
+        spec = check_data_spec(cfg["data"] if data is None else data)
+        _check_kind(ckpt["method"], data_kind(spec), f"--data {spec}")
+        data = load_dataset(spec)
+    _check_kind(ckpt["method"], data.kind, data.name)
     model = build_model(cfg, data)
     try:
         check_state_dict("model", ckpt["model"], model.state_dict())
     except CheckpointError as e:
-        raise CheckpointError(f"{e} (the checkpoint was trained on --data {cfg['data']}; {data.name} "
-                              f"has {data.in_chans}-channel {tuple(data.x_train.shape[2:])} images)") from None
+        raise CheckpointError(f"{e} (the checkpoint was trained on --data {cfg['data']}; {data.describe()})") from None
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt, data
 
@@ -74,7 +87,7 @@ def evaluate_checkpoint(path, *, device: torch.device | str = "cpu", data: str |
     """Probe the encoder of a saved pretraining checkpoint on the held-out split of its dataset, or of
     ``data`` (a ``--data`` spec: transfer to another dataset or domain; the probe is fit on that
     dataset's training split, the encoder stays frozen)."""
-    model, ckpt, dataset = load_encoder(path, None if data is None else load_dataset(data))
+    model, ckpt, dataset = load_encoder(path, data)
     cfg = ckpt["config"]
     return {"method": cfg["method"], "data": data or cfg["data"], "trained_on": cfg["data"], "encoder": cfg["encoder"],
             "epoch": ckpt["epoch"], "n_test": len(dataset.y_test), **probe(dataset, model.to(device))}
