@@ -185,29 +185,33 @@ class KMeans:
         return centers
 
     def _update(self, x, labels, dist, centers):
-        """One M-step: means of the clusters; empty clusters re-seeded from the points farthest
-        from their centroid (each taken out of its old cluster's sum).  Returns (centers, n_empty)."""
-        k = self.n_clusters
-        sums, counts = kmeans_update(x, labels, k)
-        sums = sums.double()
-        counts = counts.clone()
-        empty = torch.nonzero(counts == 0).flatten()
+        """One M-step: means of the clusters, every cluster left empty re-seeded with a point.
+
+        The points farthest from their centroid go first (ties to the lower row): each is *moved*, out
+        of its cluster's sum and count into the empty one, and a cluster that this empties is re-seeded
+        in turn with the next farthest point, so no centre is left duplicating another (as a seed
+        that stayed counted in its old cluster would).  Returns (centers, re-seeded clusters)."""
+        sums, counts = kmeans_update(x, labels, self.n_clusters)
+        sums, counts = sums.double(), counts.clone()
+        queue = torch.nonzero(counts == 0).flatten().tolist()
+        reseeded = len(queue)
+        if queue:
+            order = torch.sort(dist.double(), descending=True, stable=True).indices.tolist()
+            labels = labels.clone()
+            for i in order:
+                if not queue:
+                    break
+                e, old = queue.pop(0), int(labels[i])
+                sums[old] -= x[i].double()
+                counts[old] -= 1
+                if counts[old] == 0:
+                    queue.append(old)
+                    reseeded += 1
+                sums[e], counts[e], labels[i] = x[i].double(), 1, e
         new = centers.double().clone()
-        if empty.numel():
-            # farthest points first; stable sort so ties go to the lower row index (deterministic)
-            order = torch.sort(dist.double(), descending=True, stable=True).indices
-            donors = order[:empty.numel()]
-            for e, i in zip(empty.tolist(), donors.tolist()):
-                old = int(labels[i])
-                if counts[old] > 1:  # never empty the donor cluster
-                    sums[old] -= x[i].double()
-                    counts[old] -= 1
-                new[e] = x[i].double()
-                sums[e] = x[i].double()
-                counts[e] = 1
-        nz = counts > 0
+        nz = counts > 0  # all of them, unless there are fewer distinct points than clusters
         new[nz] = sums[nz] / counts[nz, None].double()
-        return new.to(centers.dtype), int(empty.numel())
+        return new.to(centers.dtype), reseeded
 
     def _lloyd(self, x, centers, tol_abs):
         labels, dist = self._assign(x, centers)
@@ -228,7 +232,8 @@ class KMeans:
             unchanged = bool(torch.equal(new_labels, labels))
             centers, labels, dist, inertia = new, new_labels, new_dist, new_inertia
             history.append(inertia)
-            if unchanged or shift <= tol_abs:
+            empty = bool((torch.bincount(labels, minlength=self.n_clusters) == 0).any())
+            if (unchanged or shift <= tol_abs) and not empty:  # never stop while a cluster is empty
                 break
         return centers, labels, inertia, n_iter, history, reseeded
 

@@ -53,6 +53,26 @@ def test_empty_cluster_reseeded():
     assert len({tuple(km.labels_[i * 40:(i + 1) * 40].unique().tolist()) for i in range(3)}) == 3
 
 
+@pytest.mark.parametrize("iters", [2, 5, 40])
+def test_reseeding_a_singleton_donor_moves_the_point(iters):
+    """The farthest point is alone in its cluster when a cluster is empty: re-seeding moves it (its old
+    cluster is re-seeded in turn), so no centre duplicates another and no cluster ends empty; run to
+    convergence, the result is scikit-learn's Lloyd from the same centres.  (Before: counts [200, 1, 0]
+    after one iteration, the seed left counted in its donor, two centres equal.)"""
+    sklearn_cluster = pytest.importorskip("sklearn.cluster")
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([0.1 * torch.randn(200, 2, generator=g, dtype=torch.float64), torch.tensor([[10.0, 0.0]],
+                                                                                             dtype=torch.float64)])
+    init = torch.tensor([[0.0, 0.0], [5.0, 0.0], [1e3, 1e3]], dtype=torch.float64)
+    km = KMeans(3, init=init, max_iter=iters, tol=0.0, backend="torch").fit(x)
+    assert (km.counts_ > 0).all() and km.n_reseeded_ >= 2
+    assert torch.pdist(km.cluster_centers_).min() > 0.01  # no two centres alike
+    assert km.n_iter_ == iters or iters == 40
+    if iters == 40:
+        sk = sklearn_cluster.KMeans(3, init=init.numpy(), n_init=1, max_iter=iters, tol=0.0, algorithm="lloyd").fit(x)
+        assert km.inertia_ == pytest.approx(sk.inertia_, rel=1e-9)
+
+
 def test_same_seed_same_result():
     x = noisy(n=200, d=5)
     a = KMeans(5, seed=7, max_iter=5).fit(x)
