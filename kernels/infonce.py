@@ -52,9 +52,9 @@ def lse_similarity_ref(a: torch.Tensor, b: torch.Tensor, *, scale: float, exclud
 
 
 def infonce_ref(z, keys=None, *, temperature=0.5, pos_index=None, labels=None, weight=None,
-                normalize=True, symmetric=False, reduction="mean"):
+                normalize=True, symmetric=False, reduction="mean", self_offset=None):
     """Plain-torch InfoNCE with the same arguments and semantics as :func:`infonce`."""
-    _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, reduction, True)
+    _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, reduction, self_offset, True)
     dtype = torch.promote_types(z.dtype, torch.float32)
     q = z.to(dtype)
     q = unit_rows(q) if normalize else q
@@ -64,30 +64,36 @@ def infonce_ref(z, keys=None, *, temperature=0.5, pos_index=None, labels=None, w
         k = keys.to(dtype)
         k = unit_rows(k) if normalize else k
     s = q @ k.T / temperature
-    if keys is None:
-        s = s.masked_fill(torch.eye(len(q), dtype=torch.bool, device=q.device), float("-inf"))
+    self_form, off = keys is None or self_offset is not None, self_offset or 0
+    if self_form:
+        own = torch.arange(len(q), device=q.device)[:, None] + off == torch.arange(len(k), device=q.device)[None, :]
+        s = s.masked_fill(own, float("-inf"))
     w = 1.0 if weight is None else weight.to(dtype)
-    loss = torch.logsumexp(s, dim=1) - _positive_mean_ref(s, keys is None, pos_index, labels) * w
+    loss = torch.logsumexp(s, dim=1) - _positive_mean_ref(s, self_form, off, pos_index, labels) * w
     if symmetric:  # column j's positive is query j
         loss = 0.5 * (loss + torch.logsumexp(s.T, dim=1) - s.diagonal() * w)
     return _reduce(loss, reduction)
 
 
-def _positive_mean_ref(s, self_mode, pos_index, labels):
-    """``mean_{p in P(i)} s_ip`` from the full matrix (duplicates in ``pos_index`` count twice)."""
-    m = s.shape[0]
+def _positive_mean_ref(s, self_form, off, pos_index, labels):
+    """``mean_{p in P(i)} s_ip`` from the full matrix (duplicates in ``pos_index`` count twice); row i is
+    key ``off + i`` in the self form."""
+    m, n = s.shape
     if labels is not None:
-        pos = (labels[:, None] == labels[None, :]) & ~torch.eye(m, dtype=torch.bool, device=s.device)
+        rows = torch.arange(m, device=s.device)
+        pos = labels[off:off + m, None] == labels[None, :]
+        pos[rows, rows + off] = False
         return s.masked_fill(~pos, 0).sum(1) / pos.sum(1)
-    idx = _default_pos_index(m, self_mode, s.device) if pos_index is None else pos_index
+    idx = _default_pos_index(m, self_form, off, s.device) if pos_index is None else pos_index
     idx = idx.reshape(m, -1).long()
     valid = idx >= 0
     return s.gather(1, idx.clamp_min(0)).masked_fill(~valid, 0).sum(1) / valid.sum(1)
 
 
-def _default_pos_index(m, self_mode, device):
+def _default_pos_index(m, self_form, off, device):
+    """Two views stacked (the self form): row i's positive is key ``off + (i + m/2) mod m``; else key i."""
     rows = torch.arange(m, device=device)
-    return (rows + m // 2) % m if self_mode else rows
+    return off + (rows + m // 2) % m if self_form else rows
 
 
 def _reduce(loss, reduction):
@@ -102,7 +108,8 @@ def _reduce(loss, reduction):
 # Argument checks (before any work; nothing is mutated).
 
 
-def _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, reduction, validate=None):
+def _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, reduction, self_offset=None,
+                validate=None):
     """Shape/type checks always; value checks (indices, labels, finiteness), which read the data,
     where :func:`~sslcore.kernels._backend.validating` says so."""
     values = validating(z.device, validate)
@@ -111,25 +118,36 @@ def _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, redu
     check_reduction(reduction)
     m = z.shape[0]
     if keys is None:
+        if self_offset is not None:
+            raise ValueError("self_offset places z's rows among the keys: it needs keys")
         if m < 2:
             raise ValueError(f"z needs at least 2 rows (a row and its positive), got {m}")
         if symmetric:
             raise ValueError("symmetric=True needs keys (the query/key form)")
-        if pos_index is None and labels is None and m % 2:
-            raise ValueError(f"z must have an even number of rows (two views stacked), got {m}")
     else:
         check_float("keys", keys, 2)
         check_same("keys", keys, "z", z)
         if keys.shape[1] != z.shape[1]:
             raise ValueError(f"keys has dimension {keys.shape[1]} but z has {z.shape[1]}")
-        if labels is not None:
-            raise ValueError("labels is for the self-similarity form; with keys use pos_index")
+        if self_offset is not None:
+            if isinstance(self_offset, bool) or not isinstance(self_offset, int) or not (
+                    0 <= self_offset <= keys.shape[0] - m):
+                raise ValueError(f"self_offset must be an int in [0, {keys.shape[0] - m}] (z's rows within keys), "
+                                 f"got {self_offset!r}")
+            if symmetric:
+                raise ValueError("symmetric=True is the query/key form; self_offset is the self form")
+        elif labels is not None:
+            raise ValueError("labels is for the self-similarity form (keys=None, or keys with self_offset); "
+                             "with keys alone use pos_index")
         if pos_index is None and keys.shape[0] < m:
             raise ValueError(f"keys must have at least as many rows as z (positives on the diagonal), got {keys.shape[0]} < {m}")
         if symmetric and keys.shape[0] != m:
             raise ValueError(f"symmetric=True needs as many keys as queries, got {keys.shape[0]} and {m}")
         if symmetric and pos_index is not None:
             raise ValueError("symmetric=True pairs query i with key i; pos_index is not supported with it")
+    self_form = keys is None or self_offset is not None
+    if self_form and pos_index is None and labels is None and m % 2:
+        raise ValueError(f"z must have an even number of rows (two views stacked), got {m}")
     n = m if keys is None else keys.shape[0]
     if pos_index is not None and labels is not None:
         raise ValueError("give pos_index or labels, not both")
@@ -145,8 +163,8 @@ def _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, redu
             raise ValueError(f"pos_index values must lie in [0, {n}) (or -1 for padding)")
         idx = pos_index.reshape(m, -1)
         valid = idx >= 0
-        if keys is None:
-            rows = torch.arange(m, device=z.device)[:, None]
+        if self_form:
+            rows = torch.arange(m, device=z.device)[:, None] + (self_offset or 0)
             if bool((valid & (idx == rows)).any()):
                 raise ValueError("pos_index names a row as its own positive (self-pairs are excluded from the denominator)")
         if not bool(valid.any(1).all()):
@@ -156,8 +174,9 @@ def _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, redu
             raise TypeError("labels must be an int64/int32 tensor")
         if labels.device != z.device:
             raise ValueError(f"labels is on {labels.device} but z is on {z.device}")
-        if labels.shape != (m,):
-            raise ValueError(f"labels must have shape [{m}], got {tuple(labels.shape)}")
+        if labels.shape != (n,):
+            raise ValueError(f"labels must have shape [{n}] (one per {'key' if keys is not None else 'row'}), "
+                             f"got {tuple(labels.shape)}")
         if values and bool((torch.unique(labels, return_counts=True)[1] < 2).any()):
             raise ValueError("labels gives some sample no positive (a label that occurs once)")
     if weight is not None:
@@ -532,13 +551,15 @@ def lse_similarity(a: torch.Tensor, b: torch.Tensor | None = None, *, scale: flo
 # Public functional API.
 
 
-def _alignment(q, k, pos_index, labels, self_mode):
-    """``mean_{p in P(i)} q_i . k_p`` per row, O(M.m.D) (labels: class sums, O(M.D))."""
+def _alignment(q, k, pos_index, labels, self_form, off=0):
+    """``mean_{p in P(i)} q_i . k_p`` per row, O(M.m.D) (labels: class sums, O(N.D)); in the self form row
+    i is key ``off + i``, left out of its own positives."""
     m = q.shape[0]
     if labels is not None:
         sums, counts = _class_sums(k, labels)
-        return (q * (sums - k)).sum(1) / (counts - 1).to(q.dtype)
-    idx = _default_pos_index(m, self_mode, q.device) if pos_index is None else pos_index
+        own = k[off:off + m]
+        return (q * (sums[off:off + m] - own)).sum(1) / (counts[off:off + m] - 1).to(q.dtype)
+    idx = _default_pos_index(m, self_form, off, q.device) if pos_index is None else pos_index
     idx = idx.reshape(m, -1).long()
     valid = idx >= 0
     kp = k[idx.clamp_min(0)]  # [m, n_pos, D]
@@ -562,32 +583,37 @@ def _class_sums(k, labels):
     return sums[row_seg], (offsets[1:] - offsets[:-1])[row_seg]
 
 
-def _infonce_parts(z, keys, temperature, pos_index, labels, weight, normalize, symmetric, backend):
-    """(alignment term, uniformity term) per row, both fp32: loss = unif - align."""
+def infonce_terms(z, keys=None, *, temperature, pos_index=None, labels=None, weight=None, normalize=True,
+                  symmetric=False, self_offset=None, backend="auto"):
+    """InfoNCE's two terms per row, ``(alignment, uniformity)``, fp32 (fp64 for fp64): the loss of row i
+    is ``uniformity_i - alignment_i``.  Same arguments as :func:`infonce` (unchecked: it checks them)."""
     qn = unit_rows(z) if normalize else z
     if keys is None:
         kn = qn
     else:
         kn = unit_rows(keys) if normalize else keys
     wide = torch.promote_types(z.dtype, torch.float32)
-    align = _alignment(qn.to(wide), kn.to(wide), pos_index, labels, keys is None) / temperature
+    self_form, off = keys is None or self_offset is not None, self_offset or 0
+    align = _alignment(qn.to(wide), kn.to(wide), pos_index, labels, self_form, off) / temperature
     w = 1.0 if weight is None else weight.to(wide)
     align = align * w
+    scale = 1.0 / temperature
     if keys is None:
-        unif = lse_similarity(qn, scale=1.0 / temperature, unit_norm=normalize, backend=backend)
+        unif = lse_similarity(qn, scale=scale, unit_norm=normalize, backend=backend)
     elif symmetric:
-        row, col = lse_similarity(qn, kn, scale=1.0 / temperature, cols=True, unit_norm=normalize, backend=backend)
+        row, col = lse_similarity(qn, kn, scale=scale, cols=True, unit_norm=normalize, backend=backend)
         col_align = _alignment(kn.to(wide), qn.to(wide), None, None, False) / temperature * w
         return 0.5 * (align + col_align), 0.5 * (row + col).to(wide)
     else:
-        unif = lse_similarity(qn, kn, scale=1.0 / temperature, unit_norm=normalize, backend=backend)
+        unif = lse_similarity(qn, kn, scale=scale, unit_norm=normalize, self_offset=self_offset, backend=backend)
     return align, unif.to(wide)
 
 
 def infonce(z: torch.Tensor, keys: torch.Tensor | None = None, *, temperature: float = 0.5,
             pos_index: torch.Tensor | None = None, labels: torch.Tensor | None = None,
             weight: torch.Tensor | None = None, normalize: bool = True, symmetric: bool = False,
-            reduction: str = "mean", backend: str = "auto", validate: bool | None = None) -> torch.Tensor:
+            reduction: str = "mean", self_offset: int | None = None, backend: str = "auto",
+            validate: bool | None = None) -> torch.Tensor:
     """InfoNCE / NT-Xent, fused (no M x M matrix on the Triton path).
 
     ``l_i = -w_i * mean_{p in P(i)} s_ip + log sum_{j in N(i)} exp(s_ij)``, ``s = z_hat k_hat^T / tau``.
@@ -597,7 +623,11 @@ def infonce(z: torch.Tensor, keys: torch.Tensor | None = None, *, temperature: f
       ``pos_index`` [M] or [M, m] (row indices, -1 pads) or ``labels`` [M] (same label, j != i).
     * ``keys`` [N + Q, D] (MoCo): query i's positive is key i (or ``pos_index``), all keys are in
       the denominator.  ``symmetric=True`` (CLIP) averages both directions (needs N keys).
-    * ``weight`` [M]: per-row weight on the alignment term (SimCLR-Attn).
+    * ``keys`` [N, D] with ``self_offset=o`` (data parallelism): the self form restricted to the rows
+      of ``z``, which are keys ``o .. o + M`` -- each row's own key ``o + i`` left out, positives by
+      default key ``o + (i + M/2) mod M`` (``pos_index``: key indices; ``labels``: [N], one per key).
+      The work is M x N, not N x N.
+    * ``weight`` [M]: per-row weight on the alignment term.
 
     Rows are normalised with an fp32 norm (no overflow for any finite input).  Statistics and the
     returned loss are fp32 (fp64 for fp64 inputs); gradients come back in the input dtype.  Bad
@@ -605,8 +635,9 @@ def infonce(z: torch.Tensor, keys: torch.Tensor | None = None, *, temperature: f
     ``validate`` says so (:func:`~sslcore.kernels._backend.validating`: on CPU tensors, and on CUDA
     when asked, since reading values synchronises); no host synchronisation otherwise.
     """
-    _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, reduction, validate)
-    align, unif = _infonce_parts(z, keys, temperature, pos_index, labels, weight, normalize, symmetric, backend)
+    _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, reduction, self_offset, validate)
+    align, unif = infonce_terms(z, keys, temperature=temperature, pos_index=pos_index, labels=labels, weight=weight,
+                                normalize=normalize, symmetric=symmetric, self_offset=self_offset, backend=backend)
     return _reduce(unif - align, reduction)
 
 
@@ -621,10 +652,11 @@ def infonce_messages(z: torch.Tensor, *, temperature: float = 0.5, pos_index: to
     ``uniformity_i = (1/(M tau)) sum_j (P_ij + P_ji) z_hat_j`` (attention-weighted messages from
     all samples).  Computed on the fused kernel; ``z_hat = z / |z|`` is taken as the leaf.
     """
-    _check_args(z, None, temperature, pos_index, labels, weight, False, "mean", validate)
+    _check_args(z, None, temperature, pos_index, labels, weight, False, "mean", None, validate)
     zn = unit_rows(z.detach()).requires_grad_(True)
     with torch.enable_grad():
-        align, unif = _infonce_parts(zn, None, temperature, pos_index, labels, weight, False, False, backend)
+        align, unif = infonce_terms(zn, temperature=temperature, pos_index=pos_index, labels=labels, weight=weight,
+                                    normalize=False, backend=backend)
         m = zn.shape[0]
         a_loss, u_loss = -align.sum() / m, unif.sum() / m
         g_align, = torch.autograd.grad(a_loss, zn)

@@ -185,6 +185,45 @@ def test_self_offset_rows_against_all_keys(seed, backend):
         lse_similarity(z[r0:r1], z, scale=scale, self_offset=70, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("form", ["pairs", "labels", "pos_index", "weight"])
+def test_blocks_of_rows_sum_to_the_whole_batch(seed, form, backend):
+    """Three blocks of 20 rows (three ranks, 10 samples x 2 views each, views stacked per block), each
+    against all 60 keys with ``self_offset``: the block losses add up to the loss of the whole batch,
+    and the gradients through the rows and through the keys add up to its gradient."""
+    m, blocks = 60, [(0, 20), (20, 40), (40, 60)]
+    z = _leaf((m, 24), torch.float32)
+    rows = torch.arange(m, device=_dev())
+    whole = dict(temperature=0.4, reduction="sum", backend=backend)
+    part = [dict() for _ in blocks]
+    if form == "pairs":  # the block's own two-view pairing
+        whole["pos_index"] = rows // 20 * 20 + (rows % 20 + 10) % 20
+    elif form == "labels":
+        labels = torch.randint(0, 6, (m,), device=_dev())
+        labels[:12] = torch.arange(6, device=_dev()).repeat(2)  # every label at least twice
+        whole["labels"] = labels
+        part = [dict(labels=labels) for _ in blocks]
+    elif form == "pos_index":
+        pos = torch.stack([(rows + 7) % m, (rows + 31) % m], 1)
+        whole["pos_index"] = pos
+        part = [dict(pos_index=pos[a:b]) for a, b in blocks]
+    else:
+        w = torch.rand(m, device=_dev()) + 0.5
+        whole.update(weight=w, pos_index=rows // 20 * 20 + (rows % 20 + 10) % 20)
+        part = [dict(weight=w[a:b]) for a, b in blocks]
+    loss = infonce(z, **whole)
+    grad, = torch.autograd.grad(loss, z)
+    total = sum(infonce(z[a:b], z, self_offset=a, temperature=0.4, reduction="sum", backend=backend, **kw)
+                for (a, b), kw in zip(blocks, part))
+    grad_blocks, = torch.autograd.grad(total, z)
+    _close(total, loss.detach().double(), torch.float32, "sum of the block losses")
+    _close(grad_blocks, grad.double(), torch.float32, "sum of the block gradients")
+    ref = infonce_ref(z.detach().double()[20:40], z.detach().double(), self_offset=20, temperature=0.4,
+                      reduction="sum", **part[1])
+    _close(infonce(z[20:40], z, self_offset=20, temperature=0.4, reduction="sum", backend=backend, **part[1]),
+           ref, torch.float32, "block against the reference")
+
+
 @pytest.mark.parametrize("d,cc,passes", [(128, 90, 3), (256, 90, 3), (384, 90, 4), (768, 90, 5), (256, 80, 4)])
 def test_pass_count(monkeypatch, d, cc, passes):
     """M x M x D matmul passes of forward + backward on a GPU's tiling (bf16): 3 up to D = 256 on Hopper
