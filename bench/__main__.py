@@ -40,6 +40,17 @@ def print_skipped(cases: list) -> None:
         print(f"{op}: {len(cs)} rows {reason} ({impls}; {dtypes}; {sizes})")
 
 
+def _world_sizes(text: str) -> list[int]:
+    """``--world-size``: comma-separated positive integers."""
+    try:
+        sizes = [int(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected W or W,W,... (positive integers), got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"world sizes must be >= 1, got {text!r}")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["gpu"]:
@@ -57,12 +68,25 @@ def main(argv: list[str] | None = None) -> None:
                                                                               "(default: bench/results)")
     parser.add_argument("--file", help="the JSONL's name in --json-dir (default: <time>-<device>.jsonl); "
                                        "rows are appended")
+    parser.add_argument("--world-size", type=_world_sizes, metavar="W[,W...]",
+                        help="infonce only: NT-Xent under data parallelism, W processes each (bench/ddp.py)")
     args = parser.parse_args(argv)
     if args.what == "readme":
         print(report.readme(args.files))
         return
     if args.files:
         parser.error("only 'readme' takes files")
+    if args.world_size:
+        if args.what != "infonce" or args.goal:
+            parser.error("--world-size goes with infonce (and --quick at most)")
+        from bench import ddp
+        rows = ddp.rows(args.world_size, args.quick)
+        path = (args.json_dir / args.file if args.file
+                else report.results_path(args.json_dir, environment()["device"], datetime.now()))
+        for row in rows:
+            report.append_jsonl(path, row)
+        print(f"\n{report.header(rows)}\n\n{report.markdown(rows)}\n\nwrote {path}")
+        return
 
     cases = [c for family in (FAMILIES if args.what == "all" else [args.what])
              for c in load_cases(family, args.quick, args.goal)]

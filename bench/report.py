@@ -48,7 +48,8 @@ def markdown(rows: list[dict]) -> str:
     for op in dict.fromkeys(r["op"] for r in rows):
         rs = [r for r in rows if r["op"] == op]
         sizes = list(dict.fromkeys(k for r in rs for k in r["shape"]))
-        numbers = {**NUMBERS, **({"passes": "passes"} if any(r.get("passes") is not None for r in rs) else {})}
+        numbers = {**NUMBERS, **{k: key for k, key in (("passes", "passes"), ("saved MiB", "saved_mib"))
+                                 if any(r.get(key) is not None for r in rs)}}
         head = ["impl", "dtype", *sizes, *numbers, "status"]
         align = ["---"] * 2 + ["---:"] * (len(sizes) + len(numbers)) + ["---"]
         lines = [f"**{op}**", "", "| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"]

@@ -547,6 +547,31 @@ def lse_similarity(a: torch.Tensor, b: torch.Tensor | None = None, *, scale: flo
     return (row, col) if cols else row
 
 
+def lse_grad(a: torch.Tensor, b: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, *, scale: float,
+             side: str = "rows", self_offset: int | None = None, backend: str = "auto") -> torch.Tensor:
+    """One block's share of the gradient of ``sum_i g_i LSE_i``, ``LSE_i`` the row log-sum-exps of
+    ``scale a . b^T`` over *all* key blocks (given), ``P_ij = exp(scale a_i . b_j - LSE_i)``:
+    ``side="rows"``: ``d/da_i = scale sum_j g_i P_ij b_j``; ``side="keys"``: ``d/db_j = scale sum_i g_i
+    P_ij a_i``.  ``self_offset``: pair ``(i, offset + i)`` left out.  For ring-passed key blocks
+    (:func:`sslcore.dist.ring_lse`); one pass over the block's tiles, in ``a``'s dtype."""
+    if side not in ("rows", "keys"):
+        raise ValueError(f"side must be 'rows' or 'keys', got {side!r}")
+    be = "torch" if a.dtype == torch.float64 else resolve_backend(backend, a.device)
+    if be == "torch":
+        wide = torch.promote_types(a.dtype, torch.float32)
+        s = a.to(wide) @ b.to(wide).T * scale
+        if self_offset is not None:
+            rows = torch.arange(s.shape[0], device=s.device)[:, None] + self_offset
+            s = s.masked_fill(rows == torch.arange(s.shape[1], device=s.device)[None, :], float("-inf"))
+        w = torch.exp(s - lse.to(wide)[:, None]) * g.to(wide)[:, None] * scale
+        return (w @ b.to(wide) if side == "rows" else w.T @ a.to(wide)).to(a.dtype)
+    a, b, excl, off, g = _contig(a), _contig(b), self_offset is not None, self_offset or 0, g.float().contiguous()
+    lse = lse.float().contiguous()
+    if side == "rows":
+        return _lse_bwd_launch(a, b, b, (lse, g), None, scale, excl, off)
+    return _lse_bwd_launch(b, a, a, None, (lse, g), scale, excl, -off)
+
+
 # ---------------------------------------------------------------------------------------------
 # Public functional API.
 

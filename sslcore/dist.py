@@ -1,14 +1,16 @@
-"""torch.distributed helpers: all-gather that keeps the gradient.
+"""torch.distributed helpers: an all-gather whose backward sums over ranks, a ring of key blocks,
+and BatchNorm over the global batch.
 
-Convention: every rank gathers the whole batch (with gradient) and computes the *global* loss, so
-each rank's loss and the gradient w.r.t. its own inputs equal the single-process result on the
-concatenated batch.  The backward hands each rank its own slice of the (already global) gradient,
-with no further reduction.  DDP then *averages* parameter gradients across ranks, which would
-divide them by the world size; a trainer that wants the single-process update multiplies the
-loss by :func:`world_size` before ``backward`` (sslcore's trainer does, for every method that takes
-``gather_distributed``; such a method must return the *global* loss on every rank, all of its
-terms computed on gathered tensors).  A method without ``gather_distributed`` returns the mean
-over its own shard, and DDP's average of those is already the global mean: no scaling.
+Convention (lightly's): with ``gather_distributed`` a loss computes **its own rank's rows** against the
+keys gathered from every rank and returns the mean over its rows.  :func:`gather`'s backward sums the
+gradients of the gathered tensor over ranks (an all-reduce) and keeps this rank's slice, so each
+rank's inputs receive the gradient of every rank's loss.  DDP's average of parameter gradients is then
+exactly the gradient of the single-process loss on the concatenated batch -- in any DDP loop, with no
+scaling -- and each rank does 1/W of the loss work.
+
+:func:`ring_lse` computes the same row log-sum-exps without gathering: key blocks travel round the
+ring of ranks (``isend``/``irecv``, overlapped with the local tiles), so a rank holds O(M/W . D) keys,
+not O(M . D); its backward rotates the blocks again, each with its gradient, back to their owners.
 
 BatchNorm: the trainer replaces every BatchNorm by :class:`SyncBatchNorm` (torch's own on CUDA;
 torch's refuses CPU tensors, so on CPU this module's, over two differentiable all-reduces), so
@@ -21,6 +23,8 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from . import kernels
 
 
 def is_distributed() -> bool:
@@ -53,27 +57,112 @@ def init_from_env(device_type: str) -> bool:
     return True
 
 
+def _check_same_rows(x: torch.Tensor) -> None:
+    """Every rank must contribute the same number of rows (one small all-gather)."""
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    sizes = [int(s) for s in sizes]
+    if len(set(sizes)) != 1:
+        raise ValueError(f"gather_distributed needs the same batch size on every rank, got {sizes}")
+
+
 class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0; backward: the gradient summed over ranks, this rank's slice."""
+
     @staticmethod
     def forward(ctx, x):
-        sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
-        dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
-        sizes = [int(s) for s in sizes]
-        if len(set(sizes)) != 1:
-            raise ValueError(f"gather_distributed needs the same batch size on every rank, got {sizes}")
-        out = [torch.empty_like(x) for _ in sizes]
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(out, x.contiguous())
         ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
         return torch.cat(out)
 
     @staticmethod
     def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
         return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
 
 
-def gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from all ranks along dim 0 (rank order), differentiable; identity if not distributed."""
-    return _GatherWithGrad.apply(x) if world_size() > 1 else x
+def gather(x: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks along dim 0 (rank order); differentiable, the gradient summed over
+    ranks (see the module docstring); identity if not distributed.  ``check``: refuse unequal sizes
+    (one extra small all-gather)."""
+    if world_size() == 1:
+        return x
+    if check:
+        _check_same_rows(x)
+    return _GatherWithGrad.apply(x)
+
+
+def _pass_on(t: torch.Tensor, tag: int):
+    """Send ``t`` to the next rank of the ring and receive the previous rank's into a new buffer
+    (asynchronously; :func:`_arrived` waits).  ``tag`` keeps concurrent transfers apart."""
+    w, r = dist.get_world_size(), dist.get_rank()
+    buf = torch.empty_like(t)
+    ops = [dist.P2POp(dist.isend, t.contiguous(), (r + 1) % w, tag=tag),
+           dist.P2POp(dist.irecv, buf, (r - 1) % w, tag=tag)]
+    return [buf], dist.batch_isend_irecv(ops)
+
+
+def _arrived(pending) -> list[torch.Tensor]:
+    bufs, works = pending
+    for work in works:
+        work.wait()
+    return bufs
+
+
+class _RingLSE(torch.autograd.Function):
+    """Row LSEs of ``scale q . K^T`` over every rank's key block ``K_r`` (each rank's own block ``k``),
+    the blocks passed round the ring; backward: the query side from every block, and each block's
+    key-side gradient accumulated as it travels and handed back to its owner."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale, unit_norm, exclude_own, backend):
+        w, wide = dist.get_world_size(), torch.promote_types(q.dtype, torch.float32)
+        lse = torch.full((q.shape[0],), float("-inf"), device=q.device, dtype=wide)
+        blk = k.detach()
+        for t in range(w):
+            pending = _pass_on(blk, 1) if t < w - 1 else None  # the next block is in flight while this one runs
+            own = 0 if t == 0 and exclude_own else None
+            part = kernels.lse_similarity(q.detach(), blk, scale=scale, unit_norm=unit_norm,
+                                          self_offset=own, backend=backend)
+            lse = torch.logaddexp(lse, part.to(wide))
+            if pending is not None:
+                blk, = _arrived(pending)
+        ctx.save_for_backward(q, k, lse)
+        ctx.scale, ctx.exclude_own, ctx.backend = scale, exclude_own, backend
+        return lse
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, lse = ctx.saved_tensors
+        w, key_grad, wide = dist.get_world_size(), ctx.needs_input_grad[1], lse.dtype
+        args = dict(scale=ctx.scale, backend=ctx.backend)
+        dq = torch.zeros(q.shape, device=q.device, dtype=wide)
+        blk, gblk = k.detach(), torch.zeros(k.shape, device=k.device, dtype=wide) if key_grad else None
+        for t in range(w):
+            pending = _pass_on(blk, 1) if t < w - 1 else None
+            own = 0 if t == 0 and ctx.exclude_own else None
+            dq += kernels.lse_grad(q.detach(), blk, lse, g, side="rows", self_offset=own, **args).to(wide)
+            if key_grad:  # this rank's share of the block's gradient; the block's owner gets the sum
+                gblk += kernels.lse_grad(q.detach(), blk, lse, g, side="keys", self_offset=own, **args).to(wide)
+                gblk, = _arrived(_pass_on(gblk, 2))  # after the last step it is back with its owner
+            if pending is not None:
+                blk, = _arrived(pending)
+        return dq.to(q.dtype), gblk.to(k.dtype) if key_grad else None, None, None, None, None
+
+
+def ring_lse(q: torch.Tensor, k: torch.Tensor, *, scale: float, unit_norm: bool = False, exclude_own: bool = False,
+             backend: str = "auto") -> torch.Tensor:
+    """``LSE_i = log sum_j exp(scale q_i . K_j)`` over the key blocks ``k`` of all ranks (rank order),
+    differentiable in ``q`` and ``k``, holding two blocks at a time, never all of K.  ``exclude_own``:
+    ``q`` and ``k`` are this rank's rows in the self form, row i's own key (row i of ``k``) left out.
+    Not distributed: one block, the plain LSE."""
+    if world_size() == 1:
+        return kernels.lse_similarity(q, k, scale=scale, unit_norm=unit_norm, self_offset=0 if exclude_own else None,
+                                      backend=backend)
+    _check_same_rows(k)
+    return _RingLSE.apply(q, k, scale, unit_norm, exclude_own, backend)
 
 
 class _AllReduceSum(torch.autograd.Function):

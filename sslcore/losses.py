@@ -1,4 +1,8 @@
-"""Contrastive loss modules (lightly-style ``forward(out0, out1)``) over the fused InfoNCE op."""
+"""Contrastive loss modules over the fused InfoNCE op, with lightly's names, signatures and semantics:
+``NTXentLoss`` (with or without a memory bank), ``InfoNCELoss`` (MoCo/CLIP), ``DCLLoss``, ``DCLWLoss``,
+``NegativeCosineSimilarity``; ``forward(out0, out1)``.  ``gather_distributed`` is lightly's convention
+(each rank its own rows against every rank's keys; :mod:`sslcore.dist`), or ``"ring"``.
+"""
 from __future__ import annotations
 
 import torch
@@ -6,80 +10,192 @@ from torch import nn
 
 from . import dist
 from .checks import Backend, NonNegativeInt, Temperature, check_value
-from .kernels import infonce
+from .functional import GATHER_MODES, dcl, infonce_pairs, mises_fisher_weights, nt_xent
+from .kernels import lse_similarity
+from .kernels._backend import unit_rows
+
+
+def _gather_mode(value):
+    if value not in GATHER_MODES or isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError(f"gather_distributed must be False, True or 'ring', got {value!r}")
+    return value
+
+
+def _bank_size(value) -> tuple[int, int | None]:
+    """``memory_bank_size`` as ``(rows, dim or None)``: an int, or lightly's ``(rows, dim)``."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"memory_bank_size must be an int or (rows, dim), got {value!r}")
+        return (check_value("memory_bank_size rows", value[0], NonNegativeInt),
+                check_value("memory_bank_size dim", value[1], NonNegativeInt))
+    return check_value("memory_bank_size", value, NonNegativeInt), None
+
+
+class _MemoryBank(nn.Module):
+    """A bank of past embeddings (a persistent buffer, so it checkpoints and loads into a fresh module):
+    ``(rows, dim)`` random unit vectors from a fixed seed, or, given rows alone, made at the first batch
+    (a state dict of a used bank still loads: the empty buffer takes its shape)."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.rows, dim = _bank_size(size)
+        self.register_buffer("bank", self._fresh(dim) if self.rows and dim else torch.empty(0))
+        self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))
+
+    def _fresh(self, dim: int, like: torch.Tensor | None = None) -> torch.Tensor:
+        bank = nn.functional.normalize(torch.randn(self.rows, dim, generator=torch.Generator().manual_seed(0)), dim=1)
+        return bank if like is None else bank.to(like.device, like.dtype)
+
+    def contents(self, like: torch.Tensor) -> torch.Tensor:
+        """The bank as it is before this batch (made now if it is the first), detached."""
+        if self.bank.numel() == 0:
+            self.bank = self._fresh(like.shape[1], like)
+        if self.bank.shape[1] != like.shape[1]:
+            raise ValueError(f"the embeddings have dimension {like.shape[1]} but the memory bank's is "
+                             f"{self.bank.shape[1]}")
+        return self.bank.detach().to(like.dtype)
+
+    @torch.no_grad()
+    def enqueue(self, batch: torch.Tensor) -> None:
+        """Write ``batch`` over the oldest rows (a ring buffer at a pointer); a batch reaching the end
+        fills the rest and starts over at row 0, the remainder dropped, as lightly does."""
+        ptr, n = int(self.bank_ptr), batch.shape[0]
+        if ptr + n >= self.rows:
+            self.bank[ptr:] = batch[:self.rows - ptr].to(self.bank.dtype)
+            self.bank_ptr.zero_()
+        else:
+            self.bank[ptr:ptr + n] = batch.to(self.bank.dtype)
+            self.bank_ptr.fill_(ptr + n)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "bank")
+        if saved is not None and self.bank.numel() == 0 and saved.numel():
+            self.bank = torch.empty_like(saved, device=self.bank.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class NTXentLoss(nn.Module):
-    """SimCLR's NT-Xent on two views: ``infonce(cat[out0, out1])``, positive of row i is row i+N.
+    """SimCLR's NT-Xent (lightly's ``NTXentLoss``): ``forward(out0, out1)`` on two views ``[N, D]``.
 
-    ``gather_distributed=True`` gathers both views from every rank (with gradient) first, so the
-    loss is the one of the concatenated global batch (see :mod:`sslcore.dist`).  Each view needs at
-    least 2 rows (over all ranks): a row's negatives are the other samples.
+    Without a memory bank: rows ``[out0; out1]``, positive of each row the other view of its sample,
+    negatives every other row (of every rank with ``gather_distributed``).  With ``memory_bank_size``
+    (rows, or lightly's ``(rows, dim)``): MoCo-style, ``l_i = -s(out0_i, out1_i) + log(exp s(out0_i, out1_i)
+    + sum_k exp s(out0_i, bank_k))`` over out0's rows, the bank holding past out1 rows (every rank's
+    with ``gather_distributed``), updated when out0 requires grad.  ``weight`` [N] (no bank): a per-pair
+    weight on the alignment term.  See docs/methods.md.
     """
 
-    def __init__(self, temperature: Temperature = 0.5, gather_distributed: bool = False, backend: Backend = "auto"):
+    def __init__(self, temperature: Temperature = 0.5, memory_bank_size: int | tuple[int, int] = 0,
+                 gather_distributed: bool | str = False, backend: Backend = "auto"):
         super().__init__()
         self.temperature = check_value("temperature", temperature, Temperature)
-        self.gather_distributed = check_value("gather_distributed", gather_distributed, bool)
+        self.gather_distributed = _gather_mode(gather_distributed)
         self.backend = check_value("backend", backend, Backend)
+        self.memory = _MemoryBank(memory_bank_size)
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(out0, torch.Tensor) or not isinstance(out1, torch.Tensor):
             raise TypeError("out0 and out1 must be tensors")
         if out0.shape != out1.shape:
             raise ValueError(f"out0 and out1 must have the same shape, got {tuple(out0.shape)} and {tuple(out1.shape)}")
+        if self.memory.rows:
+            if weight is not None:
+                raise ValueError("weight is for the in-batch form, not with a memory bank")
+            return self._with_bank(out0, out1)
         world = dist.world_size() if self.gather_distributed else 1
         if out0.dim() and out0.shape[0] * world == 1:
             raise ValueError("out0 and out1 hold 1 sample each: NT-Xent's negatives are the batch's other samples, "
                              "so the loss would be 0 with no gradient; give at least 2")
-        if self.gather_distributed:
-            out0, out1 = dist.gather(out0), dist.gather(out1)
-            weight = dist.gather(weight) if weight is not None else None
-        w = torch.cat([weight, weight]) if weight is not None else None
-        return infonce(torch.cat([out0, out1]), temperature=self.temperature, weight=w, backend=self.backend)
+        return nt_xent(out0, out1, temperature=self.temperature, weight=weight,
+                       gather_distributed=self.gather_distributed, backend=self.backend)
+
+    def _with_bank(self, out0, out1):
+        q, k = unit_rows(out0), unit_rows(out1)
+        bank = self.memory.contents(k)
+        scale, wide = 1.0 / self.temperature, torch.promote_types(out0.dtype, torch.float32)
+        positive = (q * k).sum(1).to(wide) * scale
+        lse = torch.logaddexp(positive, lse_similarity(q, bank, scale=scale, unit_norm=True,
+                                                       backend=self.backend).to(wide))
+        if out0.requires_grad:
+            self.memory.enqueue(dist.gather(k.detach()) if self.gather_distributed else k.detach())
+        return (lse - positive).mean()
 
 
 class InfoNCELoss(nn.Module):
-    """Query/key InfoNCE (MoCo; CLIP with ``symmetric=True``): query i's positive is key i.
+    """Query/key InfoNCE (MoCo; CLIP with ``symmetric=True``): query i's positive is key i, the other keys
+    of the batch (of every rank with ``gather_distributed``) and the memory bank its negatives.
 
-    ``memory_bank_size > 0`` keeps a FIFO queue of past keys (detached, newest first) used as extra
-    negatives, MoCo-style; it starts as random unit vectors and is refreshed after each call in
-    training mode.  With ``gather_distributed=True`` queries and keys come from every rank.
+    ``memory_bank_size`` (rows, or ``(rows, dim)``) keeps past keys (unit rows, detached, a ring buffer,
+    every rank's with ``gather_distributed``), refreshed after each call in training mode; unlike lightly's
+    ``NTXentLoss(memory_bank_size=...)``, the batch's other keys stay negatives too (docs/methods.md).
     """
 
-    def __init__(self, temperature: Temperature = 0.2, memory_bank_size: NonNegativeInt = 0, symmetric: bool = False,
-                 gather_distributed: bool = False, backend: Backend = "auto"):
+    def __init__(self, temperature: Temperature = 0.2, memory_bank_size: int | tuple[int, int] = 0,
+                 symmetric: bool = False, gather_distributed: bool | str = False, backend: Backend = "auto"):
         super().__init__()
-        temperature = check_value("temperature", temperature, Temperature)
-        memory_bank_size = check_value("memory_bank_size", memory_bank_size, NonNegativeInt)
-        symmetric = check_value("symmetric", symmetric, bool)
-        gather_distributed = check_value("gather_distributed", gather_distributed, bool)
-        backend = check_value("backend", backend, Backend)
-        if symmetric and memory_bank_size:
+        self.temperature = check_value("temperature", temperature, Temperature)
+        self.symmetric = check_value("symmetric", symmetric, bool)
+        self.gather_distributed = _gather_mode(gather_distributed)
+        self.backend = check_value("backend", backend, Backend)
+        self.memory = _MemoryBank(memory_bank_size)
+        if self.symmetric and self.memory.rows:
             raise ValueError("symmetric=True (CLIP) does not take a memory bank")
-        self.temperature, self.symmetric, self.backend = temperature, symmetric, backend
-        self.memory_bank_size, self.gather_distributed = memory_bank_size, gather_distributed
-        self.register_buffer("queue", torch.empty(0), persistent=True)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         for name, t in (("query", query), ("key", key)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if query.shape != key.shape:
-            raise ValueError(f"query and key must have the same shape, got {tuple(query.shape)} and {tuple(key.shape)}")
-        if self.gather_distributed:
-            query, key = dist.gather(query), dist.gather(key)
-        keys = key
-        if self.memory_bank_size:
-            if self.queue.numel() == 0:
-                g = torch.Generator().manual_seed(0)
-                init = torch.randn(self.memory_bank_size, key.shape[1], generator=g)
-                self.queue = nn.functional.normalize(init, dim=1).to(key.device, key.dtype)
-            if self.queue.shape[1] != key.shape[1]:
-                raise ValueError(f"key dimension {key.shape[1]} does not match the memory bank's {self.queue.shape[1]}")
-            keys = torch.cat([key, self.queue.to(key.dtype)])
-        loss = infonce(query, keys, temperature=self.temperature, symmetric=self.symmetric, backend=self.backend)
-        if self.memory_bank_size and self.training:
-            with torch.no_grad():
-                self.queue = torch.cat([key.detach().to(self.queue.dtype), self.queue])[: self.memory_bank_size]
+        queue = self.memory.contents(key) if self.memory.rows else None
+        loss = infonce_pairs(query, key, temperature=self.temperature, queue=queue, symmetric=self.symmetric,
+                             gather_distributed=self.gather_distributed, backend=self.backend)
+        if queue is not None and self.training:
+            k = unit_rows(key.detach())
+            self.memory.enqueue(dist.gather(k) if self.gather_distributed else k)
         return loss
+
+
+class DCLLoss(nn.Module):
+    """Decoupled contrastive learning (lightly's ``DCLLoss``): NT-Xent with the positive out of the
+    denominator (:func:`sslcore.functional.dcl`); ``weight_fn(out0, out1) -> [N]`` weighs the positive term."""
+
+    def __init__(self, temperature: Temperature = 0.1, weight_fn=None, gather_distributed: bool | str = False,
+                 backend: Backend = "auto"):
+        super().__init__()
+        self.temperature = check_value("temperature", temperature, Temperature)
+        if weight_fn is not None and not callable(weight_fn):
+            raise TypeError(f"weight_fn must be callable (out0, out1) -> [N] weights, got {type(weight_fn).__name__}")
+        self.weight_fn = weight_fn
+        self.gather_distributed = _gather_mode(gather_distributed)
+        self.backend = check_value("backend", backend, Backend)
+
+    def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+        weight = self.weight_fn(out0, out1) if self.weight_fn is not None else None
+        return dcl(out0, out1, temperature=self.temperature, weight=weight,
+                   gather_distributed=self.gather_distributed, backend=self.backend)
+
+
+class DCLWLoss(DCLLoss):
+    """DCL with negative von Mises-Fisher weights on the positives (lightly's ``DCLWLoss``):
+    ``w = 2 - N softmax(cos(out0_i, out1_i) / sigma)`` over the batch (every rank's pairs with
+    ``gather_distributed``; lightly normalises each rank's alone: :func:`sslcore.functional.mises_fisher_weights`)."""
+
+    def __init__(self, temperature: Temperature = 0.1, sigma: float = 0.5, gather_distributed: bool | str = False,
+                 backend: Backend = "auto"):
+        sigma = check_value("sigma", sigma, Temperature)
+        super().__init__(temperature, lambda a, b: mises_fisher_weights(a, b, sigma, gather_distributed),
+                         gather_distributed, backend)
+        self.sigma = sigma
+
+
+class NegativeCosineSimilarity(nn.Module):
+    """``-mean cos(x0, x1)`` along ``dim`` (SimSiam's, BYOL's loss), as lightly's."""
+
+    def __init__(self, dim: int = 1, eps: float = 1e-8):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+
+    def forward(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+        return -nn.functional.cosine_similarity(x0, x1, self.dim, self.eps).mean()
+
+
+__all__ = ["DCLLoss", "DCLWLoss", "InfoNCELoss", "NTXentLoss", "NegativeCosineSimilarity"]

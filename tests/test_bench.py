@@ -51,3 +51,18 @@ def test_markdown_shows_passes_only_where_counted():
     table = report.markdown([row, dict(row, impl="torch-eager", passes=None)])
     assert "| passes |" in table and "| 7.00 |" in table
     assert "passes" not in report.markdown([dict(row, op="infonce", passes=None)])
+
+
+def test_ddp_bench_rows(tmp_path):
+    """python -m bench infonce --world-size: rows per world size and mode; the ring keeps 1/W of the keys."""
+    out = subprocess.run([sys.executable, "-m", "bench", "infonce", "--world-size", "1,2", "--quick", "--json-dir",
+                          str(tmp_path), "--file", "ddp.jsonl"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = report.load_jsonl(tmp_path / "ddp.jsonl")
+    assert [(r["shape"]["W"], r["impl"]) for r in rows] == [(1, "sslcore-gather"), (1, "sslcore-ring"),
+                                                           (2, "sslcore-gather"), (2, "sslcore-ring")]
+    by = {(r["shape"]["W"], r["impl"]): r for r in rows}
+    assert by[2, "sslcore-ring"]["saved_mib"] < by[2, "sslcore-gather"]["saved_mib"]
+    assert by[2, "sslcore-ring"]["flops"] == by[1, "sslcore-ring"]["flops"] / 2  # 1/W of the loss work
+    assert "| saved MiB |" in out.stdout

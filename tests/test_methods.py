@@ -85,7 +85,8 @@ def test_training_steps_lower_the_loss_and_reach_the_encoder(case, seed):
 def test_registry_options_and_create():
     for name in ("moco", "arcl", "simclr-attn", "nnclr"):
         assert {"temperature", "backend", "gather_distributed"} <= set(method_options(name)), name
-    assert "gather_distributed" in method_options("simsiam") and "n_train" not in method_options("simsiam-multi")
+    assert "gather_distributed" not in method_options("simsiam")  # its loss is a local mean: nothing to gather
+    assert "gather_distributed" in method_options("simsiam-multi") and "n_train" not in method_options("simsiam-multi")
     data = SimpleNamespace(x_train=torch.zeros(37, 1, 8, 8), in_chans=1)
     model = create_model("simsiam-multi", data, encoder="smallcnn", temperature=0.1, backend="torch")
     assert model.memory.shape == (37, 64) and model.name == "simsiam-multi"
@@ -296,17 +297,29 @@ def test_arcl_moco_keys_come_from_the_worst_pair(seed):
 # SimCLR-Attn: weights on backbone features, into the fused loss's weight.
 
 
-def test_simclr_attn_weights_match_their_definition(seed):
-    model = _build("simclr-attn")
+@pytest.mark.parametrize("weighting", ["row", "alignment"])
+def test_simclr_attn_weights_match_their_definition(seed, weighting):
+    """Default, the authors' form: L = sum_i w_i l_i / sum_i w_i over the 2N rows, w_i = exp(1 + cos(h0_i, h1_i))
+    (no gradient) on both rows of pair i; "alignment": w (mean 1) on the alignment term only."""
+    model = _build("simclr-attn", weighting=weighting)
     x0, x1 = _views()
     loss = model.loss([x0, x1])
     h = model.encoder(torch.cat([x0, x1])).detach()
     h0, h1 = h.double().chunk(2)
-    raw = torch.exp((h0 * h1).sum(1) / (h0.norm(dim=1) * h1.norm(dim=1)))
+    raw = torch.exp(1 + (h0 * h1).sum(1) / (h0.norm(dim=1) * h1.norm(dim=1)))
     w = raw / raw.mean()
     torch.testing.assert_close(model.attention_weights(h0, h1).double(), w, rtol=1e-6, atol=1e-6)
     z0, z1 = model.projector(h).detach().chunk(2)
-    expected = _nt_xent(z0, z1, weight=w)
+    if weighting == "alignment":
+        expected = _nt_xent(z0, z1, weight=w)
+    else:  # written out: each row's NT-Xent from the similarity matrix, weighted by its pair's raw weight
+        z = F.normalize(torch.cat([z0, z1]).double(), dim=1)
+        s = (z @ z.T / TAU).fill_diagonal_(float("-inf"))
+        m = len(z)
+        rows = torch.arange(m)
+        per_row = torch.logsumexp(s, 1) - s[rows, (rows + m // 2) % m]
+        ww = torch.cat([raw, raw])
+        expected = (ww * per_row).sum() / ww.sum()
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(expected, _nt_xent(z0, z1))  # the weights matter
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import dist
 from ..checks import MAX_LAYERS, Backend, NonNegative, QueueSize, Range, Temperature, UnitInterval, Width
+from ..functional import GatherMode
 from .base import SSLMethod
 from .moco import MoCo
 from .simclr import SimCLR
@@ -54,7 +54,7 @@ class ArCL(SSLMethod):
                  mode: Literal[MODES] = "worst_pair", penalty: NonNegative = 1.0, temperature: Temperature = 0.5,
                  proj_hidden: Width = 256, proj_dim: Width = 64, queue_size: QueueSize | None = None,
                  momentum: UnitInterval | None = None, symmetric: bool | None = None,
-                 gather_distributed: bool = False, backend: Backend = "auto"):
+                 gather_distributed: GatherMode = False, backend: Backend = "auto"):
         if not isinstance(views, int) or isinstance(views, bool) or views < 2:
             raise ValueError(f"views must be an integer >= 2 (views per sample), got {views!r}")
         if base not in BASES:
@@ -75,7 +75,6 @@ class ArCL(SSLMethod):
         else:
             self.base = MoCo(encoder, **moco_options, **common)
         self.n_views, self.mode, self.penalty = views, mode, float(penalty)
-        self.gather_distributed = gather_distributed
 
     def _base_loss(self, z0: torch.Tensor, z1: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
         """The base's two-view loss on projections z0, z1 of images x0, x1 (MoCo recomputes keys from x1/x0)."""
@@ -96,6 +95,4 @@ class ArCL(SSLMethod):
             return self._base_loss(z[a, rows], z[b, rows], x[a, rows], x[b, rows])
         zn = F.normalize(z, dim=-1)
         spread = (zn[:, None] - zn[None, :]).pow(2).sum(-1).flatten(0, 1).amax(0)  # [N]: max_{a,b} |z_a - z_b|^2
-        if self.gather_distributed:
-            spread = dist.gather(spread)
         return self._base_loss(z[0], z[1], x[0], x[1]) + self.penalty * spread.mean()

@@ -10,7 +10,7 @@ from torch import nn
 
 from .. import dist
 from ..checks import Backend, QueueSize, Temperature, UnitInterval, Width
-from ..functional import infonce
+from ..functional import GatherMode, infonce_pairs
 from .base import SSLMethod
 from .heads import projection_mlp
 
@@ -24,8 +24,9 @@ class MoCo(SSLMethod):
     batch's other keys plus the queue of past keys.  After the loss the keys are enqueued (FIFO: a
     ring buffer whose oldest ``batch`` rows are overwritten), so ``queue_size`` must be a multiple of
     the (global) batch size.  ``symmetric=True`` averages the loss of (x0 -> x1) and (x1 -> x0); only
-    the first direction's keys are enqueued.  With ``gather_distributed=True`` queries and keys come
-    from every rank, so each rank computes the global-batch loss and keeps the same queue.
+    the first direction's keys are enqueued.  With ``gather_distributed`` (lightly's convention,
+    :mod:`sslcore.dist`) each rank's queries meet the keys of every rank (gathered, or passed round
+    the ring with ``"ring"``) and every rank enqueues every rank's keys, so the queues stay equal.
     Probe features come from the query encoder.
     """
 
@@ -34,7 +35,7 @@ class MoCo(SSLMethod):
 
     def __init__(self, encoder: nn.Module, *, temperature: Temperature = 0.2, proj_hidden: Width = 256,
                  proj_dim: Width = 64, queue_size: QueueSize = 1024, momentum: UnitInterval = 0.99,
-                 symmetric: bool = False, gather_distributed: bool = False, backend: Backend = "auto"):
+                 symmetric: bool = False, gather_distributed: GatherMode = False, backend: Backend = "auto"):
         if not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size <= 0:
             raise ValueError(f"queue_size must be a positive integer, got {queue_size!r}")
         if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
@@ -63,16 +64,14 @@ class MoCo(SSLMethod):
 
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> torch.Tensor:
-        """Unit-norm key projections ``g'(f'(x))``, gathered from every rank with ``gather_distributed``."""
-        k = F.normalize(self.key_projector(self.key_encoder(x)), dim=1)
-        return dist.gather(k) if self.gather_distributed else k
+        """Unit-norm key projections ``g'(f'(x))`` of this rank's images."""
+        return F.normalize(self.key_projector(self.key_encoder(x)), dim=1)
 
     def contrast(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """InfoNCE of queries ``q`` (local rows; gathered here) against keys ``[k; queue]``, positive of q_i = k_i."""
-        if self.gather_distributed:
-            q = dist.gather(q)
-        return infonce(q, torch.cat([k.to(q.dtype), self.queue.to(q.dtype)]), temperature=self.temperature,
-                       backend=self.backend)
+        """InfoNCE of this rank's queries ``q`` against the keys of every rank and the queue, positive of
+        q_i its own key k_i."""
+        return infonce_pairs(q, k.to(q.dtype), queue=self.queue, temperature=self.temperature,
+                             gather_distributed=self.gather_distributed, backend=self.backend)
 
     @torch.no_grad()
     def enqueue(self, k: torch.Tensor) -> None:
@@ -92,7 +91,7 @@ class MoCo(SSLMethod):
         keys = [self.keys(x) for _, x in pairs]
         loss = torch.stack([self.contrast(q, k) for (q, _), k in zip(pairs, keys)]).mean()
         if self.training:
-            self.enqueue(keys[0])
+            self.enqueue(dist.gather(keys[0], check=False) if self.gather_distributed else keys[0])
         return loss
 
     def loss(self, views, *, index=None, epoch=None) -> torch.Tensor:

@@ -7,7 +7,7 @@ from torch import nn
 
 from .. import dist
 from ..checks import Backend, QueueSize, Temperature, Width
-from ..functional import infonce
+from ..functional import GatherMode, infonce, nt_xent
 from ..kernels import nearest_cosine
 from .base import SSLMethod
 from .heads import projection_mlp
@@ -26,15 +26,16 @@ class NNCLR(SSLMethod):
     i.e. the fused InfoNCE over the rows ``[z; nn]`` with ``pos_index`` ``[p(i), 2N + i]``, averaged
     over the 2N batch rows only (the neighbours are constants that also serve as negatives).  While
     the queue is empty (first step) the loss is SimCLR's.  After the loss the batch's view-0
-    projections are enqueued.  With ``gather_distributed=True`` every rank uses the global batch
-    and keeps the same queue.
+    projections are enqueued.  With ``gather_distributed=True`` (lightly's convention,
+    :mod:`sslcore.dist`) each rank's rows meet the rows and neighbours of every rank, gathered, and
+    every rank enqueues every rank's projections, so the support queues stay equal.
     """
 
     name = "nnclr"
     min_batch_size, min_batch_reason = 2, "its first step is SimCLR's, whose negatives are the other samples"
 
     def __init__(self, encoder: nn.Module, *, temperature: Temperature = 0.5, proj_hidden: Width = 256,
-                 proj_dim: Width = 64, queue_size: QueueSize = 1024, gather_distributed: bool = False,
+                 proj_dim: Width = 64, queue_size: QueueSize = 1024, gather_distributed: GatherMode = False,
                  backend: Backend = "auto"):
         if not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size <= 0:
             raise ValueError(f"queue_size must be a positive integer, got {queue_size!r}")
@@ -65,23 +66,25 @@ class NNCLR(SSLMethod):
 
     def loss(self, views, *, index=None, epoch=None) -> torch.Tensor:
         view0, view1 = views
-        n = view0.shape[0] * (dist.world_size() if self.gather_distributed else 1)
+        mode = self.gather_distributed and dist.world_size() > 1
+        n = view0.shape[0] * (dist.world_size() if mode else 1)
         if n > self.support.shape[0]:
             raise ValueError(f"queue_size ({self.support.shape[0]}) must be at least the batch size ({n})")
+        if self.gather_distributed == "ring":
+            raise ValueError("NNCLR's neighbours join the keys: use gather_distributed=True, not 'ring'")
         z0, z1 = self.projector(self.encoder(torch.cat([view0, view1]))).chunk(2)
-        if self.gather_distributed:
-            z0, z1 = dist.gather(z0), dist.gather(z1)
-        z = torch.cat([z0, z1])
         if int(self.support_len) == 0:
-            loss = infonce(z, temperature=self.temperature, backend=self.backend)
+            loss = nt_xent(z0, z1, temperature=self.temperature, gather_distributed=self.gather_distributed,
+                           backend=self.backend)
         else:
+            z = torch.cat([z0, z1])
             m = z.shape[0]
             rows = torch.arange(m, device=z.device)
-            pos = torch.cat([torch.stack([(rows + n) % m, rows + m], 1),  # batch rows: partner view, neighbour
-                             torch.stack([rows, torch.full_like(rows, -1)], 1)])  # neighbour rows: their sample
-            nn_rows = self.nearest(z)[1].to(z.dtype)
-            loss = infonce(torch.cat([z, nn_rows]), temperature=self.temperature, pos_index=pos,
-                           reduction="none", backend=self.backend)[:m].mean()
+            block = torch.cat([z, self.nearest(z)[1].to(z.dtype)])  # this rank's rows, then their neighbours
+            off = dist.rank() * 2 * m if mode else 0  # the rows' place among every rank's blocks
+            pos = off + torch.stack([(rows + m // 2) % m, rows + m], 1)  # the partner view, the neighbour
+            loss = infonce(z, dist.gather(block) if mode else block, self_offset=off, pos_index=pos,
+                           temperature=self.temperature, backend=self.backend)
         if self.training:
-            self.enqueue(z0.detach())
+            self.enqueue(dist.gather(z0.detach(), check=False) if mode else z0.detach())
         return loss

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..checks import Backend, Temperature, Width
+from ..functional import GatherMode
 from ..losses import NTXentLoss
 from .base import SSLMethod
 from .heads import projection_mlp
@@ -18,7 +19,7 @@ class SimCLR(SSLMethod):
     min_batch_size, min_batch_reason = 2, "NT-Xent's negatives are the other samples of the batch"
 
     def __init__(self, encoder: nn.Module, *, temperature: Temperature = 0.5, proj_hidden: Width = 256,
-                 proj_dim: Width = 64, gather_distributed: bool = False, backend: Backend = "auto"):
+                 proj_dim: Width = 64, gather_distributed: GatherMode = False, backend: Backend = "auto"):
         super().__init__(encoder)
         self.projector = projection_mlp(encoder.num_features, proj_hidden, proj_dim)
         self.criterion = NTXentLoss(temperature=temperature, gather_distributed=gather_distributed, backend=backend)

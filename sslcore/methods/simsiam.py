@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import dist
 from ..checks import Width
 from .base import SSLMethod
 from .heads import prediction_mlp, simsiam_projector
@@ -17,18 +16,16 @@ class SimSiam(SSLMethod):
         L = 1/2 D(p0, sg(t1)) + 1/2 D(p1, sg(t0)),    D(p, t) = -mean_i cos(p_i, t_i)
 
     with the target ``t = z`` of the other view (``sg`` = stop-gradient; :meth:`targets` is the hook
-    SimSiam-Multi overrides).  No negatives, so no temperature.  With ``gather_distributed=True``
-    the mean runs over every rank's samples (the global-batch loss, as the contrastive methods do).
+    SimSiam-Multi overrides).  No negatives, so no temperature, and nothing to gather under DDP:
+    each rank's loss is its own samples' mean, and DDP's gradient average is the global batch's.
     """
 
     name = "simsiam"
 
-    def __init__(self, encoder: nn.Module, *, proj_hidden: Width = 256, proj_dim: Width = 64, pred_hidden: Width = 32,
-                 gather_distributed: bool = False):
+    def __init__(self, encoder: nn.Module, *, proj_hidden: Width = 256, proj_dim: Width = 64, pred_hidden: Width = 32):
         super().__init__(encoder)
         self.projector = simsiam_projector(encoder.num_features, proj_hidden, proj_dim)
         self.predictor = prediction_mlp(proj_dim, pred_hidden)
-        self.gather_distributed = gather_distributed
 
     def targets(self, z0: torch.Tensor, z1: torch.Tensor, index, epoch) -> tuple[torch.Tensor, torch.Tensor]:
         """The (detached) targets of the two views: their projections."""
@@ -39,6 +36,4 @@ class SimSiam(SSLMethod):
         z = self.projector(self.encoder(torch.cat([view0, view1])))
         p0, p1 = self.predictor(z).chunk(2)
         t0, t1 = self.targets(*z.chunk(2), index, epoch)
-        if self.gather_distributed:
-            p0, p1, t0, t1 = (dist.gather(t) for t in (p0, p1, t0, t1))
         return -0.5 * (F.cosine_similarity(p0, t1, dim=1).mean() + F.cosine_similarity(p1, t0, dim=1).mean())

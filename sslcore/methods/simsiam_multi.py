@@ -22,7 +22,8 @@ class SimSiamMulti(SimSiam):
 
     before that epoch the targets are SimSiam's.  Unwritten rows are zero, and mixing in zero only
     rescales the target, which the cosine ignores: such a sample keeps SimSiam's target.  With
-    ``gather_distributed=True`` every rank writes every rank's samples, so the memories stay equal.
+    ``gather_distributed=True`` every rank writes every rank's samples, so the memories stay equal
+    (the loss itself is each rank's own samples' mean, as SimSiam's).
     """
 
     name = "simsiam-multi"
@@ -36,9 +37,8 @@ class SimSiamMulti(SimSiam):
             raise ValueError(f"mix_epoch must be an integer >= 1, got {mix_epoch!r}")
         if not isinstance(mix, (int, float)) or not 0.0 <= mix < 1.0:
             raise ValueError(f"mix must lie in [0, 1), got {mix!r}")
-        super().__init__(encoder, proj_hidden=proj_hidden, proj_dim=proj_dim, pred_hidden=pred_hidden,
-                         gather_distributed=gather_distributed)
-        self.mix_epoch, self.mix = mix_epoch, float(mix)
+        super().__init__(encoder, proj_hidden=proj_hidden, proj_dim=proj_dim, pred_hidden=pred_hidden)
+        self.mix_epoch, self.mix, self.gather_distributed = mix_epoch, float(mix), gather_distributed
         self.register_buffer("memory", torch.zeros(n_train, proj_dim))
 
     @classmethod
@@ -70,6 +70,6 @@ class SimSiamMulti(SimSiam):
         if self.training:
             z, idx = 0.5 * (z0.detach() + z1.detach()), index
             if self.gather_distributed:
-                z, idx = dist.gather(z), dist.gather(idx)
+                z, idx = dist.gather(z, check=False), dist.gather(idx, check=False)
             self.memory[idx] = z.to(self.memory.dtype)
         return t0, t1

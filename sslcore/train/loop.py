@@ -9,9 +9,10 @@ is raised.  A second Ctrl-C aborts at once, without a checkpoint.
 Distributed (``torchrun --nproc_per_node N -m sslcore pretrain ...``): DDP over gloo (CPU) or
 nccl (CUDA).  Every rank draws the same global data order and the same augmented global batch
 (one generator, as in one process) and trains on its contiguous ``1/N`` shard; methods that take
-``gather_distributed`` get it and their loss is scaled by ``N`` before ``backward`` (DDP averages
-gradients; see :mod:`sslcore.dist`); BatchNorm is synchronised.  The batch size is the global
-one.  Only rank 0 writes files, shows progress and runs the probes.
+``gather_distributed`` get it: each rank's loss is its own rows' mean against every rank's keys,
+and DDP's gradient average is the single-process gradient, with no scaling (lightly's convention,
+:mod:`sslcore.dist`); BatchNorm is synchronised.  The batch size is the global one; the logged
+epoch loss is the mean over ranks.  Only rank 0 writes files, shows progress and runs the probes.
 
 Before any work: every setting is checked (:class:`PretrainConfig`), the run directory is locked
 and refused if it holds another run (:mod:`.rundir`), and a checkpoint to resume is checked whole.
@@ -221,20 +222,19 @@ class _MethodLoss(nn.Module):
         return self.method.loss(views, index=index, epoch=epoch)
 
 
-def build_training_model(config: dict, data, device: torch.device) -> tuple[nn.Module, nn.Module, int]:
-    """``(model, step_loss, loss_scale)`` for a run's config: the method on ``device``; the module whose
+def build_training_model(config: dict, data, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """``(model, step_loss)`` for a run's config: the method on ``device``, and the module whose
     ``forward(views, index=, epoch=)`` is the training loss (DDP-wrapped, BatchNorm synchronised,
-    ``gather_distributed=True`` for methods that take it, when several processes run); and the
-    factor for that loss before ``backward`` (the world size for gathered methods, else 1)."""
+    ``gather_distributed=True`` for methods that take it, when several processes run)."""
     world = dist.world_size()
     gathers = world > 1 and "gather_distributed" in method_options(config["method"])
     model = build_model(config, data, **({"gather_distributed": True} if gathers else {})).to(device)
     if world == 1:
-        return model, _MethodLoss(model), 1
+        return model, _MethodLoss(model)
     model = dist.convert_sync_batchnorm(model, device.type)
     step_loss = nn.parallel.DistributedDataParallel(
         _MethodLoss(model), device_ids=[device.index] if device.type == "cuda" else None)
-    return model, step_loss, world if gathers else 1
+    return model, step_loss
 
 
 def _check_position(pos, steps_per_epoch: int, n_train: int, path: str) -> dict | None:
@@ -352,7 +352,7 @@ def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDire
 
     torch.manual_seed(cfg.seed)
     config = dataclasses.asdict(cfg)
-    model, step_loss, loss_scale = build_training_model(config, data, device)
+    model, step_loss = build_training_model(config, data, device)
     init_state = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentations
@@ -409,7 +409,7 @@ def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDire
                         raise _diverged(cfg, epoch, f"the weights hold NaN or Inf at step {i + 1}") from e
                     raise
                 optimizer.zero_grad(set_to_none=True)
-                (loss * loss_scale).backward()
+                loss.backward()
                 optimizer.step()
                 losses.append(loss.detach().float())
                 bar.update()
@@ -421,7 +421,7 @@ def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDire
                     bar.close()
                     raise TrainingInterrupted(str(ckpt_path), epoch, i + 1)
             mean_loss = torch.stack(losses).mean()
-            if world > 1:  # the mean of the ranks' losses (equal ranks' losses for gathered methods)
+            if world > 1:  # the mean of the ranks' losses: the global batch's mean loss
                 torch.distributed.all_reduce(mean_loss)
                 mean_loss /= world
             row = {"epoch": epoch, "loss": mean_loss.item(), "lr": lr, "time": round(time.perf_counter() - t0, 3)}
