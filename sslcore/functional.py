@@ -121,18 +121,20 @@ def infonce_pairs(query: torch.Tensor, key: torch.Tensor, *, temperature: float 
     return _reduce(loss, reduction)
 
 
-def dcl(out0: torch.Tensor, out1: torch.Tensor, *, temperature: float = 0.1, weight: torch.Tensor | None = None,
+def dcl(out0: torch.Tensor, out1: torch.Tensor, *, temperature: float = 0.1, weight_fn=None,
         gather_distributed: GatherMode = False, backend: str = "auto") -> torch.Tensor:
     """Decoupled contrastive loss (Yeh et al., 2021), as lightly computes it: for row i of out0,
-    ``-w_i s(z0_i, z1_i) + LSE_{j != i} s(z0_i, z0_j) + LSE_{j != i} s(z0_i, z1_j)`` -- the positive out of
-    the denominator, the two views' negatives in two log-sum-exps -- and the same for out1; the mean
-    of the two views' means.  ``weight`` [N]: DCLW's weights (:func:`mises_fisher_weights`)."""
+    ``-w_i s(z0_i, z1_i) + log sum_{j != i} [exp s(z0_i, z0_j) + exp s(z0_i, z1_j)]`` -- the positive out of
+    the denominator -- and the same for out1; the mean of the two views' means.  ``weight_fn(a, b) -> [N]``
+    gives ``w`` from the unit rows, ``(z0, z1)`` for out0's side and ``(z1, z0)`` for out1's (lightly's
+    order); DCLW's is :func:`mises_fisher_weights`."""
     _two_views(out0, out1)
-    _check_args(out0, out1, temperature, None, None, weight, False, "mean")
+    _check_args(out0, out1, temperature, None, None, None, False, "mean")
+    if weight_fn is not None and not callable(weight_fn):
+        raise TypeError(f"weight_fn must be callable (a, b) -> [N] weights, got {type(weight_fn).__name__}")
     n0, n1 = unit_rows(out0), unit_rows(out1)
     mode, scale = _mode(gather_distributed), 1.0 / temperature
     wide = torch.promote_types(out0.dtype, torch.float32)
-    w = 1.0 if weight is None else weight.to(wide)
 
     def lse(a, b):  # a's rows against b's rows of every rank, row i's own index left out
         if mode == "ring":
@@ -142,8 +144,13 @@ def dcl(out0: torch.Tensor, out1: torch.Tensor, *, temperature: float = 0.1, wei
                               backend=backend)
 
     def side(a, b):
-        positive = (a * b).sum(1).to(wide) * scale * w
-        return (lse(a, a).to(wide) + lse(a, b).to(wide) - positive).mean()
+        positive = (a * b).sum(1).to(wide) * scale
+        if weight_fn is not None:
+            w = torch.as_tensor(weight_fn(a, b), device=a.device)
+            if w.shape != (len(a),):
+                raise ValueError(f"weight_fn must return one weight per row, shape ({len(a)},), got {tuple(w.shape)}")
+            positive = positive * w.to(wide)
+        return (torch.logaddexp(lse(a, a).to(wide), lse(a, b).to(wide)) - positive).mean()
     return 0.5 * (side(n0, n1) + side(n1, n0))
 
 

@@ -53,7 +53,7 @@ class _MemoryBank(nn.Module):
         if self.bank.shape[1] != like.shape[1]:
             raise ValueError(f"the embeddings have dimension {like.shape[1]} but the memory bank's is "
                              f"{self.bank.shape[1]}")
-        return self.bank.detach().to(like.dtype)
+        return self.bank.detach().to(like.dtype, copy=True)  # a copy: the enqueue after the loss writes the bank
 
     @torch.no_grad()
     def enqueue(self, batch: torch.Tensor) -> None:
@@ -156,7 +156,8 @@ class InfoNCELoss(nn.Module):
 
 class DCLLoss(nn.Module):
     """Decoupled contrastive learning (lightly's ``DCLLoss``): NT-Xent with the positive out of the
-    denominator (:func:`sslcore.functional.dcl`); ``weight_fn(out0, out1) -> [N]`` weighs the positive term."""
+    denominator (:func:`sslcore.functional.dcl`); ``weight_fn(a, b) -> [N]``, called on the unit rows of each
+    side as lightly's, weighs the positive term."""
 
     def __init__(self, temperature: Temperature = 0.1, weight_fn=None, gather_distributed: bool | str = False,
                  backend: Backend = "auto"):
@@ -169,8 +170,7 @@ class DCLLoss(nn.Module):
         self.backend = check_value("backend", backend, Backend)
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
-        weight = self.weight_fn(out0, out1) if self.weight_fn is not None else None
-        return dcl(out0, out1, temperature=self.temperature, weight=weight,
+        return dcl(out0, out1, temperature=self.temperature, weight_fn=self.weight_fn,
                    gather_distributed=self.gather_distributed, backend=self.backend)
 
 

@@ -1,0 +1,102 @@
+"""The loss modules against lightly's (the peer they stand in for): the same loss and gradients to
+fp32 rounding, the memory bank's contents step by step; and the banks load into fresh modules."""
+import pytest
+import torch
+
+import sslcore
+from sslcore import DCLLoss, DCLWLoss, InfoNCELoss, NegativeCosineSimilarity, NTXentLoss
+
+lightly_loss = pytest.importorskip("lightly.loss")
+BACKENDS = ["torch", "triton"]
+
+
+def _pair(n=19, d=24, dtype=torch.float32):
+    return (torch.randn(n, d, dtype=dtype), torch.randn(n, d, dtype=dtype))
+
+
+def _both(ours, theirs, a, b, rtol, atol):
+    """Loss and gradients of ``ours`` and ``theirs`` on the same inputs."""
+    outs = []
+    for fn in (ours, theirs):
+        x0, x1 = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        loss = fn(x0, x1)
+        outs.append((loss.detach(), *torch.autograd.grad(loss, (x0, x1))))
+    for name, mine, peer in zip(("loss", "grad out0", "grad out1"), *outs):
+        torch.testing.assert_close(mine.to(peer.dtype), peer, rtol=rtol, atol=atol, msg=lambda e: f"{name}: {e}")
+
+
+TOL = {torch.float32: dict(rtol=2e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_ntxent_is_lightlys(seed, backend, dtype, temperature):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels take fp32/fp16/bf16 (fp64 runs on torch)")
+    _both(NTXentLoss(temperature, backend=backend), lightly_loss.NTXentLoss(temperature), *_pair(dtype=dtype),
+          **TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ntxent_memory_bank_is_lightlys_step_by_step(seed, backend):
+    """lightly's MoCo-style NT-Xent: out0's rows against [their positive; the bank], the bank a ring of
+    past out1 rows.  From the same bank, three steps (the third wraps around): loss, grads, bank."""
+    n, d, rows = 6, 16, 16
+    ours, theirs = NTXentLoss(0.2, memory_bank_size=(rows, d), backend=backend), \
+        lightly_loss.NTXentLoss(0.2, memory_bank_size=(rows, d))
+    ours.memory.bank.copy_(theirs.memory_bank.bank)
+    for step in range(3):
+        _both(ours, theirs, *_pair(n, d), rtol=2e-5, atol=1e-6)
+        # each _both call enqueues once per module
+        torch.testing.assert_close(ours.memory.bank, theirs.memory_bank.bank, msg=lambda e: f"bank, step {step}: {e}")
+        assert int(ours.memory.bank_ptr) == int(theirs.memory_bank.bank_ptr)
+
+
+@pytest.mark.filterwarnings("ignore:To copy construct from a tensor:UserWarning")  # inside lightly's DCLW weights
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_dcl_and_dclw_are_lightlys(seed, backend, weighted):
+    ours = DCLWLoss(0.1, sigma=0.5, backend=backend) if weighted else DCLLoss(0.1, backend=backend)
+    theirs = lightly_loss.DCLWLoss(0.1, sigma=0.5) if weighted else lightly_loss.DCLLoss(0.1)
+    _both(ours, theirs, *_pair(), rtol=2e-5, atol=1e-6)
+    custom = lambda a, b: (a * b).sum(1).detach()  # noqa: E731 - any weight function, as lightly's DCLLoss takes
+    _both(DCLLoss(0.3, weight_fn=custom, backend=backend), lightly_loss.DCLLoss(0.3, weight_fn=custom), *_pair(),
+          rtol=2e-5, atol=1e-6)
+
+
+def test_negative_cosine_similarity_is_lightlys(seed):
+    _both(NegativeCosineSimilarity(), lightly_loss.NegativeCosineSimilarity(), *_pair(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("make", [lambda: NTXentLoss(0.2, memory_bank_size=12),
+                                  lambda: InfoNCELoss(0.2, memory_bank_size=12)])
+def test_a_used_memory_bank_loads_into_a_fresh_module(seed, make):
+    """The bank is a persistent buffer: a checkpoint of a used loss loads (strictly) into a new one, even
+    when its width was only learnt from the first batch."""
+    used = make()
+    for _ in range(2):
+        a, b = _pair(5, 10)
+        used(a.requires_grad_(True), b)
+    fresh = make()
+    fresh.load_state_dict(used.state_dict())
+    assert torch.equal(fresh.memory.bank, used.memory.bank) and int(fresh.memory.bank_ptr) == 10
+    a, b = _pair(5, 10)
+    torch.testing.assert_close(fresh(a, b), used(a, b))
+
+
+def test_lightly_names_are_exported():
+    assert {"NTXentLoss", "DCLLoss", "DCLWLoss", "NegativeCosineSimilarity", "InfoNCELoss"} <= set(sslcore.__all__)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: NTXentLoss(memory_bank_size=(4,)), ValueError, "memory_bank_size"),
+    (lambda: NTXentLoss(memory_bank_size=-1), ValueError, "memory_bank_size"),
+    (lambda: NTXentLoss(gather_distributed="all"), ValueError, "gather_distributed"),
+    (lambda: DCLWLoss(sigma=0), ValueError, "sigma"),
+    (lambda: DCLLoss(weight_fn=3), TypeError, "weight_fn"),
+    (lambda: NTXentLoss(memory_bank_size=8)(*_pair(4, 6), weight=torch.ones(4)), ValueError, "memory bank"),
+])
+def test_bad_arguments(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
