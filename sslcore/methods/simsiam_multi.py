@@ -13,10 +13,10 @@ from .simsiam import SimSiam
 class SimSiamMulti(SimSiam):
     """Multi-stage aggregation (like jumping knowledge in GNNs) on top of :class:`SimSiam`.
 
-    A per-sample memory ``M`` (a buffer of ``n_train`` rows) holds each training sample's projection
-    from the last time it was seen, i.e. the previous epoch: after every step
-    ``M[n] <- (z0_n + z1_n) / 2`` (**[our reading]**: the mean of the sample's two view projections).
-    From epoch ``mix_epoch`` on (METHODS.md: 51) the stop-gradient target of each view becomes
+    A per-sample memory ``M`` (a buffer of ``n_train`` rows) holds each training sample's second-view
+    projection from the last time it was seen, i.e. the previous epoch: after every step ``M[n] <- z1_n``
+    (as the authors' code stores view 2's).  From epoch ``mix_epoch`` on (52, counted from 1: the authors
+    mix once their 0-based epoch exceeds 50; docs/methods.md) the stop-gradient target of each view becomes
 
         t_v = (1 - mix) z_v + mix M[n]       (mix = 0.5)
 
@@ -28,7 +28,7 @@ class SimSiamMulti(SimSiam):
 
     name = "simsiam-multi"
 
-    def __init__(self, encoder: nn.Module, n_train: int, *, mix_epoch: PositiveInt = 51, mix: UnitInterval = 0.5,
+    def __init__(self, encoder: nn.Module, n_train: int, *, mix_epoch: PositiveInt = 52, mix: UnitInterval = 0.5,
                  proj_hidden: Width = 256, proj_dim: Width = 64, pred_hidden: Width = 32,
                  gather_distributed: bool = False):
         if not isinstance(n_train, int) or n_train <= 0:
@@ -68,7 +68,7 @@ class SimSiamMulti(SimSiam):
             past = self.memory[index].to(t0.dtype)
             t0, t1 = ((1 - self.mix) * t + self.mix * past for t in (t0, t1))
         if self.training:
-            z, idx = 0.5 * (z0.detach() + z1.detach()), index
+            z, idx = z1.detach(), index
             if self.gather_distributed:
                 z, idx = dist.gather(z, check=False), dist.gather(idx, check=False)
             self.memory[idx] = z.to(self.memory.dtype)
