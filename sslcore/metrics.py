@@ -101,7 +101,7 @@ __all__ = ["LayerStats", "effective_rank", "mean_pairwise_cosine"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizer-class alignment (ClusterMIM, METHODS.md §4).
+# Tokenizer-class alignment (ClusterMIM; docs/methods.md).
 
 
 def _token_class_pairs(tokens, labels):
@@ -136,18 +136,19 @@ def token_class_counts(tokens, labels, n_tokens: int, n_classes: int) -> torch.T
 def tcas(tokens, labels, n_tokens: int, n_classes: int) -> float:
     """Token-class alignment score of a discrete tokenizer (training-free; lower is better).
 
-    **Our reading** of the ClusterMIM paper's TCAS (METHODS.md §4; not the authors' code).  From
-    the C x K count matrix ``N[c, k]`` (patches of image class c given token k) and
-    ``p(c, k) = N / sum N``::
+    **Our reading** of the ClusterMIM paper's TCAS (docs/methods.md, "ClusterMIM and TCAS"; not the
+    authors' code).  From the C x K count matrix ``N[c, k]`` (patches of image class c given token k)
+    and ``p(c, k) = N / sum N``::
 
         TCAS = 1 - (1/C) sum_c sum_k p(c, k)^2 / (p(c) p(k))
 
     zero-probability terms skipped.  ``sum_k p(k|c) p(c|k)`` is the chance that another patch
     sharing a class-c patch's token is also of class c, so TCAS is the chance that it comes from
-    a different class, averaged over classes: 0 when every token is class-pure, 1 - 1/C when
-    tokens are independent of class (a class-blind tokenizer), whatever the class balance.
-    The average runs over the classes that occur in ``labels`` (C = their number; equal to
-    ``n_classes`` when all occur), so an absent class neither helps nor hurts.
+    a different class, averaged over the C classes that occur in ``labels``: 0 when every token is
+    class-pure, ``1 - 1/C`` for a class-blind tokenizer in the limit of many patches per token.  On
+    N patches the plug-in value is biased low by about ``(1 - 1/C) K / N`` (fragmentation pays: one
+    token per image scores 0), so read it beside :func:`tcas_class_blind` at the same K and N and
+    compare tokenizers only at equal K.
 
     ``tokens``: int [B, P] (patch tokens per image, with ``labels`` [B] per image) or flat [N]
     with ``labels`` [N].
@@ -162,6 +163,22 @@ def tcas(tokens, labels, n_tokens: int, n_classes: int) -> float:
     return float(1 - same / c_present)
 
 
+def tcas_class_blind(tokens, labels, n_tokens: int, n_classes: int) -> float:
+    """The expected TCAS of a class-blind tokenizer with the same token and class counts: the tokens
+    dealt to the patches at random (every count matrix with these margins, hypergeometric).  TCAS is
+    linear in ``N[c, k]^2`` once the margins are fixed, so the expectation is exact::
+
+        E[TCAS] = (1 - 1/C) (1 - (K' - 1) / (N - 1))
+
+    with K' the tokens that occur, C the classes, N the patches.  ``tcas_class_blind - tcas`` is the
+    alignment a tokenizer has beyond chance at its K and N."""
+    n = token_class_counts(tokens, labels, n_tokens, n_classes)
+    total, k_used, c_present = int(n.sum()), int((n.sum(0) > 0).sum()), int((n.sum(1) > 0).sum())
+    if total < 2:
+        raise ValueError("tcas_class_blind needs at least 2 patches")
+    return (1 - 1 / c_present) * (1 - (k_used - 1) / (total - 1))
+
+
 def token_class_nmi(tokens, labels) -> float:
     """Normalized mutual information between patch token and image class (arithmetic mean
     normalisation, ``sklearn.metrics.normalized_mutual_info_score``); higher = more aligned.
@@ -172,4 +189,4 @@ def token_class_nmi(tokens, labels) -> float:
     return float(normalized_mutual_info_score(labels.numpy(), tokens.numpy()))
 
 
-__all__ += ["tcas", "token_class_counts", "token_class_nmi"]
+__all__ += ["tcas", "tcas_class_blind", "token_class_counts", "token_class_nmi"]

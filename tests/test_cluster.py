@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sslcore.cluster import KMeans
-from sslcore.metrics import tcas, token_class_counts, token_class_nmi
+from sslcore.metrics import tcas, tcas_class_blind, token_class_counts, token_class_nmi
 
 
 def blobs(n_per=60, k=4, d=8, spread=0.3, sep=6.0, seed=0):
@@ -234,6 +234,32 @@ def test_tcas_class_blind_is_one_minus_one_over_c():
     lab = torch.arange(4).repeat_interleave(pc * 16)                       # class c: 16 * pc patches
     tok = torch.cat([torch.arange(5).repeat_interleave(pk).repeat(int(pc[c])) for c in range(4)])
     assert tcas(tok, lab, 5, 4) == pytest.approx(0.75, abs=1e-12)
+
+
+@pytest.mark.parametrize("k", [16, 50, 200, 1000])
+def test_tcas_class_blind_is_the_mean_over_random_deals(k):
+    """The closed form against its definition: the mean TCAS of the tokens dealt at random to the patches
+    (a permutation keeps both margins), at the reviewers' digits shape (360 images x 16 patches, C = 10),
+    where random tokens scored 0.898 (K = 16) down to 0.745 (K = 1000)."""
+    g = torch.Generator().manual_seed(k)
+    labels = torch.randint(10, (360,), generator=g)
+    tokens = torch.randint(k, (360, 16), generator=g)
+    flat = labels[:, None].expand(360, 16).reshape(-1)
+    draws = torch.tensor([tcas(tokens.reshape(-1)[torch.randperm(flat.numel(), generator=g)], flat, k, 10)
+                          for _ in range(200)], dtype=torch.float64)
+    expected = tcas_class_blind(tokens, labels, k, 10)
+    assert abs(expected - draws.mean().item()) < 4 * draws.std().item() / 200 ** 0.5
+    assert expected == pytest.approx({16: 0.898, 50: 0.892, 200: 0.869, 1000: 0.745}[k], abs=0.002)
+    assert tcas(tokens, labels, k, 10) == pytest.approx(expected, abs=4 * draws.std().item())  # random tokens: chance
+
+
+def test_tcas_rewards_fragmentation_the_class_blind_baseline_does_not_hide_it():
+    """One token per image carries no class information but every token is class-pure: TCAS 0, and its
+    class-blind baseline is far above (so the reading needs K and N beside it)."""
+    labels = torch.arange(360) % 10
+    tokens = torch.arange(360)[:, None].expand(360, 16)
+    assert tcas(tokens, labels, 360, 10) == pytest.approx(0.0, abs=1e-12)
+    assert tcas_class_blind(tokens, labels, 360, 10) == pytest.approx(0.9 * (1 - 359 / 5759))
 
 
 def test_tcas_between_and_flat_matches_batched():

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..data import data_spec_arg, load_dataset
-from ..metrics import tcas, token_class_nmi
+from ..metrics import tcas, tcas_class_blind, token_class_nmi
 from ..methods.clustermim import TOKENIZER_HELP, build_tokenizer  # noqa: F401 - TOKENIZER_HELP for the CLI
 from ..methods.mae import MaskedImageModel
 from ..train import PretrainConfig, pretrain
@@ -29,10 +29,13 @@ def _patch_size(data, patch_size: int | None) -> int:
 
 
 def score_tokenizer(tok, data, *, batch_size: int = 512) -> dict:
-    """TCAS and NMI(token, class) of ``tok`` on ``data``'s held-out images."""
+    """TCAS, the class-blind tokenizer's TCAS at the same K and N, and NMI(token, class) of ``tok`` on
+    ``data``'s held-out images."""
     tokens = torch.cat([tok.encode(x) for x in data.x_test.split(batch_size)]).cpu()
     n_classes = int(data.y_train.max()) + 1
-    return {"tcas": tcas(tokens, data.y_test, tok.n_clusters, n_classes), "nmi": token_class_nmi(tokens, data.y_test)}
+    return {"tcas": tcas(tokens, data.y_test, tok.n_clusters, n_classes),
+            "tcas_blind": tcas_class_blind(tokens, data.y_test, tok.n_clusters, n_classes),
+            "nmi": token_class_nmi(tokens, data.y_test)}
 
 
 def tcas_table(specs: list[str], data_spec: str, n_clusters: list[int | None], *, patch_size: int | None = None,
@@ -48,7 +51,8 @@ def tcas_table(specs: list[str], data_spec: str, n_clusters: list[int | None], *
     return rows
 
 
-COLUMNS = (("K", "K", "{}"), ("tcas", "TCAS (lower=better)", "{:.3f}"), ("nmi", "NMI", "{:.3f}"),
+COLUMNS = (("K", "K", "{}"), ("tcas", "TCAS (lower=better)", "{:.3f}"), ("tcas_blind", "class-blind TCAS", "{:.3f}"),
+           ("nmi", "NMI", "{:.3f}"),
            ("clustermim_linear", "ClusterMIM probe", "{:.2%}"), ("clustermim_knn", "ClusterMIM k-NN", "{:.2%}"),
            ("mae_linear", "MAE probe", "{:.2%}"))
 
