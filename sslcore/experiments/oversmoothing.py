@@ -34,6 +34,7 @@ from ..layers import ContraNorm
 from ..metrics import LayerStats
 from ..models.gcn import GCN
 from ..train.loop import lr_at
+from .report import markdown_table, mean_std
 
 FULL = dict(vit_depths=(6, 12, 24), vit_epochs=8, vit_seeds=3, gcn_depths=(2, 4, 8, 16, 32, 64), gcn_epochs=200,
             gcn_seeds=3)
@@ -154,10 +155,23 @@ def _mean_std(accuracies: list[float]) -> str:
     return f"{100 * mean:5.1f}+-{100 * std:3.1f}%"
 
 
+def _verdict(by: dict, depth: int, norms: tuple[str, ...]) -> tuple[float, list[float], str]:
+    """ContraNorm's accuracy change (points) against the best other norm of the same seed at ``depth``:
+    the seed mean, each seed's, and the verdict -- "helps" / "hurts" when the mean change passes
+    +-NOISE_PTS and every seed agrees in sign, else "unclear"."""
+    others = zip(*(by[depth, n]["accuracies"] for n in norms if n != "contranorm"))
+    deltas = [100 * (c - max(o)) for c, o in zip(by[depth, "contranorm"]["accuracies"], others)]
+    delta = _mean(deltas)
+    if delta >= NOISE_PTS and min(deltas) > 0:
+        return delta, deltas, "helps"
+    if delta <= -NOISE_PTS and max(deltas) < 0:
+        return delta, deltas, "hurts"
+    return delta, deltas, "unclear"
+
+
 def _table(runs: list[dict], norms: tuple[str, ...], labels: dict[str, str]) -> str:
     """One line per depth: seed-mean accuracy, last layer's effective rank and cosine per norm, and
-    ContraNorm's accuracy change against the best other norm of the same seed.  Verdict: "helps" /
-    "hurts" when the mean change passes +-NOISE_PTS and every seed agrees in sign, else "unclear"."""
+    ContraNorm's accuracy change against the best other norm of the same seed (:func:`_verdict`)."""
     by = aggregate(runs)
     head = "depth | " + " | ".join(f"{labels[n]}: acc (mean+-std)  erank  cos" for n in norms) + \
         " | ContraNorm vs best other"
@@ -168,18 +182,42 @@ def _table(runs: list[dict], norms: tuple[str, ...], labels: dict[str, str]) -> 
             r, last = by[depth, n], by[depth, n]["layers"][-1]
             cells.append(f"{' ' * (len(labels[n]) - 4)}{_mean_std(r['accuracies'])} {last['effective_rank']:6.2f} "
                          f"{last['mean_cosine']:5.2f}")
-        others = zip(*(by[depth, n]["accuracies"] for n in norms if n != "contranorm"))
-        deltas = [100 * (c - max(o)) for c, o in zip(by[depth, "contranorm"]["accuracies"], others)]
-        delta = _mean(deltas)
-        if delta >= NOISE_PTS and min(deltas) > 0:
-            verdict = "helps"
-        elif delta <= -NOISE_PTS and max(deltas) < 0:
-            verdict = "hurts"
-        else:
-            verdict = "unclear"
+        delta, deltas, verdict = _verdict(by, depth, norms)
         seeds = f"better in {sum(d > 0 for d in deltas)}/{len(deltas)} seeds, " if len(deltas) > 1 else ""
         lines.append(f"{depth:>5} | " + " | ".join(cells) + f" | {delta:+5.1f} pts ({seeds}{verdict})")
     return "\n".join(lines)
+
+
+def _markdown_table(runs: list[dict], norms: tuple[str, ...], labels: dict[str, str]) -> str:
+    by = aggregate(runs)
+    rows = []
+    for depth in sorted({d for d, _ in by}):
+        delta, deltas, verdict = _verdict(by, depth, norms)
+        rows.append([str(depth), *(f"{mean_std(by[depth, n]['accuracies'], scale=100)} · "
+                                   f"{by[depth, n]['layers'][-1]['mean_cosine']:.2f}" for n in norms),
+                     f"{delta:+.1f} (better in {sum(d > 0 for d in deltas)}/{len(deltas)} seeds)", verdict])
+    return markdown_table(["depth", *(labels[n] for n in norms), "ContraNorm − best other, pts", "verdict"], rows,
+                          "r" * (len(norms) + 2) + "l")
+
+
+def markdown(results: dict) -> str:
+    """The README block: the command, the budgets, and per depth the test accuracy (mean ± std over seeds,
+    %) and the last layer's mean pairwise cosine (→ 1 is collapse) of each norm, with the verdict."""
+    cfg = results["config"]
+    g = cfg["graph"]
+    vit = _markdown_table(results["vit"], ("layernorm", "contranorm"),
+                          {"layernorm": "LayerNorm", "contranorm": f"ContraNorm (s = {cfg['vit_scale']:g})"})
+    gcn = _markdown_table(results["gcn"], ("none", "layernorm", "contranorm"),
+                          {"none": "plain", "layernorm": "LayerNorm", "contranorm": f"ContraNorm (s = {cfg['gcn_scale']:g})"})
+    return (f"`sslcore oversmoothing --seed {cfg['seed']}` ({cfg['vit_seeds']} / {cfg['gcn_seeds']} model seeds). "
+            f"Cells: test accuracy, mean ± std over seeds (%) · the last layer's mean pairwise cosine (→ 1: "
+            f"collapse). Verdict \"helps\"/\"hurts\" only when the mean change passes {NOISE_PTS:g} points and every "
+            f"seed agrees.\n\n"
+            f"ViTs on digits (2×2 patches, width {cfg['vit']['embed_dim']}, {cfg['vit_epochs']} epochs supervised), "
+            f"ContraNorm `LN(H − sPH)` in every norm slot:\n\n{vit}\n\n"
+            f"GCNs on a stochastic block model ({g['num_blocks']} blocks × {g['block_size']} nodes, p_in {g['p_in']}, "
+            f"p_out {g['p_out']}; {cfg['gcn_epochs']} epochs), ContraNorm `LN((1+s)H − sPH)` as the authors' GNN:\n\n"
+            f"{gcn}\n\nPlot: [docs/results/oversmoothing.png](docs/results/oversmoothing.png).")
 
 
 def format_tables(results: dict) -> str:

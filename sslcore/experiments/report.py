@@ -1,0 +1,114 @@
+"""``sslcore report``: the README's study tables and the plots, rendered from the committed results files.
+
+Each study writes one JSON file (``docs/results/<study>.json``: every seed's numbers, the budget and
+the command that made it).  Its module renders it: ``markdown(results)`` gives the README block (a
+caption with the command, budget and temperature; tables of mean +- std over seeds; verdicts
+computed from the seeds), ``plot(results, path)`` the PNG.  In the README each block stands between
+``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``; this command rewrites those blocks and the
+PNGs beside the JSON files, and ``--check`` only says whether the README still matches them (a
+test runs it, so the README's numbers cannot drift from the files).
+
+    sslcore report [--check] [--readme README.md] [--results docs/results]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import re
+from pathlib import Path
+
+# study name -> (module, its markdown renderer, its plot writer)
+STUDIES = {
+    "benchmark": ("sslcore.experiments.benchmark", "benchmark_markdown", "benchmark_plot"),
+    "transfer": ("sslcore.experiments.benchmark", "transfer_markdown", "transfer_plot"),
+    "oversmoothing": ("sslcore.experiments.oversmoothing", "markdown", "plot"),
+    "mim-study": ("sslcore.experiments.clustermim", "study_markdown", "study_plot"),
+    "tcas-sweep": ("sslcore.experiments.clustermim", "sweep_markdown", "sweep_plot"),
+    "ar-vs-mlm": ("sslcore.experiments.ar_vs_mlm", "markdown", "plot"),
+}
+
+
+def mean_std(values, *, scale: float = 1.0, digits: int = 1) -> str:
+    """``"m ± s"`` over seeds (sample std), ``"m"`` for one value; ``scale=100`` for percentages."""
+    values = [scale * v for v in values]
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{m:.{digits}f}"
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def markdown_table(head: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    """A markdown table; ``align``: one of ``l``/``r`` per column (default: first left, others right)."""
+    align = align or "l" + "r" * (len(head) - 1)
+    sep = ["---" if a == "l" else "---:" for a in align]
+    return "\n".join("| " + " | ".join(r) + " |" for r in [head, sep, *rows])
+
+
+def _renderer(name: str):
+    module, markdown, plot = STUDIES[name]
+    module = importlib.import_module(module)
+    return getattr(module, markdown), getattr(module, plot)
+
+
+def render(name: str, results: dict) -> str:
+    """The README block of study ``name``."""
+    return _renderer(name)[0](results).strip()
+
+
+BLOCK = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- /results:(?P=name) -->)", re.S)
+
+
+def update(readme: str, results_dir: Path) -> tuple[str, list[str]]:
+    """``readme`` with every results block re-rendered from ``results_dir``; also the names that changed.
+    A block whose study has no results file, or a study name not known, is an error."""
+    changed = []
+
+    def one(m: re.Match) -> str:
+        name = m["name"]
+        if name not in STUDIES:
+            raise ValueError(f"README block results:{name}: no such study (known: {', '.join(STUDIES)})")
+        path = results_dir / f"{name}.json"
+        if not path.is_file():
+            raise ValueError(f"README block results:{name}: {path} does not exist")
+        body = render(name, json.loads(path.read_text()))
+        if body != m["body"]:
+            changed.append(name)
+        return m.group(1) + body + m.group(4)
+
+    return BLOCK.sub(one, readme), changed
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--readme", default="README.md", help="the file whose results blocks are rewritten (default: %(default)s)")
+    p.add_argument("--results", default="docs/results", help="folder of the <study>.json files (default: %(default)s)")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 if a README block differs from what its results file renders")
+    p.add_argument("--no-plots", action="store_true", help="rewrite the README only, not the PNGs")
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    readme, results_dir = Path(args.readme), Path(args.results)
+    if not readme.is_file():
+        raise ValueError(f"--readme {readme}: no such file")
+    if not results_dir.is_dir():
+        raise ValueError(f"--results {results_dir}: no such folder")
+    text, changed = update(readme.read_text(), results_dir)
+    if args.check:
+        if changed:
+            print(f"{readme}: out of date with {results_dir} in: {', '.join(changed)} (run `sslcore report`)")
+            return 1
+        print(f"{readme}: every results block matches {results_dir}")
+        return 0
+    if changed:
+        readme.write_text(text)
+    print(f"{readme}: {'rewrote ' + ', '.join(changed) if changed else 'already up to date'}")
+    if not args.no_plots:
+        for name in STUDIES:
+            path = results_dir / f"{name}.json"
+            if path.is_file():
+                _renderer(name)[1](json.loads(path.read_text()), path.with_suffix(".png"))
+                print(f"wrote {path.with_suffix('.png')}")
+    return 0
