@@ -95,8 +95,9 @@ def test_recipes_do_what_they_say():
     blur0, blur1 = (pipe.ops[3] for pipe in byol.pipelines)
     sol0, sol1 = (pipe.ops[4] for pipe in byol.pipelines)
     assert (blur0.p, blur1.p, sol0.p, sol1.p) == (1.0, 0.1, 0.0, 0.2)
-    assert not any(isinstance(op, GaussianBlur) for op in build_recipe("simclr", image_size=32).pipelines[0].ops)
-    assert any(isinstance(op, GaussianBlur) for op in build_recipe("simclr", image_size=96).pipelines[0].ops)
+    cifar, imagenet = (build_recipe("simclr", image_size=side).pipelines[0].ops for side in (32, 96))
+    assert not any(isinstance(op, GaussianBlur) for op in cifar) and any(isinstance(op, GaussianBlur) for op in imagenet)
+    assert (cifar[1].brightness, cifar[1].hue, imagenet[1].brightness, imagenet[1].hue) == (0.4, 0.1, 0.8, 0.2)
     ramp = torch.linspace(0, 1, 16).expand(2, 3, 16, 16).contiguous()  # a mirror shows
     views = build_recipe("mae", image_size=16, flips=False).views(ramp, torch.Generator().manual_seed(0), 8)
     assert all((v[..., 1:] >= v[..., :-1] - 1e-6).all() for v in views)  # never mirrored: still increasing
@@ -111,3 +112,15 @@ def test_multi_crop_gives_global_then_local_views():
     views = crops.views(_images(4, 24), torch.Generator().manual_seed(0))
     assert [tuple(v.shape) for v in views] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 3
 
+
+def test_datasets_choose_their_recipe_and_normalisation():
+    digits, shapes = load_dataset("digits"), load_dataset(SHAPES)
+    assert (digits.recipe, digits.flips, digits.mean) == ("digits", False, None)
+    assert (shapes.recipe, shapes.flips, shapes.mean) == ("light", True, None)
+    from sslcore.data import resolve_recipe
+    assert resolve_recipe("auto", None, digits) == "digits" and resolve_recipe("auto", "mae", digits) == "mae"
+    assert resolve_recipe("byol", "mae", shapes) == "byol"
+    tokens = load_dataset("pystdlib:16:4")
+    assert resolve_recipe("auto", None, tokens) == "none"
+    with pytest.raises(ValueError, match="token data, which takes no image augmentation"):
+        resolve_recipe("simclr", None, tokens)

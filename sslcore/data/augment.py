@@ -292,9 +292,9 @@ def build_recipe(name: str, *, image_size: int, flips: bool = True, own: Augment
     where a mirror image is another class (digits); ``own``: the data's own augmentation (``digits``);
     ``mean``/``std``: the data's normalisation, applied to every view.
 
-    * ``simclr`` (Chen et al. 2020): crop of area 8-100 %, flip, colour jitter 0.8/0.8/0.8/0.2 (p 0.8),
-      grey (p 0.2), Gaussian blur (p 0.5, kernel 10 % of the side; left out at 32 px and below, as
-      SimCLR did on CIFAR-10).
+    * ``simclr`` (Chen et al. 2020): crop of area 8-100 %, flip, colour jitter of strength s, i.e.
+      0.8s/0.8s/0.8s/0.2s (p 0.8), grey (p 0.2), Gaussian blur (p 0.5, kernel 10 % of the side); s = 1,
+      and at 32 px and below s = 0.5 without blur, as the authors' CIFAR-10 recipe.
     * ``byol`` (Grill et al. 2020): crop 8-100 %, flip, jitter 0.4/0.4/0.2/0.1 (p 0.8), grey (p 0.2),
       blur p 1.0 / 0.1 and solarize p 0.0 / 0.2 in view 1 / view 2.
     * ``mae`` (He et al. 2022): crop of area 20-100 % and flip only.
@@ -304,7 +304,9 @@ def build_recipe(name: str, *, image_size: int, flips: bool = True, own: Augment
     """
     flip_p = 0.5 if flips else 0.0
     if name == "simclr":
-        ops = [RandomResizedCrop((0.08, 1.0), flip_p=flip_p), ColorJitter(0.8, 0.8, 0.8, 0.2, p=0.8), Grayscale(0.2)]
+        s = 1.0 if image_size > 32 else 0.5
+        ops = [RandomResizedCrop((0.08, 1.0), flip_p=flip_p), ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, p=0.8),
+               Grayscale(0.2)]
         if image_size > 32:
             ops.append(GaussianBlur(0.5))
         pipelines = [Compose(*ops)]
