@@ -1,6 +1,6 @@
-"""``sslcore`` command line: ``pretrain`` (train + probe), ``eval`` (probe a checkpoint), the studies
-(``benchmark``, ``transfer``, ``oversmoothing``, ``mim-study``, ``ar-vs-mlm``) and the tokenizer tools
-(``tokenize``, ``tcas``)."""
+"""``sslcore`` command line: ``pretrain`` (train + probe), ``eval`` (probe a checkpoint), ``export`` (the
+backbone as safetensors), the studies (``benchmark``, ``transfer``, ``oversmoothing``, ``mim-study``,
+``ar-vs-mlm``) and the tokenizer tools (``tokenize``, ``tcas``)."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,7 @@ from .kernels import BACKENDS
 from .methods import METHODS
 from .train import PretrainConfig, TrainingInterrupted, build_config, evaluate_checkpoint, pretrain, resolve_device
 from .train.config import FIELDS, cli_domain
+from .train.export import export_backbone
 
 _DEFAULTS = PretrainConfig()
 
@@ -120,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", type=data_spec_arg, help="probe on this dataset instead (transfer; default: the checkpoint's)")
     e.add_argument("--workers", type=setting("workers"), default=0,
                    help="data-loading processes (default: %(default)s)")
+    x = sub.add_parser("export", help="a checkpoint's backbone as safetensors with timm's key names")
+    x.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by pretrain")
+    x.add_argument("--out", required=True, help="the .safetensors file to write")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     b = sub.add_parser("benchmark", help="every method on one dataset and budget: one table of probe accuracy, time")
     benchmark.add_arguments(b, transfer=False)
     tr = sub.add_parser("transfer", help="train on one shapes domain, probe the frozen encoder on the others")
@@ -195,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
             clustermim.study_from_args(args)
         elif args.command == "ar-vs-mlm":
             ar_vs_mlm.main_from_args(args)
+        elif args.command == "export":
+            r = export_backbone(args.checkpoint, args.out, overwrite=args.overwrite)
+            print(f"wrote {args.out}: {r['architecture']} ({r['format']}), {r['tensors']} tensors, "
+                  f"{r['parameters']:,} parameters; load it with:\n{r['snippet']}")
         else:
             r = evaluate_checkpoint(args.checkpoint, device=resolve_device(args.device), data=args.data,
                                     workers=args.workers)
