@@ -98,3 +98,8 @@ def test_export_refuses_to_overwrite_and_names_what_is_wrong(trained, tmp_path, 
     with pytest.raises(SystemExit) as exc:
         main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "no" / "dir.safetensors")])
     assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err
+    pretrain(PretrainConfig(method="ar", data="pystdlib:16:4", encoder="transformer-tiny", epochs=1, batch_size=16,
+                            out=str(tmp_path / "ar"), tensorboard=False))
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "--checkpoint", str(tmp_path / "ar" / "checkpoint.pt"), "--out", str(tmp_path / "ar.st")])
+    assert exc.value.code == 2 and "writes image backbones" in capsys.readouterr().err

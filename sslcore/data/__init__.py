@@ -210,7 +210,7 @@ def resolve_recipe(choice: str, method_recipe: str | None, data) -> str:
         if choice not in ("auto", "none"):
             raise ValueError(f"--augment {choice}: {data.name} is token data, which takes no image augmentation")
         return "none"
-    return method_recipe or data.recipe if choice == "auto" else choice
+    return (method_recipe or data.recipe) if choice == "auto" else choice
 
 
 def load_dataset(spec: str) -> ImageData:

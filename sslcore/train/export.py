@@ -85,6 +85,9 @@ def export_backbone(checkpoint: str, out: str, *, overwrite: bool = False) -> di
     if not path.parent.is_dir():
         raise ValueError(f"--out {out}: the folder {str(path.parent)!r} does not exist")
     model, ckpt, data = load_encoder(checkpoint)
+    if data.kind != "image":
+        raise ValueError(f"sslcore export writes image backbones (timm models, smallcnn); {checkpoint} is a "
+                         f"{ckpt['method']} checkpoint of a sequence model on {data.kind} data")
     recipe = encoder_recipe(model, ckpt["config"], data)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
     fresh = rebuild(recipe)

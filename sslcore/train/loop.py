@@ -46,7 +46,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import dist
-from ..data import load_dataset, resolve_recipe
+from ..data import FolderData, load_dataset, resolve_recipe
 from ..data.pipeline import ShardBatchSampler, loader, to_float
 from ..methods import get_method, method_options
 from .checkpoint import (CheckpointError, atomic_write, check_optimizer_state, check_state_dict, load_checkpoint,
@@ -268,7 +268,7 @@ def _workers(cfg: PretrainConfig, data, world: int) -> int:
     """``--workers``, or by default: none for data in memory, else up to 8 per rank on this host's cores."""
     if cfg.workers is not None:
         return cfg.workers
-    if not hasattr(data, "files_train"):
+    if not isinstance(data, FolderData):
         return 0
     return max(1, min(MAX_AUTO_WORKERS, (os.cpu_count() or 1) // world))
 
