@@ -163,6 +163,20 @@ def test_bf16_autocast_runs_on_the_cpu_and_fp16_needs_cuda(tmp_path, no_probes, 
         assert not (tmp_path / "fp16").exists()
 
 
+def test_fp16_loss_scaling_resumes_with_its_scale(tmp_path, monkeypatch, no_probes, interrupted):
+    """The fp16 path (refused on the CPU by the CLI; its autocast and GradScaler do run here): the first steps
+    overflow and halve the scale, and a resume restores the scale, so the run continues bit for bit."""
+    monkeypatch.setattr(loop, "resolve_precision", lambda precision, device: torch.float16)
+    common = dict(data=SHAPES, epochs=2, batch_size=16, backend="torch", tensorboard=False)
+    full = pretrain(PretrainConfig(out=str(tmp_path / "full"), **common))
+    scale = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["scaler"]["scale"]
+    assert full["precision"] == "fp16" and scale < 2.0 ** 16  # the initial scale backed off
+    interrupted(lambda: pretrain(PretrainConfig(out=str(tmp_path / "cut"), **common)))
+    pretrain(PretrainConfig(out=str(tmp_path / "cut"), resume="", **common))
+    assert all(torch.equal(a, b) for a, b in zip(_model(tmp_path / "full").values(), _model(tmp_path / "cut").values()))
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["scaler"]["scale"] == scale
+
+
 def test_compile_traces_the_training_step(tmp_path, monkeypatch, no_probes):
     """``--compile`` wraps the step in ``torch.compile``; Dynamo traces it here with the eager backend (Inductor's
     code generation takes about 40 s on 2 CPU cores and runs on the GPU machine), and the run is unchanged."""
