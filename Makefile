@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/sslcore pretrain --method simclr --data digits --overwrite
+	$(BIN)/sslcore pretrain --method simclr --data digits --baselines --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,6 +1,6 @@
-"""``sslcore`` command line: ``pretrain`` (train + probe), ``eval`` (probe a checkpoint), the
-studies (``benchmark``, ``transfer``, ``oversmoothing``, ``mim-study``, ``ar-vs-mlm``) and the
-tokenizer tools (``tokenize``, ``tcas``)."""
+"""``sslcore`` command line: ``pretrain`` (train + probe), ``eval`` (probe a checkpoint), ``export`` (the
+backbone as safetensors), the studies (``benchmark``, ``transfer``, ``oversmoothing``, ``mim-study``,
+``ar-vs-mlm``) and the tokenizer tools (``tokenize``, ``tcas``)."""
 from __future__ import annotations
 
 import argparse
@@ -8,12 +8,14 @@ import sys
 
 from .checks import cli_type, parse_literal
 from .data import DATASETS, data_spec_arg
+from .data.augment import AUGMENT_CHOICES
 from .dist import is_main_process
 from .experiments import ar_vs_mlm, benchmark, clustermim, oversmoothing
 from .kernels import BACKENDS
 from .methods import METHODS
-from .train import PretrainConfig, TrainingInterrupted, evaluate_checkpoint, pretrain, resolve_device
-from .train.loop import cli_domain
+from .train import PretrainConfig, TrainingInterrupted, build_config, evaluate_checkpoint, pretrain, resolve_device
+from .train.config import FIELDS, cli_domain
+from .train.export import export_backbone
 
 _DEFAULTS = PretrainConfig()
 
@@ -50,47 +52,79 @@ def _options(pairs: list[tuple[str, object]]) -> dict:
     return options
 
 
+def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
+    """``sslcore pretrain``'s options.  None has a parser default (``SUPPRESS``): what is not given comes from
+    ``--config``, the resumed checkpoint or :class:`PretrainConfig`'s defaults (shown in the help)."""
+    def opt(*flags, field=None, help="", **kwargs):
+        field = field or flags[0].lstrip("-").replace("-", "_")
+        default = getattr(_DEFAULTS, field) if field in FIELDS else None
+        shown = "" if default is None or kwargs.get("action") == "store_true" else f" (default: {default})"
+        p.add_argument(*flags, default=argparse.SUPPRESS, help=help + shown, **kwargs)
+
+    opt("--method", choices=sorted(METHODS), help="SSL method")
+    opt("--data", type=data_spec_arg, help=f"dataset: {', '.join(DATASETS)} (NAME:PATH or NAME:SPEC)")
+    opt("--encoder", "--backbone", help="smallcnn or a timm model name[:small][,KEY=VALUE] (small: 3x3 stem for "
+        "ResNets)")
+    opt("--epochs", type=setting("epochs"), help="training epochs")
+    opt("--batch-size", type=setting("batch_size"), help="images per step (the global batch), two views each")
+    opt("--lr", type=setting("lr"), help="base learning rate per 256 images, at most 1; the peak is lr x batch x "
+        "accumulate / 256")
+    opt("--weight-decay", type=setting("weight_decay"), help="weight decay (not on norms and biases)")
+    opt("--weight-decay-all", action="store_true", help="weight decay on norms and biases too")
+    opt("--optimizer", choices=cli_domain("optimizer").__args__, help="through timm's factory; sgd and lars with "
+        "momentum 0.9")
+    opt("--clip-grad", type=setting("clip_grad"), metavar="NORM", help="clip the gradients' global norm")
+    opt("--accumulate", type=setting("accumulate"), metavar="K", help="batches summed per optimizer step")
+    opt("--warmup-epochs", type=setting("warmup_epochs"), help="linear warm-up before the cosine decay")
+    opt("--temperature", type=setting("temperature"), help="loss temperature (default: the method's own, e.g. "
+        "simclr 0.5, moco 0.2)")
+    opt("--seed", type=setting("seed"), help="seeds init, data order and augmentations")
+    opt("--limit", type=setting("limit"), help="pretrain on the first N training images only")
+    opt("--augment", choices=AUGMENT_CHOICES, help="the views' recipe; auto: the method's (mae, clustermim: mae), "
+        "else the data's (digits: digits, shapes: light, others: simclr)")
+    opt("--workers", type=setting("workers"), help="data-loading processes per rank (default: 0 for data in "
+        "memory, up to 8 for imagefolder)")
+    opt("--precision", choices=cli_domain("precision").__args__, help="autocast: auto is bf16 on CUDA, fp32 "
+        "elsewhere; fp16 (CUDA) scales the loss")
+    opt("--compile", action="store_true", help="torch.compile the training step")
+    opt("--eval-every", type=setting("eval_every"), metavar="N", help="k-NN and linear probes every N epochs "
+        "(0: at the end only)")
+    opt("--baselines", action=argparse.BooleanOptionalAction, help="also probe the random initialisation and raw "
+        "pixels")
+    opt("--tensorboard", action=argparse.BooleanOptionalAction, help="event files in OUT/tensorboard when "
+        "tensorboard is installed")
+    opt("--device", type=device_arg, help="auto (cuda if available), cpu, cuda, cuda:1, mps")
+    opt("--backend", choices=BACKENDS, help="the loss's kernel backend")
+    opt("--tokenizer", help="clustermim's targets (same as -o tokenizer=...): " + clustermim.TOKENIZER_HELP)
+    opt("--option", "-o", type=_option, action="append", metavar="KEY=VALUE",
+        help="a method option, e.g. -o proj_dim=128 (repeatable; unknown keys list the valid ones)")
+    opt("--out", help="output folder (default: runs/<method>-<data>)")
+    opt("--config", metavar="YAML", help="settings from a file (a run's config.yaml); options given here win")
+    opt("--resume", nargs="?", const="", metavar="CHECKPOINT",
+        help="continue from CHECKPOINT with its run's settings (without one: OUT/checkpoint.pt)")
+    opt("--overwrite", action="store_true",
+        help="replace the run already in OUT (its files are deleted once this run is ready to train)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sslcore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="self-supervised pretraining, then linear/k-NN probes")
-    d = " (default: %(default)s)"
-    p.add_argument("--method", choices=sorted(METHODS), default=_DEFAULTS.method, help="SSL method" + d)
-    p.add_argument("--data", type=data_spec_arg, default=_DEFAULTS.data,
-                   help=f"dataset: {', '.join(DATASETS)} (NAME:PATH or NAME:SPEC)" + d)
-    p.add_argument("--encoder", "--backbone", default=_DEFAULTS.encoder,
-                   help="smallcnn or a timm model name[:small][,KEY=VALUE] (small: 3x3 stem for ResNets)" + d)
-    p.add_argument("--epochs", type=setting("epochs"), default=_DEFAULTS.epochs, help="training epochs" + d)
-    p.add_argument("--batch-size", type=setting("batch_size"), default=_DEFAULTS.batch_size,
-                   help="images per step, two views each" + d)
-    p.add_argument("--lr", type=setting("lr"), default=_DEFAULTS.lr, help="peak AdamW learning rate, at most 1" + d)
-    p.add_argument("--weight-decay", type=setting("weight_decay"), default=_DEFAULTS.weight_decay,
-                   help="AdamW weight decay" + d)
-    p.add_argument("--warmup-epochs", type=setting("warmup_epochs"), default=_DEFAULTS.warmup_epochs,
-                   help="linear warm-up before the cosine decay" + d)
-    p.add_argument("--temperature", type=setting("temperature"),
-                   help="loss temperature (default: the method's own, e.g. simclr 0.5, moco 0.2)")
-    p.add_argument("--seed", type=setting("seed"), default=_DEFAULTS.seed,
-                   help="seeds init, shuffling and augmentations" + d)
-    p.add_argument("--limit", type=setting("limit"), help="pretrain on the first N training images only")
-    p.add_argument("--device", type=device_arg, default="auto",
-                   help="auto (cuda if available), cpu, cuda, cuda:1, mps" + d)
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="the loss's kernel backend" + d)
-    p.add_argument("--tokenizer", help="clustermim's targets (same as -o tokenizer=...): "
-                   + clustermim.TOKENIZER_HELP)
-    p.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                   help="a method option, e.g. -o proj_dim=128 (repeatable; unknown keys list the valid ones)")
-    p.add_argument("--out", help="output folder (default: runs/<method>-<data>)")
-    p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
-                   help="continue from CHECKPOINT (without one: OUT/checkpoint.pt)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in OUT (its files are deleted once this run is ready to train)")
+    p = sub.add_parser("pretrain", help="self-supervised pretraining, then linear/k-NN probes",
+                       description="Options not given come from --config, else from the checkpoint of --resume, "
+                       "else from the defaults shown.")
+    add_pretrain_arguments(p)
 
     e = sub.add_parser("eval", help="linear probe and k-NN accuracy of a pretraining checkpoint")
     e.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by pretrain")
     e.add_argument("--device", type=device_arg, default="auto", help="where to compute features (default: %(default)s)")
     e.add_argument("--data", type=data_spec_arg, help="probe on this dataset instead (transfer; default: the checkpoint's)")
+    e.add_argument("--workers", type=setting("workers"), default=0,
+                   help="data-loading processes (default: %(default)s)")
+    x = sub.add_parser("export", help="a checkpoint's backbone as safetensors with timm's key names")
+    x.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by pretrain")
+    x.add_argument("--out", required=True, help="the .safetensors file to write")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     b = sub.add_parser("benchmark", help="every method on one dataset and budget: one table of probe accuracy, time")
     benchmark.add_arguments(b, transfer=False)
     tr = sub.add_parser("transfer", help="train on one shapes domain, probe the frozen encoder on the others")
@@ -110,11 +144,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+COLUMNS = (("linear", "linear probe"), ("knn", "k-NN"), ("linear_top1", "torch lin@1"), ("knn_top1", "kNN200@1"),
+           ("knn_top5", "kNN200@5"))
+
+
 def _table(rows: list[tuple[str, dict]]) -> str:
+    """Probe accuracies: scikit-learn's linear/k-NN (the studies'), then the torch probes (top-1/top-5)."""
     width = max(len("features"), *(len(name) for name, _ in rows)) + 2
-    lines = [f"{'features':<{width}}{'linear probe':>12}{'k-NN':>9}"]
-    lines += [f"{name:<{width}}{r['linear']:>12.2%}{r['knn']:>9.2%}" for name, r in rows]
+    lines = [f"{'features':<{width}}" + "".join(f"{title:>13}" for _, title in COLUMNS)]
+    lines += [f"{name:<{width}}" + "".join(f"{r[key]:>13.2%}" if key in r else f"{'-':>13}" for key, _ in COLUMNS)
+              for name, r in rows]
     return "\n".join(lines)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "option", "tokenizer", "config")}
+    pairs = getattr(args, "option", []) + ([("tokenizer", args.tokenizer)] if hasattr(args, "tokenizer") else [])
+    if pairs:
+        given["options"] = _options(pairs)
+    cfg = build_config(given, config_file=getattr(args, "config", None))
+    s = pretrain(cfg)
+    if not is_main_process():  # torchrun: rank 0 reports
+        return 0
+    p = s["probes"]
+    loss = "" if s["final_loss"] is None else f", final loss {s['final_loss']:.4f}"
+    tau = "" if s["temperature"] is None else f" at temperature {s['temperature']:g}"
+    print(f"\n{s['method']} on {s['data']}: {s['epochs']} epochs{tau}{loss}, {s['total_time_s']:.1f}s on "
+          f"{s['device']}; held-out accuracy ({s['n_test']} test images):")
+    enc = s["encoder_class"]
+    rows = [(f"{s['method']} ({enc})", p["trained"])]
+    if "random_init" in p:
+        rows += [(f"random init ({enc})", p["random_init"]), (s["raw_features"], p["raw_pixels"])]
+    print(_table(rows))
+    for name, value in s["eval"].items():  # the method's own held-out metrics
+        print(f"{name}: {value:.4f}")
+    print(f"wrote {cfg.out}/summary.json, metrics.jsonl, steps.jsonl, config.yaml, checkpoint.pt")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,25 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "pretrain":
-            opts = {k: v for k, v in vars(args).items() if k not in ("command", "option", "tokenizer")}
-            tokenizer = [] if args.tokenizer is None else [("tokenizer", args.tokenizer)]
-            opts["options"] = _options(args.option + tokenizer)
-            cfg = PretrainConfig(**opts)
-            s = pretrain(cfg)
-            if not is_main_process():  # torchrun: rank 0 reports
-                return 0
-            p = s["probes"]
-            loss = "" if s["final_loss"] is None else f", final loss {s['final_loss']:.4f}"
-            tau = "" if s["temperature"] is None else f" at temperature {s['temperature']:g}"
-            print(f"\n{s['method']} on {s['data']}: {s['epochs']} epochs{tau}{loss}, {s['total_time_s']:.1f}s on "
-                  f"{s['device']}; held-out accuracy ({s['n_test']} test images):")
-            enc = s["encoder_class"]
-            print(_table([(f"{s['method']} ({enc})", p["trained"]), (f"random init ({enc})", p["random_init"]),
-                          (s["raw_features"], p["raw_pixels"])]))
-            for name, value in s["eval"].items():  # the method's own held-out metrics
-                print(f"{name}: {value:.4f}")
-            print(f"wrote {cfg.out}/summary.json, metrics.jsonl, checkpoint.pt")
-        elif args.command in ("benchmark", "transfer"):
+            return _pretrain(args)
+        if args.command in ("benchmark", "transfer"):
             benchmark.main_from_args(args, transfer=args.command == "transfer")
         elif args.command == "oversmoothing":
             oversmoothing.main_from_args(args)
@@ -152,8 +200,13 @@ def main(argv: list[str] | None = None) -> int:
             clustermim.study_from_args(args)
         elif args.command == "ar-vs-mlm":
             ar_vs_mlm.main_from_args(args)
+        elif args.command == "export":
+            r = export_backbone(args.checkpoint, args.out, overwrite=args.overwrite)
+            print(f"wrote {args.out}: {r['architecture']} ({r['format']}), {r['tensors']} tensors, "
+                  f"{r['parameters']:,} parameters; load it with:\n{r['snippet']}")
         else:
-            r = evaluate_checkpoint(args.checkpoint, device=resolve_device(args.device), data=args.data)
+            r = evaluate_checkpoint(args.checkpoint, device=resolve_device(args.device), data=args.data,
+                                    workers=args.workers)
             print(f"{r['method']} on {r['data']} (trained on {r['trained_on']}), epoch {r['epoch']}; "
                   f"held-out accuracy ({r['n_test']} test images):")
             print(_table([(f"{r['method']} ({r['encoder']})", r)]))

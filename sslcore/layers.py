@@ -1,19 +1,22 @@
 """ContraNorm layers over the fused op, and ContraNorm ViTs registered with timm.
 
 ``ContraNorm(H) = LayerNorm(H - s * softmax(H_hat H_hat^T / tau) H)`` (H_hat: rows L2-normalised),
-a drop-in for ``nn.LayerNorm`` and timm's ``norm_layer``.  Importing this module registers
-``contranorm_vit_{tiny,small,base}_patch16_224`` with timm.  Formulas, variants, conventions and
-how they differ from the authors' code: docs/methods.md.
+a drop-in for ``nn.LayerNorm`` and timm's ``norm_layer``.  ``contranorm_vit_{tiny,small,base}_patch16_224``
+are registered with timm as soon as both this module and timm are imported, in either order: importing
+this module does not import timm (a few seconds), it registers the models when timm arrives
+(:func:`register_timm_models`).  Formulas, variants, conventions and how they differ from the authors'
+code: docs/methods.md.
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import math
+import sys
 from functools import partial
 
-import timm
 import torch
 import torch.nn.functional as F
-from timm.models import register_model
 from torch import nn
 
 from .kernels import BACKENDS, contranorm, contranorm_features_ref
@@ -171,27 +174,75 @@ class DContraNorm(nn.Module):
 
 
 def _contranorm_vit(base: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    import timm
+
     options = {"scale": 0.1, **(kwargs.pop("contranorm", None) or {})}
     return timm.create_model(base, pretrained=pretrained, norm_layer=partial(ContraNorm, **options), **kwargs)
 
 
-@register_model
 def contranorm_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> nn.Module:
     """timm's ``vit_tiny_patch16_224`` with ContraNorm (default scale 0.1) in place of each LayerNorm."""
     return _contranorm_vit("vit_tiny_patch16_224", pretrained, kwargs)
 
 
-@register_model
 def contranorm_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> nn.Module:
     """timm's ``vit_small_patch16_224`` with ContraNorm (default scale 0.1) in place of each LayerNorm."""
     return _contranorm_vit("vit_small_patch16_224", pretrained, kwargs)
 
 
-@register_model
 def contranorm_vit_base_patch16_224(pretrained: bool = False, **kwargs) -> nn.Module:
     """timm's ``vit_base_patch16_224`` with ContraNorm (default scale 0.1) in place of each LayerNorm."""
     return _contranorm_vit("vit_base_patch16_224", pretrained, kwargs)
 
 
-__all__ = ["ContraNorm", "DContraNorm", "contranorm_vit_tiny_patch16_224", "contranorm_vit_small_patch16_224",
-           "contranorm_vit_base_patch16_224"]
+TIMM_MODELS = (contranorm_vit_tiny_patch16_224, contranorm_vit_small_patch16_224, contranorm_vit_base_patch16_224)
+
+
+def register_timm_models() -> None:
+    """Register :data:`TIMM_MODELS` with timm (imports timm; registering twice is a no-op)."""
+    import timm
+    from timm.models import register_model
+
+    for fn in TIMM_MODELS:
+        if not timm.is_model(fn.__name__):
+            register_model(fn)
+
+
+class _RegisterAfterImport(importlib.abc.Loader):
+    """timm's own loader, then :func:`register_timm_models` once timm's package has executed."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        register_timm_models()
+
+    def __getattr__(self, name):  # get_resource_reader, is_package, ...: timm's loader answers
+        return getattr(self.loader, name)
+
+
+class _TimmImportHook(importlib.abc.MetaPathFinder):
+    """A one-shot finder: when ``import timm`` first happens, hand back timm's spec with its loader wrapped."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "timm":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("timm")
+        if spec is not None and spec.loader is not None:
+            spec.loader = _RegisterAfterImport(spec.loader)
+        return spec
+
+
+if "timm" in sys.modules:
+    register_timm_models()
+else:
+    sys.meta_path.insert(0, _TimmImportHook())
+
+
+__all__ = ["ContraNorm", "DContraNorm", "TIMM_MODELS", "contranorm_vit_base_patch16_224",
+           "contranorm_vit_small_patch16_224", "contranorm_vit_tiny_patch16_224", "register_timm_models"]

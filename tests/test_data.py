@@ -118,9 +118,10 @@ def cifar10_dir(tmp_path):
 def test_cifar10_reads_the_pickle_archive(cifar10_dir):
     data = load_dataset(f"cifar10:{cifar10_dir}")  # the parent folder: cifar-10-batches-py is found inside
     assert data.x_train.shape == (20, 3, 32, 32) and data.x_test.shape == (3, 3, 32, 32) and data.in_chans == 3
+    assert data.x_train.dtype == torch.uint8  # as stored: the pipeline makes it float on the device
     first = _batch(4, 1)
-    expected = torch.from_numpy(first[b"data"][1].reshape(3, 32, 32).astype(np.float32) / 255)
-    torch.testing.assert_close(data.x_train[1], expected)  # channel-major rows, batches in order
+    expected = torch.from_numpy(first[b"data"][1].reshape(3, 32, 32))
+    assert torch.equal(data.x_train[1], expected)  # channel-major rows, batches in order
     assert data.y_train[:4].tolist() == first[b"labels"] and data.y_test.tolist() == _batch(3, 9)[b"labels"]
     assert torch.equal(load_dataset(f"cifar10:{cifar10_dir / 'cifar-10-batches-py'}").x_train, data.x_train)
 
@@ -205,5 +206,11 @@ def test_imagefolder_errors(tmp_path):
     with pytest.raises(ValueError, match="empty hold no images"):
         load_dataset(f"imagefolder:{tmp_path}")
     (tmp_path / "empty" / "bad.png").write_bytes(b"not a png")
+    for i in (1, 2):
+        _png(tmp_path / "full" / f"{i}.png", 4, 4, i)
+        _png(tmp_path / "empty" / f"{i}.png", 4, 4, i)
+    data = load_dataset(f"imagefolder:{tmp_path}")  # files are listed, not decoded, when the data is loaded
     with pytest.raises(ValueError, match="cannot decode .*bad.png"):
-        load_dataset(f"imagefolder:{tmp_path}")
+        torch.cat([data.x_train, data.x_test])
+    with pytest.raises(ValueError, match="crop must lie in"):
+        load_dataset(f"imagefolder:{tmp_path},size=8,crop=9")

@@ -24,7 +24,8 @@ from sslcore.methods import MAE, METHODS, option_parameters
 from sslcore.metrics import tcas
 from sslcore.tokenizers import PixelTokenizer
 from sslcore.train import CheckpointError, PretrainConfig, load_checkpoint, pretrain, save_checkpoint
-from sslcore.train.rundir import LOCK_NAME, RunDirectory
+from sslcore.train.config import TRAINER_OPTIONS
+from sslcore.train.rundir import LOCK_NAME, RUN_FILES, RunDirectory
 
 SHAPES = "shapes:n=32,test=16,size=8"
 TEXT = "pystdlib:16:4"
@@ -38,7 +39,7 @@ def _pretrain(out, *args):
 @pytest.fixture
 def no_probes(monkeypatch):
     """The trainer's three probes return a constant (they are not what these tests check)."""
-    monkeypatch.setattr(loop, "probe", lambda data, encoder: {"linear": 0.0, "knn": 0.0})
+    monkeypatch.setattr(loop, "probe", lambda data, encoder, **kw: {"linear": 0.0, "knn": 0.0})
 
 
 @pytest.fixture
@@ -58,7 +59,7 @@ def finished(tmp_path_factory, no_probes):
 
 
 def _files(folder):
-    return {p.name: p.read_bytes() for p in folder.iterdir()}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +83,8 @@ def _files(folder):
     (["--temperature", "1e-40"], "argument --temperature: must be a number >= 1e-08, got '1e-40'"),
     (["--method", "simsiam", "--temperature", "0.3"], "method 'simsiam' has no temperature"),
     (["--lr", "1e30"], "argument --lr: must be a number in (0, 1], got '1e30'"),
-    (["--lr", "1e-3", "--weight-decay", "1000"], "--lr 0.001 x --weight-decay 1000 must be < 1"),
+    (["--lr", "1e-3", "--weight-decay", "20000"],
+     "peak learning rate 6.25e-05 (--lr 0.001 x 16 / 256) x --weight-decay 20000 must be < 1"),
     (["--weight-decay", "inf"], "argument --weight-decay: must be a number >= 0, got 'inf'"),
     (["--seed", str(2 ** 64)], "argument --seed: must be an integer in [-9223372036854775808, 18446744073709551615]"),
     (["--device", "meta"], "argument --device: 'meta': training and probes run on cpu, cuda or mps, not meta"),
@@ -148,9 +150,9 @@ def test_every_method_option_has_a_checkable_domain_holding_its_default():
         for key, p in option_parameters(name).items():
             assert describe(p.annotation), (name, key)  # raises for an annotation the checker does not know
             cfg = PretrainConfig(method=name, data=SHAPES if "image" in METHODS[name].data_kinds else TEXT,
-                                 **({} if p.default is None or key in loop.TRAINER_OPTIONS
+                                 **({} if p.default is None or key in TRAINER_OPTIONS
                                     else {"options": {key: p.default}}))
-            assert cfg.options == ({} if p.default is None or key in loop.TRAINER_OPTIONS or key == "temperature"
+            assert cfg.options == ({} if p.default is None or key in TRAINER_OPTIONS or key == "temperature"
                                    else {key: p.default})
 
 
@@ -192,8 +194,8 @@ def test_a_fresh_run_into_a_finished_run_is_refused_and_overwrite_waits_until_re
     with pytest.raises(SystemExit) as exc:
         _pretrain(finished, "--seed", "1")
     assert exc.value.code == 2
-    assert "already holds checkpoint.pt, metrics.jsonl, summary.json: continue that run with --resume, replace " \
-           "it with --overwrite" in capsys.readouterr().err
+    assert ("already holds checkpoint.pt, config.yaml, metrics.jsonl, steps.jsonl, summary.json, ...: continue "
+            "that run with --resume, replace it with --overwrite") in capsys.readouterr().err
     with pytest.raises(SystemExit):  # refused after the lock and the data, before the first step
         _pretrain(finished, "--seed", "1", "--overwrite", "--batch-size", "64")
     assert "larger than the training set" in capsys.readouterr().err
@@ -203,7 +205,8 @@ def test_a_fresh_run_into_a_finished_run_is_refused_and_overwrite_waits_until_re
     assert load_checkpoint(finished / "checkpoint.pt")["config"]["seed"] == 1
     assert [json.loads(line)["epoch"] for line in (finished / "metrics.jsonl").read_text().splitlines()] == [1]
     assert json.loads((finished / "summary.json").read_text())["epochs"] == 1
-    assert sorted(_files(finished)) == ["checkpoint.pt", "metrics.jsonl", "summary.json"]
+    assert tuple(sorted(p.name for p in finished.iterdir())) == RUN_FILES
+    assert len(list((finished / "tensorboard").iterdir())) == 1  # the old run's event file went with it
 
 
 def test_stale_temporaries_of_dead_writers_are_removed_at_start(finished, no_probes):
@@ -211,7 +214,7 @@ def test_stale_temporaries_of_dead_writers_are_removed_at_start(finished, no_pro
     stale.write_bytes(b"half a checkpoint")
     (finished / ".summary.json.12.tmp").write_bytes(b"{")
     assert _pretrain(finished, "--epochs", "3", "--resume") == 0
-    assert sorted(p.name for p in finished.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "summary.json"]
+    assert tuple(sorted(p.name for p in finished.iterdir())) == RUN_FILES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +317,8 @@ def test_a_run_that_fills_the_disk_stops_with_a_clear_error(tmp_path, capsys, mo
         def __getattr__(self, name):
             return getattr(self.f, name)
 
-    monkeypatch.setattr(checkpoint, "open", lambda path, mode: FullDisk(open(path, mode)), raising=False)
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode: FullDisk(open(path, mode)) if "checkpoint" in str(path)
+                        else open(path, mode), raising=False)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exc:
         _pretrain(out, "--epochs", "3")

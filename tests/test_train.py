@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from sklearn.datasets import make_blobs
 
 import sslcore.train.loop as loop
@@ -21,7 +22,7 @@ from sslcore.data import load_dataset
 from sslcore.methods import METHODS
 from sslcore.models import create_encoder
 from sslcore.train import (CheckpointError, PretrainConfig, TrainingInterrupted, evaluate_checkpoint, knn_accuracy,
-                           linear_probe, load_checkpoint, pretrain)
+                           linear_classifier, linear_probe, load_checkpoint, pretrain, weighted_knn)
 
 TINY = dict(epochs=2, batch_size=32, limit=64, backend="torch")
 
@@ -34,7 +35,7 @@ def _read_metrics(out):
 def tiny_run(tmp_path_factory):
     """One uninterrupted 2-epoch run, shared by the tests that only read its outputs."""
     out = tmp_path_factory.mktemp("tiny")
-    return out, pretrain(PretrainConfig(out=str(out), **TINY))
+    return out, pretrain(PretrainConfig(out=str(out), baselines=True, **TINY))
 
 
 def test_pretrain_writes_metrics_summary_and_checkpoint(tiny_run):
@@ -44,7 +45,13 @@ def test_pretrain_writes_metrics_summary_and_checkpoint(tiny_run):
     assert all(set(r) == {"epoch", "loss", "lr", "time"} and math.isfinite(r["loss"]) for r in rows)
     assert json.loads((out / "summary.json").read_text()) == summary
     for name in ("trained", "random_init", "raw_pixels"):
-        assert 0.0 <= summary["probes"][name]["linear"] <= 1.0 and 0.0 <= summary["probes"][name]["knn"] <= 1.0
+        assert set(summary["probes"][name]) == {"linear", "knn", "linear_top1", "linear_top5", "knn_top1", "knn_top5"}
+        assert all(0.0 <= v <= 1.0 for v in summary["probes"][name].values())
+    assert summary["augment"] == "digits" and summary["peak_lr"] == summary["base_lr"] * 32 / 256
+    assert summary["environment"]["torch"] == torch.__version__ and summary["environment"]["timm"]
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and all(r["img_s"] > 0 and r["mem_mib"] > 0 for r in steps)
+    assert yaml.safe_load((out / "config.yaml").read_text()) == PretrainConfig(baselines=True, **TINY).settings()
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["method"] == "simclr" and ckpt["config"]["limit"] == 64
     assert not list(out.glob("*.tmp"))  # the atomic write left no temp file
@@ -224,7 +231,7 @@ def test_cli_rejects_bad_arguments(args, message, capsys):
 
 def test_cli_pretrain_then_eval(tmp_path, capsys):
     assert main(["pretrain", "--epochs", "1", "--batch-size", "32", "--limit", "64", "--backend", "torch",
-                 "--out", str(tmp_path)]) == 0
+                 "--baselines", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "linear probe" in printed and "random init" in printed and "raw pixels" in printed
     assert main(["eval", "--checkpoint", str(tmp_path / "checkpoint.pt")]) == 0
@@ -245,6 +252,32 @@ def test_probes_solve_an_easy_problem():
     x, y = make_blobs(n_samples=400, centers=5, n_features=16, cluster_std=1.0, random_state=0)
     assert linear_probe(x[:300], y[:300], x[300:], y[300:]) > 0.95
     assert knn_accuracy(x[:300], y[:300], x[300:], y[300:]) > 0.95
+    t, labels = torch.from_numpy(x).float(), torch.from_numpy(y)
+    assert weighted_knn(t[:300], labels[:300], t[300:], labels[300:])["knn_top1"] > 0.95
+    assert linear_classifier(t[:300], labels[:300], t[300:], labels[300:])["linear_top1"] > 0.95
+    shuffled = labels[torch.randperm(400, generator=torch.Generator().manual_seed(0))]  # labels unrelated to x
+    assert linear_classifier(t[:300], shuffled[:300], t[300:], shuffled[300:])["linear_top1"] < 0.5
+    assert weighted_knn(t[:300], shuffled[:300], t[300:], shuffled[300:])["knn_top1"] < 0.5
+
+
+def test_torch_probes_match_their_definitions():
+    """The k-NN vote by hand for one query, top-5 counts, and the linear probe against scikit-learn's."""
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.randn(50, 6, generator=g), torch.randn(7, 6, generator=g)
+    y_train, y_test = torch.randint(0, 8, (50,), generator=g), torch.randint(0, 8, (7,), generator=g)
+    got = weighted_knn(train, y_train, test, y_test, k=10, temperature=0.1)
+    sim = torch.nn.functional.normalize(test, dim=1) @ torch.nn.functional.normalize(train, dim=1).T
+    hits1 = hits5 = 0
+    for i in range(7):
+        s, idx = sim[i].topk(10)
+        votes = torch.zeros(8).index_add_(0, y_train[idx], (s / 0.1).exp())
+        hits1 += int(votes.argmax() == y_test[i])
+        hits5 += int(y_test[i] in votes.topk(5).indices)
+    assert got == {"knn_top1": hits1 / 7, "knn_top5": hits5 / 7}
+    x, y = make_blobs(n_samples=300, centers=4, n_features=8, cluster_std=4.0, random_state=1)
+    t, labels = torch.from_numpy(x).float(), torch.from_numpy(y)
+    sk = linear_probe(x[:200], y[:200], x[200:], y[200:])
+    assert linear_classifier(t[:200], labels[:200], t[200:], labels[200:])["linear_top1"] == pytest.approx(sk, abs=0.02)
 
 
 def test_digits_split_and_augment_are_deterministic():

@@ -1,61 +1,165 @@
-"""Datasets for pretraining and probing, by ``--data`` spec (``name`` or ``name:PATH``)."""
+"""Datasets for pretraining and probing, by ``--data`` spec (``name`` or ``name:PATH``).
+
+Every dataset gives its splits as item datasets (``items("train")``, read by :mod:`.pipeline`'s
+loaders) and says what a model sees (``image_shape``), how its images are normalised (``mean``,
+``std``), whether a mirror image is the same class (``flips``) and which augmentation recipe
+``--augment auto`` gives view-invariance methods on it (``recipe``).  The bundled sets, CIFAR (uint8
+from its pickles) and token data are held in memory; ``imagefolder`` is read from disk per item.
+"""
 from __future__ import annotations
 
 import argparse
-
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from . import cifar, digits, imagefolder, shapes, text
-from .augment import RGBAugment
+from .augment import AUGMENT_CHOICES, RECIPES, Augment, RGBAugment, build_recipe
+from .pipeline import TensorItems, to_float
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+               "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+MAX_RESIDENT_BYTES = 2 * 2 ** 30  # imagefolder images decoded into memory on request (tokenizers, raw pixels)
+
+
+class _Images:
+    """What every image dataset shares: shape, description, raw-pixel features, eval transform, recipes."""
+
+    kind = "image"
+    raw_name = "raw pixels"  # what raw_features are, for tables
+    mean: tuple | None = None
+    std: tuple | None = None
+    flips = True  # a mirrored image shows the same class
+    recipe = "simclr"  # --augment auto for view-invariance methods
+    augment: Augment | None = None  # the data's own augmentation (the `digits` recipe)
+
+    @property
+    def in_chans(self) -> int:
+        return self.image_shape[0]
+
+    def describe(self) -> str:
+        """What a model for this data must fit, for error messages."""
+        return f"{self.name} has {self.in_chans}-channel {tuple(self.image_shape[1:])} images"
+
+    @staticmethod
+    def raw_features(x: torch.Tensor) -> torch.Tensor:
+        """The baseline features a probe reads without any model: the flattened pixels (float in [0, 1])."""
+        return to_float(x).flatten(1)
+
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Stored images as the model sees them without augmentation (features for probes): float, centre
+        crop to ``image_shape``, normalised."""
+        x = to_float(x)
+        h, w = self.image_shape[1:]
+        if x.shape[-2:] != (h, w):
+            top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
+            x = x[..., top:top + h, left:left + w]
+        if self.mean is not None:
+            x = (x - torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)) / torch.tensor(
+                self.std, device=x.device).view(1, -1, 1, 1)
+        return x
+
+    def build_recipe(self, name: str):
+        """The augmentation recipe ``name`` (:func:`~sslcore.data.augment.build_recipe`) for this data."""
+        return build_recipe(name, image_size=min(self.image_shape[1:]), flips=self.flips, own=self.augment,
+                            mean=self.mean, std=self.std)
 
 
 @dataclass
-class ImageData:
-    """Train/test images (float, ``[N, C, H, W]``) with labels (used only by probes) and the view augmentation."""
+class ImageData(_Images):
+    """In-memory train/test images (float in [0, 1] or uint8, ``[N, C, H, W]``) with labels (used only by
+    probes), the data's own augmentation, normalisation and recipe (see the module docstring)."""
 
     name: str
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
-    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-    kind = "image"
-    raw_name = "raw pixels"  # what raw_features are, for tables
+    augment: Augment | None = None
+    recipe: str = "simclr"
+    flips: bool = True
+    mean: tuple | None = None
+    std: tuple | None = None
 
     @property
-    def in_chans(self) -> int:
-        return self.x_train.shape[1]
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])
 
-    def describe(self) -> str:
-        """What a model for this data must fit, for error messages."""
-        return f"{self.name} has {self.in_chans}-channel {tuple(self.x_train.shape[2:])} images"
+    @property
+    def n_train(self) -> int:
+        return len(self.x_train)
 
-    @staticmethod
-    def raw_features(x: torch.Tensor) -> torch.Tensor:
-        """The baseline features a probe reads without any model: the flattened pixels."""
-        return x.flatten(1)
+    def items(self, split: str, limit: int | None = None) -> TensorItems:
+        """The ``split`` ("train" or "test") as items, the first ``limit`` only when given."""
+        return TensorItems((self.x_train if split == "train" else self.x_test)[:limit])
+
+
+@dataclass
+class FolderData(_Images):
+    """An image folder read from disk per item (:mod:`.imagefolder`): file lists and labels only.
+    ``x_train``/``x_test`` decode a whole split on request (tokenizer fits, ``imagetokens``), refused when
+    that would pass :data:`MAX_RESIDENT_BYTES`; the trainer and the probes never ask for them."""
+
+    name: str
+    files_train: list
+    y_train: torch.Tensor
+    files_test: list
+    y_test: torch.Tensor
+    size: int
+    crop: int
+    mean = IMAGENET_MEAN
+    std = IMAGENET_STD
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return 3, self.crop, self.crop
+
+    @property
+    def n_train(self) -> int:
+        return len(self.files_train)
+
+    def items(self, split: str, limit: int | None = None) -> imagefolder.FolderItems:
+        return imagefolder.FolderItems((self.files_train if split == "train" else self.files_test)[:limit], self.size)
+
+    def _resident(self, split: str) -> torch.Tensor:
+        items = self.items(split)
+        need = len(items) * 3 * self.size ** 2 * 4
+        if need > MAX_RESIDENT_BYTES:
+            raise ValueError(f"{self.name}: holding the {len(items)} {split} images in memory would take "
+                             f"{need / 2 ** 30:.1f} GiB (more than {MAX_RESIDENT_BYTES / 2 ** 30:.0f} GiB); training "
+                             "streams them, but this use needs them resident: lower size or use a smaller folder")
+        return to_float(items.__getitems__(list(range(len(items))))[1])
+
+    @property
+    def x_train(self) -> torch.Tensor:
+        return self._resident("train")
+
+    @property
+    def x_test(self) -> torch.Tensor:
+        return self._resident("test")
 
 
 def _digits(path: str) -> ImageData:
     if path:
         raise ValueError(f"--data digits is bundled with scikit-learn and takes no path, got {path!r}")
-    return ImageData("digits", *digits.load(), augment=digits.DigitsAugment())
+    return ImageData("digits", *digits.load(), augment=digits.DigitsAugment(), recipe="digits", flips=False)
 
 
 def _shapes(spec: str) -> ImageData:
     domain, settings = shapes.parse_spec(spec)
-    return ImageData(f"shapes-{domain}", *shapes.load(domain, **settings), augment=RGBAugment())
+    return ImageData(f"shapes-{domain}", *shapes.load(domain, **settings), recipe="light")
 
 
 def _cifar(name: str) -> Callable[[str], ImageData]:
-    return lambda path: ImageData(name, *cifar.load(name, path), augment=RGBAugment())
+    mean, std = CIFAR_STATS[name]
+    return lambda path: ImageData(name, *cifar.load(name, path), mean=mean, std=std)
 
 
-def _imagefolder(spec: str) -> ImageData:
-    return ImageData("imagefolder", *imagefolder.load(spec), augment=RGBAugment())
+def _imagefolder(spec: str) -> FolderData:
+    files_train, y_train, files_test, y_test, settings = imagefolder.load(spec)
+    return FolderData("imagefolder", files_train, y_train, files_test, y_test, settings["size"], settings["crop"])
 
 
 DATASETS: dict[str, Callable[[str], ImageData]] = {"digits": _digits, "shapes": _shapes, "cifar10": _cifar("cifar10"),
@@ -75,6 +179,8 @@ def check_data_spec(spec: str) -> str:
         raise ValueError(f"unknown dataset {name!r} for --data; valid: {', '.join(DATASETS)}")
     if name == "shapes":
         shapes.parse_spec(arg)
+    elif name == "imagefolder":
+        imagefolder.parse_spec(arg)
     elif name == "imagetokens":
         inner = text.parse_image_tokens(arg)[2]
         if data_kind(check_data_spec(inner)) != "image":
@@ -95,9 +201,22 @@ def data_spec_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def resolve_recipe(choice: str, method_recipe: str | None, data) -> str:
+    """The recipe ``--augment choice`` means for a method (``method_recipe``: its own, e.g. MAE's ``mae``; None:
+    the data's ``recipe``) on ``data``; token data takes no image augmentation."""
+    if choice not in AUGMENT_CHOICES:
+        raise ValueError(f"--augment {choice!r}: valid: {', '.join(AUGMENT_CHOICES)}")
+    if data.kind != "image":
+        if choice not in ("auto", "none"):
+            raise ValueError(f"--augment {choice}: {data.name} is token data, which takes no image augmentation")
+        return "none"
+    return (method_recipe or data.recipe) if choice == "auto" else choice
+
+
 def load_dataset(spec: str) -> ImageData:
     name, _, path = check_data_spec(spec).partition(":")
     return DATASETS[name](path)
 
 
-__all__ = ["data_spec_arg", "DATASETS", "ImageData", "check_data_spec", "data_kind", "load_dataset"]
+__all__ = ["AUGMENT_CHOICES", "DATASETS", "RECIPES", "FolderData", "ImageData", "RGBAugment", "check_data_spec",
+           "data_kind", "data_spec_arg", "load_dataset", "resolve_recipe"]

@@ -46,13 +46,13 @@ def _read(path: Path, labels_key: bytes, classes: int) -> tuple[torch.Tensor, to
                          f"{labels.shape[0] if labels.ndim else 0} labels; expected uint8 [N, 3072] and N labels")
     if len(labels) and (labels.min() < 0 or labels.max() >= classes):
         raise ValueError(f"CIFAR file {str(path)!r} has labels outside 0..{classes - 1}")
-    x = torch.from_numpy(data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0)
+    x = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
     return x, torch.from_numpy(labels.astype(np.int64))
 
 
 def load(name: str, path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x_train, y_train, x_test, y_test`` of ``name`` (``cifar10`` | ``cifar100``); images ``[N, 3, 32, 32]``
-    in [0, 1]."""
+    """``x_train, y_train, x_test, y_test`` of ``name`` (``cifar10`` | ``cifar100``); images uint8 ``[N, 3, 32, 32]``
+    as stored (a quarter of float32's memory; the pipeline makes them float on the device)."""
     layout = LAYOUTS[name]
     if not path:
         raise ValueError(f"--data {name} needs the folder of the python-pickle archive: --data {name}:PATH")

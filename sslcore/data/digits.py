@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from .augment import Augment
+
 SPLIT_SEED, TEST_FRACTION = 0, 0.2
 
 
@@ -21,7 +23,7 @@ def load(*, seed: int = SPLIT_SEED) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
 
 
-class DigitsAugment:
+class DigitsAugment(Augment):
     """Batched random views of small grey images, each image with its own parameters.
 
     Random affine (rotation, zoom, shift in pixels), contrast jitter, a random erased square, and
@@ -34,25 +36,29 @@ class DigitsAugment:
         self.degrees, self.scale, self.shift, self.contrast = degrees, scale, shift, contrast
         self.erase, self.erase_p, self.noise = erase, erase_p, noise
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        b, _, h, w = x.shape
+    def sample(self, n, shape, generator):
+        _, h, w = shape
 
-        def uniform(lo, hi, *shape):
-            return torch.rand(b, *shape, generator=generator) * (hi - lo) + lo
+        def uniform(lo, hi, *size):
+            return torch.rand(n, *size, generator=generator) * (hi - lo) + lo
 
         angle = uniform(-self.degrees, self.degrees) * (math.pi / 180)
         zoom = uniform(*self.scale)
         shift = uniform(-self.shift, self.shift, 2) * torch.tensor([2 / w, 2 / h])  # pixels -> [-1, 1] units
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
         theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-        grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
-        out = F.grid_sample(x, grid, padding_mode="zeros", align_corners=False)
-
-        out = out * uniform(1 - self.contrast, 1 + self.contrast, 1, 1, 1).to(x)
-        top = torch.randint(0, h - self.erase + 1, (b, 1), generator=generator)
-        left = torch.randint(0, w - self.erase + 1, (b, 1), generator=generator)
+        contrast = uniform(1 - self.contrast, 1 + self.contrast)
+        top = torch.randint(0, h - self.erase + 1, (n, 1), generator=generator)
+        left = torch.randint(0, w - self.erase + 1, (n, 1), generator=generator)
         in_rows = (torch.arange(h) >= top) & (torch.arange(h) < top + self.erase)
         in_cols = (torch.arange(w) >= left) & (torch.arange(w) < left + self.erase)
-        erased = in_rows[:, :, None] & in_cols[:, None, :] & (torch.rand(b, 1, 1, generator=generator) < self.erase_p)
-        out = out.masked_fill(erased[:, None].to(x.device), 0.0)
-        return out + self.noise * torch.randn(x.shape, generator=generator).to(x)
+        erased = in_rows[:, :, None] & in_cols[:, None, :] & (torch.rand(n, 1, 1, generator=generator) < self.erase_p)
+        noise = torch.randn(n, *shape, generator=generator)
+        return {"theta": theta, "contrast": contrast, "erased": erased, "noise": noise}
+
+    def apply(self, x, params):
+        grid = F.affine_grid(params["theta"].to(x), list(x.shape), align_corners=False)
+        out = F.grid_sample(x, grid, padding_mode="zeros", align_corners=False)
+        out = out * params["contrast"].to(x).view(-1, 1, 1, 1)
+        out = out.masked_fill(params["erased"][:, None], 0.0)
+        return out + self.noise * params["noise"].to(x)

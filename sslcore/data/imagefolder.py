@@ -1,9 +1,12 @@
-"""``imagefolder:PATH[,size=32][,seed=0]``: images in class sub-folders, decoded by Pillow, resized to ``size``.
+"""``imagefolder:PATH[,size=32][,crop=SIZE][,seed=0]``: images in class sub-folders, decoded per item.
 
 ``PATH/train/<class>/*`` and ``PATH/val/<class>/*`` (or ``test/``) give the two splits; without
 them ``PATH/<class>/*`` is split per class into 80 % train / 20 % test by a ``seed``-ed shuffle of
-the sorted file names.  Classes are the sorted training sub-folder names.  Each image is read as
-RGB, its shorter side resized to ``size`` (antialiased) and the centre ``size x size`` cut out.
+the sorted file names.  Classes are the sorted training sub-folder names.  Nothing is decoded up
+front: :class:`FolderItems` reads one file per item (in the loader's workers), as RGB, its shorter
+side resized to ``size`` (antialiased) and the centre ``size x size`` cut out, as uint8.  The model
+sees ``crop x crop`` images: random crops of that size in training, the centre crop for features
+(``size=256,crop=224`` is the usual ImageNet evaluation); ``crop`` defaults to ``size``.
 """
 from __future__ import annotations
 
@@ -12,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import center_crop, resize
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp")
-DEFAULTS = dict(size=32, seed=0)
+DEFAULTS = dict(size=32, crop=0, seed=0)  # crop 0: the same as size
 TEST_FRACTION = 0.2
 
 
@@ -36,6 +40,9 @@ def parse_spec(spec: str) -> tuple[str, dict[str, int]]:
         raise ValueError("--data imagefolder needs a folder: --data imagefolder:PATH[,size=N]")
     if settings["size"] < 1:
         raise ValueError(f"imagefolder size must be >= 1, got {settings['size']}")
+    settings["crop"] = settings["crop"] or settings["size"]
+    if not 1 <= settings["crop"] <= settings["size"]:
+        raise ValueError(f"imagefolder crop must lie in [1, size={settings['size']}], got {settings['crop']}")
     return path, settings
 
 
@@ -51,21 +58,38 @@ def _listing(root: Path) -> dict[str, list[Path]]:
     return files
 
 
-def _decode(files: list[Path], size: int) -> torch.Tensor:
-    out = torch.empty(len(files), 3, size, size)
-    for i, f in enumerate(files):
-        try:
-            with Image.open(f) as pil:
-                img = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
-        except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
-            raise ValueError(f"imagefolder: cannot decode {str(f)!r}: {e}") from None
-        img = center_crop(resize(img, [size], antialias=True), [size, size])
-        out[i] = img.float() / 255.0
-    return out
+def decode(path: Path, size: int) -> torch.Tensor:
+    """One image file as uint8 ``[3, size, size]``: RGB, shorter side resized to ``size``, centre cut out.
+    JPEGs are decoded at a reduced scale where that still leaves ``size`` pixels (Pillow's ``draft``)."""
+    try:
+        with Image.open(path) as pil:
+            pil.draft("RGB", (size, size))
+            img = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
+    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"imagefolder: cannot decode {str(path)!r}: {e}") from None
+    return center_crop(resize(img, [size], antialias=True), [size, size]).contiguous()
 
 
-def load(spec: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x_train, y_train, x_test, y_test`` from ``PATH[,size=N][,seed=S]``; images ``[N, 3, size, size]`` in [0, 1]."""
+class FolderItems(Dataset):
+    """The files of one split as items: ``__getitems__(indices)`` decodes those files (:func:`decode`) and
+    gives ``(index, uint8 [b, 3, size, size])``.  Holds the file list only, never decoded images."""
+
+    def __init__(self, files: list[Path], size: int):
+        self.files, self.size = files, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return decode(self.files[i], self.size)
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.as_tensor(indices, dtype=torch.long), torch.stack([self[i] for i in indices])
+
+
+def load(spec: str) -> tuple[list[Path], torch.Tensor, list[Path], torch.Tensor, dict[str, int]]:
+    """``files_train, y_train, files_test, y_test, settings`` from ``PATH[,size=N][,crop=C][,seed=S]``; the files
+    are listed and checked to exist, not decoded."""
     path, settings = parse_spec(spec)
     root = Path(path)
     if not root.is_dir():
@@ -90,7 +114,7 @@ def load(spec: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
     for split in (train, test):
         files = [f for name in classes for f in split.get(name, [])]
         labels = [k for k, name in enumerate(classes) for _ in split.get(name, [])]
-        splits += [_decode(files, settings["size"]), torch.tensor(labels, dtype=torch.long)]
+        splits += [files, torch.tensor(labels, dtype=torch.long)]
     if not len(splits[3]):
         raise ValueError(f"imagefolder {path!r} gives no test images: add a val/ folder or more images per class")
-    return tuple(splits)
+    return (*splits, settings)

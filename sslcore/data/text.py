@@ -19,6 +19,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .augment import Recipe, build_recipe
+from .pipeline import TensorItems, to_float
+
 # Packages present in CPython 3.10-3.13 builds (not split out by distributions as tkinter/idlelib are).
 STDLIB_CLASSES = ("asyncio", "email", "http", "importlib", "json", "logging", "multiprocessing", "unittest",
                   "urllib", "xml")
@@ -57,6 +60,23 @@ class TokenData:
     def describe(self) -> str:
         """What a model for this data must fit, for error messages."""
         return f"{self.name} has sequences of {self.seq_len} tokens over a vocabulary of {self.vocab_size}"
+
+    @property
+    def n_train(self) -> int:
+        return len(self.x_train)
+
+    def items(self, split: str, limit: int | None = None) -> TensorItems:
+        """The ``split`` ("train" or "test") as items, the first ``limit`` only when given."""
+        return TensorItems((self.x_train if split == "train" else self.x_test)[:limit])
+
+    @staticmethod
+    def model_input(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @staticmethod
+    def build_recipe(name: str) -> Recipe:
+        """Token sequences have one recipe, ``none``: the objectives draw their own masks and offsets."""
+        return build_recipe("none", image_size=0)
 
     def raw_features(self, x: torch.Tensor) -> torch.Tensor:
         """The no-model probe baseline: each sequence's normalised token histogram ``[N, vocab_size]``."""
@@ -184,11 +204,12 @@ def load_image_tokens(arg: str) -> TokenData:
     images = load_dataset(arg)
     if images.kind != "image":
         raise ValueError(f"--data imagetokens:{arg}: {arg!r} is {images.kind} data, not images")
-    height, width = images.x_train.shape[-2:]
+    height, width = images.image_shape[1:]
     patch = patch or (2 if height <= 16 else 4)
     if height % patch or width % patch or height * width // patch ** 2 < 2:
         raise ValueError(f"patch {patch} must divide the {height}x{width} images into >= 2 patches (seq_len >= 2)")
     tokenizer = PixelTokenizer(patch, k, in_chans=images.in_chans, backend="torch")
-    tokenizer.fit(images.x_train, progress=False)
-    return TokenData(f"imagetokens:{images.name}", tokenizer.encode(images.x_train), images.y_train,
-                     tokenizer.encode(images.x_test), images.y_test, vocab_size=k, mask_ratio=0.75)
+    x_train, x_test = to_float(images.x_train), to_float(images.x_test)
+    tokenizer.fit(x_train, progress=False)
+    return TokenData(f"imagetokens:{images.name}", tokenizer.encode(x_train), images.y_train,
+                     tokenizer.encode(x_test), images.y_test, vocab_size=k, mask_ratio=0.75)

@@ -26,7 +26,7 @@ QUICK = dict(epochs=1, limit=512)
 
 
 def run(*, data: str = DATA, encoder: str = "transformer-tiny", epochs: int | None = None,
-        quick: bool = False, batch_size: int = 64, lr: float = 2e-3, seed: int = 0, eval_samples: int = 256,
+        quick: bool = False, batch_size: int = 64, lr: float = 8e-3, seed: int = 0, eval_samples: int = 256,
         left_to_right: bool = True, device: str = "auto", out: str = "runs/ar-vs-mlm",
         overwrite: bool = False) -> dict:
     """Pretrain each objective with the same settings; returns ``{"settings", "runs": {name: summary}}``
@@ -39,7 +39,7 @@ def run(*, data: str = DATA, encoder: str = "transformer-tiny", epochs: int | No
     t0, runs = time.perf_counter(), {}
     for name in OBJECTIVES:
         options = {"eval_samples": eval_samples, "prompts": PROMPTS, "left_to_right": left_to_right}
-        runs[name] = pretrain(PretrainConfig(method=name, out=str(Path(out) / name), options=options,
+        runs[name] = pretrain(PretrainConfig(method=name, out=str(Path(out) / name), options=options, baselines=True,
                                              overwrite=overwrite, **settings))
     return {"settings": settings, "runs": runs, "total_seconds": round(time.perf_counter() - t0, 1)}
 
@@ -86,7 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=DATA, help="token data: pystdlib[:LEN[:PER_CLASS]] or text:PATH[:LEN]" + d)
     p.add_argument("--encoder", default="transformer-tiny", help="transformer-tiny | -small | -base" + d)
     p.add_argument("--batch-size", type=_positive_int, default=64, help="sequences per step" + d)
-    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate" + d)
+    p.add_argument("--lr", type=float, default=8e-3, help="base learning rate per 256 sequences (peak: lr x batch "
+                   "/ 256)" + d)
     p.add_argument("--seed", type=int, default=0, help="seeds the inits, the batches, masks and offsets" + d)
     p.add_argument("--eval-samples", type=_positive_int, default=256, help="held-out sequences for generation" + d)
     p.add_argument("--no-left-to-right", action="store_true",

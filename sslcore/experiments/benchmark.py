@@ -77,7 +77,7 @@ def _train_all(data_spec: str, methods: list[str], out: Path, options: list, tra
     per = options_per_method(methods, options)
     train = dict(train)
     temperature = train.pop("temperature", None)
-    configs = {m: PretrainConfig(method=m, data=data_spec, out=str(out / m), options=per[m],
+    configs = {m: PretrainConfig(method=m, data=data_spec, out=str(out / m), options=per[m], baselines=True,
                                  temperature=temperature if "temperature" in method_options(m) else None, **train)
                for m in methods}
     return {m: pretrain(cfg) for m, cfg in configs.items()}  # all configs checked before the first run
@@ -197,7 +197,7 @@ def add_arguments(p: argparse.ArgumentParser, *, transfer: bool) -> None:
     defaults = PretrainConfig()
     p.add_argument("--encoder", "--backbone", default=defaults.encoder, help="smallcnn or a timm spec" + d)
     p.add_argument("--batch-size", type=setting("batch_size"), default=defaults.batch_size, help="images per step" + d)
-    p.add_argument("--lr", type=setting("lr"), default=defaults.lr, help="peak AdamW learning rate" + d)
+    p.add_argument("--lr", type=setting("lr"), default=defaults.lr, help="base learning rate per 256 images" + d)
     p.add_argument("--temperature", type=setting("temperature"),
                    help="loss temperature of the methods that have one (default: each method's own)")
     p.add_argument("--seed", type=setting("seed"), default=defaults.seed, help="seed of every run" + d)

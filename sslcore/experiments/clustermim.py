@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..data import data_spec_arg, load_dataset
+from ..data.pipeline import to_float
 from ..metrics import tcas, tcas_class_blind, token_class_nmi
 from ..methods.clustermim import TOKENIZER_HELP, build_tokenizer  # noqa: F401 - TOKENIZER_HELP for the CLI
 from ..methods.mae import MaskedImageModel
@@ -31,7 +32,7 @@ def _patch_size(data, patch_size: int | None) -> int:
 def score_tokenizer(tok, data, *, batch_size: int = 512) -> dict:
     """TCAS, the class-blind tokenizer's TCAS at the same K and N, and NMI(token, class) of ``tok`` on
     ``data``'s held-out images."""
-    tokens = torch.cat([tok.encode(x) for x in data.x_test.split(batch_size)]).cpu()
+    tokens = torch.cat([tok.encode(to_float(x)) for x in data.x_test.split(batch_size)]).cpu()
     n_classes = int(data.y_train.max()) + 1
     return {"tcas": tcas(tokens, data.y_test, tok.n_clusters, n_classes),
             "tcas_blind": tcas_class_blind(tokens, data.y_test, tok.n_clusters, n_classes),
@@ -69,7 +70,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def study(*, data: str = "digits", epochs: int = 100, batch_size: int = 128, lr: float = 1e-3,
+def study(*, data: str = "digits", epochs: int = 100, batch_size: int = 128, lr: float = 2e-3,
           pixel_k: tuple[int, ...] = (16, 50), feature_k: tuple[int, ...] = (50, 200), seed: int = 0,
           out: str = "runs/mim-study", overwrite: bool = False) -> dict:
     """Train MAE, then ClusterMIM per tokenizer with the same budget; rows of the study table
@@ -77,7 +78,7 @@ def study(*, data: str = "digits", epochs: int = 100, batch_size: int = 128, lr:
     t0, out_dir = time.perf_counter(), Path(out)
     common = dict(data=data, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.05, seed=seed,
                   warmup_epochs=max(1, epochs // 10), overwrite=overwrite)
-    mae = pretrain(PretrainConfig(method="mae", out=str(out_dir / "mae"), **common))
+    mae = pretrain(PretrainConfig(method="mae", out=str(out_dir / "mae"), baselines=True, **common))
     dataset = load_dataset(data)
     p = _patch_size(dataset, None)
     specs = [("pixel", k) for k in pixel_k] + [(f"feature:{out_dir / 'mae' / 'checkpoint.pt'}", k) for k in feature_k]

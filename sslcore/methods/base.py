@@ -20,6 +20,9 @@ class SSLMethod(nn.Module):
     ``data_kinds`` lists the ``data.kind`` values the method trains on; ``evaluate(data)`` may add
     method-specific held-out metrics to the run's summary (besides the probes every run gets).
     A (global) batch needs at least ``min_batch_size`` samples, for ``min_batch_reason``.
+    ``recipe`` names the augmentation ``--augment auto`` gives the method (None: the data's own choice
+    for view-invariance methods, e.g. ``simclr``); ``optimizer_defaults`` are keyword arguments for
+    the optimizer (e.g. AdamW's betas) where it takes them.
     Keyword options are annotated with their domains (:mod:`sslcore.checks`): the trainer checks
     them against these before any work.
     """
@@ -28,6 +31,8 @@ class SSLMethod(nn.Module):
     n_views = 2
     data_kinds: tuple[str, ...] = ("image",)
     min_batch_size, min_batch_reason = 1, ""
+    recipe: str | None = None
+    optimizer_defaults: dict = {}
 
     def __init__(self, encoder: nn.Module):
         super().__init__()

@@ -10,6 +10,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from ..data.pipeline import to_float
 from ..checks import Backend, PositiveInt, Seed, UnitInterval, Width
 from ..tokenizers import FeatureTokenizer, PixelTokenizer, RandomTokenizer, load_tokenizer
 from .mae import MAE, MaskedImageModel
@@ -22,7 +23,7 @@ def build_tokenizer(spec: str, data, *, n_clusters: int | None, patch_size: int,
                     backend: str = "auto"):
     """The tokenizer named by ``spec`` for ``data``, fitted on its training images (unless loaded);
     ``backend`` is the k-means kernels' backend."""
-    in_chans = data.x_train.shape[1]
+    in_chans = data.in_chans
     if spec == "random":
         return RandomTokenizer(patch_size, 50 if n_clusters is None else n_clusters, seed=seed)
     if spec == "pixel":
@@ -43,7 +44,7 @@ def build_tokenizer(spec: str, data, *, n_clusters: int | None, patch_size: int,
         if n_clusters is not None and tok.n_clusters != n_clusters:
             raise ValueError(f"tokenizer {spec!r} has {tok.n_clusters} clusters, not n_clusters={n_clusters}")
         return tok
-    return tok.fit(data.x_train)
+    return tok.fit(to_float(data.x_train))
 
 
 def feature_model_spec(checkpoint: str, data) -> tuple[str, dict]:

@@ -25,9 +25,11 @@ def default_patch_size(image_size: int) -> int:
 class MaskedImageModel(SSLMethod):
     """Encoder ``timm.create_model(encoder_name, **encoder_kwargs)`` (a ViT with mean-pooled features
     for probes) inside a :class:`~sslcore.models.mae.MaskedAutoencoder`; subclasses give ``out_dim``
-    and ``patch_loss(pred, images, mask)``."""
+    and ``patch_loss(pred, images, mask)``.  MAE's recipe: crop and flip only, AdamW betas (0.9, 0.95)."""
 
     n_views = 1
+    recipe = "mae"
+    optimizer_defaults = {"betas": (0.9, 0.95)}
 
     def __init__(self, encoder_name: str, encoder_kwargs: dict, out_dim: int, *, mask_ratio: Fraction = 0.75,
                  decoder_dim: Width = 64, decoder_depth: LayerCount = 2, decoder_heads: LayerCount = 4):
@@ -46,7 +48,7 @@ class MaskedImageModel(SSLMethod):
     def encoder_spec(data, encoder: str, patch_size: int | None = None) -> tuple[str, dict]:
         """The timm name and kwargs of the ViT for ``data``'s images (``smallcnn``, the trainer's
         default, means :data:`SMALL_VIT`)."""
-        _, c, h, w = data.x_train.shape
+        c, h, w = data.image_shape
         p = default_patch_size(min(h, w)) if patch_size is None else patch_size
         if h % p or w % p:
             raise ValueError(f"images of size {h}x{w} are not a multiple of patch_size={p}")

@@ -19,7 +19,8 @@ from .gcn import GCN
 ENCODERS = {"smallcnn": SmallCNN}
 
 
-def _parse(spec: str) -> tuple[str, bool, dict]:
+def parse_spec(spec: str) -> tuple[str, bool, dict]:
+    """``NAME[:small][,KEY=VALUE...]`` -> ``(name, small, timm kwargs)``."""
     name, _, rest = spec.partition(":")
     small, kwargs = False, {}
     for item in filter(None, rest.split(",")):
@@ -48,7 +49,7 @@ def small_stem(model: nn.Module, in_chans: int) -> nn.Module:
 
 def create_encoder(spec: str, *, in_chans: int = 1) -> nn.Module:
     """A registered encoder by name, else a timm model (``num_classes=0``: pooled features); see the module doc."""
-    name, small, kwargs = _parse(spec)
+    name, small, kwargs = parse_spec(spec)
     if name in ENCODERS:
         if small or kwargs:
             raise ValueError(f"encoder {name!r} takes no options, got {spec!r}")
@@ -62,4 +63,4 @@ def create_encoder(spec: str, *, in_chans: int = 1) -> nn.Module:
     return small_stem(model, in_chans) if small else model
 
 
-__all__ = ["ENCODERS", "GCN", "SmallCNN", "create_encoder", "small_stem"]
+__all__ = ["ENCODERS", "GCN", "SmallCNN", "create_encoder", "parse_spec", "small_stem"]

@@ -2,13 +2,15 @@
 
 A checkpoint is a plain dict of tensors and Python scalars::
 
-    {"format": "sslcore-checkpoint", "version": 3, "checksum": str, "method": str, "config": dict,
-     "epoch": int, "model": state_dict, "optimizer": state_dict, "generator": ByteTensor (data RNG state),
-     "rng": {"cpu": ByteTensor, "cuda": ByteTensor | None} (torch's global RNG: masks, dropout)}
+    {"format": "sslcore-checkpoint", "version": 4, "checksum": str, "method": str, "config": dict,
+     "epoch": int, "model": state_dict, "optimizer": state_dict, "generator": ByteTensor (data order and
+     augmentation RNG state), "rng": {"cpu": ByteTensor, "cuda": ByteTensor | None} (torch's global RNG:
+     masks, dropout), "scaler": dict (the fp16 GradScaler's state; empty otherwise)}
 
 ``epoch`` counts completed epochs.  A run stopped inside an epoch (Ctrl-C) adds
 ``"position": {"step": int, "perm": LongTensor, "losses": FloatTensor}``: the steps of epoch
-``epoch + 1`` already taken, that epoch's data order and its step losses so far.
+``epoch + 1`` already taken (a whole number of optimizer steps), that epoch's data order and its
+step losses so far.  Version 4 (the streaming pipeline, optimizer parameter groups) reads no older one.
 
 ``checksum`` is the SHA-256 of every other entry (:func:`content_digest`: keys, types, shapes and
 the bytes of every tensor), so a flipped byte anywhere in the values is caught on load.  The
@@ -24,11 +26,12 @@ from pathlib import Path
 
 import torch
 
-FORMAT, VERSION = "sslcore-checkpoint", 3
+FORMAT, VERSION = "sslcore-checkpoint", 4
 KEYS = ("method", "config", "epoch", "model", "optimizer", "generator", "rng")
 # What eval and resume read from a checkpoint's config (a PretrainConfig as a dict).
 CONFIG_KEYS = ("method", "data", "encoder", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
-               "temperature", "seed", "limit", "backend", "options")
+               "temperature", "seed", "limit", "backend", "options", "augment", "optimizer", "accumulate",
+               "clip_grad", "weight_decay_all")
 
 
 class CheckpointError(ValueError):

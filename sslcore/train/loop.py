@@ -1,8 +1,16 @@
-"""The pretraining loop: plain PyTorch, AdamW with warm-up + cosine, atomic per-epoch checkpoints,
-JSON-lines metrics, then linear/k-NN probes of the trained encoder against two baselines.
+"""The pretraining loop: plain PyTorch, timm's optimizers with warm-up + cosine, atomic per-epoch
+checkpoints, JSON-lines metrics, then frozen-feature probes of the trained encoder.
 
-Ctrl-C (SIGINT, or SIGTERM as torchrun sends it) stops at the end of the current step: the
-checkpoint then holds the state after that step and its place in the epoch (``position``, see
+Data (:mod:`sslcore.data.pipeline`): a ``DataLoader`` per rank (``--workers`` processes, pinned memory,
+prefetch) reads only this rank's shard of each global batch; the epoch's order is a permutation drawn
+from the run's generator, and the augmentation parameters of the whole global batch are drawn from the
+same generator in the main process, each rank applying its own rows on the device.  A rank's views
+are therefore those one process would make on the whole batch, whatever the workers, and the
+checkpoint's generator state plus mid-epoch ``position`` (the permutation and the step) resume the
+run bit for bit.
+
+Ctrl-C (SIGINT, or SIGTERM as torchrun sends it) stops at the end of the current optimizer step:
+the checkpoint then holds the state after that step and its place in the epoch (``position``, see
 :mod:`.checkpoint`), ``--resume`` continues bit-for-bit from there, and :class:`TrainingInterrupted`
 is raised.  A second Ctrl-C aborts at once, without a checkpoint.
 
@@ -14,153 +22,48 @@ and DDP's gradient average is the single-process gradient, with no scaling (ligh
 :mod:`sslcore.dist`); BatchNorm is synchronised.  The batch size is the global one; the logged
 epoch loss is the mean over ranks.  Only rank 0 writes files, shows progress and runs the probes.
 
+An optimizer step: ``--accumulate K`` sums the gradients of K batches (each loss divided by the
+batches in its group); the learning rate is ``--lr`` scaled by ``batch x K / 256``; norms and biases
+get no weight decay (``--weight-decay-all`` puts it back); ``--clip-grad`` clips the global norm;
+``--precision fp16`` scales the loss with a ``GradScaler``.
+
 Before any work: every setting is checked (:class:`PretrainConfig`), the run directory is locked
 and refused if it holds another run (:mod:`.rundir`), and a checkpoint to resume is checked whole.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import threading
 import time
-import typing
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
 
 import torch
 import torch.distributed
+import yaml
 from torch import nn
 from tqdm import tqdm
 
 from .. import dist
-from ..checks import Backend, NonNegative, NonNegativeInt, PositiveInt, Range, Seed, Temperature, check_value
-from ..data import check_data_spec, data_kind, load_dataset
-from ..kernels import resolve_backend
-from ..methods import check_options, get_method, method_options, option_parameters
+from ..data import FolderData, load_dataset, resolve_recipe
+from ..data.pipeline import ShardBatchSampler, loader, to_float
+from ..methods import get_method, method_options
 from .checkpoint import (CheckpointError, atomic_write, check_optimizer_state, check_state_dict, load_checkpoint,
                          save_checkpoint)
+from .config import RUN_KEYS, PretrainConfig, resolve_device, resolve_precision
 from .evaluate import build_model, probe
 from .rundir import RunDirectory
+from .tracking import RunLog, environment
 
-# Options that define a run: resuming with different values is refused (epochs may be extended).
-RUN_KEYS = ("method", "data", "encoder", "batch_size", "lr", "weight_decay", "warmup_epochs", "temperature",
-            "seed", "limit", "options")
-# AdamW moves every weight by about lr per step: above 1 that is noise, not a learning rate.
-LearningRate = Annotated[float, Range(0, 1, low_open=True)]
-# Method options the trainer sets itself (from --backend, and under torchrun).
-TRAINER_OPTIONS = {"backend": "--backend", "gather_distributed": "torchrun"}
-
-
-@dataclass
-class PretrainConfig:
-    """One run's settings: the ``sslcore pretrain`` options (``--batch-size`` is ``batch_size``).
-
-    Each is checked on creation against its annotated domain (the CLI parses with the same
-    annotations), and so are the cross-checks that need no data: the data kind against the
-    method, the method's options, the batch size against the method's minimum, the device and
-    backend.  ``temperature=None`` means the method's own default (then stored here); a method
-    without a temperature takes none.  ``-o temperature=`` is the same as ``--temperature``, not both.
-    """
-
-    method: str = "simclr"
-    data: str = "digits"
-    encoder: str = "smallcnn"
-    epochs: PositiveInt = 100
-    batch_size: PositiveInt = 256
-    lr: LearningRate = 2e-3
-    weight_decay: NonNegative = 1e-4
-    warmup_epochs: NonNegativeInt = 3
-    temperature: Temperature | None = None
-    seed: Seed = 0
-    limit: PositiveInt | None = None  # pretrain on the first `limit` training images only (smoke tests)
-    device: str = "auto"
-    backend: Backend = "auto"  # the loss's backend: auto | triton | torch
-    out: str | None = None  # default runs/<method>-<data>
-    resume: str | None = None  # checkpoint to continue from; "" = OUT/checkpoint.pt
-    overwrite: bool = False  # replace the run in OUT (deleted only when this run is ready to train)
-    options: dict = dataclasses.field(default_factory=dict)  # the method's own options (``--option KEY=VALUE``)
-
-    def __post_init__(self):
-        cls = get_method(self.method)
-        if not isinstance(self.options, dict):
-            raise ValueError(f"options must be a dict, got {self.options!r}")
-        options = dict(self.options)
-        for key, flag in TRAINER_OPTIONS.items():
-            if key in options:
-                raise ValueError(f"-o {key} is set by the trainer ({flag}), not as a method option")
-        if "temperature" in options:
-            if self.temperature is not None:
-                raise ValueError(f"the temperature is given twice, --temperature {self.temperature} and "
-                                 f"-o temperature={options['temperature']!r}: give one")
-            self.temperature = check_value("-o temperature", options.pop("temperature"), Temperature)
-        hints = typing.get_type_hints(type(self), include_extras=True)
-        for f in dataclasses.fields(self):
-            if f.name != "options":
-                setattr(self, f.name, check_value(_flag(f.name), getattr(self, f.name), hints[f.name]))
-        self.options = check_options(self.method, options)
-        check_data_spec(self.data)
-        if data_kind(self.data) not in cls.data_kinds:
-            raise ValueError(f"method {self.method!r} trains on {' or '.join(cls.data_kinds)} data; --data {self.data} "
-                             f"is {data_kind(self.data)} data")
-        params = option_parameters(self.method)
-        if "temperature" in params:
-            if self.temperature is None:
-                self.temperature = params["temperature"].default
-        elif self.temperature is not None:
-            raise ValueError(f"method {self.method!r} has no temperature (its loss has no softmax over negatives); "
-                             "leave out --temperature")
-        if self.lr * self.weight_decay >= 1:
-            raise ValueError(f"--lr {self.lr:g} x --weight-decay {self.weight_decay:g} must be < 1: AdamW multiplies "
-                             "every weight by 1 - lr x weight_decay each step")
-        if self.batch_size < cls.min_batch_size:
-            raise ValueError(f"--batch-size {self.batch_size} is too small for {self.method}: it needs at least "
-                             f"{cls.min_batch_size} samples per batch ({cls.min_batch_reason})")
-        if self.resume is not None and self.overwrite:
-            raise ValueError("--resume continues a run and --overwrite starts a new one: give one")
-        device = resolve_device(self.device)
-        try:
-            resolve_backend(self.backend, device)
-        except RuntimeError as e:
-            raise ValueError(f"--backend {self.backend} on --device {self.device}: {e}") from None
-        if self.out is None:
-            self.out = str(Path("runs") / f"{self.method}-{self.data.partition(':')[0]}")
-        if self.resume == "":
-            self.resume = str(Path(self.out) / "checkpoint.pt")
-
-
-def _flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
-def cli_domain(field: str):
-    """The annotated domain of a ``PretrainConfig`` field, for the CLI's parser."""
-    return typing.get_type_hints(PretrainConfig, include_extras=True)[field]
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> cuda when available, else cpu; anything else must name a device this machine has
-    (cpu, cuda[:N], mps) or a ``ValueError`` says why not."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"--device {device!r} is not a torch device: {e}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device!r}: CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"--device {device!r}: this torch build or machine has no MPS device")
-    elif dev.type != "cpu":
-        raise ValueError(f"--device {device!r}: training and probes run on cpu, cuda or mps, not {dev.type} "
-                         "(meta tensors, for one, hold no values)")
-    return dev
+# --optimizer -> timm's name: timm's "sgd" is Nesterov; the SSL papers' SGD is plain momentum SGD.
+TIMM_OPTIMIZERS = {"adamw": "adamw", "sgd": "momentum", "lars": "lars", "lamb": "lamb"}
+TAKES_BETAS = ("adamw", "lamb")
+MOMENTUM = 0.9  # SGD's and LARS's
+MAX_AUTO_WORKERS = 8
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -266,21 +169,43 @@ def _load_resume(cfg: PretrainConfig) -> dict:
     return ckpt
 
 
-def _resume_state(cfg: PretrainConfig, ckpt: dict, model, optimizer, generator, steps_per_epoch: int,
+def _resume_state(cfg: PretrainConfig, ckpt: dict, model, optimizer, scaler, generator, steps_per_epoch: int,
                   n_train: int) -> tuple[int, dict | None]:
-    """Load ``ckpt`` into model/optimizer/generator after checking all of it against them; returns its
-    epoch and its mid-epoch position (or None)."""
+    """Load ``ckpt`` into model/optimizer/scaler/generator after checking all of it against them; returns
+    its epoch and its mid-epoch position (or None)."""
     check_state_dict("model", ckpt["model"], model.state_dict())
     check_optimizer_state("optimizer", ckpt["optimizer"], optimizer)
     position = _check_position(ckpt.get("position"), steps_per_epoch, n_train, cfg.resume)
     try:
         generator.set_state(ckpt["generator"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {cfg.resume!r} has an unusable optimizer/generator state: {e}") from None
     model.load_state_dict(ckpt["model"])
     set_global_rng_state(ckpt["rng"], cfg.resume)
     return ckpt["epoch"], position
+
+
+def build_optimizer(cfg: PretrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """``--optimizer`` through timm's factory at the peak learning rate, over two parameter groups: weight
+    decay on the weights of dimension >= 2, none on norms, biases and the encoder's ``no_weight_decay()``
+    (a timm ViT's position embedding and class token), unless ``--weight-decay-all``.  The method's
+    ``optimizer_defaults`` (MAE: betas (0.9, 0.95)) apply where the optimizer takes them."""
+    from timm.optim import create_optimizer_v2, param_groups_weight_decay
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if cfg.weight_decay_all or not cfg.weight_decay:
+        groups = [{"params": trained, "weight_decay": cfg.weight_decay}]
+    else:
+        skip = getattr(model.encoder, "no_weight_decay", set)()
+        groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=[f"encoder.{n}" for n in skip])
+    extra = {k: v for k, v in model.optimizer_defaults.items() if k != "betas" or cfg.optimizer in TAKES_BETAS}
+    if cfg.optimizer in ("sgd", "lars"):
+        extra["momentum"] = MOMENTUM
+    return create_optimizer_v2(groups, opt=TIMM_OPTIMIZERS[cfg.optimizer], lr=cfg.peak_lr,
+                               weight_decay=cfg.weight_decay, **extra)
 
 
 def _diverged(cfg: PretrainConfig, epoch: int, what: str) -> FloatingPointError:
@@ -341,49 +266,92 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, t_start: float) -> dict
         return _run(cfg, device, t_start, run)
 
 
+def _workers(cfg: PretrainConfig, data, world: int) -> int:
+    """``--workers``, or by default: none for data in memory, else up to 8 per rank on this host's cores."""
+    if cfg.workers is not None:
+        return cfg.workers
+    if not isinstance(data, FolderData):
+        return 0
+    return max(1, min(MAX_AUTO_WORKERS, (os.cpu_count() or 1) // world))
+
+
+def _check_raw_pixels(data) -> None:
+    """``--baselines`` probes raw pixels, held as features on the device: refuse sizes that cannot be held."""
+    from ..data import MAX_RESIDENT_BYTES
+
+    if data.kind != "image":
+        return
+    need = (len(data.y_train) + len(data.y_test)) * math.prod(data.image_shape) * 4
+    if need > MAX_RESIDENT_BYTES:
+        raise ValueError(f"--baselines probes raw pixels: {data.describe()}, {need / 2 ** 30:.1f} GiB of features "
+                         f"(more than {MAX_RESIDENT_BYTES / 2 ** 30:.0f} GiB); leave out --baselines on data this "
+                         "large")
+
+
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDirectory) -> dict:
     """The run itself, in the locked run directory ``run``."""
     world, rank, main = dist.world_size(), dist.rank(), dist.is_main_process()
     ckpt = _load_resume(cfg) if cfg.resume is not None else None
     data = load_dataset(cfg.data)
-    x_train = data.x_train[:cfg.limit].to(device)
-    if cfg.batch_size > len(x_train):
-        raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training set ({len(x_train)} images)")
+    n_train = min(cfg.limit or data.n_train, data.n_train)
+    if cfg.batch_size > n_train:
+        raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training set ({n_train} images)")
+    if cfg.baselines:
+        _check_raw_pixels(data)
+    recipe_name = resolve_recipe(cfg.augment, get_method(cfg.method).recipe, data)
+    recipe = data.build_recipe(recipe_name)
+    workers = _workers(cfg, data, world)
 
     torch.manual_seed(cfg.seed)
     config = dataclasses.asdict(cfg)
     model, step_loss = build_training_model(config, data, device)
-    init_state = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentations
+    init_state = {k: v.clone() for k, v in model.state_dict().items()} if cfg.baselines else None
+    optimizer = build_optimizer(cfg, model)
+    amp_dtype = resolve_precision(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    generator = torch.Generator().manual_seed(cfg.seed)  # the data order and the augmentations
     start_epoch, position = 0, None
-    steps_per_epoch = len(x_train) // cfg.batch_size  # drop_last: every step sees a full batch
+    steps_per_epoch = n_train // cfg.batch_size  # drop_last: every step sees a full batch
     if ckpt is not None:
-        start_epoch, position = _resume_state(cfg, ckpt, model, optimizer, generator, steps_per_epoch, len(x_train))
+        start_epoch, position = _resume_state(cfg, ckpt, model, optimizer, scaler, generator, steps_per_epoch,
+                                              n_train)
+    ddp = step_loss if isinstance(step_loss, nn.parallel.DistributedDataParallel) else None
+    forward = torch.compile(step_loss) if cfg.compile else step_loss
     shard = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+    updates_per_epoch = math.ceil(steps_per_epoch / cfg.accumulate)  # optimizer steps; the last group may be short
+    total_updates, warmup = cfg.epochs * updates_per_epoch, cfg.warmup_epochs * updates_per_epoch
+    first_step = position["step"] if position else 0
+    update = start_epoch * updates_per_epoch + first_step // cfg.accumulate  # a position is a group boundary
 
     run.replace_previous()  # --overwrite: the old run goes only now, with the new one ready to train
     out = Path(cfg.out)
-    ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
-    metrics = []
+    ckpt_path = out / "checkpoint.pt"
     if main:
-        if start_epoch and metrics_path.exists():  # keep the lines of the epochs the checkpoint holds
-            metrics = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r["epoch"] <= start_epoch]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in metrics))
+        atomic_write(out / "config.yaml", yaml.safe_dump(cfg.settings(), sort_keys=False).encode(), "config")
+    log = RunLog(out, device, enabled=main, epoch=start_epoch, step=update, tensorboard=cfg.tensorboard,
+                 say=tqdm.write)
 
     def save(epoch, **extra):
         if main:
             save_checkpoint(ckpt_path, method=cfg.method, config=config, epoch=epoch, model=model.state_dict(),
                             optimizer=optimizer.state_dict(), generator=generator.get_state(),
-                            rng=global_rng_state(device), **extra)
+                            rng=global_rng_state(device), scaler=scaler.state_dict(), **extra)
 
-    total_steps, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    first_step = position["step"] if position else 0
-    bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch + first_step, desc=f"{cfg.method}/{data.name}",
-               unit="step", dynamic_ncols=True, disable=not main)
-    if main and cfg.temperature is not None:
-        tqdm.write(f"{cfg.method}: temperature {cfg.temperature:g}")
+    amp = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    # features in batches of the images a training step encodes on a rank: a size known to fit
+    probing = dict(device=device, workers=workers, batch_size=cfg.batch_size // world * model.n_views)
+    sampler = ShardBatchSampler(n_train, cfg.batch_size, world=world, rank=rank)
+    batches_of = loader(data.items("train", cfg.limit), sampler, workers=workers, device=device)
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch + first_step,
+               desc=f"{cfg.method}/{data.name}", unit="step", dynamic_ncols=True, disable=not main)
+    if main:
+        tau = f"temperature {cfg.temperature:g}, " if cfg.temperature is not None else ""
+        tqdm.write(f"{cfg.method}: {tau}augment {recipe_name}, {cfg.optimizer} at lr {cfg.peak_lr:g} (--lr "
+                   f"{cfg.lr:g} x {cfg.effective_batch}/256), {PRECISION_NAMES[amp_dtype]}, {workers} data workers")
+    final_loss = None
     model.train()
     with _StopRequest() as stop:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
@@ -392,31 +360,47 @@ def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDire
                 perm, losses, first = position["perm"], list(position["losses"].to(device)), position["step"]
                 position = None
             else:
-                perm, losses, first = torch.randperm(len(x_train), generator=generator), [], 0
+                perm, losses, first = torch.randperm(n_train, generator=generator), [], 0
+            sampler.set_epoch(perm, first)
+            batches = iter(batches_of)
             for i in range(first, steps_per_epoch):
-                step = (epoch - 1) * steps_per_epoch + i
-                lr = lr_at(step, total_steps, warmup, cfg.lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                index = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size].to(device)
-                x = x_train[index]
-                views = [data.augment(x, generator)[shard] for _ in range(model.n_views)]
-                try:
-                    with amp:
-                        loss = step_loss(views, index=index[shard], epoch=epoch)
-                except ValueError as e:  # e.g. "z contains NaN or Inf" once the weights have blown up
-                    if not _finite(model):
-                        raise _diverged(cfg, epoch, f"the weights hold NaN or Inf at step {i + 1}") from e
-                    raise
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                group_start = i - i % cfg.accumulate
+                group = min(cfg.accumulate, steps_per_epoch - group_start)  # batches summed into this update
+                last = i == group_start + group - 1
+                if i == group_start:
+                    lr = lr_at(update, total_updates, warmup, cfg.peak_lr)
+                    for param_group in optimizer.param_groups:
+                        param_group["lr"] = lr
+                index, x = next(batches)  # this rank's shard of global batch i
+                index, x = index.to(device, non_blocking=True), to_float(x.to(device, non_blocking=True))
+                views = recipe.views(x, generator, model.n_views, batch=cfg.batch_size, rows=shard)
+                with contextlib.nullcontext() if last or ddp is None else ddp.no_sync():
+                    try:
+                        with amp:
+                            loss = forward(views, index=index, epoch=epoch)
+                    except ValueError as e:  # e.g. "z contains NaN or Inf" once the weights have blown up
+                        if not _finite(model):
+                            raise _diverged(cfg, epoch, f"the weights hold NaN or Inf at step {i + 1}") from e
+                        raise
+                    scaler.scale(loss / group).backward()
                 losses.append(loss.detach().float())
                 bar.update()
-                if i == steps_per_epoch - 1 or bar.n % 5 == 0:
+                if not last:
+                    continue
+                grad_norm = None
+                if cfg.clip_grad is not None:
+                    scaler.unscale_(optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                update += 1
+                log.step(update, epoch, torch.stack(losses[-group:]).mean(), lr, group * cfg.batch_size, grad_norm)
+                if i == steps_per_epoch - 1 or bar.n % 5 < group:
                     rate = (i + 1 - first) * cfg.batch_size / (time.perf_counter() - t0)
                     bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
                 if i < steps_per_epoch - 1 and stop.any_rank(device):
+                    log.close()
                     save(epoch - 1, position={"step": i + 1, "perm": perm, "losses": torch.stack(losses).cpu()})
                     bar.close()
                     raise TrainingInterrupted(str(ckpt_path), epoch, i + 1)
@@ -427,32 +411,37 @@ def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDire
             row = {"epoch": epoch, "loss": mean_loss.item(), "lr": lr, "time": round(time.perf_counter() - t0, 3)}
             if not math.isfinite(row["loss"]):
                 raise _diverged(cfg, epoch, f"its mean loss is {row['loss']}")
-            metrics.append(row)
-            if main:
-                with metrics_path.open("a") as f:  # before the checkpoint: a resume drops lines past its epoch
-                    f.write(json.dumps(row) + "\n")
+            final_loss = row["loss"]
+            if main and cfg.eval_every and epoch % cfg.eval_every == 0:
+                row.update(probe(data, model, sklearn=False, **probing))
+            log.epoch(row, update)  # before the checkpoint: a resume drops lines past its epoch
             save(epoch)
             if epoch < cfg.epochs and stop.any_rank(device):
+                log.close()
                 bar.close()
                 raise TrainingInterrupted(str(ckpt_path), epoch + 1, 0)
     bar.close()
+    log.close()
     train_time = time.perf_counter() - t_start
 
     summary = None
     if main:
-        random_model = build_model(config, data).to(device)
-        random_model.load_state_dict(init_state)
-        probes = {"trained": probe(data, model), "random_init": probe(data, random_model),
-                  "raw_pixels": probe(data, None)}
+        probes = {"trained": probe(data, model, **probing)}
+        if cfg.baselines:
+            random_model = build_model(config, data).to(device)
+            random_model.load_state_dict(init_state)
+            probes["random_init"] = probe(data, random_model, **probing)
+            probes["raw_pixels"] = probe(data, None, **probing)
         model.eval()
         method_eval = model.evaluate(data)
         summary = {"method": cfg.method, "data": cfg.data, "encoder": cfg.encoder,
                    "encoder_class": type(model.encoder).__name__, "raw_features": data.raw_name, "epochs": cfg.epochs,
-                   "temperature": cfg.temperature,
-                   "final_loss": metrics[-1]["loss"] if metrics else None, "n_train": len(data.y_train),
-                   "n_test": len(data.y_test), "device": str(device), "world_size": world,
+                   "temperature": cfg.temperature, "augment": recipe_name, "optimizer": cfg.optimizer,
+                   "base_lr": cfg.lr, "peak_lr": cfg.peak_lr, "effective_batch": cfg.effective_batch,
+                   "precision": PRECISION_NAMES[amp_dtype], "workers": workers, "final_loss": final_loss,
+                   "n_train": len(data.y_train), "n_test": len(data.y_test), "device": str(device), "world_size": world,
                    "train_time_s": round(train_time, 2), "total_time_s": round(time.perf_counter() - t_start, 2),
-                   "probes": probes, "eval": method_eval, "config": config}
+                   "probes": probes, "eval": method_eval, "environment": environment(device), "config": config}
         atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode(), "summary")
     if world > 1:
         shared = [summary]

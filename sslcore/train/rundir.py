@@ -24,12 +24,13 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import sys
 from pathlib import Path
 
 LOCK_NAME = ".lock"
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json")
+RUN_FILES = ("checkpoint.pt", "config.yaml", "metrics.jsonl", "steps.jsonl", "summary.json", "tensorboard")  # sorted
 TEMP = re.compile(r"\.(.+)\.(\d+)\.tmp")  # what checkpoint.atomic_write leaves when killed mid-write
 
 
@@ -70,7 +71,11 @@ class RunDirectory:
         """With ``overwrite``: delete the previous run's :data:`RUN_FILES` (call it when the new run is ready)."""
         if self.enabled and self.overwrite:
             for name in RUN_FILES:
-                (self.path / name).unlink(missing_ok=True)
+                path = self.path / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
 
     def _lock(self) -> None:
         lock = self.path / LOCK_NAME

@@ -1,0 +1,146 @@
+"""What a run records beside its checkpoint: per-epoch and per-step JSON lines, TensorBoard event files,
+and the environment it ran in.
+
+* ``metrics.jsonl``: one line per epoch (mean loss, lr, time; the probes of ``--eval-every``).
+* ``steps.jsonl``: one line per optimizer step: ``step``, ``epoch``, ``loss``, ``lr``, ``img_s`` (images per
+  second over the last :data:`FLUSH_EVERY` steps), ``mem_mib`` (CUDA: the peak allocated since the last
+  line; CPU: the process's peak resident set), and ``grad_norm`` with ``--clip-grad``.  The losses wait
+  on the device and are read every :data:`FLUSH_EVERY` steps in one transfer, so logging does not
+  synchronise every step.
+* ``tensorboard/``: the same scalars as event files, when the ``tensorboard`` package is installed
+  (``pip install tensorboard``); without it the run says so once and goes on.
+A resumed run first drops the lines (and event steps) past its checkpoint.  Only rank 0 writes.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+FLUSH_EVERY = 10
+TENSORBOARD_DIR = "tensorboard"
+
+
+def _keep(path: Path, key: str, last: int) -> None:
+    """Keep the lines of ``path`` whose ``key`` is at most ``last`` (a resume continues from ``last``)."""
+    rows = [r for r in map(json.loads, path.read_text().splitlines()) if r[key] <= last] if path.exists() else []
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+class RunLog:
+    """The run's JSON lines and event files (see the module docstring); a no-op unless ``enabled``."""
+
+    def __init__(self, out: Path, device: torch.device, *, enabled: bool, epoch: int = 0, step: int = 0,
+                 tensorboard: bool = True, say=print):
+        self.out, self.device, self.enabled = Path(out), device, enabled
+        self.pending: list[tuple[int, int, torch.Tensor, float, int, torch.Tensor | None]] = []
+        self.t_flush, self.writer = time.perf_counter(), None
+        if not enabled:
+            return
+        _keep(self.out / "metrics.jsonl", "epoch", epoch)
+        _keep(self.out / "steps.jsonl", "step", step)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                say("tensorboard is not installed: no event files (pip install tensorboard, or sslcore[tensorboard]); "
+                    "metrics.jsonl and steps.jsonl are written as always")
+            else:
+                self.writer = SummaryWriter(str(self.out / TENSORBOARD_DIR), purge_step=step + 1 if step else None)
+
+    def step(self, step: int, epoch: int, loss: torch.Tensor, lr: float, images: int,
+             grad_norm: torch.Tensor | None = None) -> None:
+        """Record optimizer step ``step`` (``images``: samples it saw, all ranks); written every few steps."""
+        if self.enabled:
+            self.pending.append((step, epoch, loss.detach().float(), lr, images, grad_norm))
+            if len(self.pending) >= FLUSH_EVERY:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.enabled or not self.pending:
+            return
+        losses = torch.stack([p[2] for p in self.pending]).tolist()  # one read of the device per flush
+        clipped = self.pending[0][5] is not None
+        norms = torch.stack([p[5] for p in self.pending]).tolist() if clipped else [None] * len(self.pending)
+        now = time.perf_counter()
+        rate = sum(p[4] for p in self.pending) / max(now - self.t_flush, 1e-9)
+        if self.device.type == "cuda":
+            mem = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        with (self.out / "steps.jsonl").open("a") as f:
+            for (step, epoch, _, lr, _, _), loss, norm in zip(self.pending, losses, norms):
+                row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "img_s": round(rate, 1),
+                       "mem_mib": round(mem, 1)}
+                if norm is not None:
+                    row["grad_norm"] = norm
+                f.write(json.dumps(row) + "\n")
+                if self.writer is not None:
+                    for key in ("loss", "lr", "img_s", "mem_mib", "grad_norm"):
+                        if key in row:
+                            self.writer.add_scalar(f"step/{key}", row[key], step)
+        self.pending, self.t_flush = [], now
+
+    def epoch(self, row: dict, step: int) -> None:
+        """Append the epoch's line to ``metrics.jsonl`` (and its scalars at optimizer step ``step``)."""
+        if not self.enabled:
+            return
+        self.flush()
+        with (self.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"epoch/{key}", value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        run = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return run.stdout.strip() if run.returncode == 0 else None
+
+
+def environment(device: torch.device) -> dict:
+    """Versions (python, torch, triton, timm, sslcore), the git commit of the sslcore source tree when it is
+    a checkout (``-dirty`` with uncommitted changes to tracked files), and the device by name."""
+    from .. import __version__
+
+    commit = _git("rev-parse", "HEAD")
+    if commit is not None and _git("status", "--porcelain", "--untracked-files=no"):
+        commit += "-dirty"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine() or device.type
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "triton": _version("triton"),
+            "timm": _version("timm"), "sslcore": __version__, "git_commit": commit, "device_name": name}
+
+
+__all__ = ["FLUSH_EVERY", "RunLog", "TENSORBOARD_DIR", "environment"]
