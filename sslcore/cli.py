@@ -1,6 +1,7 @@
 """``sslcore`` command line: ``pretrain`` (train + probe), ``eval`` (probe a checkpoint), ``export`` (the
 backbone as safetensors), the studies (``benchmark``, ``transfer``, ``oversmoothing``, ``mim-study``,
-``ar-vs-mlm``) and the tokenizer tools (``tokenize``, ``tcas``)."""
+``ar-vs-mlm``), ``report`` (the README's study tables from the committed results) and the tokenizer
+tools (``tokenize``, ``tcas``)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,7 @@ from .checks import cli_type, parse_literal
 from .data import DATASETS, data_spec_arg
 from .data.augment import AUGMENT_CHOICES
 from .dist import is_main_process
-from .experiments import ar_vs_mlm, benchmark, clustermim, oversmoothing
+from .experiments import ar_vs_mlm, benchmark, clustermim, oversmoothing, report
 from .kernels import BACKENDS
 from .methods import METHODS
 from .train import PretrainConfig, TrainingInterrupted, build_config, evaluate_checkpoint, pretrain, resolve_device
@@ -141,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     clustermim.add_study_arguments(m)
     a = sub.add_parser("ar-vs-mlm", help="ar, mlm, dear and vlm on one budget: probe accuracy and generation loss")
     ar_vs_mlm.add_arguments(a)
+    r = sub.add_parser("report", help="rewrite the README's study tables and the plots from docs/results/*.json")
+    report.add_arguments(r)
     return parser
 
 
@@ -200,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             clustermim.study_from_args(args)
         elif args.command == "ar-vs-mlm":
             ar_vs_mlm.main_from_args(args)
+        elif args.command == "report":
+            return report.main_from_args(args)
         elif args.command == "export":
             r = export_backbone(args.checkpoint, args.out, overwrite=args.overwrite)
             print(f"wrote {args.out}: {r['architecture']} ({r['format']}), {r['tensors']} tensors, "

@@ -58,7 +58,7 @@ def render(name: str, results: dict) -> str:
     return _renderer(name)[0](results).strip()
 
 
-BLOCK = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- /results:(?P=name) -->)", re.S)
+BLOCK = re.compile(r"(?P<open><!-- results:(?P<name>[\w-]+) -->)(?P<body>.*?)(?P<close><!-- /results:(?P=name) -->)", re.S)
 
 
 def update(readme: str, results_dir: Path) -> tuple[str, list[str]]:
@@ -73,10 +73,10 @@ def update(readme: str, results_dir: Path) -> tuple[str, list[str]]:
         path = results_dir / f"{name}.json"
         if not path.is_file():
             raise ValueError(f"README block results:{name}: {path} does not exist")
-        body = render(name, json.loads(path.read_text()))
+        body = "\n" + render(name, json.loads(path.read_text())) + "\n"
         if body != m["body"]:
             changed.append(name)
-        return m.group(1) + body + m.group(4)
+        return m["open"] + body + m["close"]
 
     return BLOCK.sub(one, readme), changed
 

@@ -1,0 +1,52 @@
+"""``sslcore report``: the README's study blocks are what the committed results files render."""
+import json
+from pathlib import Path
+
+import pytest
+
+from sslcore.cli import main
+from sslcore.experiments import report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_readme_matches_the_committed_results(capsys):
+    """Every results block of the README is the rendering of its docs/results file: the numbers the README
+    shows cannot drift from the files (or be typed in by hand)."""
+    readme = (ROOT / "README.md").read_text()
+    names = report.BLOCK.findall(readme)
+    assert names, "the README has no results blocks"
+    assert main(["report", "--check", "--readme", str(ROOT / "README.md"), "--results", str(ROOT / "docs/results")]) == 0
+    for name in {m[1] for m in names}:
+        assert (ROOT / "docs/results" / f"{name}.json").is_file()
+
+
+def test_update_rewrites_only_blocks_and_reports_drift(tmp_path):
+    results = json.loads((ROOT / "docs/results/oversmoothing.json").read_text())
+    (tmp_path / "oversmoothing.json").write_text(json.dumps(results))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:oversmoothing -->\nstale 99.9\n<!-- /results:oversmoothing -->\noutro\n")
+    assert main(["report", "--check", "--readme", str(readme), "--results", str(tmp_path)]) == 1
+    assert "stale" in readme.read_text()  # --check writes nothing
+    assert main(["report", "--no-plots", "--readme", str(readme), "--results", str(tmp_path)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- results:oversmoothing -->\n") and text.endswith("<!-- /results:oversmoothing -->\noutro\n")
+    assert "stale" not in text and report.render("oversmoothing", results) in text
+    assert main(["report", "--check", "--readme", str(readme), "--results", str(tmp_path)]) == 0
+
+
+@pytest.mark.parametrize("block, message", [("results:nosuch", "no such study"),
+                                            ("results:transfer", "does not exist")])
+def test_a_block_without_a_study_or_a_file_is_an_error(tmp_path, capsys, block, message):
+    name = block.split(":")[1]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"<!-- {block} -->\n<!-- /results:{name} -->\n")
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--check", "--readme", str(readme), "--results", str(tmp_path)])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_mean_std_over_seeds():
+    assert report.mean_std([0.5, 0.7, 0.9], scale=100) == "70.0 ± 20.0"  # sample std
+    assert report.mean_std([0.123], digits=3) == "0.123"
+    assert report.markdown_table(["a", "b"], [["x", "1"]]) == "| a | b |\n| --- | ---: |\n| x | 1 |"
