@@ -34,7 +34,7 @@ def worst_pair(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class ArCL(SSLMethod):
-    """ArCL **[our reading]** (METHODS.md section 2) over a SimCLR or MoCo base, held by composition.
+    """ArCL **[our reading]** (docs/methods.md, "ArCL") over a SimCLR or MoCo base, held by composition.
 
     Each step draws ``views`` = m >= 2 views per sample and projects all of them (query encoder).
     * ``mode="worst_pair"``: without gradient, pick per sample the pair (a*, b*) of views with the
