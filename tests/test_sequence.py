@@ -250,4 +250,5 @@ def test_study_command_parses_and_its_table_shows_every_objective():
     settings = dict(data="pystdlib:64:200", encoder="transformer-tiny", epochs=2, batch_size=64, limit=None, lr=0.002)
     rows = format_table({"settings": settings, "runs": runs}).splitlines()
     assert rows[1].split() == ["ar", "50.0%", "25.0%", "12.5%", "2.000", "3.000", "4.000", "-", "-", "-", "3"]
-    assert rows[2].split()[-4:] == ["1.500", "1.500", "1.500", "4"] and rows[3].split()[:3] == ["tokens", "30.0%", "20.0%"]
+    assert rows[2].split()[-4:] == ["1.500", "1.500", "1.500", "4"]
+    assert rows[3].split()[:3] == ["tokens", "30.0%", "20.0%"]
