@@ -87,6 +87,8 @@ def test_markdown_and_plot_render_the_file(results, tmp_path):
     mean = 100 * sum(ar) / 2
     std = 100 * abs(ar[0] - ar[1]) / 2 ** 0.5
     assert f"| ar | {mean:.1f} ± {std:.1f} |" in text
+    final = [r["final_loss"] for r in results["runs"] if r["objective"] == "vlm"]
+    assert f"{sum(final) / 2:.3f} ± {abs(final[0] - final[1]) / 2 ** 0.5:.3f} |" in text  # the train-loss column
     plot(results, tmp_path / "a.png")
     plot(results, tmp_path / "b.png")
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()  # deterministic

@@ -173,7 +173,8 @@ def markdown(results: dict) -> str:
                "Mean ± std over seeds. Probes: held-out accuracy (%) of the frozen mean-pooled features; "
                "init: the same model untrained. Generation: held-out loss of the continuation (nats/token) after a "
                "prompt of the first 25/50/75 % of the tokens; masked models predict the masked suffix in one pass "
-               "(gen) or left to right (l2r).")
+               "(gen) or left to right (l2r); train loss: the objective's own loss in its last epoch (a held-out gen far "
+               "above it would mean memorising; compare within a row only).")
     keys = ("linear", "knn", "init_linear", "init_knn")
     probe_rows = [[n, *(mean_std(_values(results, n, k), scale=100) for k in keys),
                    f"{plan_[n]['targets_seen'] / 1e3:,.0f}k"] for n in plan_]
@@ -184,8 +185,10 @@ def markdown(results: dict) -> str:
     for n in plan_:
         gen_rows.append([n, *(mean_std(_values(results, n, f"gen@{lab}"), digits=3) for lab in labels),
                          *((mean_std(_values(results, n, f"l2r@{lab}"), digits=3) for lab in labels)
-                           if _has_l2r(results, n) else ("—",) * len(labels))])
-    gen = markdown_table(["objective", *(f"gen@{lab}" for lab in labels), *(f"l2r@{lab}" for lab in labels)], gen_rows)
+                           if _has_l2r(results, n) else ("—",) * len(labels)),
+                         mean_std(_values(results, n, "final_loss"), digits=3)])
+    gen = markdown_table(["objective", *(f"gen@{lab}" for lab in labels), *(f"l2r@{lab}" for lab in labels),
+                          "train loss"], gen_rows)
     verdict_rows = [[v["claim"], f"{v['pair'][0]} − {v['pair'][1]}, "
                      + ("linear probe, pts" if v["measure"] == "linear" else "gen loss (mean over prompts), nats"),
                      ", ".join(f"{x:+.{1 if v['measure'] == 'linear' else 3}f}" for x in v["deltas"]),
