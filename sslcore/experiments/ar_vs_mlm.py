@@ -173,8 +173,8 @@ def markdown(results: dict) -> str:
                "Mean ± std over seeds. Probes: held-out accuracy (%) of the frozen mean-pooled features; "
                "init: the same model untrained. Generation: held-out loss of the continuation (nats/token) after a "
                "prompt of the first 25/50/75 % of the tokens; masked models predict the masked suffix in one pass "
-               "(gen) or left to right (l2r); train loss: the objective's own loss in its last epoch (a held-out gen far "
-               "above it would mean memorising; compare within a row only).")
+               "(gen) or left to right (l2r); train loss: the objective's own loss in its last epoch (a held-out gen "
+               "far above it would mean memorising; compare within a row only).")
     keys = ("linear", "knn", "init_linear", "init_knn")
     probe_rows = [[n, *(mean_std(_values(results, n, k), scale=100) for k in keys),
                    f"{plan_[n]['targets_seen'] / 1e3:,.0f}k"] for n in plan_]
