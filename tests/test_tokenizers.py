@@ -173,6 +173,19 @@ def test_mae_encoder_sees_only_visible_patches(digits, seed):
     assert not torch.allclose(model.mae.encode_visible(x, keep), before)
 
 
+def test_mae_encoder_tokens_are_layer_normalised(digits, seed):
+    """MAE normalises the encoder's tokens before the decoder (and DINO's patch tokens, which the feature
+    tokenizer stands in for, are normalised): timm's ViT with global_pool="avg" would move that norm after
+    the pooling, leaving the tokens raw, unless built with fc_norm=False."""
+    model = create_model("mae", digits, encoder="smallcnn").eval()
+    assert isinstance(model.mae.encoder.norm, torch.nn.LayerNorm)
+    with torch.no_grad():
+        tokens = model.mae.encode_visible(digits.x_train[:4], torch.tensor([[0, 5, 10, 15]] * 4))
+    norm = model.mae.encoder.norm
+    expected = F.layer_norm(tokens, norm.normalized_shape, eps=norm.eps)  # weight 1, bias 0 at init
+    torch.testing.assert_close(tokens, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_mae_loss_is_normalised_pixel_error_on_masked_patches(digits, seed):
     model = create_model("mae", digits, encoder="smallcnn")
     x = digits.x_train[:8]

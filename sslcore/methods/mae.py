@@ -52,7 +52,9 @@ class MaskedImageModel(SSLMethod):
         p = default_patch_size(min(h, w)) if patch_size is None else patch_size
         if h % p or w % p:
             raise ValueError(f"images of size {h}x{w} are not a multiple of patch_size={p}")
-        kwargs = dict(img_size=(h, w), patch_size=p, in_chans=c, global_pool="avg")
+        # fc_norm=False: the final LayerNorm stays on the tokens (timm would move it after the pooling for
+        # global_pool="avg"), so the decoder and the feature tokenizer get normalised tokens, as in MAE
+        kwargs = dict(img_size=(h, w), patch_size=p, in_chans=c, global_pool="avg", fc_norm=False)
         if encoder == "smallcnn":
             return "vit_tiny_patch16_224", {**kwargs, **SMALL_VIT}
         if not timm.is_model(encoder) or not encoder.startswith(("vit_", "deit")):
