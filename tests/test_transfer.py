@@ -86,6 +86,10 @@ def test_the_study_runs_records_and_renders(tmp_path, capsys):
     assert m3["worst"][0] == pytest.approx(100 * (s0[0]["worst"] - s0[1]["worst"]))
     block = report.render("transfer", results)
     assert results["command"] in block and "| ArCL m = 3 |" in block and "m = 3 views" in block
+    assert "2 seeds, mean ± std. Budget: 1 epoch, batch 32, encoder `smallcnn`" in block
+    assert "Temperature: each method's default (ArCL 0.5, SimCLR 0.5)" in block
+    given = {**results, "config": {**cfg, "temperature": 0.5}}
+    assert "Temperature: given by --temperature (ArCL 0.5, SimCLR 0.5)" in report.render("transfer", given)
     transfer.plot(results, tmp_path / "transfer.png")
     assert (tmp_path / "transfer.png").stat().st_size > 10_000
     # no run overwrites another: the results file, then the run folders, each refused without --overwrite

@@ -288,11 +288,14 @@ def markdown(results: dict) -> str:
           c["average_verdict"], _deltas(c["distance"], 3), c["distance_verdict"]] for c in comparisons(results)],
         "lrlrlrl")
     targets = "; ".join(f"*{n}*: {what}" for n, what in cfg["targets"].items())
-    return (f"`{results['command']}` — {len(cfg['seeds'])} seeds, mean ± std. Budget: {cfg['epochs']} epochs, "
-            f"batch {cfg['batch_size']}, SmallCNN ({cfg['encoder']}), `shapes` {cfg['size']}×{cfg['size']} px, "
+    n_seeds = len(cfg["seeds"])
+    chosen = "each method's default" if cfg["temperature"] is None else "given by --temperature"
+    return (f"`{results['command']}` — {n_seeds} seed{'s' * (n_seeds > 1)}, mean ± std. Budget: {cfg['epochs']} "
+            f"epoch{'s' * (cfg['epochs'] > 1)}, "
+            f"batch {cfg['batch_size']}, encoder `{cfg['encoder']}`, `shapes` {cfg['size']}×{cfg['size']} px, "
             f"{cfg['n_train']} training and {cfg['n_test']} test images of the source domain "
             f"({cfg['data']}); {seconds / 60:.0f} CPU-minutes of training on {cfg['threads']} thread(s) "
-            f"({results['total_seconds'] / 60:.0f} in all). Temperature: each method's default ({tau}). Both "
+            f"({results['total_seconds'] / 60:.0f} in all). Temperature: {chosen} ({tau}). Both "
             f"methods train with the `{cfg['augment']}` augmentation (crop, flip, jitter, then "
             f"{', '.join(cfg['shift_ops'])}, each with a probability at a random strength); each target applies "
             f"one fixed setting to every source image: {targets}. *Source*/*target*: a linear probe fit on the "
@@ -379,8 +382,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=setting("temperature"), help="loss temperature of both methods "
                    "(default: each method's own)")
     p.add_argument("--encoder", "--backbone", default="smallcnn", help="smallcnn or a timm spec" + d)
-    p.add_argument("--metric-views", type=cli_type(Views), help="views per image of the worst-pair distance (default: the "
-                   "largest of --views)")
+    p.add_argument("--metric-views", type=cli_type(Views), help="views per image of the worst-pair distance "
+                   "(default: the largest of --views)")
     p.add_argument("--threads", type=cli_type(PositiveInt), help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda, ..." + d)
     p.add_argument("--backend", default="auto", help="the losses' kernel backend" + d)
