@@ -88,6 +88,11 @@ def test_the_study_runs_records_and_renders(tmp_path, capsys):
     assert results["command"] in block and "| ArCL m = 3 |" in block and "m = 3 views" in block
     assert "2 seeds, mean ± std. Budget: 1 epoch, batch 32, encoder `smallcnn`" in block
     assert "Temperature: each method's default (ArCL 0.5, SimCLR 0.5)" in block
+    assert "NT-Xent is ln(2·batch − 1) = 4.143 when" in block  # batch 32
+    row = next(line for line in block.splitlines() if line.startswith("| ArCL m = 3 |")).split(" | ")
+    pair = [runs["arcl-m3", s] for s in (0, 1)]
+    assert row[-2:] == [report.mean_std([r["between"]["projection"] for r in pair], digits=3),
+                        report.mean_std([r["final_loss"] for r in pair], digits=3) + " |"]
     given = {**results, "config": {**cfg, "temperature": 0.5}}
     assert "Temperature: given by --temperature (ArCL 0.5, SimCLR 0.5)" in report.render("transfer", given)
     transfer.plot(results, tmp_path / "transfer.png")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -205,7 +206,8 @@ def summarise(r: dict) -> dict:
     return {"source": r["source"], "average": _mean(r["transfer"].values()), "worst": r["transfer"][worst],
             "worst_domain": worst, "refit_average": _mean(r["refit"].values()),
             "refit_worst": min(r["refit"].values()), "distance": r["worst_pair"]["representation"],
-            "projection_distance": r["worst_pair"]["projection"], "between": r["between"]["representation"]}
+            "projection_distance": r["worst_pair"]["projection"], "between": r["between"]["representation"],
+            "projection_between": r["between"]["projection"], "final_loss": r.get("final_loss")}
 
 
 def _groups(results: dict) -> dict[str, list[dict]]:
@@ -269,14 +271,15 @@ def markdown(results: dict) -> str:
     tau = ", ".join(f"{'SimCLR' if m == 'simclr' else 'ArCL'} {t:g}" for m, t in temperatures)
     seconds = sum(r["train_time_s"] for r in results["runs"])
     head = ["model", "source", "target avg", "target worst", "refit avg", "refit worst",
-            "worst-pair dist. (repr.)", "(proj.)", "between images (repr.)"]
+            "worst-pair dist. (repr.)", "(proj.)", "between images (repr.)", "(proj.)", "final loss"]
     rows = []
     for label, rs in groups.items():
         s = [summarise(r) for r in rs]
         rows.append([label, *(_cell([x[k] for x in s]) for k in ("source", "average", "worst", "refit_average",
                                                                   "refit_worst")),
                      *(_cell([x[k] for x in s], scale=1, digits=3)
-                       for k in ("distance", "projection_distance", "between"))])
+                       for k in ("distance", "projection_distance", "between", "projection_between",
+                                 "final_loss"))])
     main = markdown_table(head, rows)
     names = list(cfg["targets"])
     per_target = markdown_table(["model", *names], [
@@ -303,7 +306,9 @@ def markdown(results: dict) -> str:
             f"probe fit and tested on each target. *Worst-pair dist.*: E_x max_(a,b) ‖ĥ(ax) − ĥ(bx)‖² over "
             f"m = {cfg['metric_views']} views from the training family of each test image, ĥ the normalised "
             f"representation (repr.) or projection (proj.), the same views for every model; *between images*: the same "
-            f"distance between two test images' views (its scale). Accuracies in %.\n\n"
+            f"distance between two test images' views (its scale). *Final loss*: the last logged training loss; "
+            f"NT-Xent is ln(2·batch − 1) = {math.log(2 * cfg['batch_size'] - 1):.3f} when every projection is the "
+            f"same (a collapsed projection). Accuracies in %.\n\n"
             f"{main}\n\nTransfer accuracy per target (probe fit on the source):\n\n{per_target}\n\n"
             f"Verdicts, paired by seed: *reproduced* when the mean gain is at least {NOISE_PTS:g} points and every "
             f"seed gains, *contradicted* the same the other way, *identical* when every seed's change is 0, else "
