@@ -12,7 +12,7 @@ from .checks import cli_type, parse_literal
 from .data import DATASETS, data_spec_arg
 from .data.augment import AUGMENT_CHOICES
 from .dist import is_main_process
-from .experiments import ar_vs_mlm, benchmark, clustermim, oversmoothing, report
+from .experiments import ar_vs_mlm, benchmark, clustermim, oversmoothing, report, transfer
 from .kernels import BACKENDS
 from .methods import METHODS
 from .train import PretrainConfig, TrainingInterrupted, build_config, evaluate_checkpoint, pretrain, resolve_device
@@ -128,9 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="the .safetensors file to write")
     x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     b = sub.add_parser("benchmark", help="every method on one dataset and budget: one table of probe accuracy, time")
-    benchmark.add_arguments(b, transfer=False)
-    tr = sub.add_parser("transfer", help="train on one shapes domain, probe the frozen encoder on the others")
-    benchmark.add_arguments(tr, transfer=True)
+    benchmark.add_arguments(b)
+    tr = sub.add_parser("transfer", help="ArCL vs SimCLR under domain shift: shapes targets inside the augmentation "
+                        "family, probe accuracy and worst-pair distance over seeds")
+    transfer.add_arguments(tr)
 
     o = sub.add_parser("oversmoothing", help="ContraNorm vs LayerNorm with depth: ViTs on digits, GCNs on an SBM")
     oversmoothing.add_arguments(o)
@@ -162,7 +163,8 @@ def _table(rows: list[tuple[str, dict]]) -> str:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "command_line", "option", "tokenizer", "config")}
+    given = {k: v for k, v in vars(args).items()
+             if k not in ("command", "command_line", "option", "tokenizer", "config")}
     pairs = getattr(args, "option", []) + ([("tokenizer", args.tokenizer)] if hasattr(args, "tokenizer") else [])
     if pairs:
         given["options"] = _options(pairs)
@@ -194,8 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "pretrain":
             return _pretrain(args)
-        if args.command in ("benchmark", "transfer"):
-            benchmark.main_from_args(args, transfer=args.command == "transfer")
+        if args.command == "benchmark":
+            benchmark.main_from_args(args)
+        elif args.command == "transfer":
+            transfer.main_from_args(args)
         elif args.command == "oversmoothing":
             oversmoothing.main_from_args(args)
         elif args.command == "tokenize":

@@ -1,14 +1,17 @@
 """The device-side augmentations: per-image parameters from a generator, sharding, each op against its definition."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from sslcore.data import load_dataset
-from sslcore.data.augment import (RECIPES, ColorJitter, Compose, GaussianBlur, MultiCrop, Normalize, RandomResizedCrop,
-                                  Solarize, build_recipe)
+from sslcore.data.augment import (RECIPES, ColorJitter, Compose, EdgeMap, GaussianBlur, GaussianNoise, Grayscale,
+                                  Invert, MultiCrop, Normalize, RandomResizedCrop, Solarize, StripeOverlay, build_recipe,
+                                  shift_ops)
 from sslcore.data.digits import DigitsAugment
 
 SHAPES = "shapes:n=24,test=4,size=16"
@@ -105,6 +108,57 @@ def test_recipes_do_what_they_say():
     torch.testing.assert_close(normalised, (x - 0.5) / 0.5)
     with pytest.raises(ValueError, match="unknown augmentation recipe 'moco'"):
         build_recipe("moco", image_size=16)
+
+
+def test_edge_map_draws_each_step_as_a_two_pixel_line_of_its_height():
+    x = torch.zeros(2, 3, 8, 8)
+    x[:, :, :, 4:] = torch.tensor([0.8, 0.5, 0.0]).view(1, 3, 1, 1)  # a vertical step between columns 3 and 4
+    edges = EdgeMap(p=1.0, strength=(1.0, 1.0))(x, torch.Generator())
+    line = torch.zeros(8)
+    line[3:5] = 1.0
+    torch.testing.assert_close(edges, line * x[:, :, :, -1:])  # columns 3, 4 carry the step's height per channel
+    half = EdgeMap(p=1.0, strength=(0.5, 0.5))(x, torch.Generator())
+    torch.testing.assert_close(half, (x + edges) / 2)
+    assert torch.equal(EdgeMap(p=0.0)(x, torch.Generator()), x)
+    with pytest.raises(ValueError, match="EdgeMap strength"):
+        EdgeMap(strength=(0.5, 1.5))
+
+
+def test_stripes_blend_a_drawn_colour_along_a_sine_grating():
+    x = _images(3, 12)
+    op = StripeOverlay(p=1.0, strength=(0.6, 0.6), period=(0.25, 0.25))
+    params = op.sample(3, x.shape[1:], torch.Generator().manual_seed(0))
+    out = op.apply(x, params)
+    ys, xs = torch.meshgrid(torch.arange(12) + 0.5, torch.arange(12) + 0.5, indexing="ij")
+    for i in range(3):
+        along = torch.cos(params["angle"][i]) * xs + torch.sin(params["angle"][i]) * ys
+        s = 0.5 + 0.5 * torch.sin(2 * math.pi * along / 3 + params["phase"][i])  # period 0.25 x 12 px
+        torch.testing.assert_close(out[i], x[i] + 0.6 * s * (params["colour"][i].view(3, 1, 1) - x[i]))
+    assert torch.equal(StripeOverlay(p=1.0, strength=(0.0, 0.0))(x, torch.Generator()), x)
+    with pytest.raises(ValueError, match="period"):
+        StripeOverlay(period=(0.0, 0.2))
+
+
+def test_invert_and_noise_are_their_formulas():
+    x = _images(4, 8)
+    torch.testing.assert_close(Invert(p=1.0)(x, torch.Generator()), 1 - x)
+    assert torch.equal(Invert(p=0.0)(x, torch.Generator()), x)
+    op = GaussianNoise(p=1.0, sigma=(0.2, 0.2), contrast=(0.6, 0.6))
+    params = op.sample(4, x.shape[1:], torch.Generator().manual_seed(0))
+    torch.testing.assert_close(op.apply(x, params), (0.5 + 0.6 * (x - 0.5) + 0.2 * params["noise"]).clamp(0, 1))
+    torch.testing.assert_close(GaussianNoise(p=1.0, sigma=(0, 0), contrast=(1, 1))(x, torch.Generator()), x)
+    with pytest.raises(ValueError, match="GaussianNoise sigma"):
+        GaussianNoise(sigma=(0.3, 0.1))
+
+
+def test_the_shifts_recipe_is_light_then_the_shift_ops():
+    ops = build_recipe("shifts", image_size=16).pipelines[0].ops
+    assert [type(op) for op in ops] == [RandomResizedCrop, ColorJitter, Grayscale, EdgeMap, StripeOverlay, Invert,
+                                        GaussianNoise]
+    assert [type(op) for op in ops[3:]] == [type(op) for op in shift_ops()]
+    x = torch.full((64, 3, 16, 16), 0.2)
+    views = build_recipe("shifts", image_size=16).views(x, torch.Generator().manual_seed(0), 1)[0]
+    assert (views.mean((1, 2, 3)) > 0.6).any()  # some views inverted: out of reach of the light recipe
 
 
 def test_multi_crop_gives_global_then_local_views():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from sslcore.kernels import infonce_ref
 from sslcore.methods import METHODS, create_model, method_options
-from sslcore.methods.arcl import worst_pair
+from sslcore.methods.arcl import max_pair_distance, worst_pair
 from sslcore.methods.simsiam import SimSiam
 from sslcore.methods.simsiam_multi import SimSiamMulti
 from sslcore.models import SmallCNN
@@ -275,6 +275,27 @@ def test_arcl_loss_on_the_worst_pair(mode, seed):
                               for i in range(B)])
         expected = _nt_xent(z[0], z[1]) + 0.7 * spread.mean()
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_arcl_with_two_views_is_simclr(seed):
+    """m = 2: the only pair is (0, 1), so ArCL's loss and gradients are SimCLR's on the same weights."""
+    arcl, simclr = _build("arcl", views=2), _build("simclr")
+    simclr.load_state_dict({k.removeprefix("base."): v for k, v in arcl.state_dict().items()})
+    views = _views(2)
+    losses = [model.loss(views) for model in (arcl, simclr)]
+    torch.testing.assert_close(losses[0], losses[1])
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(arcl.encoder[0].weight.grad, simclr.encoder[0].weight.grad)
+    torch.testing.assert_close(arcl.base.projector[0].weight.grad, simclr.projector[0].weight.grad)
+
+
+def test_max_pair_distance_is_the_largest_over_pairs(seed):
+    z = torch.randn(4, 9, 5, dtype=torch.float64)
+    zn = F.normalize(z, dim=-1)
+    expected = torch.stack([max((zn[a, i] - zn[b, i]).pow(2).sum() for a, b in itertools.combinations(range(4), 2))
+                            for i in range(9)])
+    torch.testing.assert_close(max_pair_distance(z), expected)
 
 
 def test_arcl_moco_keys_come_from_the_worst_pair(seed):

@@ -335,7 +335,7 @@ def test_benchmark_over_seeds_writes_one_results_file_the_report_renders(tmp_pat
 
 
 def test_benchmark_options_methods_and_errors():
-    from sslcore.experiments.benchmark import method_option, options_per_method, run_transfer, select_methods
+    from sslcore.experiments.benchmark import method_option, options_per_method, select_methods
 
     digits = load_dataset("digits")
     chosen = select_methods(None, digits)
@@ -346,28 +346,3 @@ def test_benchmark_options_methods_and_errors():
         options_per_method(["simclr"], [method_option("depth=3")])
     with pytest.raises(argparse.ArgumentTypeError, match="known METHOD"):
         method_option("nosuch.depth=3")
-    with pytest.raises(ValueError, match="transfer trains on a shapes domain"):
-        run_transfer("digits")
-    with pytest.raises(ValueError, match="unknown shapes domain 'sepia'"):
-        run_transfer("shapes:plain", domains=["sepia"])
-    with pytest.raises(ValueError, match="at least one domain besides"):
-        run_transfer("shapes:plain", domains=["plain"])
-
-
-def test_transfer_probes_every_domain(tmp_path, capsys):
-    assert main(["transfer", "--data", "shapes:plain,n=64,test=40,size=16", "--domains", "outline,noisy",
-                 "--methods", "simclr", "--epochs", "1", "--batch-size", "32", "--backend", "torch",
-                 "--out", str(tmp_path)]) == 0
-    assert "worst other" in capsys.readouterr().out
-    result = json.loads((tmp_path / "results.json").read_text())
-    summary = json.loads((tmp_path / "simclr" / "summary.json").read_text())
-    assert result["domains"] == ["plain", "outline", "noisy"]
-    rows = {r["method"]: r for r in result["rows"]}
-    assert list(rows) == ["simclr", "random init (smallcnn)", "raw pixels"]
-    for r in rows.values():
-        others = [r["domains"][d]["linear"] for d in ("outline", "noisy")]
-        assert r["average_other"] == pytest.approx(sum(others) / 2) and r["worst_other"] == min(others)
-        assert r["source"] == r["domains"]["plain"]["linear"]
-    # the source-domain probes are the trainer's own: the trained and the initial encoder
-    assert rows["simclr"]["domains"]["plain"] == summary["probes"]["trained"]
-    assert rows["random init (smallcnn)"]["domains"]["plain"] == summary["probes"]["random_init"]

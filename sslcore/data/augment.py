@@ -9,7 +9,8 @@ alone.  ``aug(x, generator)`` does both on one batch.
 
 torchvision's v2 transforms draw from torch's global RNG, one set per call, per image in a worker;
 here every image of a batch gets its own parameters on the device.  The recipes
-(:func:`build_recipe`) are SimCLR's, BYOL's and MAE's; what each op draws is in its docstring.
+(:func:`build_recipe`) are SimCLR's, BYOL's and MAE's, and ``shifts``, whose ops (edge map, stripes,
+inversion, noise) span domain shifts; what each op draws is in its docstring.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from torchvision.transforms.v2.functional import rgb_to_grayscale
 # RGB -> YIQ and back: a hue shift by angle h is a rotation by h in the (I, Q) plane.
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _RGB = torch.linalg.inv(_YIQ)
-RECIPES = ("simclr", "byol", "mae", "light", "digits", "none")
+RECIPES = ("simclr", "byol", "mae", "light", "shifts", "digits", "none")
 AUGMENT_CHOICES = ("auto",) + RECIPES
 
 
@@ -211,6 +212,101 @@ class Solarize(Augment):
         return torch.where(_rows(params["on"]) & (x >= self.threshold), 1 - x, x)
 
 
+def _range(name: str, lo_hi: tuple[float, float], lo: float = 0.0, hi: float = float("inf")) -> None:
+    if not lo <= lo_hi[0] <= lo_hi[1] <= hi:
+        raise ValueError(f"{name} must satisfy {lo:g} <= low <= high <= {hi:g}, got {lo_hi!r}")
+
+
+class EdgeMap(Augment):
+    """With probability ``p``, ``(1 - b) x + b E(x)``, ``b ~ U(strength)``: ``E`` is each channel's Sobel gradient
+    magnitude over 4 (replicated borders), clamped to [0, 1], so a step of height ``h`` becomes a 2-pixel line
+    of value ``h`` on black: an outline drawing of the image."""
+
+    def __init__(self, p: float = 0.5, strength: tuple[float, float] = (0.0, 1.0)):
+        _probability("EdgeMap p", p)
+        _range("EdgeMap strength", strength, hi=1.0)
+        self.p, self.strength = p, strength
+
+    def sample(self, n, shape, generator):
+        return {"strength": _uniform(n, *self.strength, generator), "on": _chance(n, self.p, generator)}
+
+    def apply(self, x, params):
+        c = x.shape[1]
+        sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device, dtype=x.dtype)
+        kernels = torch.stack([sobel, sobel.T])[:, None].repeat(c, 1, 1, 1)  # [2C, 1, 3, 3]: d/dx, d/dy per channel
+        grad = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernels, groups=c).unflatten(1, (c, 2))
+        edges = (grad.pow(2).sum(2).sqrt() / 4).clamp(0, 1)
+        b = params["strength"].to(x.dtype).view(-1, 1, 1, 1)
+        return torch.where(_rows(params["on"]), x + b * (edges - x), x)
+
+
+class StripeOverlay(Augment):
+    """With probability ``p``, stripes of a random colour ``k ~ U(0, 1)^C`` blended in: ``x + a s (k - x)``,
+    ``a ~ U(strength)``, ``s = (1 + sin(2 pi u / T + phase)) / 2`` along a direction at a uniform angle, period
+    ``T ~ U(period)`` as a fraction of the image's side, uniform phase: a texture over the image."""
+
+    def __init__(self, p: float = 0.5, strength: tuple[float, float] = (0.0, 0.8),
+                 period: tuple[float, float] = (0.15, 0.4)):
+        _probability("StripeOverlay p", p)
+        _range("StripeOverlay strength", strength, hi=1.0)
+        if not 0 < period[0] <= period[1]:
+            raise ValueError(f"StripeOverlay period must satisfy 0 < low <= high, got {period!r}")
+        self.p, self.strength, self.period = p, strength, period
+
+    def sample(self, n, shape, generator):
+        return {"strength": _uniform(n, *self.strength, generator), "period": _uniform(n, *self.period, generator),
+                "angle": _uniform(n, 0, math.pi, generator), "phase": _uniform(n, 0, 2 * math.pi, generator),
+                "colour": torch.rand(n, shape[0], generator=generator), "on": _chance(n, self.p, generator)}
+
+    def apply(self, x, params):
+        h, w = x.shape[-2:]
+        ys = (torch.arange(h, device=x.device, dtype=x.dtype) + 0.5)[:, None]
+        xs = (torch.arange(w, device=x.device, dtype=x.dtype) + 0.5)[None, :]
+        angle, period, phase, a = (params[k].to(x.dtype).view(-1, 1, 1)
+                                   for k in ("angle", "period", "phase", "strength"))
+        along = torch.cos(angle) * xs + torch.sin(angle) * ys  # [B, H, W]
+        stripes = 0.5 + 0.5 * torch.sin(2 * math.pi * along / (period * min(h, w)) + phase)
+        colour = params["colour"].to(x.dtype)[:, :, None, None]
+        out = x + (a * stripes)[:, None] * (colour - x)
+        return torch.where(_rows(params["on"]), out, x)
+
+
+class Invert(Augment):
+    """With probability ``p``, ``1 - x``: lightness inverted (a dark shape on a pale ground)."""
+
+    def __init__(self, p: float = 0.5):
+        _probability("Invert p", p)
+        self.p = p
+
+    def sample(self, n, shape, generator):
+        return {"on": _chance(n, self.p, generator)}
+
+    def apply(self, x, params):
+        return torch.where(_rows(params["on"]), 1 - x, x)
+
+
+class GaussianNoise(Augment):
+    """With probability ``p``, lower contrast and pixel noise: ``0.5 + c (x - 0.5) + sigma e``, clamped to
+    [0, 1], with ``c ~ U(contrast)``, ``sigma ~ U(sigma)`` and ``e ~ N(0, 1)`` per pixel.  The noise is drawn
+    by :meth:`sample` (a full image of numbers per image, unlike the other ops)."""
+
+    def __init__(self, p: float = 0.5, sigma: tuple[float, float] = (0.0, 0.3),
+                 contrast: tuple[float, float] = (0.5, 1.0)):
+        _probability("GaussianNoise p", p)
+        _range("GaussianNoise sigma", sigma)
+        _range("GaussianNoise contrast", contrast)
+        self.p, self.sigma, self.contrast = p, sigma, contrast
+
+    def sample(self, n, shape, generator):
+        return {"sigma": _uniform(n, *self.sigma, generator), "contrast": _uniform(n, *self.contrast, generator),
+                "noise": torch.randn(n, *shape, generator=generator), "on": _chance(n, self.p, generator)}
+
+    def apply(self, x, params):
+        c, sigma = (params[k].to(x.dtype).view(-1, 1, 1, 1) for k in ("contrast", "sigma"))
+        out = (0.5 + c * (x - 0.5) + sigma * params["noise"].to(x.dtype)).clamp(0, 1)
+        return torch.where(_rows(params["on"]), out, x)
+
+
 class Normalize(Augment):
     """``(x - mean) / std`` per channel; draws nothing."""
 
@@ -224,6 +320,13 @@ class Normalize(Augment):
 class Identity(Augment):
     def apply(self, x, params):
         return x
+
+
+def shift_ops() -> list[Augment]:
+    """The domain-shift ops of the ``shifts`` recipe, in order, at their training ranges: edge map (p 0.25,
+    strength 0-1), stripes (p 0.4, strength 0-0.8, period 15-40 % of the side), inversion (p 0.5), noise
+    (p 0.4, sigma 0-0.3, contrast 0.5-1)."""
+    return [EdgeMap(0.25), StripeOverlay(0.4), Invert(0.5), GaussianNoise(0.4)]
 
 
 class RGBAugment(Compose):
@@ -299,6 +402,9 @@ def build_recipe(name: str, *, image_size: int, flips: bool = True, own: Augment
       blur p 1.0 / 0.1 and solarize p 0.0 / 0.2 in view 1 / view 2.
     * ``mae`` (He et al. 2022): crop of area 20-100 % and flip only.
     * ``light``: :class:`RGBAugment` (crop 20-100 %, flip, jitter 0.4/0.4/0.4/0.1, grey; no blur).
+    * ``shifts``: ``light``, then the domain shifts of :func:`shift_ops` (edge map, stripes, inversion, noise;
+      each at a random strength with its probability): a family whose fixed-strength members are the
+      target domains of the transfer study (docs/methods.md, ArCL).
     * ``digits``: the data's own augmentation (:class:`~sslcore.data.digits.DigitsAugment`).
     * ``none``: the images as they are.
     """
@@ -314,8 +420,9 @@ def build_recipe(name: str, *, image_size: int, flips: bool = True, own: Augment
         pipelines = [_byol_view(flip_p, 1.0, 0.0, image_size), _byol_view(flip_p, 0.1, 0.2, image_size)]
     elif name == "mae":
         pipelines = [RandomResizedCrop((0.2, 1.0), flip_p=flip_p)]
-    elif name == "light":
-        pipelines = [Compose(RandomResizedCrop((0.2, 1.0), flip_p=flip_p), ColorJitter(), Grayscale())]
+    elif name in ("light", "shifts"):
+        shifts = shift_ops() if name == "shifts" else []
+        pipelines = [Compose(RandomResizedCrop((0.2, 1.0), flip_p=flip_p), ColorJitter(), Grayscale(), *shifts)]
     elif name == "digits":
         if own is None:
             raise ValueError("--augment digits is the digits data's own augmentation; this data has none")
@@ -327,5 +434,6 @@ def build_recipe(name: str, *, image_size: int, flips: bool = True, own: Augment
     return Recipe(name, pipelines, Normalize(mean, std) if mean is not None else None)
 
 
-__all__ = ["AUGMENT_CHOICES", "RECIPES", "Augment", "ColorJitter", "Compose", "GaussianBlur", "Grayscale", "Identity",
-           "MultiCrop", "Normalize", "RGBAugment", "RandomResizedCrop", "Recipe", "Solarize", "build_recipe"]
+__all__ = ["AUGMENT_CHOICES", "RECIPES", "Augment", "ColorJitter", "Compose", "EdgeMap", "GaussianBlur",
+           "GaussianNoise", "Grayscale", "Identity", "Invert", "MultiCrop", "Normalize", "RGBAugment",
+           "RandomResizedCrop", "Recipe", "Solarize", "StripeOverlay", "build_recipe", "shift_ops"]

@@ -1,16 +1,13 @@
-"""Every method on one budget: ``sslcore benchmark`` (one dataset) and ``sslcore transfer`` (shapes domains).
+"""Every method on one budget: ``sslcore benchmark`` (one dataset).
 
-``benchmark``: pretrains each method (default: every registered method that trains on the
-dataset's kind) with the same options, then prints one table: linear probe and k-NN accuracy on
-the held-out split, final loss and training time, with the random-init encoder and raw pixels as
-baselines.  ``transfer``: pretrains on one ``shapes`` domain, then for every domain fits and tests
-the probes on that domain's features from the frozen encoder; the table gives the source domain's
-linear-probe accuracy, the average and the worst over the other domains, and each domain.
+Pretrains each method (default: every registered method that trains on the dataset's kind) with
+the same options, then prints one table: linear probe and k-NN accuracy on the held-out split,
+final loss and training time, with the random-init encoder and raw pixels as baselines.
 
 Runs go to ``OUT/<method>/`` (each a normal pretrain folder: checkpoint, metrics, summary) and
-the table to ``OUT/results.json``; ``OUT`` defaults to ``runs/benchmark-<data>`` and
-``runs/transfer-<data>``.  ``-o KEY=VALUE`` goes to every method that takes ``KEY``;
-``-o METHOD.KEY=VALUE`` to that method only.
+the table to ``OUT/results.json``; ``OUT`` defaults to ``runs/benchmark-<data>``.  ``-o KEY=VALUE``
+goes to every method that takes ``KEY``; ``-o METHOD.KEY=VALUE`` to that method only.  ``--seeds``
+repeats it per seed into one results file, rendered as the README's benchmark block.
 """
 from __future__ import annotations
 
@@ -20,14 +17,11 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 from ..checks import parse_literal
-from ..data import data_spec_arg, load_dataset, shapes
+from ..data import data_spec_arg, load_dataset
 from ..dist import is_main_process
 from ..methods import METHODS, get_method, method_options
-from ..train import PretrainConfig, load_encoder, pretrain, probe
-from ..train.evaluate import build_model
+from ..train import PretrainConfig, pretrain
 from .report import markdown_table, mean_std
 
 BUDGET = dict(epochs=20)  # benchmark's default budget (PretrainConfig's defaults otherwise)
@@ -110,55 +104,6 @@ def run_benchmark(data_spec: str = "digits", methods: list[str] | None = None, *
     return result
 
 
-def run_transfer(data_spec: str = "shapes:plain", methods: list[str] | None = None, *, domains: list[str] | None = None,
-                 out: str | None = None, options: list = (), **train) -> dict:
-    """Pretrain on the ``shapes`` domain of ``data_spec``, probe the frozen encoder on every domain of ``domains``."""
-    name, _, spec = data_spec.partition(":")
-    if name != "shapes":
-        raise ValueError(f"transfer trains on a shapes domain (--data shapes:DOMAIN[,...]), got --data {data_spec}")
-    source, settings = shapes.parse_spec(spec)
-    domains = list(shapes.DOMAINS if domains is None else domains)
-    for d in domains:
-        if d not in shapes.DOMAINS:
-            raise ValueError(f"unknown shapes domain {d!r} in --domains; valid: {', '.join(shapes.DOMAINS)}")
-    if source not in domains:
-        domains.insert(0, source)
-    if len(domains) < 2:
-        raise ValueError("transfer needs at least one domain besides the source domain")
-    setting = ",".join(f"{k}={v}" for k, v in settings.items())
-    data_spec = f"shapes:{source},{setting}"
-    targets = {d: load_dataset(f"shapes:{d},{setting}") for d in domains}
-    methods = select_methods(methods, targets[source])
-    out = Path(out or Path("runs") / f"transfer-shapes-{source}")
-    summaries = _train_all(data_spec, methods, out, list(options), {**BUDGET, **train})
-
-    def row(label, per_domain):
-        others = {d: r for d, r in per_domain.items() if d != source}
-        worst = min(others, key=lambda d: others[d]["linear"])
-        return {"method": label, "source": per_domain[source]["linear"],
-                "average_other": sum(r["linear"] for r in others.values()) / len(others),
-                "worst_other": others[worst]["linear"], "worst_domain": worst, "domains": per_domain}
-
-    rows, t0 = [], time.perf_counter()
-    if is_main_process():
-        for m in methods:
-            model, _, _ = load_encoder(out / m / "checkpoint.pt", targets[source])
-            rows.append(row(m, {d: probe(data, model) for d, data in targets.items()}))
-        config = summaries[methods[0]]["config"]
-        torch.manual_seed(config["seed"])  # as pretrain does before building the model: its initial state
-        model = build_model(config, targets[source]).eval()
-        rows.append(row(f"random init ({config['encoder']})", {d: probe(data, model) for d, data in targets.items()}))
-        rows.append(row("raw pixels", {d: probe(data, None) for d, data in targets.items()}))
-    result = {"data": data_spec, "out": str(out), "source": source, "domains": domains,
-              "probe_time_s": round(time.perf_counter() - t0, 2),
-              "train_time_s": {m: s["train_time_s"] for m, s in summaries.items()},
-              "temperatures": {m: s["temperature"] for m, s in summaries.items()},
-              "options": {m: s["config"]["options"] for m, s in summaries.items()}, "rows": rows}
-    if is_main_process():
-        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
-
-
 def benchmark_table(result: dict) -> str:
     width = max(len("method"), *(len(r["method"]) for r in result["rows"] + result["baselines"])) + 2
     lines = [f"{'method':<{width}}{'linear probe':>13}{'k-NN':>9}{'final loss':>12}{'train time':>12}"]
@@ -170,29 +115,11 @@ def benchmark_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def transfer_table(result: dict) -> str:
-    width = max(len("method"), *(len(r["method"]) for r in result["rows"])) + 2
-    others = [d for d in result["domains"] if d != result["source"]]
-    head = (f"{'method':<{width}}{'source (' + result['source'] + ')':>18}{'avg other':>11}{'worst other':>20}"
-            + "".join(f"{d:>10}" for d in others))
-    lines = [head]
-    for r in result["rows"]:
-        worst = f"{r['worst_other']:.2%} ({r['worst_domain']})"
-        lines.append(f"{r['method']:<{width}}{r['source']:>18.2%}{r['average_other']:>11.2%}{worst:>20}"
-                     + "".join(f"{r['domains'][d]['linear']:>10.2%}" for d in others))
-    return "\n".join(lines)
-
-
-def add_arguments(p: argparse.ArgumentParser, *, transfer: bool) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import device_arg, setting  # the pretrain parser's checks (cli imports this module first)
 
     d = " (default: %(default)s)"
-    p.add_argument("--data", type=data_spec_arg, default="shapes:plain" if transfer else "digits",
-                   help=("the shapes source domain and settings, shapes:DOMAIN[,size=N,n=N,test=N,seed=S]" if transfer
-                         else "dataset") + d)
-    if transfer:
-        p.add_argument("--domains", type=lambda s: s.split(","), help="domains to probe on, comma-separated "
-                       f"(default: all of {','.join(shapes.DOMAINS)})")
+    p.add_argument("--data", type=data_spec_arg, default="digits", help="dataset" + d)
     p.add_argument("--methods", type=lambda s: s.split(","),
                    help="comma-separated methods (default: every registered method that trains on the data)")
     p.add_argument("--epochs", type=setting("epochs"), default=BUDGET["epochs"], help="training epochs per method" + d)
@@ -203,31 +130,24 @@ def add_arguments(p: argparse.ArgumentParser, *, transfer: bool) -> None:
     p.add_argument("--temperature", type=setting("temperature"),
                    help="loss temperature of the methods that have one (default: each method's own)")
     p.add_argument("--seed", type=setting("seed"), default=defaults.seed, help="seed of every run" + d)
-    if not transfer:
-        p.add_argument("--seeds", type=_seeds, help="run the benchmark once per seed (OUT/seed-S) and write the "
-                       "mean +- std table's results file (with --results-out)")
-        p.add_argument("--results-out", help="the results file of a --seeds run (default: OUT/results.json), e.g. "
-                       "docs/results/benchmark.json; an existing file is kept unless --overwrite")
+    p.add_argument("--seeds", type=_seeds, help="run the benchmark once per seed (OUT/seed-S) and write the "
+                   "mean +- std table's results file (with --results-out)")
+    p.add_argument("--results-out", help="the results file of a --seeds run (default: OUT/results.json), e.g. "
+                   "docs/results/benchmark.json; an existing file is kept unless --overwrite")
     p.add_argument("--limit", type=setting("limit"), help="pretrain on the first N training images only")
     p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda, ..." + d)
     p.add_argument("--backend", default="auto", help="the losses' kernel backend" + d)
     p.add_argument("--option", "-o", type=method_option, action="append", default=[], metavar="[METHOD.]KEY=VALUE",
                    help="a method option for every method that takes KEY, or for METHOD only (repeatable)")
-    p.add_argument("--out", help="output folder (default: runs/benchmark-<data> or runs/transfer-shapes-<domain>)")
+    p.add_argument("--out", help="output folder (default: runs/benchmark-<data>)")
     p.add_argument("--overwrite", action="store_true", help="replace the runs already in OUT")
 
 
-def main_from_args(args: argparse.Namespace, *, transfer: bool) -> dict:
+def main_from_args(args: argparse.Namespace) -> dict:
     train = dict(epochs=args.epochs, encoder=args.encoder, batch_size=args.batch_size, lr=args.lr,
                  temperature=args.temperature, seed=args.seed, limit=args.limit, device=args.device,
                  backend=args.backend, overwrite=args.overwrite)
-    if transfer:
-        result = run_transfer(args.data, args.methods, domains=args.domains, out=args.out, options=args.option, **train)
-        if is_main_process():
-            print(f"\ntransfer from shapes domain {result['source']!r} ({args.epochs} epochs each); "
-                  "linear-probe accuracy, probes fit and tested on each domain's frozen features:")
-            print(transfer_table(result))
-    elif args.seeds:
+    if args.seeds:
         train.pop("seed")
         result = run_seeds(args.data, args.methods, seeds=args.seeds, out=args.out, results_out=args.results_out,
                            options=args.option, command=getattr(args, "command_line", None), **train)
@@ -235,12 +155,11 @@ def main_from_args(args: argparse.Namespace, *, transfer: bool) -> dict:
             print("\n" + benchmark_markdown(result))
             print(f"wrote {result['results_file']}")
         return result
-    else:
-        result = run_benchmark(args.data, args.methods, out=args.out, options=args.option, **train)
-        if is_main_process():
-            print(f"\n{result['data']}: {args.epochs} epochs per method on {result['device']}; held-out accuracy "
-                  f"({result['n_test']} test images):")
-            print(benchmark_table(result))
+    result = run_benchmark(args.data, args.methods, out=args.out, options=args.option, **train)
+    if is_main_process():
+        print(f"\n{result['data']}: {args.epochs} epochs per method on {result['device']}; held-out accuracy "
+              f"({result['n_test']} test images):")
+        print(benchmark_table(result))
     if is_main_process():
         print(f"wrote {result['out']}/results.json and one run folder per method")
     return result

@@ -22,7 +22,7 @@ from pathlib import Path
 # study name -> (module, its markdown renderer, its plot writer)
 STUDIES = {
     "benchmark": ("sslcore.experiments.benchmark", "benchmark_markdown", "benchmark_plot"),
-    "transfer": ("sslcore.experiments.benchmark", "transfer_markdown", "transfer_plot"),
+    "transfer": ("sslcore.experiments.transfer", "markdown", "plot"),
     "oversmoothing": ("sslcore.experiments.oversmoothing", "markdown", "plot"),
     "mim-study": ("sslcore.experiments.clustermim", "study_markdown", "study_plot"),
     "tcas-sweep": ("sslcore.experiments.clustermim", "sweep_markdown", "sweep_plot"),

@@ -33,6 +33,14 @@ def worst_pair(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return flat // m, flat % m
 
 
+def max_pair_distance(z: torch.Tensor) -> torch.Tensor:
+    """Per sample, ``max_{a,b} |z_hat_a - z_hat_b|^2`` over its views (``z_hat``: L2-normalised): ``z`` is
+    ``[m, N, D]``, the result ``[N]``, with gradient.  The penalty's term, and the transfer study's
+    worst-pair distance (docs/methods.md, ArCL)."""
+    zn = F.normalize(z, dim=-1)
+    return (zn[:, None] - zn[None, :]).pow(2).sum(-1).flatten(0, 1).amax(0)
+
+
 class ArCL(SSLMethod):
     """ArCL **[our reading]** (docs/methods.md, "ArCL") over a SimCLR or MoCo base, held by composition.
 
@@ -41,7 +49,7 @@ class ArCL(SSLMethod):
       lowest cosine similarity of their projections (:func:`worst_pair`), then apply the base's
       two-view loss to (z_a*, z_b*) across the batch (MoCo: queries z_a*, keys from view b*).
     * ``mode="penalty"``: base loss on views 0 and 1 (two random augmentations) plus
-      ``penalty * mean_n max_{a,b} |z_hat_a - z_hat_b|^2`` (with gradient).
+      ``penalty * mean_n max_{a,b} |z_hat_a - z_hat_b|^2`` (:func:`max_pair_distance`, with gradient).
     Options other than ``views``/``base``/``mode``/``penalty`` go to the base (``queue_size``,
     ``momentum``, ``symmetric``: only with ``base="moco"``, MoCo's defaults when unset).  Probe features
     come from the shared encoder.
@@ -100,6 +108,4 @@ class ArCL(SSLMethod):
             a, b = worst_pair(z)
             rows = torch.arange(n, device=z.device)
             return self._base_loss(z[a, rows], z[b, rows], x[a, rows], x[b, rows])
-        zn = F.normalize(z, dim=-1)
-        spread = (zn[:, None] - zn[None, :]).pow(2).sum(-1).flatten(0, 1).amax(0)  # [N]: max_{a,b} |z_a - z_b|^2
-        return self._base_loss(z[0], z[1], x[0], x[1]) + self.penalty * spread.mean()
+        return self._base_loss(z[0], z[1], x[0], x[1]) + self.penalty * max_pair_distance(z).mean()

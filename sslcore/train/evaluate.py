@@ -45,14 +45,19 @@ def extract_features(data, split: str, encoder: nn.Module | None, *, device: tor
     return torch.cat(feats)
 
 
-def linear_probe(x_train, y_train, x_test, y_test, *, c: float = 1.0) -> float:
-    """Test accuracy of logistic regression on standardised features (the scaler is fit on train only)."""
+def fit_linear_probe(x_train, y_train, *, c: float = 1.0):
+    """Logistic regression on standardised features (the scaler is fit on train only), fit to ``x_train``;
+    ``.score(x, y)`` gives its accuracy on any features of the same kind (e.g. another domain's)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
-    return float(clf.fit(x_train, y_train).score(x_test, y_test))
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000)).fit(x_train, y_train)
+
+
+def linear_probe(x_train, y_train, x_test, y_test, *, c: float = 1.0) -> float:
+    """Test accuracy of :func:`fit_linear_probe`."""
+    return float(fit_linear_probe(x_train, y_train, c=c).score(x_test, y_test))
 
 
 def knn_accuracy(x_train, y_train, x_test, y_test, *, k: int = 20) -> float:
@@ -183,4 +188,5 @@ def evaluate_checkpoint(path, *, device: torch.device | str = "cpu", data: str |
 
 
 __all__ = ["KNN_K", "KNN_T", "SKLEARN_MAX_TRAIN", "build_model", "evaluate_checkpoint", "extract_features",
-           "knn_accuracy", "linear_classifier", "linear_probe", "load_encoder", "probe", "weighted_knn"]
+           "fit_linear_probe", "knn_accuracy", "linear_classifier", "linear_probe", "load_encoder", "probe",
+           "weighted_knn"]
