@@ -9,7 +9,7 @@ in the query/key (MoCo, CLIP) form.  The alignment term is a gather, O(M.m.D), d
 uniformity term ``LSE`` is the Triton kernel: tiles of S built in registers, a running max/sum
 per row (flash-attention style), only the fp32 vector of LSEs stored.
 
-Its gradient is message passing (METHODS.md section 1).  With upstream weights ``g_i`` and
+Its gradient is message passing (docs/methods.md, "The gradient as message passing").  With upstream weights ``g_i`` and
 ``P_ij = exp(s_ij - LSE_i)``:
 
     dLSE/dq_i = (1/tau) sum_j g_i P_ij k_j          (messages to the query)

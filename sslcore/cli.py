@@ -5,6 +5,7 @@ tools (``tokenize``, ``tcas``)."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from .checks import cli_type, parse_literal
@@ -189,7 +190,9 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["sslcore", *argv])  # recorded in the studies' results files
     try:
         if args.command == "pretrain":
             return _pretrain(args)

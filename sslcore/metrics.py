@@ -136,7 +136,7 @@ def token_class_counts(tokens, labels, n_tokens: int, n_classes: int) -> torch.T
 def tcas(tokens, labels, n_tokens: int, n_classes: int) -> float:
     """Token-class alignment score of a discrete tokenizer (training-free; lower is better).
 
-    **Our reading** of the ClusterMIM paper's TCAS (docs/methods.md, "ClusterMIM and TCAS"; not the
+    **Our reading** of the ClusterMIM paper's TCAS (docs/methods.md, "TCAS"; not the
     authors' code).  From the C x K count matrix ``N[c, k]`` (patches of image class c given token k)
     and ``p(c, k) = N / sum N``::
 

@@ -1,4 +1,4 @@
-"""Discrete image tokenizers for ClusterMIM (METHODS.md §4): k-means over patches.
+"""Discrete image tokenizers for ClusterMIM (docs/methods.md, "Tokenizers"): k-means over patches.
 
 - :class:`PixelTokenizer`: patchify the normalised image (MAE's patch layout), k-means (K = 50).
 - :class:`FeatureTokenizer`: the patch tokens of a frozen timm model (CLS/prefix tokens dropped,

@@ -21,6 +21,8 @@ from sslcore import InfoNCELoss, KMeans, NTXentLoss
 from sslcore.checks import describe
 from sslcore.cli import main
 from sslcore.methods import MAE, METHODS, option_parameters
+from sslcore.methods.arcl import ArCL
+from sslcore.models import SmallCNN
 from sslcore.metrics import tcas
 from sslcore.tokenizers import PixelTokenizer
 from sslcore.train import CheckpointError, PretrainConfig, load_checkpoint, pretrain, save_checkpoint
@@ -352,12 +354,16 @@ def test_a_nan_loss_names_the_options_that_cause_it(tmp_path, capsys, monkeypatc
 
 def test_each_method_keeps_its_own_temperature_unless_one_is_given(tmp_path, capsys, no_probes):
     defaults = {m: p["temperature"].default for m in METHODS if "temperature" in (p := option_parameters(m))}
-    assert defaults["simclr"] == 0.5 and defaults["moco"] == 0.2
+    assert defaults["simclr"] == 0.5 and defaults["moco"] == 0.2 and defaults["arcl"] is None  # None: its base's
+    defaults["arcl"] = 0.5
     for name in METHODS:
         data = SHAPES if "image" in METHODS[name].data_kinds else TEXT
         assert PretrainConfig(method=name, data=data).temperature == defaults.get(name)
     assert PretrainConfig(temperature=0.3).temperature == 0.3
     assert PretrainConfig(options={"temperature": 0.3}).temperature == 0.3
+    # ArCL takes its base's temperature: MoCo's 0.2 over a MoCo base (was SimCLR's 0.5 for both)
+    assert PretrainConfig(method="arcl", data=SHAPES, options={"base": "moco"}).temperature == 0.2
+    assert ArCL(SmallCNN(), base="moco").base.temperature == 0.2 and ArCL(SmallCNN()).base.criterion.temperature == 0.5
     assert _pretrain(tmp_path / "moco", "--method", "moco", "-o", "queue_size=64") == 0
     assert "moco on shapes:n=32,test=16,size=8: 1 epochs at temperature 0.2" in capsys.readouterr().out
     assert json.loads((tmp_path / "moco" / "summary.json").read_text())["temperature"] == 0.2

@@ -306,6 +306,34 @@ def test_benchmark_trains_each_method_on_one_budget(tmp_path, capsys):
     assert result["baselines"][1] == {"method": "raw pixels", **summary["probes"]["raw_pixels"]}
 
 
+def test_benchmark_over_seeds_writes_one_results_file_the_report_renders(tmp_path, capsys):
+    from sslcore.experiments.benchmark import benchmark_markdown, benchmark_plot
+
+    results = tmp_path / "benchmark.json"
+    argv = ["benchmark", "--data", "digits", "--methods", "simclr,simclr-attn", "--epochs", "1", "--limit", "64",
+            "--batch-size", "32", "--backend", "torch", "--out", str(tmp_path / "runs"), "--seeds", "3,4",
+            "--results-out", str(results)]
+    assert main(argv) == 0
+    r = json.loads(results.read_text())
+    assert r["seeds"] == [3, 4] and r["command"] == "sslcore " + " ".join(argv)
+    for seed, run in zip((3, 4), r["runs"]):  # each seed's own run folder, its numbers as trained
+        summary = json.loads((tmp_path / "runs" / f"seed-{seed}" / "simclr" / "summary.json").read_text())
+        assert summary["config"]["seed"] == seed and run["rows"][0]["linear"] == summary["probes"]["trained"]["linear"]
+    text = benchmark_markdown(r)
+    assert text in capsys.readouterr().out and "2 seeds (3, 4)" in text and "SimCLR-Attn > SimCLR" in text
+    lin = [run["rows"][0]["linear"] for run in r["runs"]]
+    mean, std = 100 * sum(lin) / 2, 100 * abs(lin[0] - lin[1]) / 2 ** 0.5
+    assert f"| simclr | {mean:.1f} ± {std:.1f} |" in text
+    benchmark_plot(r, tmp_path / "b.png")
+    assert (tmp_path / "b.png").stat().st_size > 1000
+    with pytest.raises(SystemExit):  # the results file is never overwritten without --overwrite
+        main(argv)
+    assert "exists" in capsys.readouterr().err and json.loads(results.read_text()) == r
+    with pytest.raises(SystemExit):
+        main(["benchmark", "--seeds", "1,1"])
+    assert "distinct" in capsys.readouterr().err
+
+
 def test_benchmark_options_methods_and_errors():
     from sslcore.experiments.benchmark import method_option, options_per_method, run_transfer, select_methods
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from ..dist import is_main_process
 from ..methods import METHODS, get_method, method_options
 from ..train import PretrainConfig, load_encoder, pretrain, probe
 from ..train.evaluate import build_model
+from .report import markdown_table, mean_std
 
 BUDGET = dict(epochs=20)  # benchmark's default budget (PretrainConfig's defaults otherwise)
 
@@ -201,6 +203,11 @@ def add_arguments(p: argparse.ArgumentParser, *, transfer: bool) -> None:
     p.add_argument("--temperature", type=setting("temperature"),
                    help="loss temperature of the methods that have one (default: each method's own)")
     p.add_argument("--seed", type=setting("seed"), default=defaults.seed, help="seed of every run" + d)
+    if not transfer:
+        p.add_argument("--seeds", type=_seeds, help="run the benchmark once per seed (OUT/seed-S) and write the "
+                       "mean +- std table's results file (with --results-out)")
+        p.add_argument("--results-out", help="the results file of a --seeds run (default: OUT/results.json), e.g. "
+                       "docs/results/benchmark.json; an existing file is kept unless --overwrite")
     p.add_argument("--limit", type=setting("limit"), help="pretrain on the first N training images only")
     p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda, ..." + d)
     p.add_argument("--backend", default="auto", help="the losses' kernel backend" + d)
@@ -220,6 +227,14 @@ def main_from_args(args: argparse.Namespace, *, transfer: bool) -> dict:
             print(f"\ntransfer from shapes domain {result['source']!r} ({args.epochs} epochs each); "
                   "linear-probe accuracy, probes fit and tested on each domain's frozen features:")
             print(transfer_table(result))
+    elif args.seeds:
+        train.pop("seed")
+        result = run_seeds(args.data, args.methods, seeds=args.seeds, out=args.out, results_out=args.results_out,
+                           options=args.option, command=getattr(args, "command_line", None), **train)
+        if is_main_process():
+            print("\n" + benchmark_markdown(result))
+            print(f"wrote {result['results_file']}")
+        return result
     else:
         result = run_benchmark(args.data, args.methods, out=args.out, options=args.option, **train)
         if is_main_process():
@@ -229,3 +244,109 @@ def main_from_args(args: argparse.Namespace, *, transfer: bool) -> dict:
     if is_main_process():
         print(f"wrote {result['out']}/results.json and one run folder per method")
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark over seeds: the README's table (``sslcore report``).
+
+CLAIMS = (("simclr-attn", "simclr", "SimCLR-Attn > SimCLR"), ("simsiam-multi", "simsiam", "SimSiam-Multi > SimSiam"))
+NOISE_PTS = 2.0  # about two binomial standard errors at 97 % accuracy on 360 test images
+
+
+def _seeds(text: str) -> list[int]:
+    """argparse ``type=``: comma-separated distinct seeds >= 0."""
+    try:
+        seeds = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(x < 0 for x in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct integers >= 0, got {text!r}")
+    return seeds
+
+
+def run_seeds(data_spec: str = "digits", methods: list[str] | None = None, *, seeds: list[int], out: str | None = None,
+              results_out: str | None = None, overwrite: bool = False, command: str | None = None, **kwargs) -> dict:
+    """:func:`run_benchmark` once per seed into ``OUT/seed-S``; one results file with every seed's rows
+    (and ``command``, the command line that made it)."""
+    out = Path(out or Path("runs") / f"benchmark-{load_dataset(data_spec).name}")
+    path = Path(results_out) if results_out else out / "results.json"
+    if path.exists() and not overwrite:
+        raise ValueError(f"--results-out {path} exists: give another path, or --overwrite to replace it")
+    t0 = time.perf_counter()
+    runs = [run_benchmark(data_spec, methods, out=str(out / f"seed-{seed}"), seed=seed, overwrite=overwrite, **kwargs)
+            for seed in seeds]
+    result = {"command": command, "data": data_spec, "seeds": seeds,
+              "config": runs[0]["config"], "temperatures": runs[0]["temperatures"], "n_train": runs[0]["n_train"],
+              "n_test": runs[0]["n_test"], "device": runs[0]["device"], "runs": runs,
+              "seconds": round(time.perf_counter() - t0, 1), "results_file": str(path)}
+    if is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def _per_method(result: dict, key: str) -> dict[str, list[float]]:
+    """``method -> [value per seed]`` for the trained rows and the baselines that have ``key``."""
+    values: dict[str, list[float]] = {}
+    for run in result["runs"]:
+        for r in run["rows"] + run["baselines"]:
+            if key in r:
+                values.setdefault(r["method"], []).append(r[key])
+    return values
+
+
+def benchmark_markdown(result: dict) -> str:
+    """The README block: per method the held-out linear-probe and k-NN accuracy (mean ± std over seeds),
+    training time and temperature, and the papers' claims checked seed by seed."""
+    cfg, n = result["config"], len(result["seeds"])
+    linear, knn, secs = _per_method(result, "linear"), _per_method(result, "knn"), _per_method(result, "train_time_s")
+    temps = result["temperatures"]
+    rows = [[m, mean_std(linear[m], scale=100), mean_std(knn[m], scale=100),
+             f"{sum(secs[m]) / n:.0f}" if m in secs else "", "" if temps.get(m) is None else f"{temps[m]:g}"]
+            for m in linear]
+    table = markdown_table(["method", "linear %", "k-NN %", "train s", "τ"], rows)
+    claims = []
+    for new, old, text in CLAIMS:
+        if new in linear and old in linear:
+            deltas = [100 * (a - b) for a, b in zip(linear[new], linear[old])]
+            mean = sum(deltas) / len(deltas)
+            better = sum(d > 0 for d in deltas)
+            verdict = ("reproduced" if mean >= NOISE_PTS and better == len(deltas) else
+                       "contradicted" if mean <= -NOISE_PTS and better == 0 else "not shown")
+            claims.append([text, f"{mean_std(deltas)} (better in {better}/{len(deltas)} seeds)", verdict])
+    command = f"`{result['command']}`" if result.get("command") else "`sslcore benchmark --seeds ...`"
+    caption = (f"{command}: every method on `{result['data']}` ({result['n_train']} training, {result['n_test']} "
+               f"held-out images), {cfg['epochs']} epochs of batch {cfg['batch_size']}, base lr {cfg['lr']:g} "
+               f"per 256, encoder `{cfg['encoder']}` (MAE and ClusterMIM: a ViT on 2×2 patches), each method at "
+               f"its own temperature τ; {n} seeds ({', '.join(map(str, result['seeds']))}), mean ± std. Linear "
+               f"probe and k-NN on the frozen features.")
+    out = f"{caption}\n\n{table}"
+    if claims:
+        out += (f"\n\nThe papers' claims, linear probe, the new method minus its base in the same seed (points); "
+                f"\"reproduced\" when the mean gain passes {NOISE_PTS:g} points and every seed agrees:\n\n"
+                + markdown_table(["claim", "gain, pts", "verdict"], claims, "lrl"))
+    return out
+
+
+def benchmark_plot(result: dict, path: Path) -> None:
+    """Linear-probe and k-NN accuracy per method, mean and std over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    linear, knn = _per_method(result, "linear"), _per_method(result, "knn")
+    names = list(linear)
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names)), 4.2))
+    for shift, (label, values) in zip((-0.2, 0.2), (("linear probe", linear), ("k-NN", knn))):
+        means = [100 * sum(v) / len(v) for v in (values[m] for m in names)]
+        stds = [100 * statistics.stdev(v) if len(v) > 1 else 0.0 for v in (values[m] for m in names)]
+        ax.bar([i + shift for i in x], means, 0.4, yerr=stds, capsize=3, label=label)
+    ax.set_xticks(list(x), names, rotation=30, ha="right")
+    ax.set(ylabel="held-out accuracy, %", title=f"every method on {result['data']}, {len(result['seeds'])} seeds",
+           ylim=(0, 100))
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

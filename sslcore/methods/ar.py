@@ -1,4 +1,4 @@
-"""AR: autoregressive pretraining, next-token prediction under causal attention (METHODS.md section 5)."""
+"""AR: autoregressive pretraining, next-token prediction under causal attention (docs/methods.md, "Autoregressive vs masked pretraining")."""
 from __future__ import annotations
 
 import torch

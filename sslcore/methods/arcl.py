@@ -34,7 +34,7 @@ def worst_pair(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class ArCL(SSLMethod):
-    """ArCL **[our reading]** (METHODS.md section 2) over a SimCLR or MoCo base, held by composition.
+    """ArCL **[our reading]** (docs/methods.md, "ArCL") over a SimCLR or MoCo base, held by composition.
 
     Each step draws ``views`` = m >= 2 views per sample and projects all of them (query encoder).
     * ``mode="worst_pair"``: without gradient, pick per sample the pair (a*, b*) of views with the
@@ -51,7 +51,7 @@ class ArCL(SSLMethod):
     min_batch_size, min_batch_reason = 2, "both bases need it (SimCLR's negatives, MoCo's BatchNorm)"
 
     def __init__(self, encoder: nn.Module, *, views: Views = 4, base: Literal[BASES] = "simclr",
-                 mode: Literal[MODES] = "worst_pair", penalty: NonNegative = 1.0, temperature: Temperature = 0.5,
+                 mode: Literal[MODES] = "worst_pair", penalty: NonNegative = 1.0, temperature: Temperature | None = None,
                  proj_hidden: Width = 256, proj_dim: Width = 64, queue_size: QueueSize | None = None,
                  momentum: UnitInterval | None = None, symmetric: bool | None = None,
                  gather_distributed: GatherMode = False, backend: Backend = "auto"):
@@ -68,6 +68,8 @@ class ArCL(SSLMethod):
         if base == "simclr" and moco_options:
             raise ValueError(f"option {', '.join(moco_options)} is for base='moco', not base='simclr'")
         super().__init__(encoder)
+        if temperature is None:
+            temperature = self.default_temperature({"base": base})
         common = dict(temperature=temperature, proj_hidden=proj_hidden, proj_dim=proj_dim,
                       gather_distributed=gather_distributed, backend=backend)
         if base == "simclr":
@@ -75,6 +77,11 @@ class ArCL(SSLMethod):
         else:
             self.base = MoCo(encoder, **moco_options, **common)
         self.n_views, self.mode, self.penalty = views, mode, float(penalty)
+
+    @classmethod
+    def default_temperature(cls, options: dict) -> float:
+        """The base's own: SimCLR's 0.5, MoCo's 0.2."""
+        return (MoCo if options.get("base") == "moco" else SimCLR).default_temperature({})
 
     def _base_loss(self, z0: torch.Tensor, z1: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
         """The base's two-view loss on projections z0, z1 of images x0, x1 (MoCo recomputes keys from x1/x0)."""

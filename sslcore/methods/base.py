@@ -1,6 +1,7 @@
 """The contract between the trainer and every SSL method."""
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -41,6 +42,16 @@ class SSLMethod(nn.Module):
     @classmethod
     def create(cls, data, *, encoder: str, **options) -> "SSLMethod":
         return cls(create_encoder(encoder, in_chans=data.in_chans), **options)
+
+    @classmethod
+    def default_temperature(cls, options: dict) -> float | None:
+        """The temperature a run with ``options`` gets when none is given: the constructor's default
+        (None for a method without one)."""
+        for base in cls.__mro__:  # a subclass's **kwargs reach its bases' options
+            param = inspect.signature(base.__init__).parameters.get("temperature") if issubclass(base, SSLMethod) else None
+            if param is not None:
+                return param.default
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)

@@ -1,4 +1,4 @@
-"""ClusterMIM (METHODS.md §4): masked image modelling whose targets are k-means tokens.
+"""ClusterMIM (docs/methods.md, "ClusterMIM, MAE and TCAS"): masked image modelling whose targets are k-means tokens.
 
 Each masked patch's target is its token under a fitted tokenizer (pixel or feature k-means),
 computed in fp32 without gradient on the same augmented image the encoder sees; the loss is the

@@ -1,4 +1,4 @@
-"""DEAR: diversity-enhanced autoregressive pretraining (METHODS.md section 5) — **[our reading]** of the
+"""DEAR: diversity-enhanced autoregressive pretraining (docs/methods.md, "Autoregressive vs masked pretraining") — **[our reading]** of the
 paper's AR variant with more diverse targets per context; no public code exists."""
 from __future__ import annotations
 

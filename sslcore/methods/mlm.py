@@ -1,4 +1,4 @@
-"""MLM: masked-token pretraining with a bidirectional transformer (METHODS.md section 5)."""
+"""MLM: masked-token pretraining with a bidirectional transformer (docs/methods.md, "Autoregressive vs masked pretraining")."""
 from __future__ import annotations
 
 import torch

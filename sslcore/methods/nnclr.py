@@ -14,7 +14,7 @@ from .heads import projection_mlp
 
 
 class NNCLR(SSLMethod):
-    """SimCLR on a rewired augmentation graph **[our reading]** (METHODS.md section 1, "graph rewiring").
+    """SimCLR on a rewired augmentation graph **[our reading]** (docs/methods.md, "The methods").
 
     A FIFO support queue ``Q`` (ring buffer, ``queue_size`` rows) keeps the unit-norm view-0
     projections of past batches.  For each of the 2N rows ``z_i`` of the batch ``[z0; z1]`` its

@@ -1,4 +1,4 @@
-"""Shared parts of the token-sequence objectives (ar, mlm, dear, vlm; METHODS.md section 5).
+"""Shared parts of the token-sequence objectives (ar, mlm, dear, vlm; docs/methods.md).
 
 One :class:`~sslcore.models.sequence.SequenceTransformer` per method, causal or bidirectional;
 ``forward`` pools its hidden states for the probes; ``evaluate`` scores generation on the held-out

@@ -1,4 +1,4 @@
-"""VLM: variable-length masked pretraining (METHODS.md section 5) — **[our reading]** of the paper's
+"""VLM: variable-length masked pretraining (docs/methods.md, "Autoregressive vs masked pretraining") — **[our reading]** of the paper's
 masked objective with flexible context lengths; no public code exists."""
 from __future__ import annotations
 

@@ -109,7 +109,7 @@ class PretrainConfig:
         params = option_parameters(self.method)
         if "temperature" in params:
             if self.temperature is None:
-                self.temperature = params["temperature"].default
+                self.temperature = cls.default_temperature(self.options)
         elif self.temperature is not None:
             raise ValueError(f"method {self.method!r} has no temperature (its loss has no softmax over negatives); "
                              "leave out --temperature")
