@@ -3,7 +3,7 @@ and how do its tokenizers compare at equal K?" and the TCAS sweep "does a lower 
 ClusterMIM encoder at constant K?" (docs/methods.md, "ClusterMIM and TCAS").
 
     sslcore tcas --tokenizer pixel,random --data digits
-    sslcore mim-study [--seeds 0,1,2] [--epochs 150] [--n-clusters 50,200] [--results-out FILE]
+    sslcore mim-study [--seeds 0,1,2] [--epochs 150] [--n-clusters 50] [--results-out FILE]
     sslcore tcas-sweep [--seeds 0,1,2] [--epochs 150] [--rates 0,0.333,0.667,1] [--results-out FILE]
 
 ``tcas`` fits each tokenizer on the training images and scores it on the held-out ones.
@@ -98,7 +98,7 @@ def _budget(data, spec: str, *, epochs: int, seeds: list[int], limit: int | None
     decoder = {k: v.default for k, v in inspect.signature(MaskedImageModel.__init__).parameters.items()
                if k.startswith(("decoder_", "mask_ratio"))}
     return {"data": spec, "n_train": min(limit or len(data.y_train), len(data.y_train)),
-            "n_test": len(data.y_test), "seeds": seeds, "epochs": epochs, "batch_size": BATCH_SIZE, "lr": LR,
+            "n_test": len(data.y_test), "flips": data.flips, "seeds": seeds, "epochs": epochs, "batch_size": BATCH_SIZE, "lr": LR,
             "weight_decay": WEIGHT_DECAY, "warmup_epochs": max(1, epochs // 10),
             "betas": list(MaskedImageModel.optimizer_defaults["betas"]),
             "encoder": {**SMALL_VIT, "patch_size": _patch_size(data, None)}, **decoder,
@@ -141,7 +141,7 @@ def _finish(results: dict, results_out: Path, t0: float, c0: float) -> dict:
 # ---------------------------------------------------------------------------------------------
 # mim-study: ClusterMIM per tokenizer vs MAE.
 
-def study(*, data: str = "digits", seeds: list[int] = (0, 1, 2), epochs: int = 150, ks: list[int] = (50, 200),
+def study(*, data: str = "digits", seeds: list[int] = (0, 1, 2), epochs: int = 150, ks: list[int] = (50,),
           out: str = "runs/mim-study", results_out: str | None = None, overwrite: bool = False,
           limit: int | None = None, threads: int | None = None, command: str = "", log=print) -> dict:
     """Per seed: MAE, then ClusterMIM with pixel and feature (that seed's MAE encoder) k-means at each K in
@@ -214,16 +214,17 @@ def claim_verdict(deltas: list[float], threshold: float) -> str:
 
 
 def study_claims(results: dict) -> list[dict]:
-    """Per pixel K: ClusterMIM (pixel) - MAE linear probe per seed (points), their mean and the verdict
-    against one binomial standard error of MAE's mean accuracy on the test set."""
+    """Per tokenizer (pixel, feature) and K: ClusterMIM - MAE linear probe per seed (points), their mean and
+    the verdict against one binomial standard error of MAE's mean accuracy on the test set."""
     groups = _groups(results["runs"], "tokenizer", "K")
     mae = {r["seed"]: r["linear"] for r in groups["mae", None]}
     se = binomial_se(sum(mae.values()) / len(mae), results["config"]["n_test"])
     claims = []
     for k in results["config"]["ks"]:
-        deltas = [100 * (r["linear"] - mae[r["seed"]]) for r in groups["pixel", k]]
-        claims.append({"K": k, "deltas": deltas, "mean": sum(deltas) / len(deltas), "se": 100 * se,
-                       "verdict": claim_verdict(deltas, 100 * se)})
+        for kind in ("pixel", "feature"):
+            deltas = [100 * (r["linear"] - mae[r["seed"]]) for r in groups[kind, k]]
+            claims.append({"tokenizer": kind, "K": k, "deltas": deltas, "mean": sum(deltas) / len(deltas),
+                           "se": 100 * se, "verdict": claim_verdict(deltas, 100 * se)})
     return claims
 
 
@@ -234,7 +235,7 @@ def _caption(cfg: dict, command: str, what: str) -> str:
             f"each sets the init, masks, data order and k-means); ViT of {enc['depth']} blocks, width "
             f"{enc['embed_dim']}, {enc['patch_size']}×{enc['patch_size']} patches, {cfg['decoder_depth']}-block "
             f"decoder of width {cfg['decoder_dim']}, {cfg['mask_ratio']:.0%} masked; MAE's recipe: crop 20–100 % "
-            f"without flips, AdamW ({cfg['betas'][0]}, {cfg['betas'][1]}), batch {cfg['batch_size']}, lr "
+            f"{'with' if cfg['flips'] else 'without'} flips, AdamW ({cfg['betas'][0]}, {cfg['betas'][1]}), batch {cfg['batch_size']}, lr "
             f"{cfg['lr']:g} × batch/256, {cfg['warmup_epochs']} warm-up epochs, weight decay {cfg['weight_decay']} "
             f"off norms and biases; MAE's patch-std floor {cfg['min_patch_std']}. No temperature: neither loss "
             f"has one. Cells: mean ± std over seeds. TCAS (lower = more class-aligned) on the "
@@ -261,7 +262,7 @@ def study_markdown(results: dict) -> str:
     claims = study_claims(results)
     verdicts = markdown_table(
         ["claim", "Δ linear, points (per seed)", "verdict"],
-        [[f"ClusterMIM (pixel, K = {c['K']}) > MAE", f"{c['mean']:+.1f} ({', '.join(f'{d:+.1f}' for d in c['deltas'])})",
+        [[f"ClusterMIM ({c['tokenizer']}, K = {c['K']}) > MAE", f"{c['mean']:+.1f} ({', '.join(f'{d:+.1f}' for d in c['deltas'])})",
           c["verdict"]] for c in claims], "lrl")
     return (_caption(cfg, results["command"], "MAE and ClusterMIM per tokenizer") +
             f" The feature tokenizer clusters the patch tokens of the same seed's MAE encoder (DINO cannot be "
@@ -517,8 +518,9 @@ def _add_run_arguments(p: argparse.ArgumentParser, name: str) -> None:
 
 def add_study_arguments(p: argparse.ArgumentParser) -> None:
     _add_run_arguments(p, "mim-study")
-    p.add_argument("--n-clusters", type=_ks, default=[50, 200],
-                   help="K of the pixel and feature tokenizers; the random control uses the first (default: 50,200)")
+    p.add_argument("--n-clusters", type=_ks, default=[50],
+                   help="comma-separated K of the pixel and feature tokenizers; the random control uses the first "
+                        "(default: 50)")
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
