@@ -70,16 +70,10 @@ class MaskedImageModel(SSLMethod):
 
 
 class MAE(MaskedImageModel):
-    """``loss = mean over masked patches of |pred - norm(patch)|^2 / (p*p*C)`` with MAE's ``norm_pix_loss``
-    ``norm(x) = (x - mean(x)) / max(sqrt(var(x) + 1e-6), min_patch_std)`` over each target patch's values.
-
-    The floor ``min_patch_std`` (0 gives MAE's exact target) is ours.  It is in the units of the model's
-    input: digits' pixels in [0, 1] with grey levels 1/16 apart, so 0.02 is a third of a level; on
-    normalised RGB data one 8-bit level is about 0.017.  A (near-)constant patch -- after the crop 8 % of
-    2x2 digit patches are constant and 3 % more have a std below 0.01, interpolation residue -- would
-    otherwise have its residue amplified to a unit-variance target.  Below the floor a patch's target is
-    its centred values over ``min_patch_std``, shrinking continuously to 0 ("flat"); it stays in the loss,
-    since where a digit has no ink is information.  Above it the target is MAE's (docs/methods.md)."""
+    """``loss = mean over masked patches of |pred - norm(patch)|^2 / (p*p*C)``, MAE's ``norm_pix_loss``
+    with a floor: ``norm(x) = (x - mean(x)) / max(sqrt(var(x) + 1e-6), min_patch_std)`` over each target
+    patch, so a near-constant patch's interpolation residue is not blown up to unit variance
+    (``min_patch_std=0``: MAE's exact target; docs/methods.md, "Near-constant patches")."""
 
     name = "mae"
 
@@ -95,7 +89,7 @@ class MAE(MaskedImageModel):
         return cls(*cls.encoder_spec(data, encoder, patch_size), **options)
 
     def targets(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, L, p*p*C]`` fp32: each patch's pixels, normalised as in the class docstring when ``norm_pix_loss``."""
+        """``[B, L, p*p*C]`` fp32: each patch's pixels, ``norm``-ed (class docstring) when ``norm_pix_loss``."""
         target = patchify(images.float(), self.patch_size)
         if self.norm_pix_loss:
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
