@@ -31,13 +31,13 @@ from sslcore.kernels.contranorm import record_launches
 SCALE, TAU = 0.1, 1.0
 DEGREE = 10  # edges per node in the random graph (E = DEGREE * N, symmetric)
 MASK_MAX_BYTES = 4 * 2**30  # the SDPA graph row builds its dense N x N mask only up to this size
-GPU_SEQ = [(b, l, d) for b in (32,) for l in (197, 1024, 4096) for d in (384, 768)]
+GPU_SEQ = [(b, n, d) for b in (32,) for n in (197, 1024, 4096) for d in (384, 768)]
 GPU_SEQ_QUICK = [(32, 197, 384), (32, 1024, 768)]
 GPU_GRAPH = [(n, 256) for n in (16384, 131072)]
 GPU_GRAPH_QUICK = [(16384, 256)]
 GPU_GOAL = [(32, 1024, 768), (32, 4096, 768)]  # the goal: B = 32, L = 4096, D = 768; and the graph below
 GPU_GRAPH_GOAL = [(131072, 256)]
-CPU_SEQ = [(4, l, d) for l in (64, 197) for d in (64, 128)]
+CPU_SEQ = [(4, n, d) for n in (64, 197) for d in (64, 128)]
 CPU_SEQ_QUICK = [(4, 64, 64), (4, 197, 128)]
 CPU_GRAPH = [(2048, 64)]
 CPU_GRAPH_QUICK = [(1024, 64)]

@@ -75,7 +75,6 @@ def goal_shapes() -> dict[str, list[str]]:
 
 def environment(log: Log) -> None:
     import torch
-
     import triton
     log(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}")
     log(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, python "

@@ -83,14 +83,16 @@ def _faiss(x, c):
 
 
 def _assign_impls(device):
-    faiss_note = f"faiss IndexFlatL2.search(k=1), fp32 (faiss {package_version('faiss-cpu') or package_version('faiss-gpu') or 'not installed'})"
+    faiss = package_version('faiss-cpu') or package_version('faiss-gpu') or 'not installed'
+    faiss_note = f"faiss IndexFlatL2.search(k=1), fp32 (faiss {faiss})"
     if device == "cpu":
         return [("sslcore-torch", _sslcore("torch"), "kmeans_assign(..., backend='torch'): chunked fp32 matmul"),
                 ("faiss-cpu", _faiss, faiss_note)]
     return [
         ("sslcore-triton", _sslcore("triton"), "kmeans_assign(..., backend='triton')"),
         ("torch-chunked", _torch_chunked, "x @ c.T in the input dtype, 1 GiB chunks of fp32 scores, argmax"),
-        ("flash-kmeans", _flash_kmeans, f"euclid_assign_triton (flash-kmeans {package_version('flash-kmeans') or 'not installed'})"),
+        ("flash-kmeans", _flash_kmeans,
+         f"euclid_assign_triton (flash-kmeans {package_version('flash-kmeans') or 'not installed'})"),
         ("faiss-gpu", _faiss, faiss_note),
     ]
 
@@ -162,7 +164,8 @@ def cases(quick: bool = False, goal: bool = False) -> list[Case]:
     for device, dtypes, shapes, fits in grids:  # every assignment before the (slower) fits
         out += [_case("kmeans-assign", *impl, s, dtype, device)
                 for dtype in dtypes for s in shapes for impl in _assign_impls(device)]
-        out += [_case("kmeans-fit", *impl, s, dtype, device) for dtype in dtypes for s in fits for impl in _fit_impls(device)]
+        out += [_case("kmeans-fit", *impl, s, dtype, device)
+                for dtype in dtypes for s in fits for impl in _fit_impls(device)]
     return out
 
 

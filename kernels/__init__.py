@@ -4,12 +4,23 @@ Imported as ``sslcore.kernels`` (see pyproject's package-dir mapping).
 """
 from ._backend import BACKENDS, interpreting, resolve_backend
 from .contranorm import (
-    NeighbourGraph, contranorm, contranorm_features_ref, contranorm_ref, prepare_graph, tied_attention_ref,
+    NeighbourGraph,
+    contranorm,
+    contranorm_features_ref,
+    contranorm_ref,
+    prepare_graph,
+    tied_attention_ref,
+)
+from .infonce import (
+    infonce,
+    infonce_messages,
+    infonce_ref,
+    infonce_terms,
+    lse_grad,
+    lse_similarity,
+    lse_similarity_ref,
 )
 from .kmeans import kmeans_assign, kmeans_assign_ref, kmeans_update, kmeans_update_ref, nearest_cosine
-from .infonce import (
-    infonce, infonce_messages, infonce_ref, infonce_terms, lse_grad, lse_similarity, lse_similarity_ref,
-)
 
 __all__ = [
     "BACKENDS", "interpreting", "resolve_backend",

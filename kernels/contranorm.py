@@ -34,8 +34,18 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import (
-    HAS_TRITON, KernelSpec, cdiv, check_float, check_positive, interpreting, new_output, resolve_backend, tl,
-    triton, unit_rows, validating,
+    HAS_TRITON,
+    KernelSpec,
+    cdiv,
+    check_float,
+    check_positive,
+    interpreting,
+    new_output,
+    resolve_backend,
+    tl,
+    triton,
+    unit_rows,
+    validating,
 )
 
 LOG2E = 1.4426950408889634
@@ -245,7 +255,8 @@ def _check(h, scale, temperature, key_padding_mask, edge_index, validate):
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
             raise TypeError("key_padding_mask must be a bool tensor (True = padding)")
         if key_padding_mask.shape != h.shape[:2]:
-            raise ValueError(f"key_padding_mask must have shape {tuple(h.shape[:2])}, got {tuple(key_padding_mask.shape)}")
+            raise ValueError(f"key_padding_mask must have shape {tuple(h.shape[:2])}, "
+                             f"got {tuple(key_padding_mask.shape)}")
         if key_padding_mask.device != h.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but h is on {h.device}")
         if values and bool(key_padding_mask.all(-1).any()):

@@ -21,16 +21,39 @@ gradient is one pass: 3 M x M x D matmuls in all (S for the LSEs; S again and W.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ._backend import (
-    HAS_TRITON, KernelSpec, cdiv, check_finite, check_float, check_positive, check_reduction, check_same,
-    interpreting, new_output, next_pow2, resolve_backend, tl, triton, unit_rows, validating,
+    HAS_TRITON,
+    KernelSpec,
+    cdiv,
+    check_finite,
+    check_float,
+    check_positive,
+    check_reduction,
+    check_same,
+    interpreting,
+    new_output,
+    next_pow2,
+    resolve_backend,
+    tl,
+    triton,
+    unit_rows,
+    validating,
 )
 from ._tiles import (
-    d_tiling, load_rows, precision as _precision, sim_streamed, sim_tile, size_bucket, tuned, upcast as _upcast,
+    d_tiling,
+    load_rows,
+    sim_streamed,
+    sim_tile,
+    size_bucket,
+    tuned,
+)
+from ._tiles import (
+    precision as _precision,
+)
+from ._tiles import (
+    upcast as _upcast,
 )
 
 LOG2E = 1.4426950408889634
@@ -140,7 +163,8 @@ def _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, redu
             raise ValueError("labels is for the self-similarity form (keys=None, or keys with self_offset); "
                              "with keys alone use pos_index")
         if pos_index is None and keys.shape[0] < m:
-            raise ValueError(f"keys must have at least as many rows as z (positives on the diagonal), got {keys.shape[0]} < {m}")
+            raise ValueError("keys must have at least as many rows as z (positives on the diagonal), "
+                             f"got {keys.shape[0]} < {m}")
         if symmetric and keys.shape[0] != m:
             raise ValueError(f"symmetric=True needs as many keys as queries, got {keys.shape[0]} and {m}")
         if symmetric and pos_index is not None:
@@ -166,7 +190,8 @@ def _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, redu
         if self_form:
             rows = torch.arange(m, device=z.device)[:, None] + (self_offset or 0)
             if bool((valid & (idx == rows)).any()):
-                raise ValueError("pos_index names a row as its own positive (self-pairs are excluded from the denominator)")
+                raise ValueError("pos_index names a row as its own positive "
+                                 "(self-pairs are excluded from the denominator)")
         if not bool(valid.any(1).all()):
             raise ValueError("pos_index gives some row no positive (all -1)")
     if labels is not None:
@@ -182,7 +207,8 @@ def _check_args(z, keys, temperature, pos_index, labels, weight, symmetric, redu
     if weight is not None:
         check_float("weight", weight, 1)
         if weight.shape != (m,) or weight.device != z.device:
-            raise ValueError(f"weight must have shape [{m}] on {z.device}, got {tuple(weight.shape)} on {weight.device}")
+            raise ValueError(f"weight must have shape [{m}] on {z.device}, "
+                             f"got {tuple(weight.shape)} on {weight.device}")
     if values:
         check_finite("z", z)
         if keys is not None:

@@ -13,8 +13,19 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import (
-    HAS_TRITON, KernelSpec, cdiv, check_finite, check_float, check_same, interpreting, new_output, resolve_backend, tl, triton,
-    unit_rows, validating,
+    HAS_TRITON,
+    KernelSpec,
+    cdiv,
+    check_finite,
+    check_float,
+    check_same,
+    interpreting,
+    new_output,
+    resolve_backend,
+    tl,
+    triton,
+    unit_rows,
+    validating,
 )
 from ._tiles import d_tiling, load_rows, sim_tile, size_bucket, tuned, upcast
 
@@ -216,7 +227,8 @@ def kmeans_update(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, *, det
     if validating(x.device, validate) and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_clusters):
         raise ValueError(f"labels must lie in [0, {n_clusters})")
     wide = torch.promote_types(x.dtype, torch.float32)
-    counts = torch.zeros(n_clusters, dtype=torch.int64, device=x.device).scatter_add_(0, labels, torch.ones_like(labels))
+    counts = torch.zeros(n_clusters, dtype=torch.int64, device=x.device)
+    counts.scatter_add_(0, labels, torch.ones_like(labels))
     sums = torch.zeros(n_clusters, x.shape[1], device=x.device, dtype=wide)
     if not deterministic or x.device.type == "cpu":
         return sums.index_add_(0, labels, x.to(wide)), counts

@@ -164,7 +164,7 @@ def _table(rows: list[tuple[str, dict]]) -> str:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "option", "tokenizer", "config")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "command_line", "option", "tokenizer", "config")}
     pairs = getattr(args, "option", []) + ([("tokenizer", args.tokenizer)] if hasattr(args, "tokenizer") else [])
     if pairs:
         given["options"] = _options(pairs)

@@ -28,14 +28,17 @@ from . import kernels
 
 
 def is_distributed() -> bool:
+    """Whether a torch.distributed process group is running."""
     return dist.is_available() and dist.is_initialized()
 
 
 def world_size() -> int:
+    """Ranks in the running group (1 without one)."""
     return dist.get_world_size() if is_distributed() else 1
 
 
 def rank() -> int:
+    """This process's rank in the running group (0 without one)."""
     return dist.get_rank() if is_distributed() else 0
 
 
@@ -45,6 +48,7 @@ def is_main_process() -> bool:
 
 
 def local_rank() -> int:
+    """The rank on this node, as torchrun sets ``LOCAL_RANK`` (0 outside torchrun)."""
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 

@@ -217,7 +217,8 @@ def _homophilous_graph(temperature):
     subtracts the neighbours' terms from the full sums cancels."""
     gen = torch.Generator().manual_seed(1)
     centre = F.normalize(torch.randn(16, generator=gen), dim=0) * 3
-    h = torch.cat([centre + 1e-3 * torch.randn(16, 16, generator=gen), -centre + 1e-3 * torch.randn(16, 16, generator=gen)])
+    noise = 1e-3 * torch.randn(2, 16, 16, generator=gen)
+    h = torch.cat([centre + noise[0], -centre + noise[1]])
     edges = [(a, b) for c in (0, 16) for a in range(c, c + 16) for b in range(c, c + 16)]
     edges = torch.tensor(edges + [(0, j) for j in range(1, 32)]).T
     s = F.normalize(h, dim=1) @ F.normalize(h, dim=1).T / temperature
@@ -415,7 +416,8 @@ def _h(*shape):
     (lambda: contranorm(_h(2, 5, 4), scale=0.1, key_padding_mask=torch.zeros(2, 5)), TypeError, "bool"),
     (lambda: contranorm(_h(2, 5, 4), scale=0.1, key_padding_mask=torch.ones(2, 5, dtype=torch.bool)),
      ValueError, "masks every token"),
-    (lambda: contranorm(_h(6, 4), scale=0.1, edge_index=torch.tensor([[0, 1], [1, 6]])), ValueError, "edge_index values"),
+    (lambda: contranorm(_h(6, 4), scale=0.1, edge_index=torch.tensor([[0, 1], [1, 6]])),
+     ValueError, "edge_index values"),
     (lambda: contranorm(_h(6, 4), scale=0.1, edge_index=torch.tensor([0, 1])), ValueError, r"shape \[2, E\]"),
     (lambda: contranorm(_h(6, 4), scale=0.1, edge_index=prepare_graph(torch.tensor([[0], [1]]), 5)), ValueError,
      "5 nodes but h has 6"),

@@ -97,11 +97,14 @@ def test_losses(distributed_runs):
             loss, g0, g1 = _loss_and_grads(LOSSES[name](False), a_, b_, torch.arange(world * N))
             ranks = [results[r]["losses"][name, mode] for r in range(world)]
             what = f"{name} ({'ring' if mode == 'ring' else 'gather'}), {world} ranks"
-            torch.testing.assert_close(torch.stack([r[0] for r in ranks]).mean(), loss, **tol, msg=lambda e: f"{what}: loss: {e}")
+            torch.testing.assert_close(torch.stack([r[0] for r in ranks]).mean(), loss, **tol,
+                                       msg=lambda e: f"{what}: loss: {e}")
             for r, (_, r0, r1) in enumerate(ranks):
                 mine = slice(r * N, (r + 1) * N)
-                torch.testing.assert_close(r0, world * g0[mine], **tol, msg=lambda e: f"{what}: grad of out0, rank {r}: {e}")
-                torch.testing.assert_close(r1, world * g1[mine], **tol, msg=lambda e: f"{what}: grad of out1, rank {r}: {e}")
+                torch.testing.assert_close(r0, world * g0[mine], **tol,
+                                           msg=lambda e: f"{what}: grad of out0, rank {r}: {e}")
+                torch.testing.assert_close(r1, world * g1[mine], **tol,
+                                           msg=lambda e: f"{what}: grad of out1, rank {r}: {e}")
         single = NTXentLoss(0.3, memory_bank_size=(30, D), backend="torch")
         single(a.clone().requires_grad_(True), b)
         for r in range(world):  # every rank's bank took every rank's out1 rows, in rank order
@@ -128,7 +131,8 @@ def _block_pairs(world):
 
 STEP_METHODS = {
     "simclr": {}, "simclr-ring": {"gather_distributed": "ring"}, "moco": {"queue_size": 72},
-    "moco-ring": {"queue_size": 72, "gather_distributed": "ring"}, "moco-symmetric": {"queue_size": 72, "symmetric": True},
+    "moco-ring": {"queue_size": 72, "gather_distributed": "ring"},
+    "moco-symmetric": {"queue_size": 72, "symmetric": True},
     "simsiam": {}, "arcl": {}, "arcl-penalty": {"mode": "penalty"}, "arcl-moco": {"base": "moco", "queue_size": 72},
     "simclr-attn": {}, "simclr-attn-alignment": {"weighting": "alignment"}, "simsiam-multi": {"mix_epoch": 1},
     "nnclr": {"queue_size": 36},
@@ -201,9 +205,11 @@ def test_plain_ddp_loop_equals_one_process(distributed_runs):
                     torch.testing.assert_close(r_grads[key], g, rtol=1e-6, atol=1e-9 * scale,
                                                msg=lambda e: f"{what}: grad {key}, rank {r}: {e}")
                 for key, p in params.items():
-                    torch.testing.assert_close(r_params[key], p, rtol=1e-7, atol=1e-10, msg=lambda e: f"{what}: {key}, rank {r}: {e}")
+                    torch.testing.assert_close(r_params[key], p, rtol=1e-7, atol=1e-10,
+                                               msg=lambda e: f"{what}: {key}, rank {r}: {e}")
                 for key, b in buffers.items():  # queues, memories, BatchNorm statistics
-                    torch.testing.assert_close(r_buffers[key], b, rtol=1e-7, atol=1e-10, msg=lambda e: f"{what}: {key}, rank {r}: {e}")
+                    torch.testing.assert_close(r_buffers[key], b, rtol=1e-7, atol=1e-10,
+                                               msg=lambda e: f"{what}: {key}, rank {r}: {e}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +232,8 @@ def test_ddp_pretrain_matches_single_process_and_only_rank0_writes(distributed_r
         assert summary["final_loss"] == pytest.approx(single["final_loss"], rel=1e-4)
         ddp_model = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
         for key, value in one_model.items():
-            torch.testing.assert_close(ddp_model[key], value, rtol=1e-3, atol=1e-4, msg=lambda e: f"{key}, {world} ranks: {e}")
+            torch.testing.assert_close(ddp_model[key], value, rtol=1e-3, atol=1e-4,
+                                       msg=lambda e: f"{key}, {world} ranks: {e}")
 
 
 # ---------------------------------------------------------------------------------------------

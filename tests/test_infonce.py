@@ -286,7 +286,8 @@ def test_deterministic(seed):
 
 def test_torch_backend_matches_reference(seed):
     z = _leaf((2 * 20, 12), torch.float32)
-    _check((lambda x, backend, **kw: infonce(x, backend="torch", **kw), infonce_ref), [z], torch.float32, temperature=0.5)
+    _check((lambda x, backend, **kw: infonce(x, backend="torch", **kw), infonce_ref), [z], torch.float32,
+           temperature=0.5)
 
 
 def test_backend_dispatch(monkeypatch):
@@ -336,7 +337,8 @@ def _z(m=8, d=4, **kw):
     (lambda: infonce(_z(), weight=torch.ones(5)), ValueError, "weight must have shape"),
     (lambda: infonce(_z(), reduction="avg"), ValueError, "reduction"),
     (lambda: infonce(_z().index_fill(0, torch.tensor([3]), float("nan"))), ValueError, "z contains NaN"),
-    (lambda: infonce(_z(), _z().index_fill(0, torch.tensor([1]), float("inf"))), ValueError, "keys contains NaN or Inf"),
+    (lambda: infonce(_z(), _z().index_fill(0, torch.tensor([1]), float("inf"))),
+     ValueError, "keys contains NaN or Inf"),
     (lambda: NTXentLoss(temperature=0), ValueError, "temperature"),
     (lambda: NTXentLoss()(_z(4), _z(5)), ValueError, "same shape"),
     (lambda: InfoNCELoss(memory_bank_size=-1), ValueError, "memory_bank_size"),
@@ -452,7 +454,8 @@ def test_fullgraph_trace_through_custom_ops(seed):
     """The launches are torch.library ops: dynamo traces infonce forward+backward in one graph
     (aot_eager runs the ops eagerly, so this also runs under the interpreter)."""
     z = _leaf((2 * 19, 24), torch.float32)
-    compiled = torch.compile(lambda x: infonce(x, temperature=0.2, backend="triton"), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(lambda x: infonce(x, temperature=0.2, backend="triton"), fullgraph=True,
+                             backend="aot_eager")
     loss = compiled(z)
     g, = torch.autograd.grad(loss, z)
     zr = z.detach().double().requires_grad_(True)

@@ -22,8 +22,8 @@ from sslcore.checks import describe
 from sslcore.cli import main
 from sslcore.methods import MAE, METHODS, option_parameters
 from sslcore.methods.arcl import ArCL
-from sslcore.models import SmallCNN
 from sslcore.metrics import tcas
+from sslcore.models import SmallCNN
 from sslcore.tokenizers import PixelTokenizer
 from sslcore.train import CheckpointError, PretrainConfig, load_checkpoint, pretrain, save_checkpoint
 from sslcore.train.config import TRAINER_OPTIONS

@@ -16,7 +16,8 @@ def test_the_readme_matches_the_committed_results(capsys):
     readme = (ROOT / "README.md").read_text()
     names = report.BLOCK.findall(readme)
     assert names, "the README has no results blocks"
-    assert main(["report", "--check", "--readme", str(ROOT / "README.md"), "--results", str(ROOT / "docs/results")]) == 0
+    argv = ["report", "--check", "--readme", str(ROOT / "README.md"), "--results", str(ROOT / "docs/results")]
+    assert main(argv) == 0
     for name in {m[1] for m in names}:
         assert (ROOT / "docs/results" / f"{name}.json").is_file()
 
@@ -30,7 +31,8 @@ def test_update_rewrites_only_blocks_and_reports_drift(tmp_path):
     assert "stale" in readme.read_text()  # --check writes nothing
     assert main(["report", "--no-plots", "--readme", str(readme), "--results", str(tmp_path)]) == 0
     text = readme.read_text()
-    assert text.startswith("intro\n<!-- results:oversmoothing -->\n") and text.endswith("<!-- /results:oversmoothing -->\noutro\n")
+    assert text.startswith("intro\n<!-- results:oversmoothing -->\n")
+    assert text.endswith("<!-- /results:oversmoothing -->\noutro\n")
     assert "stale" not in text and report.render("oversmoothing", results) in text
     assert main(["report", "--check", "--readme", str(readme), "--results", str(tmp_path)]) == 0
 

@@ -9,10 +9,8 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from sslcore.cli import build_parser
 from sslcore.data import load_dataset
 from sslcore.data.text import TokenData, load_pystdlib, split_files
-from sslcore.experiments.ar_vs_mlm import format_table
 from sslcore.methods import create_model
 from sslcore.methods.dear import DEAR
 from sslcore.methods.mlm import MLM
@@ -86,6 +84,19 @@ def test_vlm_ratios_are_uniform_and_half_the_masks_are_suffixes():
         assert stats.kstest((ratios + jitter).numpy(), "uniform", args=(0.15, 0.7)).pvalue > 1e-3
     only_suffix = _method(VLM, _data(length=length), suffix_prob=1.0).draw_mask(500, length, None)
     assert only_suffix[:, -1].all() and (only_suffix.int().diff(dim=1) >= 0).all()  # 0...0 1...1 in every row
+
+
+@pytest.mark.parametrize("length", [5, 16, 64])
+def test_targets_per_sequence_counts_the_supervised_tokens(length):
+    data = _data(length=length)
+    for name in ("ar", "dear"):
+        assert create_model(name, data, encoder="transformer-tiny").targets_per_sequence(length) == length - 1
+    mlm = _method(MLM, data, mask_ratio=0.15)
+    assert mlm.targets_per_sequence(length) == mlm.draw_mask(4, length, None).sum(1)[0].item()
+    for lo, hi in ((0.15, 0.85), (0.5, 0.5), (0.01, 0.3)):  # the expected mask size, against 40000 drawn masks
+        vlm = _method(VLM, data, min_ratio=lo, max_ratio=hi)
+        drawn = vlm.draw_mask(40000, length, torch.Generator().manual_seed(0)).sum(1).double()
+        assert abs(vlm.targets_per_sequence(length) - drawn.mean().item()) < 4 * drawn.std().item() / 200 + 1e-9
 
 
 def test_dear_targets_are_the_tokens_at_the_drawn_offsets():
@@ -236,18 +247,3 @@ def test_pretrain_and_resume_on_a_tiny_text_corpus(tmp_path, interrupted):
     pretrain(PretrainConfig(out=str(tmp_path / "part"), resume="", **cfg))
     full, part = (load_checkpoint(tmp_path / d / "checkpoint.pt")["model"] for d in ("full", "part"))
     assert all(torch.equal(full[k], part[k]) for k in full)  # offsets come from (epoch, index): bit-exact resume
-
-
-def test_study_command_parses_and_its_table_shows_every_objective():
-    args = build_parser().parse_args(["ar-vs-mlm", "--quick", "--epochs", "2", "--no-left-to-right"])
-    assert args.quick and args.epochs == 2 and args.no_left_to_right and args.data == "pystdlib:64:200"
-    probes = {"trained": {"linear": 0.5, "knn": 0.25}, "random_init": {"linear": 0.125, "knn": 0.1},
-              "raw_pixels": {"linear": 0.3, "knn": 0.2}}
-    gen = {f"gen_loss@{p}%": 2.0 + i for i, p in enumerate((25, 50, 75))}
-    runs = {"ar": {"eval": gen, "probes": probes, "train_time_s": 3.0},
-            "mlm": {"eval": {**gen, **{k.replace("loss", "loss_l2r"): 1.5 for k in gen}}, "probes": probes,
-                    "train_time_s": 4.0}}
-    settings = dict(data="pystdlib:64:200", encoder="transformer-tiny", epochs=2, batch_size=64, limit=None, lr=0.002)
-    rows = format_table({"settings": settings, "runs": runs}).splitlines()
-    assert rows[1].split() == ["ar", "50.0%", "25.0%", "12.5%", "2.000", "3.000", "4.000", "-", "-", "-", "3"]
-    assert rows[2].split()[-4:] == ["1.500", "1.500", "1.500", "4"] and rows[3].split()[:3] == ["tokens", "30.0%", "20.0%"]

@@ -214,6 +214,7 @@ def resolve_recipe(choice: str, method_recipe: str | None, data) -> str:
 
 
 def load_dataset(spec: str) -> ImageData:
+    """The dataset a ``--data`` spec names (``digits``, ``shapes:...``, ``folder:PATH``, ...), checked first."""
     name, _, path = check_data_spec(spec).partition(":")
     return DATASETS[name](path)
 

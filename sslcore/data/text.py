@@ -189,7 +189,8 @@ def parse_image_tokens(arg: str) -> tuple[int | None, int, str]:
     if len(fields) > 2 and fields[0].isdigit() and fields[1].isdigit():
         patch, k, arg = int(fields[0]), int(fields[1]), ":".join(fields[2:])
     if not arg:
-        raise ValueError("--data imagetokens needs an image dataset: imagetokens:[PATCH:K:]DATA, e.g. imagetokens:digits")
+        raise ValueError("--data imagetokens needs an image dataset: imagetokens:[PATCH:K:]DATA, "
+                         "e.g. imagetokens:digits")
     return patch, k, arg
 
 

@@ -1,13 +1,16 @@
-"""Autoregressive vs masked pretraining ("Look Ahead or Look Around?", METHODS.md section 5).
+"""Autoregressive vs masked pretraining ("Look Ahead or Look Around?", ICML 2024; design: docs/methods.md).
 
-Trains ar, mlm, dear and vlm with one budget (same transformer size, data, epochs, batch size,
-learning rate and seed) through ``sslcore.train.pretrain`` and prints one table: the linear-probe
-and k-NN accuracy of the frozen, mean-pooled features, and the generation loss (nats per token;
-per byte on text) of held-out continuations given prompts of 25/50/75 % of the sequence — chain
-rule for the causal models, one pass (the whole suffix masked) and left to right for the masked ones.
-The paper's claims: MLM > AR on classification, AR > MLM on generation, dear and vlm narrow the gaps.
+ar, mlm, dear and vlm pretrain the same transformer on the same token data with the same batch size,
+learning rate and seeds through ``sslcore.train.pretrain``.  ``--equalise targets`` (the default) gives
+every objective the supervised targets AR sees in ``--epochs E``: an objective with ``t`` targets per
+sequence (``L - 1`` for ar and dear, the masked count for mlm, its expectation for vlm) trains
+``round(E (L - 1) / t)`` epochs; ``--equalise epochs`` trains all for E.  Per seed and objective: the
+linear-probe and k-NN accuracy of the frozen, mean-pooled features (and of the same model untrained),
+and the generation loss (nats per token) of held-out continuations after prompts of 25/50/75 % of the
+sequence -- chain rule for the causal models; for the masked ones the suffix masked and predicted in
+one pass (the verdicts' measure) and left to right.  The token histogram is the no-model baseline.
 
-    sslcore ar-vs-mlm [--epochs N] [--quick] [--out runs/ar-vs-mlm]
+    sslcore ar-vs-mlm [--seeds 0,1,2] [--epochs 20] [--equalise targets] [--results-out FILE] [--quick]
 """
 from __future__ import annotations
 
@@ -16,58 +19,230 @@ import json
 import time
 from pathlib import Path
 
-from ..methods.sequence_base import PROMPTS
+import torch
+
+from ..data import data_spec_arg, load_dataset
+from ..methods import create_model
+from ..methods.sequence_base import PROMPTS, prompt_lengths
 from ..train import PretrainConfig, pretrain
+from ..train.evaluate import probe
+from .report import markdown_table, mean_std
 
 OBJECTIVES = ("ar", "mlm", "dear", "vlm")
-DATA = "pystdlib:64:200"  # 64-byte snippets, 200 train / 50 test per class: the probes take seconds, not minutes
-FULL = dict(epochs=6, limit=None)
-QUICK = dict(epochs=1, limit=512)
+DATA = "imagetokens:digits"  # 16-token k-means grids of the digits; their token histogram is no match for the models
+EPOCHS, QUICK_EPOCHS, QUICK_LIMIT = 20, 1, 256
+EQUALISE = ("targets", "epochs")
+WARMUP = 0.05  # of each run's epochs, rounded
+PROBE_PTS, GEN_NATS = 1.0, 0.02  # the smallest mean difference a verdict calls a difference
+# claim -> (measure, the objectives (a, b) whose difference a - b it takes, the sign the claim predicts)
+CLAIMS = {"MLM > AR on classification": ("linear", ("mlm", "ar"), +1),
+          "AR > MLM on generation": ("gen", ("mlm", "ar"), +1),
+          "dear narrows AR's classification gap (dear > ar)": ("linear", ("dear", "ar"), +1),
+          "vlm narrows MLM's generation gap (vlm < mlm)": ("gen", ("mlm", "vlm"), +1)}
 
 
-def run(*, data: str = DATA, encoder: str = "transformer-tiny", epochs: int | None = None,
-        quick: bool = False, batch_size: int = 64, lr: float = 8e-3, seed: int = 0, eval_samples: int = 256,
-        left_to_right: bool = True, device: str = "auto", out: str = "runs/ar-vs-mlm",
-        overwrite: bool = False) -> dict:
-    """Pretrain each objective with the same settings; returns ``{"settings", "runs": {name: summary}}``
-    (``overwrite``: replace the runs already in ``out``)."""
-    settings = dict(QUICK if quick else FULL)
-    if epochs is not None:
-        settings["epochs"] = epochs
-    settings.update(data=data, encoder=encoder, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                    warmup_epochs=min(1, settings["epochs"] - 1), weight_decay=0.05)
-    t0, runs = time.perf_counter(), {}
+def plan(data, epochs: int, equalise: str, *, encoder: str = "transformer-tiny", batch_size: int = 64,
+         limit: int | None = None) -> dict[str, dict]:
+    """Per objective: ``causal``, supervised ``targets_per_sequence`` t, ``epochs`` (``round(E (L-1) / t)`` with
+    ``equalise="targets"``, else E), optimizer ``steps`` and ``targets_seen`` (t x sequences x epochs)."""
+    if equalise not in EQUALISE:
+        raise ValueError(f"equalise must be one of {EQUALISE}, got {equalise!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    per_epoch = min(limit or data.n_train, data.n_train) // batch_size  # the trainer drops the last partial batch
+    out = {}
     for name in OBJECTIVES:
-        options = {"eval_samples": eval_samples, "prompts": PROMPTS, "left_to_right": left_to_right}
-        runs[name] = pretrain(PretrainConfig(method=name, out=str(Path(out) / name), options=options, baselines=True,
-                                             overwrite=overwrite, **settings))
-    return {"settings": settings, "runs": runs, "total_seconds": round(time.perf_counter() - t0, 1)}
+        model = create_model(name, data, encoder=encoder)
+        t = model.targets_per_sequence(data.seq_len)
+        e = max(1, round(epochs * (data.seq_len - 1) / t)) if equalise == "targets" else epochs
+        out[name] = {"causal": model.causal, "targets_per_sequence": t, "epochs": e, "steps": e * per_epoch,
+                     "targets_seen": t * e * per_epoch * batch_size}
+    return out
 
 
-def format_table(results: dict) -> str:
-    """One row per objective (plus the random-init and byte-histogram probe baselines)."""
-    labels = [f"{round(100 * p)}%" for p in PROMPTS]
-    header = (f"{'objective':<10}{'linear':>8}{'k-NN':>8}{'init lin':>9}  "
-              + "".join(f"{'gen@' + lab:>9}" for lab in labels) + "  "
-              + "".join(f"{'l2r@' + lab:>9}" for lab in labels) + f"{'train s':>9}")
-    lines = [header]
-    for name, s in results["runs"].items():
-        ev, p = s["eval"], s["probes"]["trained"]
-        gen = "".join(f"{ev[f'gen_loss@{lab}']:>9.3f}" for lab in labels)
-        l2r = "".join(f"{ev[f'gen_loss_l2r@{lab}']:>9.3f}" if f"gen_loss_l2r@{lab}" in ev else f"{'-':>9}"
-                      for lab in labels)
-        init = s["probes"]["random_init"]["linear"]
-        lines.append(f"{name:<10}{p['linear']:>8.1%}{p['knn']:>8.1%}{init:>9.1%}  {gen}  {l2r}"
-                     f"{s['train_time_s']:>9.0f}")
-    raw = next(iter(results["runs"].values()))["probes"]["raw_pixels"]
-    lines.append(f"{'tokens':<10}{raw['linear']:>8.1%}{raw['knn']:>8.1%}  (histogram of the sequence's tokens, no model)")
-    st = results["settings"]
-    subset = "" if st["limit"] is None else f" on the first {st['limit']} snippets"
-    lines.append(f"\n{st['data']}, {st['encoder']}, {st['epochs']} epochs of batch {st['batch_size']}{subset}, "
-                 f"lr {st['lr']}.  linear/k-NN: probes on the held-out split (init lin: the same model untrained); "
-                 "gen: continuation loss in nats/token (causal: chain rule; masked: suffix masked, one pass); "
-                 "l2r: masked models left to right.")
-    return "\n".join(lines)
+def run(*, data: str = DATA, encoder: str = "transformer-tiny", epochs: int | None = None, quick: bool = False,
+        equalise: str = "targets", batch_size: int = 64, lr: float = 8e-3, seeds: tuple[int, ...] = (0, 1, 2),
+        eval_samples: int = 256, left_to_right: bool = True, device: str = "auto", out: str = "runs/ar-vs-mlm",
+        results_out: str = "runs/ar-vs-mlm/results.json", overwrite: bool = False) -> dict:
+    """Pretrain each objective for each seed (run folders ``out/seed<S>/<objective>``); returns the results dict
+    that :func:`markdown` and :func:`plot` render (every seed's numbers, the plan, the budget and the command,
+    which names ``results_out``; this function writes no results file)."""
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
+    epochs = (QUICK_EPOCHS if quick else EPOCHS) if epochs is None else epochs
+    limit = QUICK_LIMIT if quick else None
+    wall, cpu = time.perf_counter(), time.process_time()
+    tokens = load_dataset(data)
+    objectives = plan(tokens, epochs, equalise, encoder=encoder, batch_size=batch_size, limit=limit)
+    histogram = probe(tokens, None, sklearn=True)
+    config = dict(data=data, encoder=encoder, epochs=epochs, equalise=equalise, batch_size=batch_size, lr=lr,
+                  weight_decay=0.05, warmup=WARMUP, limit=limit, seeds=list(seeds), eval_samples=eval_samples,
+                  prompts=list(PROMPTS), left_to_right=left_to_right, threads=torch.get_num_threads(), quick=quick)
+    runs = []
+    for seed in seeds:
+        for name, p in objectives.items():
+            options = {"eval_samples": eval_samples, "prompts": PROMPTS, "left_to_right": left_to_right}
+            s = pretrain(PretrainConfig(method=name, data=data, encoder=encoder, epochs=p["epochs"], limit=limit,
+                                        batch_size=batch_size, lr=lr, weight_decay=0.05, seed=seed, device=device,
+                                        warmup_epochs=round(WARMUP * p["epochs"]), baselines=True, tensorboard=False,
+                                        out=str(Path(out) / f"seed{seed}" / name), overwrite=overwrite,
+                                        options=options))
+            trained, init = s["probes"]["trained"], s["probes"]["random_init"]
+            runs.append({"seed": seed, "objective": name, "linear": trained["linear"], "knn": trained["knn"],
+                         "init_linear": init["linear"], "init_knn": init["knn"],
+                         "final_loss": s["final_loss"], "train_s": s["train_time_s"], "eval": s["eval"]})
+    return {"study": "ar-vs-mlm", "command": command(config, results_out), "config": config,
+            "data": {"name": tokens.name, "n_train": tokens.n_train, "n_test": len(tokens.y_test),
+                     "seq_len": tokens.seq_len, "vocab_size": tokens.vocab_size, "mask_ratio": tokens.mask_ratio},
+            "objectives": objectives, "histogram": {"linear": histogram["linear"], "knn": histogram["knn"]},
+            "runs": runs, "wall_seconds": round(time.perf_counter() - wall, 1),
+            "cpu_seconds": round(time.process_time() - cpu, 1)}
+
+
+def command(config: dict, results_out: str) -> str:
+    """The ``sslcore ar-vs-mlm`` command line that runs ``config`` (options at their default left out)."""
+    parts = ["sslcore ar-vs-mlm"]
+    if config["quick"]:
+        parts.append("--quick")
+    for flag, key, default in (("--data", "data", DATA), ("--encoder", "encoder", "transformer-tiny"),
+                               ("--epochs", "epochs", QUICK_EPOCHS if config["quick"] else EPOCHS),
+                               ("--equalise", "equalise", "targets"), ("--batch-size", "batch_size", 64),
+                               ("--lr", "lr", 8e-3), ("--eval-samples", "eval_samples", 256)):
+        if config[key] != default:
+            parts.append(f"{flag} {config[key]}")
+    if not config["left_to_right"]:
+        parts.append("--no-left-to-right")
+    parts += [f"--seeds {','.join(map(str, config['seeds']))}", f"--threads {config['threads']}",
+              f"--results-out {results_out}"]
+    return " ".join(parts)
+
+
+def _labels(results: dict) -> list[str]:
+    return [label for label, _ in prompt_lengths(tuple(results["config"]["prompts"]), results["data"]["seq_len"])]
+
+
+def _values(results: dict, name: str, key: str) -> list[float]:
+    """``key`` of ``name``'s runs in seed order; ``gen`` is the one-pass generation loss averaged over the prompts,
+    ``gen@25%``/``l2r@25%`` one prompt's."""
+    rows = sorted((r for r in results["runs"] if r["objective"] == name), key=lambda r: r["seed"])
+    if key == "gen":
+        labels = _labels(results)
+        return [sum(r["eval"][f"gen_loss@{lab}"] for lab in labels) / len(labels) for r in rows]
+    if key.startswith(("gen@", "l2r@")):
+        kind, _, label = key.partition("@")
+        return [r["eval"][f"gen_loss{'_l2r' if kind == 'l2r' else ''}@{label}"] for r in rows]
+    return [r[key] for r in rows]
+
+
+def _has_l2r(results: dict, name: str) -> bool:
+    """Whether ``name``'s runs scored left-to-right generation (masked models, unless ``--no-left-to-right``)."""
+    return all(any(k.startswith("gen_loss_l2r@") for k in r["eval"]) for r in results["runs"] if r["objective"] == name)
+
+
+def verdicts(results: dict) -> list[dict]:
+    """Per claim: each seed's difference (probe points or nats, signed so that > 0 agrees with the claim), their
+    mean, and the verdict: "reproduced" when the mean passes the threshold (PROBE_PTS / GEN_NATS) and every seed
+    agrees, "contradicted" when the same holds against the claim, else "not shown"."""
+    out = []
+    for claim, (measure, (a, b), sign) in CLAIMS.items():
+        scale, threshold = (100, PROBE_PTS) if measure == "linear" else (1, GEN_NATS)
+        deltas = [sign * scale * (x - y) for x, y in zip(_values(results, a, measure), _values(results, b, measure))]
+        mean = sum(deltas) / len(deltas)
+        verdict = ("reproduced" if mean >= threshold and min(deltas) > 0 else
+                   "contradicted" if mean <= -threshold and max(deltas) < 0 else "not shown")
+        out.append({"claim": claim, "measure": measure, "pair": (a, b), "deltas": deltas, "mean": mean,
+                    "verdict": verdict})
+    return out
+
+
+def markdown(results: dict) -> str:
+    """The README block: caption (command, budget, target counts, rule), the probe and generation tables
+    (mean ± std over seeds) and the verdicts."""
+    cfg, d, plan_ = results["config"], results["data"], results["objectives"]
+    seeds, labels = cfg["seeds"], _labels(results)
+    budget = ", ".join(f"{n} {p['epochs']} epoch(s) × {p['targets_per_sequence']:g} targets/sequence"
+                       for n, p in plan_.items())
+    equal = ("equal supervised targets per run (`--equalise targets`: each trains round(E·(L−1)/t) epochs)"
+             if cfg["equalise"] == "targets" else "equal epochs (`--equalise epochs`)")
+    caption = (f"`{results['command']}` ({len(seeds)} seeds: {', '.join(map(str, seeds))}). "
+               f"{d['name']}: {d['n_train']} train / {d['n_test']} test sequences of L = {d['seq_len']} tokens "
+               f"(vocabulary {d['vocab_size']}, masked ratio {d['mask_ratio']:g}); {cfg['encoder']}, batch "
+               f"{cfg['batch_size']}, AdamW lr {cfg['lr']:g}·batch/256, weight decay {cfg['weight_decay']:g}; {equal}: "
+               f"{budget}. No temperature (softmax cross-entropy over the vocabulary). "
+               f"{results['cpu_seconds'] / 60:.1f} CPU-minutes ({cfg['threads']} thread(s)). "
+               "Mean ± std over seeds. Probes: held-out accuracy (%) of the frozen mean-pooled features; "
+               "init: the same model untrained. Generation: held-out loss of the continuation (nats/token) after a "
+               "prompt of the first 25/50/75 % of the tokens; masked models predict the masked suffix in one pass "
+               "(gen) or left to right (l2r); train loss: the objective's own loss in its last epoch (a held-out gen "
+               "far above it would mean memorising; compare within a row only).")
+    keys = ("linear", "knn", "init_linear", "init_knn")
+    probe_rows = [[n, *(mean_std(_values(results, n, k), scale=100) for k in keys),
+                   f"{plan_[n]['targets_seen'] / 1e3:,.0f}k"] for n in plan_]
+    h = results["histogram"]
+    probe_rows.append(["token histogram (no model)", *(mean_std([h[k]], scale=100) for k in keys[:2]), "", "", ""])
+    probes = markdown_table(["objective", "linear", "k-NN", "init linear", "init k-NN", "targets seen"], probe_rows)
+    gen_rows = []
+    for n in plan_:
+        gen_rows.append([n, *(mean_std(_values(results, n, f"gen@{lab}"), digits=3) for lab in labels),
+                         *((mean_std(_values(results, n, f"l2r@{lab}"), digits=3) for lab in labels)
+                           if _has_l2r(results, n) else ("—",) * len(labels)),
+                         mean_std(_values(results, n, "final_loss"), digits=3)])
+    gen = markdown_table(["objective", *(f"gen@{lab}" for lab in labels), *(f"l2r@{lab}" for lab in labels),
+                          "train loss"], gen_rows)
+    verdict_rows = [[v["claim"], f"{v['pair'][0]} − {v['pair'][1]}, "
+                     + ("linear probe, pts" if v["measure"] == "linear" else "gen loss (mean over prompts), nats"),
+                     ", ".join(f"{x:+.{1 if v['measure'] == 'linear' else 3}f}" for x in v["deltas"]),
+                     f"{v['mean']:+.{1 if v['measure'] == 'linear' else 3}f}", v["verdict"]]
+                    for v in verdicts(results)]
+    verdict_table = markdown_table(["claim", "measure (> 0 agrees with the claim)", "per seed", "mean", "verdict"],
+                                   verdict_rows, "llrrl")
+    rule = (f"Verdict: \"reproduced\" when the mean difference agrees with the claim by at least {PROBE_PTS:g} probe "
+            f"point / {GEN_NATS:g} nats and every seed agrees in sign; \"contradicted\" when the same holds against "
+            "it; else \"not shown\".")
+    return (f"{caption}\n\n{probes}\n\n{gen}\n\n{rule}\n\n{verdict_table}\n\n"
+            "Plot: [docs/results/ar-vs-mlm.png](docs/results/ar-vs-mlm.png).")
+
+
+def plot(results: dict, path: Path) -> None:
+    """Left: linear-probe and k-NN accuracy per objective (mean, std bars over seeds) with the token-histogram
+    and untrained-model baselines; right: generation loss against the prompt length."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, labels = list(results["objectives"]), _labels(results)
+
+    def stats(name, key, scale=1.0):
+        v = torch.tensor(_values(results, name, key), dtype=torch.float64) * scale
+        return v.mean().item(), (v.std().item() if len(v) > 1 else 0.0)
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = torch.arange(len(names)).tolist()
+    for offset, key, label in ((-0.2, "linear", "linear probe"), (0.2, "knn", "k-NN")):
+        m, s = zip(*(stats(n, key, 100) for n in names))
+        left.bar([i + offset for i in x], m, 0.4, yerr=s, capsize=3, label=label)
+    init = [stats(n, "init_linear", 100)[0] for n in names]
+    left.scatter([i - 0.2 for i in x], init, marker="_", s=400, color="black", zorder=3, label="untrained, linear")
+    left.axhline(100 * results["histogram"]["linear"], color="grey", ls="--", label="token histogram, linear")
+    left.set(xticks=x, xticklabels=names, ylabel="held-out accuracy (%)", ylim=(0, 100),
+             title=f"classification ({results['data']['name']})")
+    left.legend(loc="lower right", fontsize=8)
+    steps = [float(lab.rstrip("%")) for lab in labels]
+    for n in names:
+        m, s = zip(*(stats(n, f"gen@{lab}") for lab in labels))
+        one_pass = "" if results["objectives"][n]["causal"] else " (one pass)"
+        line = right.errorbar(steps, m, yerr=s, marker="o", capsize=3, label=n + one_pass)
+        if _has_l2r(results, n):
+            m, s = zip(*(stats(n, f"l2r@{lab}") for lab in labels))
+            right.errorbar(steps, m, yerr=s, marker="s", ls="--", capsize=3, color=line[0].get_color(),
+                           label=f"{n} (left to right)")
+    right.set(xlabel="prompt (% of the sequence)", ylabel="continuation loss (nats/token)", title="generation")
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _positive_int(text: str) -> int:
@@ -77,35 +252,54 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    """argparse ``type=``: comma-separated distinct non-negative integers, e.g. ``0,1,2``."""
+    items = text.split(",")
+    if not all(i.isdigit() for i in items) or len(set(map(int, items))) != len(items):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative integers separated by commas, got {text!r}")
+    return tuple(map(int, items))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = " (default: %(default)s)"
-    p.add_argument("--epochs", type=_positive_int, help=f"epochs per objective (default: {FULL['epochs']}, "
-                   f"--quick: {QUICK['epochs']})")
-    p.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK['epochs']} epoch on "
-                   f"{QUICK['limit']} training snippets")
-    p.add_argument("--data", default=DATA, help="token data: pystdlib[:LEN[:PER_CLASS]] or text:PATH[:LEN]" + d)
+    p.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="seeds: the inits, batches, masks and offsets "
+                   "(default: 0,1,2)")
+    p.add_argument("--epochs", type=_positive_int, help=f"AR's epochs, E (default: {EPOCHS}, --quick: {QUICK_EPOCHS})")
+    p.add_argument("--equalise", choices=EQUALISE, default="targets",
+                   help="targets: each objective trains round(E (L-1) / t) epochs, t its supervised targets per "
+                        "sequence, so all see AR's number of targets; epochs: all train E epochs" + d)
+    p.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK_EPOCHS} epoch on {QUICK_LIMIT} "
+                   "training sequences")
+    p.add_argument("--data", type=data_spec_arg, default=DATA,
+                   help="token data: imagetokens:DATA, pystdlib[:LEN[:PER_CLASS]] or text:PATH[:LEN]" + d)
     p.add_argument("--encoder", default="transformer-tiny", help="transformer-tiny | -small | -base" + d)
     p.add_argument("--batch-size", type=_positive_int, default=64, help="sequences per step" + d)
     p.add_argument("--lr", type=float, default=8e-3, help="base learning rate per 256 sequences (peak: lr x batch "
                    "/ 256)" + d)
-    p.add_argument("--seed", type=int, default=0, help="seeds the inits, the batches, masks and offsets" + d)
     p.add_argument("--eval-samples", type=_positive_int, default=256, help="held-out sequences for generation" + d)
     p.add_argument("--no-left-to-right", action="store_true",
                    help="skip the masked models' left-to-right generation loss (one pass per position)")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ..." + d)
-    p.add_argument("--out", default="runs/ar-vs-mlm", help="folder for results.json and one run folder per objective" + d)
-    p.add_argument("--overwrite", action="store_true", help="replace the runs already in OUT")
+    p.add_argument("--out", default="runs/ar-vs-mlm", help="folder of the run folders, OUT/seed<S>/<objective>" + d)
+    p.add_argument("--results-out", help="the results JSON (default: OUT/results.json); an existing one is kept "
+                   "unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace the results file and the runs already in OUT")
 
 
 def main_from_args(args: argparse.Namespace) -> dict:
-    """Run the study, print the table, write ``results.json`` under ``args.out``."""
-    results = run(data=args.data, encoder=args.encoder, epochs=args.epochs, quick=args.quick,
-                  batch_size=args.batch_size, lr=args.lr, seed=args.seed, eval_samples=args.eval_samples,
-                  left_to_right=not args.no_left_to_right, device=args.device, out=args.out,
+    """Run the study, write the results JSON (refusing to replace one without ``--overwrite``), print the block."""
+    path = Path(args.results_out or Path(args.out) / "results.json")
+    if path.exists() and not args.overwrite:
+        raise ValueError(f"--results-out {path} exists; pass --overwrite to replace it")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = run(data=args.data, encoder=args.encoder, epochs=args.epochs, quick=args.quick, equalise=args.equalise,
+                  batch_size=args.batch_size, lr=args.lr, seeds=args.seeds, eval_samples=args.eval_samples,
+                  left_to_right=not args.no_left_to_right, device=args.device, out=args.out, results_out=str(path),
                   overwrite=args.overwrite)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    print("\n" + format_table(results))
-    print(f"\n{results['total_seconds']:.0f}s; wrote {out / 'results.json'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print("\n" + markdown(results))
+    print(f"\n{results['cpu_seconds']:.0f} CPU-s ({results['wall_seconds']:.0f} s); wrote {path}")
     return results

@@ -33,6 +33,7 @@ COMMON_OPTIONS = ("temperature", "backend", "gather_distributed")
 
 
 def get_method(name: str) -> type[SSLMethod]:
+    """The method class registered as ``name``; a clear error listing the valid names otherwise."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
     return METHODS[name]

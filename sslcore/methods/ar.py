@@ -1,4 +1,7 @@
-"""AR: autoregressive pretraining, next-token prediction under causal attention (docs/methods.md, "Autoregressive vs masked pretraining")."""
+"""AR: autoregressive pretraining, next-token prediction under causal attention.
+
+docs/methods.md, "Autoregressive vs masked pretraining".
+"""
 from __future__ import annotations
 
 import torch

@@ -48,7 +48,8 @@ class SSLMethod(nn.Module):
         """The temperature a run with ``options`` gets when none is given: the constructor's default
         (None for a method without one)."""
         for base in cls.__mro__:  # a subclass's **kwargs reach its bases' options
-            param = inspect.signature(base.__init__).parameters.get("temperature") if issubclass(base, SSLMethod) else None
+            params = inspect.signature(base.__init__).parameters if issubclass(base, SSLMethod) else {}
+            param = params.get("temperature")
             if param is not None:
                 return param.default
         return None

@@ -1,5 +1,5 @@
-"""DEAR: diversity-enhanced autoregressive pretraining (docs/methods.md, "Autoregressive vs masked pretraining") — **[our reading]** of the
-paper's AR variant with more diverse targets per context; no public code exists."""
+"""DEAR: diversity-enhanced autoregressive pretraining — **[our reading]** of the paper's AR variant with more
+diverse targets per context; no public code exists (docs/methods.md, "Autoregressive vs masked pretraining")."""
 from __future__ import annotations
 
 import torch

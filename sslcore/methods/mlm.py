@@ -1,10 +1,13 @@
-"""MLM: masked-token pretraining with a bidirectional transformer (docs/methods.md, "Autoregressive vs masked pretraining")."""
+"""MLM: masked-token pretraining with a bidirectional transformer.
+
+docs/methods.md, "Autoregressive vs masked pretraining".
+"""
 from __future__ import annotations
 
 import torch
 
 from ..checks import Fraction
-from .sequence_base import MaskedSequenceMethod, check_ratio, random_mask
+from .sequence_base import MaskedSequenceMethod, check_ratio, mask_count, random_mask
 
 
 class MLM(MaskedSequenceMethod):
@@ -23,6 +26,9 @@ class MLM(MaskedSequenceMethod):
     def __init__(self, encoder, *, mask_ratio: Fraction | None = None):
         super().__init__(encoder)
         self.mask_ratio = check_ratio("mask_ratio", 0.15 if mask_ratio is None else mask_ratio)
+
+    def targets_per_sequence(self, seq_len: int) -> float:
+        return float(mask_count(self.mask_ratio, seq_len))
 
     def draw_mask(self, batch: int, seq_len: int, generator: torch.Generator | None) -> torch.Tensor:
         return random_mask(batch, seq_len, self.mask_ratio, generator=generator)

@@ -59,17 +59,24 @@ def prompt_lengths(prompts, seq_len: int) -> list[tuple[str, int]]:
 
 
 def step_generator(index: torch.Tensor | None, epoch: int | None) -> torch.Generator | None:
-    """A CPU generator seeded by ``(epoch, index)`` (int hashing is not salted: same seed every run); None without index."""
+    """A CPU generator seeded by ``(epoch, index)`` (int hashing is not salted: same seed every run).
+
+    None without ``index``.
+    """
     if index is None:
         return None
     return torch.Generator().manual_seed(hash((epoch or 0, *index.detach().cpu().tolist())) & (2 ** 63 - 1))
 
 
+def mask_count(ratio, seq_len: int) -> torch.Tensor:
+    """Masked positions per sequence, ``clamp(round(ratio L), 1, L-1)``; ``ratio`` a float or a tensor."""
+    return (torch.as_tensor(ratio, dtype=torch.float64) * seq_len).round().clamp(1, seq_len - 1).long()
+
+
 def random_mask(batch: int, seq_len: int, ratio, *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Bool ``[batch, seq_len]``: in each row ``n = clamp(round(ratio L), 1, L-1)`` positions, uniformly at random
+    """Bool ``[batch, seq_len]``: in each row ``mask_count(ratio, L)`` positions, uniformly at random
     (MAE's argsort of noise); ``ratio`` is a float or a per-row tensor."""
-    ratio = torch.as_tensor(ratio, dtype=torch.float64).expand(batch)
-    n = (ratio * seq_len).round().clamp(1, seq_len - 1).long()
+    n = mask_count(torch.as_tensor(ratio, dtype=torch.float64).expand(batch), seq_len)
     ranks = torch.rand(batch, seq_len, generator=generator).argsort(1).argsort(1)
     return ranks < n[:, None]
 
@@ -125,6 +132,13 @@ class SequenceMethod(SSLMethod):
         if x.ndim != 2 or x.shape[1] < 2:
             raise ValueError(f"token sequences must be [B, L] with L >= 2, got {tuple(x.shape)}")
         return x
+
+    def targets_per_sequence(self, seq_len: int) -> float:
+        """Supervised target tokens per training sequence (the expectation when the count is random): ``L - 1`` for
+        the causal objectives, the masked count for the masked ones (``ar-vs-mlm --equalise targets``)."""
+        if not self.causal:
+            raise NotImplementedError(f"{type(self).__name__} must define targets_per_sequence")
+        return float(seq_len - 1)
 
     def next_token_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Causal models: logits for the token after each hidden state."""

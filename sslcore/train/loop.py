@@ -52,8 +52,14 @@ from .. import dist
 from ..data import FolderData, load_dataset, resolve_recipe
 from ..data.pipeline import ShardBatchSampler, loader, to_float
 from ..methods import get_method, method_options
-from .checkpoint import (CheckpointError, atomic_write, check_optimizer_state, check_state_dict, load_checkpoint,
-                         save_checkpoint)
+from .checkpoint import (
+    CheckpointError,
+    atomic_write,
+    check_optimizer_state,
+    check_state_dict,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import RUN_KEYS, PretrainConfig, resolve_device, resolve_precision
 from .evaluate import build_model, probe
 from .rundir import RunDirectory
@@ -227,6 +233,7 @@ def global_rng_state(device: torch.device) -> dict:
 
 
 def set_global_rng_state(state, path: str) -> None:
+    """Restore torch's CPU (and CUDA) generators from a checkpoint's state; ``CheckpointError`` if unusable."""
     try:
         torch.set_rng_state(state["cpu"])
         if state["cuda"] is not None and torch.cuda.is_available():

@@ -1,0 +1,111 @@
+"""The AR-vs-MLM study: equalised target budgets, the results file (every seed, the command), the verdicts
+computed from the seeds and the README block and plot rendered from the file (CPU, tiny budget)."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from sslcore.cli import build_parser
+from sslcore.data import load_dataset
+from sslcore.experiments.ar_vs_mlm import CLAIMS, OBJECTIVES, main_from_args, markdown, plan, plot, run, verdicts
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Two seeds of the --quick study (1 AR epoch on 256 sequences of imagetokens:digits)."""
+    return run(quick=True, seeds=(0, 1), eval_samples=8, device="cpu", out=str(tmp_path_factory.mktemp("runs")),
+               results_out="out/ar-vs-mlm.json")
+
+
+def test_equalise_targets_gives_every_objective_ar_s_target_count():
+    data = load_dataset("imagetokens:digits")  # L = 16, image mask ratio 0.75
+    p = plan(data, 20, "targets")
+    assert {n: p[n]["targets_per_sequence"] for n in ("ar", "dear", "mlm")} == {"ar": 15, "dear": 15, "mlm": 12}
+    assert p["ar"]["epochs"] == p["dear"]["epochs"] == 20 and p["mlm"]["epochs"] == 25  # 20 * 15 / 12
+    assert p["vlm"]["epochs"] == round(20 * 15 / p["vlm"]["targets_per_sequence"])
+    steps = data.n_train // 64
+    for n in OBJECTIVES:
+        assert p[n]["steps"] == p[n]["epochs"] * steps
+        assert abs(p[n]["targets_seen"] / p["ar"]["targets_seen"] - 1) < 0.05  # equal up to rounding the epochs
+    same = plan(data, 20, "epochs", limit=640, batch_size=32)
+    assert {q["epochs"] for q in same.values()} == {20} and same["mlm"]["steps"] == 20 * 640 // 32
+    assert same["mlm"]["targets_seen"] < same["ar"]["targets_seen"]
+    with pytest.raises(ValueError, match="equalise"):
+        plan(data, 20, "tokens")
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="epochs"):
+            plan(data, bad, "targets")
+
+
+def test_results_keep_every_seed_the_plan_and_the_command(results, tmp_path):
+    assert results["study"] == "ar-vs-mlm"
+    assert sorted((r["seed"], r["objective"]) for r in results["runs"]) == sorted(
+        (s, n) for s in (0, 1) for n in OBJECTIVES)
+    assert results["command"].startswith("sslcore ar-vs-mlm --quick --eval-samples 8 --seeds 0,1 --threads ")
+    assert results["command"].endswith("--results-out out/ar-vs-mlm.json")
+    assert results["config"]["limit"] == 256 and results["objectives"]["mlm"]["epochs"] == 1
+    assert 0 < results["histogram"]["linear"] < 1 and all(0 <= r["linear"] <= 1 for r in results["runs"])
+    assert all("gen_loss_l2r@50%" in r["eval"] for r in results["runs"] if r["objective"] in ("mlm", "vlm"))
+    json.dumps(results)  # the file main_from_args writes
+
+
+def test_verdicts_follow_the_rule_seed_by_seed(results):
+    r = copy.deepcopy(results)
+
+    def set_linear(name, values):
+        for row in r["runs"]:
+            if row["objective"] == name:
+                row["linear"] = values[row["seed"]]
+
+    set_linear("ar", [0.80, 0.80])
+    set_linear("mlm", [0.83, 0.81])  # +3, +1 points: mean 2 >= 1, both seeds agree
+    set_linear("dear", [0.85, 0.70])  # +5, -10: the seeds disagree
+    v = {x["claim"]: x for x in verdicts(r)}
+    mlm, dear = v["MLM > AR on classification"], v["dear narrows AR's classification gap (dear > ar)"]
+    assert mlm["deltas"] == pytest.approx([3, 1]) and mlm["verdict"] == "reproduced"
+    assert dear["mean"] == pytest.approx(-2.5) and dear["verdict"] == "not shown"
+    set_linear("mlm", [0.70, 0.75])
+    assert verdicts(r)[0]["verdict"] == "contradicted"
+    set_linear("mlm", [0.805, 0.805])  # every seed agrees, but by less than a point
+    assert verdicts(r)[0]["verdict"] == "not shown"
+    for row in r["runs"]:  # generation: mlm's one-pass loss 0.1 nats above ar's at every prompt
+        if row["objective"] in ("ar", "mlm"):
+            row["eval"].update({f"gen_loss@{p}%": 2.0 + 0.1 * (row["objective"] == "mlm") for p in (25, 50, 75)})
+    gen = {x["claim"]: x for x in verdicts(r)}["AR > MLM on generation"]
+    assert gen["deltas"] == pytest.approx([0.1, 0.1]) and gen["verdict"] == "reproduced"
+    assert [x["claim"] for x in verdicts(r)] == list(CLAIMS)
+
+
+def test_markdown_and_plot_render_the_file(results, tmp_path):
+    text = markdown(results)
+    assert f"`{results['command']}`" in text and "No temperature" in text and "token histogram" in text
+    for v in verdicts(results):
+        assert v["claim"] in text and v["verdict"] in text
+    ar = [r["linear"] for r in results["runs"] if r["objective"] == "ar"]
+    mean = 100 * sum(ar) / 2
+    std = 100 * abs(ar[0] - ar[1]) / 2 ** 0.5
+    assert f"| ar | {mean:.1f} ± {std:.1f} |" in text
+    final = [r["final_loss"] for r in results["runs"] if r["objective"] == "vlm"]
+    assert f"{sum(final) / 2:.3f} ± {abs(final[0] - final[1]) / 2 ** 0.5:.3f} |" in text  # the train-loss column
+    plot(results, tmp_path / "a.png")
+    plot(results, tmp_path / "b.png")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()  # deterministic
+
+
+def test_command_line_defaults_and_bad_arguments(tmp_path, capsys):
+    args = build_parser().parse_args(["ar-vs-mlm"])
+    assert args.seeds == (0, 1, 2) and args.equalise == "targets" and args.data == "imagetokens:digits"
+    for bad in (["--seeds", "0,0"], ["--seeds", "a"], ["--seeds", ""], ["--equalise", "tokens"],
+                ["--epochs", "0"], ["--threads", "0"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["ar-vs-mlm", *bad])
+        assert bad[0] in capsys.readouterr().err
+    existing = tmp_path / "r.json"
+    existing.write_text("{}")
+    args = build_parser().parse_args(["ar-vs-mlm", "--quick", "--results-out", str(existing),
+                                      "--out", str(tmp_path / "runs")])
+    with pytest.raises(ValueError, match="--results-out"):
+        main_from_args(args)
+    assert existing.read_text() == "{}" and not (tmp_path / "runs").exists()  # refused before any work
