@@ -98,7 +98,8 @@ def _budget(data, spec: str, *, epochs: int, seeds: list[int], limit: int | None
     decoder = {k: v.default for k, v in inspect.signature(MaskedImageModel.__init__).parameters.items()
                if k.startswith(("decoder_", "mask_ratio"))}
     return {"data": spec, "n_train": min(limit or len(data.y_train), len(data.y_train)),
-            "n_test": len(data.y_test), "flips": data.flips, "seeds": seeds, "epochs": epochs, "batch_size": BATCH_SIZE, "lr": LR,
+            "n_test": len(data.y_test), "flips": data.flips, "seeds": seeds, "epochs": epochs,
+            "batch_size": BATCH_SIZE, "lr": LR,
             "weight_decay": WEIGHT_DECAY, "warmup_epochs": max(1, epochs // 10),
             "betas": list(MaskedImageModel.optimizer_defaults["betas"]),
             "encoder": {**SMALL_VIT, "patch_size": _patch_size(data, None)}, **decoder,
@@ -235,7 +236,8 @@ def _caption(cfg: dict, command: str, what: str) -> str:
             f"each sets the init, masks, data order and k-means); ViT of {enc['depth']} blocks, width "
             f"{enc['embed_dim']}, {enc['patch_size']}×{enc['patch_size']} patches, {cfg['decoder_depth']}-block "
             f"decoder of width {cfg['decoder_dim']}, {cfg['mask_ratio']:.0%} masked; MAE's recipe: crop 20–100 % "
-            f"{'with' if cfg['flips'] else 'without'} flips, AdamW ({cfg['betas'][0]}, {cfg['betas'][1]}), batch {cfg['batch_size']}, lr "
+            f"{'with' if cfg['flips'] else 'without'} flips, AdamW ({cfg['betas'][0]}, {cfg['betas'][1]}), "
+            f"batch {cfg['batch_size']}, lr "
             f"{cfg['lr']:g} × batch/256, {cfg['warmup_epochs']} warm-up epochs, weight decay {cfg['weight_decay']} "
             f"off norms and biases; MAE's patch-std floor {cfg['min_patch_std']}. No temperature: neither loss "
             f"has one. Cells: mean ± std over seeds. TCAS (lower = more class-aligned) on the "
@@ -262,14 +264,16 @@ def study_markdown(results: dict) -> str:
     claims = study_claims(results)
     verdicts = markdown_table(
         ["claim", "Δ linear, points (per seed)", "verdict"],
-        [[f"ClusterMIM ({c['tokenizer']}, K = {c['K']}) > MAE", f"{c['mean']:+.1f} ({', '.join(f'{d:+.1f}' for d in c['deltas'])})",
+        [[f"ClusterMIM ({c['tokenizer']}, K = {c['K']}) > MAE",
+          f"{c['mean']:+.1f} ({', '.join(f'{d:+.1f}' for d in c['deltas'])})",
           c["verdict"]] for c in claims], "lrl")
     return (_caption(cfg, results["command"], "MAE and ClusterMIM per tokenizer") +
             f" The feature tokenizer clusters the patch tokens of the same seed's MAE encoder (DINO cannot be "
             f"downloaded here).\n\n{table}\n\nThe paper's claim, at equal epochs: \"reproduced\" when ClusterMIM "
             f"beats MAE in every seed and by more than one binomial standard error of MAE's accuracy on "
             f"{cfg['n_test']} images ({claims[0]['se']:.1f} points) on average, \"contradicted\" the other way "
-            f"round, else \"not shown\".\n\n{verdicts}\n\nPlot: [docs/results/mim-study.png](docs/results/mim-study.png).")
+            f"round, else \"not shown\".\n\n{verdicts}\n\n"
+            "Plot: [docs/results/mim-study.png](docs/results/mim-study.png).")
 
 
 def study_plot(results: dict, path: Path) -> None:
@@ -484,11 +488,13 @@ def tcas_from_args(args: argparse.Namespace) -> list[dict]:
 
 def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default="pixel", help=f"{TOKENIZER_HELP} (default: %(default)s)")
-    p.add_argument("--data", type=data_spec_arg, default="digits", help="image dataset to fit on (default: %(default)s)")
+    p.add_argument("--data", type=data_spec_arg, default="digits",
+                   help="image dataset to fit on (default: %(default)s)")
     p.add_argument("--n-clusters", type=int, help="K (default: 50 pixel, 1000 feature)")
     p.add_argument("--patch-size", type=int, help="patch size (default: 2 for 8x8 images, 4 up to 64x64, else 16)")
     p.add_argument("--seed", type=int, default=0, help="k-means seed (default: %(default)s)")
-    p.add_argument("--out", required=True, help="the tokenizer file to write (for --tokenizer FILE / -o tokenizer=FILE)")
+    p.add_argument("--out", required=True,
+                   help="the tokenizer file to write (for --tokenizer FILE / -o tokenizer=FILE)")
 
 
 def tokenize_from_args(args: argparse.Namespace) -> dict:

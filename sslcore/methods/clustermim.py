@@ -21,7 +21,8 @@ from ..tokenizers import (
 from .mae import MAE, MaskedImageModel
 
 TOKENIZER_HELP = ("pixel | feature:CHECKPOINT (an mae/clustermim run's checkpoint.pt) | feature:TIMM_VIT_NAME "
-                  "(randomly initialised: nothing is downloaded) | random (class-blind control) | a saved tokenizer file")
+                  "(randomly initialised: nothing is downloaded) | random (class-blind control) | "
+                  "a saved tokenizer file")
 
 
 def build_tokenizer(spec: str, data, *, n_clusters: int | None, patch_size: int, seed: int = 0,
