@@ -1,6 +1,6 @@
 """``sslcore`` command line: ``pretrain`` (train + probe), ``eval`` (probe a checkpoint), ``export`` (the
 backbone as safetensors), the studies (``benchmark``, ``transfer``, ``oversmoothing``, ``mim-study``,
-``ar-vs-mlm``), ``report`` (the README's study tables from the committed results) and the tokenizer
+``tcas-sweep``, ``ar-vs-mlm``), ``report`` (the README's study tables from the committed results) and the tokenizer
 tools (``tokenize``, ``tcas``)."""
 from __future__ import annotations
 
@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     clustermim.add_tcas_arguments(t)
     m = sub.add_parser("mim-study", help="ClusterMIM per tokenizer vs MAE: TCAS, NMI and probe accuracy")
     clustermim.add_study_arguments(m)
+    w = sub.add_parser("tcas-sweep", help="ClusterMIM on oracle tokenizers of controlled alignment: TCAS vs probe")
+    clustermim.add_sweep_arguments(w)
     a = sub.add_parser("ar-vs-mlm", help="ar, mlm, dear and vlm on one budget: probe accuracy and generation loss")
     ar_vs_mlm.add_arguments(a)
     r = sub.add_parser("report", help="rewrite the README's study tables and the plots from docs/results/*.json")
@@ -208,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             clustermim.tcas_from_args(args)
         elif args.command == "mim-study":
             clustermim.study_from_args(args)
+        elif args.command == "tcas-sweep":
+            clustermim.sweep_from_args(args)
         elif args.command == "ar-vs-mlm":
             ar_vs_mlm.main_from_args(args)
         elif args.command == "report":

@@ -5,6 +5,9 @@
   not L2-normalised), k-means (K = 1000).
 - :class:`RandomTokenizer`: tokens drawn at random, independent of the image: the class-blind
   control for TCAS.
+- :class:`OracleTokenizer`: (class, pixel-cluster) tokens whose class part is replaced at random
+  with rate ``rate``: a knob on class alignment at constant K.  It reads the labels, so it is a
+  controlled experiment (``sslcore tcas-sweep``), not a usable tokenizer.
 
 ``fit(images_or_loader)`` learns the centres (a tensor: full-batch Lloyd; a dataset or loader:
 streaming mini-batch k-means); ``encode(images)`` gives ``LongTensor[B, num_patches]``, each
@@ -23,11 +26,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checks import PositiveInt, check_value
+from .checks import PositiveInt, Probability, check_value
 from .cluster import KMeans
 from .kernels.kmeans import kmeans_assign
 
-__all__ = ["FeatureTokenizer", "PixelTokenizer", "RandomTokenizer", "load_tokenizer", "patchify", "unpatchify"]
+__all__ = ["FeatureTokenizer", "OracleTokenizer", "PixelTokenizer", "RandomTokenizer", "load_tokenizer", "patchify",
+           "unpatchify"]
 
 _FORMAT = "sslcore-tokenizer"
 
@@ -73,9 +77,11 @@ def _batches(data, batch_size: int) -> Iterator[torch.Tensor]:
 
 
 class _Tokenizer(nn.Module):
-    """``kind`` and ``config()`` rebuild a tokenizer; ``save`` stores them with its buffers."""
+    """``kind`` and ``config()`` rebuild a tokenizer; ``save`` stores them with its buffers.  A tokenizer
+    with ``needs_index`` takes ``encode(images, index=...)``, the images' positions in its data."""
 
     kind = ""
+    needs_index = False
 
     def config(self) -> dict:
         raise NotImplementedError
@@ -290,6 +296,59 @@ class RandomTokenizer(_Tokenizer):
         return torch.randint(self.n_clusters, (b, n), generator=g).to(images.device)
 
 
+class OracleTokenizer(_Tokenizer):
+    """``token = class_part * K_pix + pixel.encode(images)``, ``K = n_classes * K_pix``: the class part of
+    patch j of image i is ``labels[i]``, replaced with probability ``rate`` by a class drawn uniformly
+    (drawn once from ``seed``: a fixed table ``[len(labels), num_patches]``).  ``rate`` 0: every token is
+    class-pure (TCAS 0); 1: the class part is class-blind.  It reads the labels: a controlled experiment
+    on alignment at constant K, not a usable tokenizer.  ``encode(images, index)``: ``index`` [B] are the
+    images' positions in ``labels``."""
+
+    kind = "oracle"
+    needs_index = True
+
+    def __init__(self, pixel: PixelTokenizer, labels: torch.Tensor, *, num_patches: int, n_classes: int,
+                 rate: float, seed: int = 0):
+        super().__init__()
+        if not isinstance(pixel, PixelTokenizer):
+            raise ValueError(f"pixel must be a PixelTokenizer, got {type(pixel).__name__}")
+        check_value("num_patches", num_patches, PositiveInt)
+        check_value("n_classes", n_classes, PositiveInt)
+        check_value("rate", rate, Probability)
+        labels = torch.as_tensor(labels)
+        if labels.dim() != 1 or labels.is_floating_point() or len(labels) == 0:
+            raise ValueError(f"labels must be a non-empty 1-D integer tensor, got shape {tuple(labels.shape)}")
+        if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
+            raise ValueError(f"labels must lie in [0, n_classes={n_classes})")
+        self.pixel, self.patch_size = pixel, pixel.patch_size
+        self.num_patches, self.n_classes, self.rate, self.seed = num_patches, n_classes, rate, seed
+        self.n_clusters = n_classes * pixel.n_clusters
+        g = torch.Generator().manual_seed(seed)
+        shape = (len(labels), num_patches)
+        replace = torch.rand(shape, generator=g) < rate
+        drawn = torch.randint(n_classes, shape, generator=g)
+        self.register_buffer("classes", torch.where(replace, drawn, labels.long()[:, None].expand(shape)))
+
+    def config(self) -> dict:
+        return {"pixel": self.pixel.config(), "n_images": len(self.classes), "num_patches": self.num_patches,
+                "n_classes": self.n_classes, "rate": self.rate, "seed": self.seed}
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        if index is None:
+            raise ValueError("the oracle tokenizer reads labels: give encode(images, index=...), the images' "
+                             "positions in its labels")
+        index = torch.as_tensor(index).to(self.classes.device)
+        if index.shape != images.shape[:1] or index.is_floating_point():
+            raise ValueError(f"index must be integers [B] for B={images.shape[0]} images, got {tuple(index.shape)}")
+        if int(index.min()) < 0 or int(index.max()) >= len(self.classes):
+            raise ValueError(f"index must lie in [0, {len(self.classes)}), the labels the tokenizer was built on")
+        pixel = self.pixel.encode(images)
+        if pixel.shape[1] != self.num_patches:
+            raise ValueError(f"images have {pixel.shape[1]} patches, the tokenizer was built for {self.num_patches}")
+        return self.classes[index].to(pixel.device) * self.pixel.n_clusters + pixel
+
+
 def _encoder_weights(path) -> dict:
     """A state dict from a file: a plain state dict, or an sslcore checkpoint's ``encoder.*`` weights."""
     try:
@@ -318,6 +377,10 @@ def load_tokenizer(path, *, patch_size: int | None = None, dim: int | None = Non
         tok = FeatureTokenizer(config.pop("model"), **config)
     elif state["kind"] == "random":
         tok = RandomTokenizer(**config)
+    elif state["kind"] == "oracle":
+        n_images = config.pop("n_images")
+        tok = OracleTokenizer(PixelTokenizer(**config.pop("pixel")), torch.zeros(n_images, dtype=torch.long),
+                              **config)
     else:
         raise ValueError(f"{str(path)!r} holds an unknown tokenizer kind {state['kind']!r}")
     if patch_size is not None and tok.patch_size != patch_size:

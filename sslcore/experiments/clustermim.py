@@ -1,27 +1,47 @@
-"""Tokenizers for ClusterMIM: TCAS/NMI tables, and the study "does a better (lower) TCAS give a
-better ClusterMIM encoder, and does ClusterMIM beat MAE at equal epochs?" (METHODS.md §4).
+"""Tokenizers for ClusterMIM: TCAS/NMI tables, the study "does ClusterMIM beat MAE at equal epochs,
+and how do its tokenizers compare at equal K?" and the TCAS sweep "does a lower TCAS give a better
+ClusterMIM encoder at constant K?" (docs/methods.md, "ClusterMIM and TCAS").
 
-``sslcore tcas --tokenizer pixel,random --data digits`` fits each tokenizer on the training
-images and scores it on the held-out ones.  ``sslcore mim-study`` trains MAE, then ClusterMIM
-with pixel k-means, feature k-means (on the patch tokens of the MAE encoder just trained: a
-stand-in for the paper's DINO features, which cannot be downloaded here) and the random control,
-all with the same epochs, and prints tokenizer, K, TCAS, NMI and linear-probe accuracy.
+    sslcore tcas --tokenizer pixel,random --data digits
+    sslcore mim-study [--seeds 0,1,2] [--epochs 150] [--n-clusters 50] [--results-out FILE]
+    sslcore tcas-sweep [--seeds 0,1,2] [--epochs 150] [--rates 0,0.333,0.667,1] [--results-out FILE]
+
+``tcas`` fits each tokenizer on the training images and scores it on the held-out ones.
+``mim-study`` trains, per seed, MAE, then ClusterMIM with pixel k-means and feature k-means (on the
+patch tokens of that seed's MAE encoder: a stand-in for the paper's DINO features, which cannot be
+downloaded here) at each K, and the random class-blind control; each tokenizer row has its TCAS,
+the class-blind TCAS at the same K and N, NMI and the linear / k-NN probes.  ``tcas-sweep`` trains
+ClusterMIM on :class:`~sslcore.tokenizers.OracleTokenizer` s at one K: (class, pixel cluster) tokens
+whose class part is replaced at random with rate rho -- an alignment knob at constant K and N that
+reads the labels, so a controlled experiment, not a usable tokenizer -- and gives the Spearman rank
+correlation between TCAS and the probe over rho and seeds.  Every run uses MAE's recipe (crop, no
+flip on digits; AdamW (0.9, 0.95); base lr 1e-3 per 256; weight decay 0.05 off norms and biases).
+Both write every seed's numbers, the budget and the command to ``--results-out`` (default
+``OUT/results.json``); ``sslcore report`` renders them (:func:`study_markdown`, :func:`sweep_markdown`).
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 
+from ..checks import Probability, check_value
 from ..data import data_spec_arg, load_dataset
 from ..data.pipeline import to_float
+from ..methods.clustermim import TOKENIZER_HELP, build_tokenizer
+from ..methods.mae import MAE, SMALL_VIT, MaskedImageModel
 from ..metrics import tcas, tcas_class_blind, token_class_nmi
-from ..methods.clustermim import TOKENIZER_HELP, build_tokenizer  # noqa: F401 - TOKENIZER_HELP for the CLI
-from ..methods.mae import MaskedImageModel
+from ..tokenizers import OracleTokenizer, PixelTokenizer
 from ..train import PretrainConfig, pretrain
+from .report import markdown_table, mean_std
+
+BATCH_SIZE, LR, WEIGHT_DECAY = 128, 1e-3, 0.05  # the authors' base lr 1e-3 per 256 and weight decay 0.05
+DEFAULT_RATES = (0.0, 1 / 3, 2 / 3, 1.0)
 
 
 def _patch_size(data, patch_size: int | None) -> int:
@@ -31,8 +51,10 @@ def _patch_size(data, patch_size: int | None) -> int:
 
 def score_tokenizer(tok, data, *, batch_size: int = 512) -> dict:
     """TCAS, the class-blind tokenizer's TCAS at the same K and N, and NMI(token, class) of ``tok`` on
-    ``data``'s held-out images."""
-    tokens = torch.cat([tok.encode(to_float(x)) for x in data.x_test.split(batch_size)]).cpu()
+    ``data``'s held-out images (a tokenizer that ``needs_index`` gets their positions in the test split)."""
+    index = torch.arange(len(data.y_test))
+    tokens = torch.cat([tok.encode(to_float(x), **({"index": i} if tok.needs_index else {}))
+                        for x, i in zip(data.x_test.split(batch_size), index.split(batch_size))]).cpu()
     n_classes = int(data.y_train.max()) + 1
     return {"tcas": tcas(tokens, data.y_test, tok.n_clusters, n_classes),
             "tcas_blind": tcas_class_blind(tokens, data.y_test, tok.n_clusters, n_classes),
@@ -53,64 +75,398 @@ def tcas_table(specs: list[str], data_spec: str, n_clusters: list[int | None], *
 
 
 COLUMNS = (("K", "K", "{}"), ("tcas", "TCAS (lower=better)", "{:.3f}"), ("tcas_blind", "class-blind TCAS", "{:.3f}"),
-           ("nmi", "NMI", "{:.3f}"),
-           ("clustermim_linear", "ClusterMIM probe", "{:.2%}"), ("clustermim_knn", "ClusterMIM k-NN", "{:.2%}"),
-           ("mae_linear", "MAE probe", "{:.2%}"))
+           ("nmi", "NMI", "{:.3f}"))
 
 
 def format_table(rows: list[dict]) -> str:
-    """Rows as a text table; columns no row has are left out, missing cells stay blank."""
-    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    """Tokenizer rows as a text table."""
     width = max(len("tokenizer"), *(len(r["tokenizer"]) for r in rows)) + 2
-    widths = [max(len(head), 7) + 2 for _, head, _ in cols]
-    lines = [f"{'tokenizer':<{width}}" + "".join(f"{head:>{w}}" for (_, head, _), w in zip(cols, widths))]
+    widths = [max(len(head), 7) + 2 for _, head, _ in COLUMNS]
+    lines = [f"{'tokenizer':<{width}}" + "".join(f"{head:>{w}}" for (_, head, _), w in zip(COLUMNS, widths))]
     for r in rows:
-        cells = ["" if r.get(key) is None else fmt.format(r[key]) for key, _, fmt in cols]
+        cells = [fmt.format(r[key]) for key, _, fmt in COLUMNS]
         lines.append(f"{r['tokenizer']:<{width}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
     return "\n".join(lines)
 
 
-def study(*, data: str = "digits", epochs: int = 100, batch_size: int = 128, lr: float = 2e-3,
-          pixel_k: tuple[int, ...] = (16, 50), feature_k: tuple[int, ...] = (50, 200), seed: int = 0,
-          out: str = "runs/mim-study", overwrite: bool = False) -> dict:
-    """Train MAE, then ClusterMIM per tokenizer with the same budget; rows of the study table
-    (``overwrite``: replace the runs already in ``out``)."""
-    t0, out_dir = time.perf_counter(), Path(out)
-    common = dict(data=data, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.05, seed=seed,
-                  warmup_epochs=max(1, epochs // 10), overwrite=overwrite)
-    mae = pretrain(PretrainConfig(method="mae", out=str(out_dir / "mae"), baselines=True, **common))
+# ---------------------------------------------------------------------------------------------
+# Training runs shared by the study and the sweep.
+
+def _budget(data, spec: str, *, epochs: int, seeds: list[int], limit: int | None, threads: int | None) -> dict:
+    """The study's config: data (``spec``), epochs, the recipe every run gets and the model (from the code's
+    defaults)."""
+    decoder = {k: v.default for k, v in inspect.signature(MaskedImageModel.__init__).parameters.items()
+               if k.startswith(("decoder_", "mask_ratio"))}
+    return {"data": spec, "n_train": min(limit or len(data.y_train), len(data.y_train)),
+            "n_test": len(data.y_test), "flips": data.flips, "seeds": seeds, "epochs": epochs,
+            "batch_size": BATCH_SIZE, "lr": LR,
+            "weight_decay": WEIGHT_DECAY, "warmup_epochs": max(1, epochs // 10),
+            "betas": list(MaskedImageModel.optimizer_defaults["betas"]),
+            "encoder": {**SMALL_VIT, "patch_size": _patch_size(data, None)}, **decoder,
+            "min_patch_std": inspect.signature(MAE.__init__).parameters["min_patch_std"].default,
+            "limit": limit, "threads": threads}
+
+
+def _train(cfg: dict, method: str, out: Path, seed: int, overwrite: bool, **options) -> dict:
+    """One run with the study's budget; its probes and the recipe it really ran (from its summary)."""
+    s = pretrain(PretrainConfig(method=method, data=cfg["data"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
+                                lr=cfg["lr"], weight_decay=cfg["weight_decay"], warmup_epochs=cfg["warmup_epochs"],
+                                seed=seed, limit=cfg["limit"], baselines=method == "mae", tensorboard=False,
+                                out=str(out), overwrite=overwrite, options=options))
+    run = {"linear": s["probes"]["trained"]["linear"], "knn": s["probes"]["trained"]["knn"],
+           "augment": s["augment"], "peak_lr": s["peak_lr"], "seconds": s["total_time_s"]}
+    if method == "mae":
+        run.update(random_init_linear=s["probes"]["random_init"]["linear"],
+                   raw_pixels_linear=s["probes"]["raw_pixels"]["linear"])
+    return run
+
+
+def _check_outputs(out: Path, results_out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, to replace earlier runs or results without ``overwrite``."""
+    if overwrite:
+        return
+    if results_out.exists():
+        raise ValueError(f"--results-out {results_out} exists: give --overwrite to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"--out {out} holds earlier runs: give --overwrite to replace them, or another --out")
+
+
+def _finish(results: dict, results_out: Path, t0: float, c0: float) -> dict:
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    results["cpu_seconds"] = round(time.process_time() - c0, 1)  # all of this process's threads
+    results_out.parent.mkdir(parents=True, exist_ok=True)
+    results_out.write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# mim-study: ClusterMIM per tokenizer vs MAE.
+
+def study(*, data: str = "digits", seeds: list[int] = (0, 1, 2), epochs: int = 150, ks: list[int] = (50,),
+          out: str = "runs/mim-study", results_out: str | None = None, overwrite: bool = False,
+          limit: int | None = None, threads: int | None = None, command: str = "", log=print) -> dict:
+    """Per seed: MAE, then ClusterMIM with pixel and feature (that seed's MAE encoder) k-means at each K in
+    ``ks`` and the random control at ``ks[0]``, all with one budget; every seed's rows and the budget
+    are written to ``results_out`` (default ``out/results.json``)."""
+    seeds, ks = _check_list("--seeds", seeds), _check_list("--n-clusters", ks, low=1)
+    out_dir = Path(out)
+    results_path = Path(results_out) if results_out else out_dir / "results.json"
+    _check_outputs(out_dir, results_path, overwrite)
+    t0, c0 = time.perf_counter(), time.process_time()
     dataset = load_dataset(data)
     p = _patch_size(dataset, None)
-    specs = [("pixel", k) for k in pixel_k] + [(f"feature:{out_dir / 'mae' / 'checkpoint.pt'}", k) for k in feature_k]
-    specs.append(("random", pixel_k[-1]))
+    cfg = {**_budget(dataset, data, epochs=epochs, seeds=seeds, limit=limit, threads=threads), "ks": ks,
+           "random_k": ks[0]}
+    runs = []
+    for seed in seeds:
+        seed_dir = out_dir / f"seed{seed}"
+        mae = _train(cfg, "mae", seed_dir / "mae", seed, overwrite)
+        runs.append({"seed": seed, "tokenizer": "mae", "K": None, **mae})
+        log(f"seed {seed} mae: linear {mae['linear']:.2%}")
+        specs = [(kind, k) for k in ks for kind in ("pixel", "feature")] + [("random", ks[0])]
+        for kind, k in specs:
+            spec = f"feature:{seed_dir / 'mae' / 'checkpoint.pt'}" if kind == "feature" else kind
+            tok = build_tokenizer(spec, dataset, n_clusters=k, patch_size=p, seed=seed)
+            name = f"clustermim-{kind}-{k}"
+            tok_path = seed_dir / f"{name}.tokenizer.pt"  # beside the run folder: that holds only the run's files
+            tok.save(tok_path)  # fitted once: scored here, loaded by the run
+            run = _train(cfg, "clustermim", seed_dir / name, seed, overwrite, tokenizer=str(tok_path))
+            runs.append({"seed": seed, "tokenizer": kind, "K": k, **score_tokenizer(tok, dataset), **run})
+            log(f"seed {seed} {name}: TCAS {runs[-1]['tcas']:.3f} (class-blind {runs[-1]['tcas_blind']:.3f}), "
+                f"linear {run['linear']:.2%}")
+    results = {"study": "mim-study", "command": command, "config": cfg, "runs": runs}
+    return _finish(results, results_path, t0, c0)
+
+
+LABELS = {"pixel": "pixel k-means", "feature": "feature k-means (MAE encoder)", "random": "random (class-blind)",
+          "mae": "MAE (normalised pixels)"}
+
+
+def _groups(runs: list[dict], *keys: str) -> dict[tuple, list[dict]]:
+    """Runs grouped by ``keys`` in first-seen order, each group sorted by seed."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return {k: sorted(v, key=lambda r: r["seed"]) for k, v in groups.items()}
+
+
+def _pct(runs, key):
+    return mean_std([r[key] for r in runs], scale=100)
+
+
+def _num(runs, key):
+    return mean_std([r[key] for r in runs], digits=3)
+
+
+def binomial_se(accuracy: float, n: int) -> float:
+    """The standard error ``sqrt(a (1 - a) / n)`` of an accuracy ``a`` measured on ``n`` test images."""
+    return math.sqrt(accuracy * (1 - accuracy) / n)
+
+
+def claim_verdict(deltas: list[float], threshold: float) -> str:
+    """"reproduced" when every seed's gain is positive and the mean passes ``threshold``, "contradicted"
+    when every seed's is negative and the mean is below ``-threshold``, else "not shown"."""
+    mean = sum(deltas) / len(deltas)
+    if min(deltas) > 0 and mean > threshold:
+        return "reproduced"
+    if max(deltas) < 0 and mean < -threshold:
+        return "contradicted"
+    return "not shown"
+
+
+def study_claims(results: dict) -> list[dict]:
+    """Per tokenizer (pixel, feature) and K: ClusterMIM - MAE linear probe per seed (points), their mean and
+    the verdict against one binomial standard error of MAE's mean accuracy on the test set."""
+    groups = _groups(results["runs"], "tokenizer", "K")
+    mae = {r["seed"]: r["linear"] for r in groups["mae", None]}
+    se = binomial_se(sum(mae.values()) / len(mae), results["config"]["n_test"])
+    claims = []
+    for k in results["config"]["ks"]:
+        for kind in ("pixel", "feature"):
+            deltas = [100 * (r["linear"] - mae[r["seed"]]) for r in groups[kind, k]]
+            claims.append({"tokenizer": kind, "K": k, "deltas": deltas, "mean": sum(deltas) / len(deltas),
+                           "se": 100 * se, "verdict": claim_verdict(deltas, 100 * se)})
+    return claims
+
+
+def _caption(cfg: dict, command: str, what: str) -> str:
+    enc = cfg["encoder"]
+    return (f"`{command}`: {what} on {cfg['data']} ({cfg['n_train']} training / {cfg['n_test']} held-out images), "
+            f"{cfg['epochs']} epochs per run, {len(cfg['seeds'])} seeds ({', '.join(map(str, cfg['seeds']))}; "
+            f"each sets the init, masks, data order and k-means); ViT of {enc['depth']} blocks, width "
+            f"{enc['embed_dim']}, {enc['patch_size']}×{enc['patch_size']} patches, {cfg['decoder_depth']}-block "
+            f"decoder of width {cfg['decoder_dim']}, {cfg['mask_ratio']:.0%} masked; MAE's recipe: crop 20–100 % "
+            f"{'with' if cfg['flips'] else 'without'} flips, AdamW ({cfg['betas'][0]}, {cfg['betas'][1]}), "
+            f"batch {cfg['batch_size']}, lr "
+            f"{cfg['lr']:g} × batch/256, {cfg['warmup_epochs']} warm-up epochs, weight decay {cfg['weight_decay']} "
+            f"off norms and biases; MAE's patch-std floor {cfg['min_patch_std']}. No temperature: neither loss "
+            f"has one. Cells: mean ± std over seeds. TCAS (lower = more class-aligned) on the "
+            f"{cfg['n_test']} held-out images; class-blind TCAS: the exact expected TCAS of tokens dealt at random "
+            f"with the same counts, at the same K and N (TCAS is biased low by about K/N, so compare tokenizers only "
+            f"at equal K). Probes: scikit-learn linear and k-NN on frozen mean-pooled features, held-out accuracy (%).")
+
+
+def study_markdown(results: dict) -> str:
+    """The README block: per tokenizer and K, TCAS, class-blind TCAS, NMI and the probes; MAE and the
+    baselines; the verdict on "ClusterMIM (pixel) beats MAE at equal epochs" per K."""
+    cfg = results["config"]
+    groups = _groups(results["runs"], "tokenizer", "K")
     rows = []
-    for spec, k in specs:
-        label = "feature (MAE encoder)" if spec.startswith("feature:") else spec
-        tok = build_tokenizer(spec, dataset, n_clusters=k, patch_size=p, seed=seed)
-        name = f"clustermim-{label.split()[0]}-{k}"
-        tok_path = out_dir / f"{name}.tokenizer.pt"  # beside the run folder: that holds only the run's files
-        tok.save(tok_path)  # fitted once: scored here, loaded by the run
-        run = pretrain(PretrainConfig(method="clustermim", out=str(out_dir / name),
-                                      options={"tokenizer": str(tok_path)}, **common))
-        rows.append({"tokenizer": label, "K": k, **score_tokenizer(tok, dataset),
-                     "clustermim_linear": run["probes"]["trained"]["linear"],
-                     "clustermim_knn": run["probes"]["trained"]["knn"]})
-    rows.append({"tokenizer": "MAE (pixel regression)", "K": None, "tcas": None, "nmi": None,
-                 "mae_linear": mae["probes"]["trained"]["linear"]})
-    result = {"rows": rows, "epochs": epochs, "data": data, "random_init_linear": mae["probes"]["random_init"]["linear"],
-              "raw_pixels_linear": mae["probes"]["raw_pixels"]["linear"], "seconds": round(time.perf_counter() - t0, 1)}
-    (out_dir / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    for (kind, k), rs in sorted(groups.items(), key=lambda g: (g[0][1] or 10 ** 9, list(LABELS).index(g[0][0]))):
+        scored = kind != "mae"
+        rows.append([LABELS[kind], "" if k is None else str(k), *(_num(rs, c) if scored else "" for c in
+                                                                   ("tcas", "tcas_blind", "nmi")),
+                     _pct(rs, "linear"), _pct(rs, "knn")])
+    mae = groups["mae", None]
+    rows.append(["random-init ViT / raw pixels", "", "", "", "", f"{_pct(mae, 'random_init_linear')} / "
+                 f"{_pct(mae, 'raw_pixels_linear')}", ""])
+    table = markdown_table(["tokenizer", "K", "TCAS", "class-blind TCAS", "NMI", "linear", "k-NN"], rows)
+    claims = study_claims(results)
+    verdicts = markdown_table(
+        ["claim", "Δ linear, points (per seed)", "verdict"],
+        [[f"ClusterMIM ({c['tokenizer']}, K = {c['K']}) > MAE",
+          f"{c['mean']:+.1f} ({', '.join(f'{d:+.1f}' for d in c['deltas'])})",
+          c["verdict"]] for c in claims], "lrl")
+    return (_caption(cfg, results["command"], "MAE and ClusterMIM per tokenizer") +
+            f" The feature tokenizer clusters the patch tokens of the same seed's MAE encoder (DINO cannot be "
+            f"downloaded here).\n\n{table}\n\nThe paper's claim, at equal epochs: \"reproduced\" when ClusterMIM "
+            f"beats MAE in every seed and by more than one binomial standard error of MAE's accuracy on "
+            f"{cfg['n_test']} images ({claims[0]['se']:.1f} points) on average, \"contradicted\" the other way "
+            f"round, else \"not shown\".\n\n{verdicts}\n\n"
+            "Plot: [docs/results/mim-study.png](docs/results/mim-study.png).")
+
+
+def study_plot(results: dict, path: Path) -> None:
+    """Linear probe per tokenizer (mean ± std over seeds), and each run's probe against its TCAS margin
+    below the class-blind TCAS at the same K."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _groups(results["runs"], "tokenizer", "K")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
+    names, means, stds = [], [], []
+    for (kind, k), rs in groups.items():
+        acc = torch.tensor([100 * r["linear"] for r in rs], dtype=torch.float64)
+        names.append(kind if k is None else f"{kind}\nK={k}")
+        means.append(acc.mean().item())
+        stds.append(acc.std().item() if len(acc) > 1 else 0.0)
+    a.bar(range(len(names)), means, yerr=stds, capsize=4, color="tab:blue")
+    a.set_xticks(range(len(names)), names)
+    a.set(title="linear probe (mean ± std over seeds)", ylabel="held-out accuracy, %", ylim=(min(means) - 10, 100))
+    for (kind, k), rs in groups.items():
+        if kind == "mae":
+            continue
+        b.scatter([r["tcas_blind"] - r["tcas"] for r in rs], [100 * r["linear"] for r in rs], label=f"{kind} K={k}",
+                  marker="o" if k == results["config"]["ks"][0] else "s")
+    b.set(title="probe vs alignment beyond chance", xlabel="class-blind TCAS − TCAS (same K, N)",
+          ylabel="linear probe, %")
+    b.legend(fontsize=8)
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# tcas-sweep: ClusterMIM on oracle tokenizers of controlled alignment at one K.
+
+def sweep(*, data: str = "digits", seeds: list[int] = (0, 1, 2), epochs: int = 150, k: int = 50,
+          rates: list[float] = DEFAULT_RATES, out: str = "runs/tcas-sweep", results_out: str | None = None,
+          overwrite: bool = False, limit: int | None = None, threads: int | None = None, command: str = "",
+          log=print) -> dict:
+    """Per seed: a pixel k-means with ``k / C`` clusters, then per rate rho an :class:`OracleTokenizer`
+    (token = class part x k/C + pixel cluster, class part replaced at random with rate rho) scored on the
+    held-out images (their own random table) and ClusterMIM trained on it."""
+    seeds = _check_list("--seeds", seeds)
+    rates = [check_value("--rates", float(r), Probability) for r in rates]
+    if len(set(rates)) < 2:
+        raise ValueError(f"--rates needs at least two distinct rates, got {rates}")
+    dataset = load_dataset(data)
+    n_classes = int(dataset.y_train.max()) + 1
+    if isinstance(k, bool) or not isinstance(k, int) or k < n_classes or k % n_classes:
+        raise ValueError(f"--n-clusters {k!r} must be a multiple of the {n_classes} classes (K = classes × pixel "
+                         "clusters)")
+    out_dir = Path(out)
+    results_path = Path(results_out) if results_out else out_dir / "results.json"
+    _check_outputs(out_dir, results_path, overwrite)
+    t0, c0 = time.perf_counter(), time.process_time()
+    p = _patch_size(dataset, None)
+    num_patches = math.prod(s // p for s in dataset.image_shape[1:])
+    cfg = {**_budget(dataset, data, epochs=epochs, seeds=seeds, limit=limit, threads=threads), "K": k,
+           "pixel_k": k // n_classes, "n_classes": n_classes, "rates": rates}
+    runs = []
+    for seed in seeds:
+        seed_dir = out_dir / f"seed{seed}"
+        pixel = PixelTokenizer(p, k // n_classes, in_chans=dataset.in_chans, seed=seed).fit(to_float(dataset.x_train))
+        for rate in rates:
+            oracle = dict(num_patches=num_patches, n_classes=n_classes, rate=rate)
+            train_tok = OracleTokenizer(pixel, dataset.y_train, seed=seed, **oracle)
+            test_tok = OracleTokenizer(pixel, dataset.y_test, seed=seed + 2 ** 32, **oracle)  # its own table
+            name = f"oracle-rate{rate:.3f}"
+            tok_path = seed_dir / f"{name}.tokenizer.pt"
+            seed_dir.mkdir(parents=True, exist_ok=True)
+            train_tok.save(tok_path)
+            run = _train(cfg, "clustermim", seed_dir / name, seed, overwrite, tokenizer=str(tok_path))
+            runs.append({"seed": seed, "rate": rate, **score_tokenizer(test_tok, dataset), **run})
+            log(f"seed {seed} rate {rate:.3f}: TCAS {runs[-1]['tcas']:.3f} (class-blind "
+                f"{runs[-1]['tcas_blind']:.3f}), linear {run['linear']:.2%}")
+    results = {"study": "tcas-sweep", "command": command, "config": cfg, "runs": runs}
+    return _finish(results, results_path, t0, c0)
+
+
+def spearman(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Spearman's rank correlation of ``x`` and ``y`` (ties: average ranks) and its two-sided p-value
+    (scipy's t approximation); nan when either is constant."""
+    from scipy.stats import spearmanr
+
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        return math.nan, math.nan
+    r = spearmanr(x, y)
+    return float(r.statistic), float(r.pvalue)
+
+
+def sweep_verdict(r: float, p: float, alpha: float = 0.05) -> str:
+    """"lower TCAS, better probe" when r < 0 at p < alpha; "lower TCAS, worse probe" when r > 0 at p < alpha."""
+    if not p < alpha:
+        return "not shown"
+    return "lower TCAS, better probe" if r < 0 else "lower TCAS, worse probe"
+
+
+def sweep_markdown(results: dict) -> str:
+    """The README block: per rate rho, TCAS, class-blind TCAS, NMI and the probes; Spearman's rank
+    correlation of TCAS with each probe over every (rho, seed) run and its verdict."""
+    cfg = results["config"]
+    groups = _groups(results["runs"], "rate")
+    rows = [[f"{rate:.2f}", *(_num(rs, c) for c in ("tcas", "tcas_blind", "nmi")), _pct(rs, "linear"),
+             _pct(rs, "knn")] for (rate,), rs in sorted(groups.items())]
+    table = markdown_table(["ρ (class part replaced)", "TCAS", "class-blind TCAS", "NMI", "linear", "k-NN"], rows)
+    runs = results["runs"]
+    corr = []
+    for key, name in (("linear", "linear probe"), ("knn", "k-NN")):
+        r, p = spearman([x["tcas"] for x in runs], [x[key] for x in runs])
+        corr.append([f"TCAS vs {name}", f"{r:+.2f}", f"{p:.2g}", sweep_verdict(r, p)])
+    spear = markdown_table(["over all runs", f"Spearman ρ_s (n = {len(runs)})", "p", "verdict"], corr, "lrrl")
+    return (_caption(cfg, results["command"], f"ClusterMIM on oracle tokenizers at K = {cfg['K']}") +
+            f"\n\nOracle tokenizer: token = (class, pixel cluster), {cfg['n_classes']} classes × {cfg['pixel_k']} "
+            f"pixel k-means clusters; each patch's class part is replaced, with probability ρ, by a class drawn "
+            f"uniformly (a fixed per-patch table; ρ = 1 is class-blind). It reads the labels: a controlled "
+            f"experiment on alignment at constant K and N, not a usable tokenizer.\n\n{table}\n\nSpearman rank "
+            f"correlation between TCAS and the probe over every (ρ, seed) run; the verdict needs p < 0.05.\n\n"
+            f"{spear}\n\nPlot: [docs/results/tcas-sweep.png](docs/results/tcas-sweep.png).")
+
+
+def sweep_plot(results: dict, path: Path) -> None:
+    """Each run's probe against its TCAS (coloured by rho), and TCAS and class-blind TCAS against rho."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, groups = results["runs"], sorted(_groups(results["runs"], "rate").items())
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key, marker in (("linear", "o"), ("knn", "^")):
+        sc = a.scatter([r["tcas"] for r in runs], [100 * r[key] for r in runs], c=[r["rate"] for r in runs],
+                       cmap="viridis", marker=marker, label=key, vmin=0, vmax=1)
+    fig.colorbar(sc, ax=a, label="ρ")
+    a.set(title=f"probe vs TCAS at K = {results['config']['K']}", xlabel="TCAS (held-out)", ylabel="accuracy, %")
+    a.legend()
+    rates = [rate for (rate,), _ in groups]
+    for key, label in (("tcas", "TCAS"), ("tcas_blind", "class-blind TCAS")):
+        b.plot(rates, [sum(r[key] for r in rs) / len(rs) for _, rs in groups], "o-", label=label)
+    b.set(title="alignment knob", xlabel="ρ (class part replaced)", ylabel="TCAS")
+    b.legend()
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+def _check_list(name: str, values, *, low: int | None = None) -> list[int]:
+    values = list(values)
+    if not values or len(set(values)) != len(values) or any(isinstance(v, bool) or not isinstance(v, int)
+                                                            for v in values):
+        raise ValueError(f"{name} must be distinct integers, got {values!r}")
+    if low is not None and min(values) < low:
+        raise ValueError(f"{name} must be >= {low}, got {values!r}")
+    return values
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"values repeat in {text!r}")
+    return values
 
 
 def _ks(text: str) -> list[int]:
-    try:
-        ks = [int(t) for t in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    ks = _ints(text)
     if any(k < 1 for k in ks):
         raise argparse.ArgumentTypeError(f"cluster counts must be >= 1, got {text!r}")
     return ks
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if any(not 0 <= r <= 1 for r in rates) or len(set(rates)) < 2:
+        raise argparse.ArgumentTypeError(f"expected at least two distinct rates in [0, 1], got {text!r}")
+    return rates
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def add_tcas_arguments(p: argparse.ArgumentParser) -> None:
@@ -132,11 +488,13 @@ def tcas_from_args(args: argparse.Namespace) -> list[dict]:
 
 def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default="pixel", help=f"{TOKENIZER_HELP} (default: %(default)s)")
-    p.add_argument("--data", type=data_spec_arg, default="digits", help="image dataset to fit on (default: %(default)s)")
+    p.add_argument("--data", type=data_spec_arg, default="digits",
+                   help="image dataset to fit on (default: %(default)s)")
     p.add_argument("--n-clusters", type=int, help="K (default: 50 pixel, 1000 feature)")
     p.add_argument("--patch-size", type=int, help="patch size (default: 2 for 8x8 images, 4 up to 64x64, else 16)")
     p.add_argument("--seed", type=int, default=0, help="k-means seed (default: %(default)s)")
-    p.add_argument("--out", required=True, help="the tokenizer file to write (for --tokenizer FILE / -o tokenizer=FILE)")
+    p.add_argument("--out", required=True,
+                   help="the tokenizer file to write (for --tokenizer FILE / -o tokenizer=FILE)")
 
 
 def tokenize_from_args(args: argparse.Namespace) -> dict:
@@ -151,22 +509,64 @@ def tokenize_from_args(args: argparse.Namespace) -> dict:
     return row
 
 
-def add_study_arguments(p: argparse.ArgumentParser) -> None:
+def _add_run_arguments(p: argparse.ArgumentParser, name: str) -> None:
     d = " (default: %(default)s)"
     p.add_argument("--data", type=data_spec_arg, default="digits", help="image dataset" + d)
-    p.add_argument("--epochs", type=int, default=100, help="epochs for MAE and for every ClusterMIM run" + d)
-    p.add_argument("--quick", action="store_true", help="a smoke run: 2 epochs, one K per tokenizer")
-    p.add_argument("--seed", type=int, default=0, help=d.strip())
-    p.add_argument("--out", default="runs/mim-study", help="output folder" + d)
-    p.add_argument("--overwrite", action="store_true", help="replace the runs already in OUT")
+    p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma-separated seeds" + d)
+    p.add_argument("--epochs", type=_positive, default=150, help="epochs of every run" + d)
+    p.add_argument("--quick", action="store_true", help="a smoke run: 1 epoch, 128 images, one seed")
+    p.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default=f"runs/{name}", help="folder of the runs" + d)
+    p.add_argument("--results-out", help=f"the results JSON to write, e.g. docs/results/{name}.json "
+                                         "(default: OUT/results.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace the runs in OUT and the results file")
+
+
+def add_study_arguments(p: argparse.ArgumentParser) -> None:
+    _add_run_arguments(p, "mim-study")
+    p.add_argument("--n-clusters", type=_ks, default=[50],
+                   help="comma-separated K of the pixel and feature tokenizers; the random control uses the first "
+                        "(default: 50)")
+
+
+def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    _add_run_arguments(p, "tcas-sweep")
+    p.add_argument("--n-clusters", type=_positive, default=50,
+                   help="K of every oracle tokenizer, a multiple of the classes (default: %(default)s)")
+    p.add_argument("--rates", type=_rates, default=list(DEFAULT_RATES),
+                   help="comma-separated rates rho of replacing the class part (default: 0,1/3,2/3,1)")
+
+
+def _command(args: argparse.Namespace, name: str, extra: str) -> str:
+    """The command line that gives these results (every setting spelled out)."""
+    quick = " --quick" if args.quick else ""
+    threads = f" --threads {args.threads}" if args.threads else ""
+    results = f" --results-out {args.results_out}" if args.results_out else ""
+    return (f"sslcore {name} --data {args.data} --seeds {','.join(map(str, args.seeds))} --epochs {args.epochs}"
+            f"{extra}{quick}{threads}{results}")
+
+
+def _run_kwargs(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quick = dict(epochs=1, limit=128, seeds=args.seeds[:1]) if args.quick else dict(epochs=args.epochs,
+                                                                                    seeds=args.seeds)
+    return dict(data=args.data, out=args.out, results_out=args.results_out, overwrite=args.overwrite,
+                threads=args.threads, **quick)
 
 
 def study_from_args(args: argparse.Namespace) -> dict:
-    extra = dict(epochs=2, pixel_k=(16,), feature_k=(16,)) if args.quick else dict(epochs=args.epochs)
-    result = study(data=args.data, seed=args.seed, out=args.out, overwrite=args.overwrite, **extra)
-    print(f"\nClusterMIM vs MAE on {result['data']}, {result['epochs']} epochs each "
-          f"(TCAS/NMI on held-out images; probes: held-out accuracy of frozen mean-pooled features):")
-    print(format_table(result["rows"]))
-    print(f"random-init ViT probe {result['random_init_linear']:.2%}, raw pixels {result['raw_pixels_linear']:.2%}; "
-          f"{result['seconds']:.0f}s; wrote {args.out}/results.json")
+    command = _command(args, "mim-study", f" --n-clusters {','.join(map(str, args.n_clusters))}")
+    result = study(ks=args.n_clusters, command=command, **_run_kwargs(args))
+    print("\n" + study_markdown(result))
+    print(f"\n{result['seconds']:.0f}s ({result['cpu_seconds']:.0f} CPU-s)")
+    return result
+
+
+def sweep_from_args(args: argparse.Namespace) -> dict:
+    rates = "" if args.rates == list(DEFAULT_RATES) else f" --rates {','.join(map(str, args.rates))}"
+    command = _command(args, "tcas-sweep", f" --n-clusters {args.n_clusters}{rates}")
+    result = sweep(k=args.n_clusters, rates=args.rates, command=command, **_run_kwargs(args))
+    print("\n" + sweep_markdown(result))
+    print(f"\n{result['seconds']:.0f}s ({result['cpu_seconds']:.0f} CPU-s)")
     return result

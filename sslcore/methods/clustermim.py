@@ -10,13 +10,19 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from ..data.pipeline import to_float
 from ..checks import Backend, PositiveInt, Seed, UnitInterval, Width
-from ..tokenizers import FeatureTokenizer, PixelTokenizer, RandomTokenizer, load_tokenizer
+from ..data.pipeline import to_float
+from ..tokenizers import (
+    FeatureTokenizer,
+    PixelTokenizer,
+    RandomTokenizer,
+    load_tokenizer,
+)
 from .mae import MAE, MaskedImageModel
 
 TOKENIZER_HELP = ("pixel | feature:CHECKPOINT (an mae/clustermim run's checkpoint.pt) | feature:TIMM_VIT_NAME "
-                  "(randomly initialised: nothing is downloaded) | random (class-blind control) | a saved tokenizer file")
+                  "(randomly initialised: nothing is downloaded) | random (class-blind control) | "
+                  "a saved tokenizer file")
 
 
 def build_tokenizer(spec: str, data, *, n_clusters: int | None, patch_size: int, seed: int = 0,
@@ -84,9 +90,10 @@ class ClusterMIM(MaskedImageModel):
                               backend=backend)
         return cls(name, kwargs, tok, **options)
 
-    def patch_loss(self, pred, images, mask):
+    def patch_loss(self, pred, images, mask, index=None):
         with torch.no_grad():
-            target = self.tokenizer.encode(images.float())
+            extra = {"index": index} if self.tokenizer.needs_index else {}
+            target = self.tokenizer.encode(images.float(), **extra)
         return F.cross_entropy(pred[mask].float(), target[mask], label_smoothing=self.label_smoothing)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import timm
 import torch
 
-from ..checks import Fraction, LayerCount, PositiveInt, Width
+from ..checks import Fraction, LayerCount, NonNegative, PositiveInt, Width, check_value
 from ..models.mae import MaskedAutoencoder
 from ..tokenizers import patchify
 from .base import SSLMethod
@@ -25,7 +25,8 @@ def default_patch_size(image_size: int) -> int:
 class MaskedImageModel(SSLMethod):
     """Encoder ``timm.create_model(encoder_name, **encoder_kwargs)`` (a ViT with mean-pooled features
     for probes) inside a :class:`~sslcore.models.mae.MaskedAutoencoder`; subclasses give ``out_dim``
-    and ``patch_loss(pred, images, mask)``.  MAE's recipe: crop and flip only, AdamW betas (0.9, 0.95)."""
+    and ``patch_loss(pred, images, mask, index)`` (``index``: the images' positions in the training set).
+    MAE's recipe: crop and flip only, AdamW betas (0.9, 0.95), fixed sin-cos position embeddings."""
 
     n_views = 1
     recipe = "mae"
@@ -65,28 +66,36 @@ class MaskedImageModel(SSLMethod):
     def loss(self, views, *, index=None, epoch=None) -> torch.Tensor:
         (images,) = views
         pred, mask = self.mae(images, self.mask_ratio)
-        return self.patch_loss(pred, images, mask)
+        return self.patch_loss(pred, images, mask, index)
 
 
 class MAE(MaskedImageModel):
-    """``loss = mean over masked patches of |pred - norm(patch)|^2 / (p*p*C)`` where ``norm`` subtracts
-    each target patch's mean and divides by its std (MAE's ``norm_pix_loss``)."""
+    """``loss = mean over masked patches of |pred - norm(patch)|^2 / (p*p*C)``, MAE's ``norm_pix_loss``
+    with a floor: ``norm(x) = (x - mean(x)) / max(sqrt(var(x) + 1e-6), min_patch_std)`` over each target
+    patch, so a near-constant patch's interpolation residue is not blown up to unit variance
+    (``min_patch_std=0``: MAE's exact target; docs/methods.md, "Near-constant patches")."""
 
     name = "mae"
 
-    def __init__(self, encoder_name: str, encoder_kwargs: dict, *, norm_pix_loss: bool = True, **kwargs):
+    def __init__(self, encoder_name: str, encoder_kwargs: dict, *, norm_pix_loss: bool = True,
+                 min_patch_std: NonNegative = 0.02, **kwargs):
+        check_value("min_patch_std", min_patch_std, NonNegative)
         p, c = encoder_kwargs["patch_size"], encoder_kwargs["in_chans"]
         super().__init__(encoder_name, encoder_kwargs, p * p * c, **kwargs)
-        self.norm_pix_loss = norm_pix_loss
+        self.norm_pix_loss, self.min_patch_std = norm_pix_loss, min_patch_std
 
     @classmethod
     def create(cls, data, *, encoder: str, patch_size: PositiveInt | None = None, **options) -> "MAE":
         return cls(*cls.encoder_spec(data, encoder, patch_size), **options)
 
-    def patch_loss(self, pred, images, mask):
+    def targets(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, L, p*p*C]`` fp32: each patch's pixels, ``norm``-ed (class docstring) when ``norm_pix_loss``."""
         target = patchify(images.float(), self.patch_size)
         if self.norm_pix_loss:
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6).sqrt()
-        per_patch = (pred.float() - target).pow(2).mean(-1)
+            target = (target - mean) / (var + 1e-6).sqrt().clamp_min(self.min_patch_std)
+        return target
+
+    def patch_loss(self, pred, images, mask, index=None):
+        per_patch = (pred.float() - self.targets(images)).pow(2).mean(-1)
         return (per_patch * mask).sum() / mask.sum()
