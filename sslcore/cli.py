@@ -109,6 +109,7 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``sslcore`` argument parser with every command (``sslcore --help``)."""
     parser = argparse.ArgumentParser(prog="sslcore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -120,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="linear probe and k-NN accuracy of a pretraining checkpoint")
     e.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by pretrain")
     e.add_argument("--device", type=device_arg, default="auto", help="where to compute features (default: %(default)s)")
-    e.add_argument("--data", type=data_spec_arg, help="probe on this dataset instead (transfer; default: the checkpoint's)")
+    e.add_argument("--data", type=data_spec_arg,
+                   help="probe on this dataset instead (transfer; default: the checkpoint's)")
     e.add_argument("--workers", type=setting("workers"), default=0,
                    help="data-loading processes (default: %(default)s)")
     x = sub.add_parser("export", help="a checkpoint's backbone as safetensors with timm's key names")
@@ -191,6 +193,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``sslcore ARGV``; returns the exit code (errors go to stderr with exit code 2)."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)

@@ -21,8 +21,18 @@ from sslcore.cli import main
 from sslcore.data import load_dataset
 from sslcore.methods import METHODS
 from sslcore.models import create_encoder
-from sslcore.train import (CheckpointError, PretrainConfig, TrainingInterrupted, evaluate_checkpoint, knn_accuracy,
-                           linear_classifier, linear_probe, load_checkpoint, pretrain, weighted_knn)
+from sslcore.train import (
+    CheckpointError,
+    PretrainConfig,
+    TrainingInterrupted,
+    evaluate_checkpoint,
+    knn_accuracy,
+    linear_classifier,
+    linear_probe,
+    load_checkpoint,
+    pretrain,
+    weighted_knn,
+)
 
 TINY = dict(epochs=2, batch_size=32, limit=64, backend="torch")
 

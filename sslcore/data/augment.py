@@ -318,6 +318,8 @@ class Normalize(Augment):
 
 
 class Identity(Augment):
+    """No change (the default next step of an op, and the pipeline of an un-augmented view)."""
+
     def apply(self, x, params):
         return x
 

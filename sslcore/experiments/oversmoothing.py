@@ -208,7 +208,8 @@ def markdown(results: dict) -> str:
     vit = _markdown_table(results["vit"], ("layernorm", "contranorm"),
                           {"layernorm": "LayerNorm", "contranorm": f"ContraNorm (s = {cfg['vit_scale']:g})"})
     gcn = _markdown_table(results["gcn"], ("none", "layernorm", "contranorm"),
-                          {"none": "plain", "layernorm": "LayerNorm", "contranorm": f"ContraNorm (s = {cfg['gcn_scale']:g})"})
+                          {"none": "plain", "layernorm": "LayerNorm",
+                           "contranorm": f"ContraNorm (s = {cfg['gcn_scale']:g})"})
     return (f"`sslcore oversmoothing --seed {cfg['seed']}` ({cfg['vit_seeds']} / {cfg['gcn_seeds']} model seeds). "
             f"Cells: test accuracy, mean ± std over seeds (%) · the last layer's mean pairwise cosine (→ 1: "
             f"collapse). Verdict \"helps\"/\"hurts\" only when the mean change passes {NOISE_PTS:g} points and every "

@@ -58,7 +58,8 @@ def render(name: str, results: dict) -> str:
     return _renderer(name)[0](results).strip()
 
 
-BLOCK = re.compile(r"(?P<open><!-- results:(?P<name>[\w-]+) -->)(?P<body>.*?)(?P<close><!-- /results:(?P=name) -->)", re.S)
+BLOCK = re.compile(r"(?P<open><!-- results:(?P<name>[\w-]+) -->)(?P<body>.*?)"
+                   r"(?P<close><!-- /results:(?P=name) -->)", re.S)
 
 
 def update(readme: str, results_dir: Path) -> tuple[str, list[str]]:
@@ -82,7 +83,8 @@ def update(readme: str, results_dir: Path) -> tuple[str, list[str]]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--readme", default="README.md", help="the file whose results blocks are rewritten (default: %(default)s)")
+    p.add_argument("--readme", default="README.md",
+                   help="the file whose results blocks are rewritten (default: %(default)s)")
     p.add_argument("--results", default="docs/results", help="folder of the <study>.json files (default: %(default)s)")
     p.add_argument("--check", action="store_true",
                    help="write nothing; exit 1 if a README block differs from what its results file renders")

@@ -59,7 +59,8 @@ class ArCL(SSLMethod):
     min_batch_size, min_batch_reason = 2, "both bases need it (SimCLR's negatives, MoCo's BatchNorm)"
 
     def __init__(self, encoder: nn.Module, *, views: Views = 4, base: Literal[BASES] = "simclr",
-                 mode: Literal[MODES] = "worst_pair", penalty: NonNegative = 1.0, temperature: Temperature | None = None,
+                 mode: Literal[MODES] = "worst_pair", penalty: NonNegative = 1.0,
+                 temperature: Temperature | None = None,
                  proj_hidden: Width = 256, proj_dim: Width = 64, queue_size: QueueSize | None = None,
                  momentum: UnitInterval | None = None, symmetric: bool | None = None,
                  gather_distributed: GatherMode = False, backend: Backend = "auto"):
