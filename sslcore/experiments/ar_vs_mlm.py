@@ -26,7 +26,7 @@ from ..methods import create_model
 from ..methods.sequence_base import PROMPTS, prompt_lengths
 from ..train import PretrainConfig, pretrain
 from ..train.evaluate import probe
-from .report import markdown_table, mean_std
+from .report import markdown_table, mean_std, seeds_arg
 
 OBJECTIVES = ("ar", "mlm", "dear", "vlm")
 DATA = "imagetokens:digits"  # 16-token k-means grids of the digits; their token histogram is no match for the models
@@ -252,17 +252,9 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def _seeds(text: str) -> tuple[int, ...]:
-    """argparse ``type=``: comma-separated distinct non-negative integers, e.g. ``0,1,2``."""
-    items = text.split(",")
-    if not all(i.isdigit() for i in items) or len(set(map(int, items))) != len(items):
-        raise argparse.ArgumentTypeError(f"expected distinct non-negative integers separated by commas, got {text!r}")
-    return tuple(map(int, items))
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = " (default: %(default)s)"
-    p.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="seeds: the inits, batches, masks and offsets "
+    p.add_argument("--seeds", type=seeds_arg, default=(0, 1, 2), help="seeds: the inits, batches, masks and offsets "
                    "(default: 0,1,2)")
     p.add_argument("--epochs", type=_positive_int, help=f"AR's epochs, E (default: {EPOCHS}, --quick: {QUICK_EPOCHS})")
     p.add_argument("--equalise", choices=EQUALISE, default="targets",

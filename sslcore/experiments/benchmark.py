@@ -22,7 +22,7 @@ from ..data import data_spec_arg, load_dataset
 from ..dist import is_main_process
 from ..methods import METHODS, get_method, method_options
 from ..train import PretrainConfig, pretrain
-from .report import markdown_table, mean_std
+from .report import markdown_table, mean_std, seeds_arg
 
 BUDGET = dict(epochs=20)  # benchmark's default budget (PretrainConfig's defaults otherwise)
 
@@ -130,7 +130,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=setting("temperature"),
                    help="loss temperature of the methods that have one (default: each method's own)")
     p.add_argument("--seed", type=setting("seed"), default=defaults.seed, help="seed of every run" + d)
-    p.add_argument("--seeds", type=_seeds, help="run the benchmark once per seed (OUT/seed-S) and write the "
+    p.add_argument("--seeds", type=seeds_arg, help="run the benchmark once per seed (OUT/seed-S) and write the "
                    "mean +- std table's results file (with --results-out)")
     p.add_argument("--results-out", help="the results file of a --seeds run (default: OUT/results.json), e.g. "
                    "docs/results/benchmark.json; an existing file is kept unless --overwrite")
@@ -170,17 +170,6 @@ def main_from_args(args: argparse.Namespace) -> dict:
 
 CLAIMS = (("simclr-attn", "simclr", "SimCLR-Attn > SimCLR"), ("simsiam-multi", "simsiam", "SimSiam-Multi > SimSiam"))
 NOISE_PTS = 2.0  # about two binomial standard errors at 97 % accuracy on 360 test images
-
-
-def _seeds(text: str) -> list[int]:
-    """argparse ``type=``: comma-separated distinct seeds >= 0."""
-    try:
-        seeds = [int(t) for t in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(x < 0 for x in seeds) or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"seeds must be distinct integers >= 0, got {text!r}")
-    return seeds
 
 
 def run_seeds(data_spec: str = "digits", methods: list[str] | None = None, *, seeds: list[int], out: str | None = None,

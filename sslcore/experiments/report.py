@@ -47,6 +47,17 @@ def markdown_table(head: list[str], rows: list[list[str]], align: str | None = N
     return "\n".join("| " + " | ".join(r) + " |" for r in [head, sep, *rows])
 
 
+def seeds_arg(text: str) -> tuple[int, ...]:
+    """argparse ``type=`` of the studies' ``--seeds``: comma-separated distinct integers >= 0, e.g. ``0,1,2``."""
+    try:
+        seeds = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(x < 0 for x in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct integers >= 0, got {text!r}")
+    return tuple(seeds)
+
+
 def _renderer(name: str):
     module, markdown, plot = STUDIES[name]
     module = importlib.import_module(module)
