@@ -26,7 +26,7 @@ from ..methods import create_model
 from ..methods.sequence_base import PROMPTS, prompt_lengths
 from ..train import PretrainConfig, pretrain
 from ..train.evaluate import probe
-from .report import markdown_table, mean_std, seeds_arg
+from .report import markdown_table, mean_std, results_path, seeds_arg
 
 OBJECTIVES = ("ar", "mlm", "dear", "vlm")
 DATA = "imagetokens:digits"  # 16-token k-means grids of the digits; their token histogram is no match for the models
@@ -281,9 +281,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main_from_args(args: argparse.Namespace) -> dict:
     """Run the study, write the results JSON (refusing to replace one without ``--overwrite``), print the block."""
-    path = Path(args.results_out or Path(args.out) / "results.json")
-    if path.exists() and not args.overwrite:
-        raise ValueError(f"--results-out {path} exists; pass --overwrite to replace it")
+    path = results_path(args.out, args.results_out, args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
     results = run(data=args.data, encoder=args.encoder, epochs=args.epochs, quick=args.quick, equalise=args.equalise,

@@ -22,7 +22,7 @@ from ..data import data_spec_arg, load_dataset
 from ..dist import is_main_process
 from ..methods import METHODS, get_method, method_options
 from ..train import PretrainConfig, pretrain
-from .report import markdown_table, mean_std, seeds_arg
+from .report import markdown_table, mean_std, results_path, seeds_arg
 
 BUDGET = dict(epochs=20)  # benchmark's default budget (PretrainConfig's defaults otherwise)
 
@@ -177,9 +177,7 @@ def run_seeds(data_spec: str = "digits", methods: list[str] | None = None, *, se
     """:func:`run_benchmark` once per seed into ``OUT/seed-S``; one results file with every seed's rows
     (and ``command``, the command line that made it)."""
     out = Path(out or Path("runs") / f"benchmark-{load_dataset(data_spec).name}")
-    path = Path(results_out) if results_out else out / "results.json"
-    if path.exists() and not overwrite:
-        raise ValueError(f"--results-out {path} exists: give another path, or --overwrite to replace it")
+    path = results_path(out, results_out, overwrite)
     t0 = time.perf_counter()
     runs = [run_benchmark(data_spec, methods, out=str(out / f"seed-{seed}"), seed=seed, overwrite=overwrite, **kwargs)
             for seed in seeds]

@@ -38,7 +38,7 @@ from ..methods.mae import MAE, SMALL_VIT, MaskedImageModel
 from ..metrics import tcas, tcas_class_blind, token_class_nmi
 from ..tokenizers import OracleTokenizer, PixelTokenizer
 from ..train import PretrainConfig, pretrain
-from .report import markdown_table, mean_std
+from .report import check_ints, ints_arg, markdown_table, mean_std, results_path
 
 BATCH_SIZE, LR, WEIGHT_DECAY = 128, 1e-3, 0.05  # the authors' base lr 1e-3 per 256 and weight decay 0.05
 DEFAULT_RATES = (0.0, 1 / 3, 2 / 3, 1.0)
@@ -121,14 +121,13 @@ def _train(cfg: dict, method: str, out: Path, seed: int, overwrite: bool, **opti
     return run
 
 
-def _check_outputs(out: Path, results_out: Path, overwrite: bool) -> None:
-    """Refuse, before any work, to replace earlier runs or results without ``overwrite``."""
-    if overwrite:
-        return
-    if results_out.exists():
-        raise ValueError(f"--results-out {results_out} exists: give --overwrite to replace it")
-    if out.is_dir() and any(out.iterdir()):
+def _check_outputs(out: str, results_out: str | None, overwrite: bool) -> Path:
+    """The results file's path; refuse, before any work, to replace earlier runs or results without
+    ``overwrite``."""
+    path = results_path(out, results_out, overwrite)
+    if not overwrite and Path(out).is_dir() and any(Path(out).iterdir()):
         raise ValueError(f"--out {out} holds earlier runs: give --overwrite to replace them, or another --out")
+    return path
 
 
 def _finish(results: dict, results_out: Path, t0: float, c0: float) -> dict:
@@ -148,10 +147,9 @@ def study(*, data: str = "digits", seeds: list[int] = (0, 1, 2), epochs: int = 1
     """Per seed: MAE, then ClusterMIM with pixel and feature (that seed's MAE encoder) k-means at each K in
     ``ks`` and the random control at ``ks[0]``, all with one budget; every seed's rows and the budget
     are written to ``results_out`` (default ``out/results.json``)."""
-    seeds, ks = _check_list("--seeds", seeds), _check_list("--n-clusters", ks, low=1)
+    seeds, ks = list(check_ints("--seeds", seeds)), list(check_ints("--n-clusters", ks, 1))
     out_dir = Path(out)
-    results_path = Path(results_out) if results_out else out_dir / "results.json"
-    _check_outputs(out_dir, results_path, overwrite)
+    results_file = _check_outputs(out, results_out, overwrite)
     t0, c0 = time.perf_counter(), time.process_time()
     dataset = load_dataset(data)
     p = _patch_size(dataset, None)
@@ -175,7 +173,7 @@ def study(*, data: str = "digits", seeds: list[int] = (0, 1, 2), epochs: int = 1
             log(f"seed {seed} {name}: TCAS {runs[-1]['tcas']:.3f} (class-blind {runs[-1]['tcas_blind']:.3f}), "
                 f"linear {run['linear']:.2%}")
     results = {"study": "mim-study", "command": command, "config": cfg, "runs": runs}
-    return _finish(results, results_path, t0, c0)
+    return _finish(results, results_file, t0, c0)
 
 
 LABELS = {"pixel": "pixel k-means", "feature": "feature k-means (MAE encoder)", "random": "random (class-blind)",
@@ -319,7 +317,7 @@ def sweep(*, data: str = "digits", seeds: list[int] = (0, 1, 2), epochs: int = 1
     """Per seed: a pixel k-means with ``k / C`` clusters, then per rate rho an :class:`OracleTokenizer`
     (token = class part x k/C + pixel cluster, class part replaced at random with rate rho) scored on the
     held-out images (their own random table) and ClusterMIM trained on it."""
-    seeds = _check_list("--seeds", seeds)
+    seeds = list(check_ints("--seeds", seeds))
     rates = [check_value("--rates", float(r), Probability) for r in rates]
     if len(set(rates)) < 2:
         raise ValueError(f"--rates needs at least two distinct rates, got {rates}")
@@ -329,8 +327,7 @@ def sweep(*, data: str = "digits", seeds: list[int] = (0, 1, 2), epochs: int = 1
         raise ValueError(f"--n-clusters {k!r} must be a multiple of the {n_classes} classes (K = classes × pixel "
                          "clusters)")
     out_dir = Path(out)
-    results_path = Path(results_out) if results_out else out_dir / "results.json"
-    _check_outputs(out_dir, results_path, overwrite)
+    results_file = _check_outputs(out, results_out, overwrite)
     t0, c0 = time.perf_counter(), time.process_time()
     p = _patch_size(dataset, None)
     num_patches = math.prod(s // p for s in dataset.image_shape[1:])
@@ -353,7 +350,7 @@ def sweep(*, data: str = "digits", seeds: list[int] = (0, 1, 2), epochs: int = 1
             log(f"seed {seed} rate {rate:.3f}: TCAS {runs[-1]['tcas']:.3f} (class-blind "
                 f"{runs[-1]['tcas_blind']:.3f}), linear {run['linear']:.2%}")
     results = {"study": "tcas-sweep", "command": command, "config": cfg, "runs": runs}
-    return _finish(results, results_path, t0, c0)
+    return _finish(results, results_file, t0, c0)
 
 
 def spearman(x: list[float], y: list[float]) -> tuple[float, float]:
@@ -426,33 +423,6 @@ def sweep_plot(results: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Command line.
 
-def _check_list(name: str, values, *, low: int | None = None) -> list[int]:
-    values = list(values)
-    if not values or len(set(values)) != len(values) or any(isinstance(v, bool) or not isinstance(v, int)
-                                                            for v in values):
-        raise ValueError(f"{name} must be distinct integers, got {values!r}")
-    if low is not None and min(values) < low:
-        raise ValueError(f"{name} must be >= {low}, got {values!r}")
-    return values
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(t) for t in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"values repeat in {text!r}")
-    return values
-
-
-def _ks(text: str) -> list[int]:
-    ks = _ints(text)
-    if any(k < 1 for k in ks):
-        raise argparse.ArgumentTypeError(f"cluster counts must be >= 1, got {text!r}")
-    return ks
-
-
 def _rates(text: str) -> list[float]:
     try:
         rates = [float(t) for t in text.split(",")]
@@ -473,7 +443,8 @@ def add_tcas_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default="pixel,random",
                    help=f"comma-separated tokenizers, each {TOKENIZER_HELP} (default: %(default)s)")
     p.add_argument("--data", type=data_spec_arg, default="digits", help="image dataset (default: %(default)s)")
-    p.add_argument("--n-clusters", type=_ks, default=None, help="comma-separated K values (default: per tokenizer)")
+    p.add_argument("--n-clusters", type=ints_arg("--n-clusters", 1), default=None,
+                   help="comma-separated K values (default: per tokenizer)")
     p.add_argument("--patch-size", type=int, help="patch size (default: 2 for 8x8 images, 4 up to 64x64, else 16)")
     p.add_argument("--seed", type=int, default=0, help="k-means seed (default: %(default)s)")
 
@@ -512,7 +483,7 @@ def tokenize_from_args(args: argparse.Namespace) -> dict:
 def _add_run_arguments(p: argparse.ArgumentParser, name: str) -> None:
     d = " (default: %(default)s)"
     p.add_argument("--data", type=data_spec_arg, default="digits", help="image dataset" + d)
-    p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma-separated seeds" + d)
+    p.add_argument("--seeds", type=ints_arg("--seeds"), default=[0, 1, 2], help="comma-separated seeds" + d)
     p.add_argument("--epochs", type=_positive, default=150, help="epochs of every run" + d)
     p.add_argument("--quick", action="store_true", help="a smoke run: 1 epoch, 128 images, one seed")
     p.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
@@ -524,7 +495,7 @@ def _add_run_arguments(p: argparse.ArgumentParser, name: str) -> None:
 
 def add_study_arguments(p: argparse.ArgumentParser) -> None:
     _add_run_arguments(p, "mim-study")
-    p.add_argument("--n-clusters", type=_ks, default=[50],
+    p.add_argument("--n-clusters", type=ints_arg("--n-clusters", 1), default=[50],
                    help="comma-separated K of the pixel and feature tokenizers; the random control uses the first "
                         "(default: 50)")
 

@@ -47,15 +47,41 @@ def markdown_table(head: list[str], rows: list[list[str]], align: str | None = N
     return "\n".join("| " + " | ".join(r) + " |" for r in [head, sep, *rows])
 
 
-def seeds_arg(text: str) -> tuple[int, ...]:
-    """argparse ``type=`` of the studies' ``--seeds``: comma-separated distinct integers >= 0, e.g. ``0,1,2``."""
-    try:
-        seeds = [int(t) for t in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(x < 0 for x in seeds) or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"seeds must be distinct integers >= 0, got {text!r}")
-    return tuple(seeds)
+def check_ints(name: str, values, low: int = 0) -> tuple[int, ...]:
+    """A study's list of integers (seeds, views, cluster counts): at least one, distinct, each >= ``low``;
+    otherwise a ValueError naming ``name``, before any work."""
+    values = tuple(values)
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in values) \
+            or len(set(values)) != len(values):
+        raise ValueError(f"{name} must be distinct integers >= {low}, got {','.join(map(str, values)) or 'none'}")
+    return values
+
+
+def ints_arg(name: str, low: int = 0):
+    """argparse ``type=`` for ``name``'s comma-separated integers (e.g. ``--seeds 0,1,2``), checked by
+    :func:`check_ints`."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = [int(t) for t in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        try:
+            return check_ints(name, values, low)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+seeds_arg = ints_arg("--seeds")
+
+
+def results_path(out, results_out, overwrite: bool) -> Path:
+    """A study's results JSON: ``results_out``, else ``OUT/results.json``; an existing one is refused (before
+    any work) unless ``overwrite``: no run replaces another's results."""
+    path = Path(results_out) if results_out else Path(out) / "results.json"
+    if path.exists() and not overwrite:
+        raise ValueError(f"--results-out {path} exists: give --overwrite to replace it, or another path")
+    return path
 
 
 def _renderer(name: str):

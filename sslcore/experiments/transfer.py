@@ -40,7 +40,7 @@ from ..data.pipeline import to_float
 from ..methods.arcl import Views, max_pair_distance
 from ..train import PretrainConfig, load_encoder, pretrain
 from ..train.evaluate import build_model, fit_linear_probe, linear_probe
-from .report import markdown_table, mean_std
+from .report import check_ints, ints_arg, markdown_table, mean_std, results_path
 
 DATA = "shapes:plain,size=16"
 EPOCHS = 20
@@ -117,14 +117,6 @@ def between_distance(e: torch.Tensor) -> float:
     return (e - e.roll(1, 0)).pow(2).sum(-1).mean().item()
 
 
-def _check_ints(name: str, values, low: int) -> tuple[int, ...]:
-    values = tuple(values)
-    if not values or any(not isinstance(v, int) or isinstance(v, bool) or v < low for v in values) \
-            or len(set(values)) < len(values):
-        raise ValueError(f"{name} must be distinct integers >= {low}, got {','.join(map(str, values)) or 'none'}")
-    return values
-
-
 def command_line(cfg: dict) -> str:
     """The ``sslcore transfer`` command that runs the study of ``cfg`` (the results file's ``config``)."""
     tau = "" if cfg["temperature"] is None else f" --temperature {cfg['temperature']:g}"
@@ -145,9 +137,9 @@ def run(data: str = DATA, *, views=VIEWS, seeds=SEEDS, epochs: int = EPOCHS, bat
     if name != "shapes":
         raise ValueError(f"--data: the transfer study trains on a shapes domain (shapes:DOMAIN[,...]), got {data}")
     shapes.parse_spec(spec)
-    views, seeds = _check_ints("--views", views, 2), _check_ints("--seeds", seeds, 0)
+    views, seeds = check_ints("--views", views, 2), check_ints("--seeds", seeds)
     metric_views = max(views) if metric_views is None else metric_views
-    _check_ints("--metric-views", (metric_views,), 2)
+    check_ints("--metric-views", (metric_views,), 2)
     out = Path(out)
     configs = {(key, s): PretrainConfig(method=method, data=data, options=options, augment=RECIPE, epochs=epochs,
                                         batch_size=batch_size, lr=lr, temperature=temperature, encoder=encoder,
@@ -364,22 +356,15 @@ def plot(results: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Command line.
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import device_arg, setting  # the pretrain parser's checks (cli imports this module first)
 
     d = " (default: %(default)s)"
     p.add_argument("--data", default=DATA, help="the source: a shapes domain and its settings, "
                    "shapes:DOMAIN[,size=N,n=N,test=N,seed=S]" + d)
-    p.add_argument("--views", type=_int_list, default=list(VIEWS), help="ArCL's views per sample m, one model "
+    p.add_argument("--views", type=ints_arg("--views", 2), default=VIEWS, help="ArCL's views per sample m, one model "
                    "each (SimCLR is always trained)" + d)
-    p.add_argument("--seeds", type=_int_list, default=list(SEEDS), help="model seeds (init, order, views)" + d)
+    p.add_argument("--seeds", type=ints_arg("--seeds"), default=SEEDS, help="model seeds (init, order, views)" + d)
     p.add_argument("--epochs", type=setting("epochs"), default=EPOCHS, help="training epochs per model" + d)
     p.add_argument("--batch-size", type=setting("batch_size"), default=256, help="images per step" + d)
     p.add_argument("--lr", type=setting("lr"), default=PretrainConfig.lr, help="base learning rate per 256 "
@@ -400,9 +385,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main_from_args(args: argparse.Namespace) -> dict:
     """Run the study, write the results JSON (refused if it exists, unless ``--overwrite``) and print the tables."""
-    results_out = Path(args.results_out or Path(args.out) / "results.json")
-    if results_out.exists() and not args.overwrite:
-        raise ValueError(f"--results-out {results_out} exists: give --overwrite to replace it, or another path")
+    results_out = results_path(args.out, args.results_out, args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
     results = run(args.data, views=args.views, seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size,
