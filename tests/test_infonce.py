@@ -144,8 +144,12 @@ def test_fp16_rows_past_the_fp16_norm_are_normalised_in_fp32(seed, backend):
     ref = infonce_ref(zr, temperature=0.5)
     assert g.abs().max() > 0  # the overflow gave exactly 0 (and log 7, which random rows can be near too)
     _close(loss, ref, torch.float16, "loss")
-    g_ref = torch.autograd.grad(ref, zr)[0]  # ~1/|z| = 6e-6: fp16 subnormals, so compare directions
-    assert F.cosine_similarity(g.double().flatten(), g_ref.flatten(), dim=0) > 0.999
+    # the gradient, ~1/|z| ~ 1e-6..6e-6, lies in fp16's subnormals: compare directions, within twice the
+    # error of the reference's own rounding to fp16 (a fixed bound failed on seeds with the smallest gradients)
+    g_ref = torch.autograd.grad(ref, zr)[0]
+    err = 1 - F.cosine_similarity(g.double().flatten(), g_ref.flatten(), dim=0)
+    floor = 1 - F.cosine_similarity(g_ref.half().double().flatten(), g_ref.flatten(), dim=0)
+    assert err <= 2 * floor + 1e-9, f"direction error {err:.2e} > twice fp16's rounding {floor:.2e}"
     big = torch.randn(6, 16, device=_dev()) * 1e19  # fp32 rows whose squares overflow fp32
     torch.testing.assert_close(infonce(big, temperature=0.5, backend=backend).double(),
                                infonce_ref(big.double(), temperature=0.5), rtol=1e-5, atol=1e-5)
