@@ -11,15 +11,7 @@ from .contranorm import (
     prepare_graph,
     tied_attention_ref,
 )
-from .infonce import (
-    infonce,
-    infonce_messages,
-    infonce_ref,
-    infonce_terms,
-    lse_grad,
-    lse_similarity,
-    lse_similarity_ref,
-)
+from .infonce import infonce, infonce_messages, infonce_ref, infonce_terms, lse_grad, lse_similarity, lse_similarity_ref
 from .kmeans import kmeans_assign, kmeans_assign_ref, kmeans_update, kmeans_update_ref, nearest_cosine
 
 __all__ = [

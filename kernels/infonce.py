@@ -44,15 +44,11 @@ from ._backend import (
 from ._tiles import (
     d_tiling,
     load_rows,
+    precision as _precision,
     sim_streamed,
     sim_tile,
     size_bucket,
     tuned,
-)
-from ._tiles import (
-    precision as _precision,
-)
-from ._tiles import (
     upcast as _upcast,
 )
 

@@ -14,8 +14,7 @@ from typing import Literal, Union
 import torch
 
 from . import dist
-from .kernels import infonce, infonce_terms, lse_similarity
-from .kernels import infonce_messages as _infonce_messages
+from .kernels import infonce, infonce_messages as _infonce_messages, infonce_terms, lse_similarity
 from .kernels._backend import unit_rows
 from .kernels.infonce import _check_args, _reduce
 

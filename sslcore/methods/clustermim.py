@@ -12,12 +12,7 @@ import torch.nn.functional as F
 
 from ..checks import Backend, PositiveInt, Seed, UnitInterval, Width
 from ..data.pipeline import to_float
-from ..tokenizers import (
-    FeatureTokenizer,
-    PixelTokenizer,
-    RandomTokenizer,
-    load_tokenizer,
-)
+from ..tokenizers import FeatureTokenizer, PixelTokenizer, RandomTokenizer, load_tokenizer
 from .mae import MAE, MaskedImageModel
 
 TOKENIZER_HELP = ("pixel | feature:CHECKPOINT (an mae/clustermim run's checkpoint.pt) | feature:TIMM_VIT_NAME "
