@@ -202,7 +202,7 @@ class Solarize(Augment):
     """With probability ``p``, every value ``v >= threshold`` becomes ``1 - v`` (images in [0, 1])."""
 
     def __init__(self, p: float = 0.2, threshold: float = 0.5):
-        _probability("Solarize p", p)
+        _probability(f"{type(self).__name__} p", p)
         self.p, self.threshold = p, threshold
 
     def sample(self, n, shape, generator):
@@ -271,18 +271,12 @@ class StripeOverlay(Augment):
         return torch.where(_rows(params["on"]), out, x)
 
 
-class Invert(Augment):
-    """With probability ``p``, ``1 - x``: lightness inverted (a dark shape on a pale ground)."""
+class Invert(Solarize):
+    """With probability ``p``, ``1 - x``: lightness inverted (a dark shape on a pale ground); a
+    :class:`Solarize` of every value."""
 
     def __init__(self, p: float = 0.5):
-        _probability("Invert p", p)
-        self.p = p
-
-    def sample(self, n, shape, generator):
-        return {"on": _chance(n, self.p, generator)}
-
-    def apply(self, x, params):
-        return torch.where(_rows(params["on"]), 1 - x, x)
+        super().__init__(p, threshold=-math.inf)
 
 
 class GaussianNoise(Augment):
