@@ -26,7 +26,7 @@ from ..methods import create_model
 from ..methods.sequence_base import PROMPTS, prompt_lengths
 from ..train import PretrainConfig, pretrain
 from ..train.evaluate import probe
-from .report import markdown_table, mean_std, results_path, seeds_arg
+from .report import markdown_table, mean, mean_and_std, mean_std, results_path, seed_verdict, seeds_arg
 
 OBJECTIVES = ("ar", "mlm", "dear", "vlm")
 DATA = "imagetokens:digits"  # 16-token k-means grids of the digits; their token histogram is no match for the models
@@ -127,7 +127,7 @@ def _values(results: dict, name: str, key: str) -> list[float]:
     rows = sorted((r for r in results["runs"] if r["objective"] == name), key=lambda r: r["seed"])
     if key == "gen":
         labels = _labels(results)
-        return [sum(r["eval"][f"gen_loss@{lab}"] for lab in labels) / len(labels) for r in rows]
+        return [mean(r["eval"][f"gen_loss@{lab}"] for lab in labels) for r in rows]
     if key.startswith(("gen@", "l2r@")):
         kind, _, label = key.partition("@")
         return [r["eval"][f"gen_loss{'_l2r' if kind == 'l2r' else ''}@{label}"] for r in rows]
@@ -147,11 +147,8 @@ def verdicts(results: dict) -> list[dict]:
     for claim, (measure, (a, b), sign) in CLAIMS.items():
         scale, threshold = (100, PROBE_PTS) if measure == "linear" else (1, GEN_NATS)
         deltas = [sign * scale * (x - y) for x, y in zip(_values(results, a, measure), _values(results, b, measure))]
-        mean = sum(deltas) / len(deltas)
-        verdict = ("reproduced" if mean >= threshold and min(deltas) > 0 else
-                   "contradicted" if mean <= -threshold and max(deltas) < 0 else "not shown")
-        out.append({"claim": claim, "measure": measure, "pair": (a, b), "deltas": deltas, "mean": mean,
-                    "verdict": verdict})
+        out.append({"claim": claim, "measure": measure, "pair": (a, b), "deltas": deltas, "mean": mean(deltas),
+                    "verdict": seed_verdict(deltas, threshold)})
     return out
 
 
@@ -213,8 +210,7 @@ def plot(results: dict, path: Path) -> None:
     names, labels = list(results["objectives"]), _labels(results)
 
     def stats(name, key, scale=1.0):
-        v = torch.tensor(_values(results, name, key), dtype=torch.float64) * scale
-        return v.mean().item(), (v.std().item() if len(v) > 1 else 0.0)
+        return mean_and_std(_values(results, name, key), scale=scale)
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     x = torch.arange(len(names)).tolist()

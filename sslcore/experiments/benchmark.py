@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from ..data import data_spec_arg, load_dataset
 from ..dist import is_main_process
 from ..methods import METHODS, get_method, method_options
 from ..train import PretrainConfig, pretrain
-from .report import markdown_table, mean_std, results_path, seeds_arg
+from .report import markdown_table, mean, mean_and_std, mean_std, results_path, seeds_arg
 
 BUDGET = dict(epochs=20)  # benchmark's default budget (PretrainConfig's defaults otherwise)
 
@@ -215,10 +214,9 @@ def benchmark_markdown(result: dict) -> str:
     for new, old, text in CLAIMS:
         if new in linear and old in linear:
             deltas = [100 * (a - b) for a, b in zip(linear[new], linear[old])]
-            mean = sum(deltas) / len(deltas)
-            better = sum(d > 0 for d in deltas)
-            verdict = ("reproduced" if mean >= NOISE_PTS and better == len(deltas) else
-                       "contradicted" if mean <= -NOISE_PTS and better == 0 else "not shown")
+            m, better = mean(deltas), sum(d > 0 for d in deltas)
+            verdict = ("reproduced" if m >= NOISE_PTS and better == len(deltas) else
+                       "contradicted" if m <= -NOISE_PTS and better == 0 else "not shown")
             claims.append([text, f"{mean_std(deltas)} (better in {better}/{len(deltas)} seeds)", verdict])
     command = f"`{result['command']}`" if result.get("command") else "`sslcore benchmark --seeds ...`"
     caption = (f"{command}: every method on `{result['data']}` ({result['n_train']} training, {result['n_test']} "
@@ -245,8 +243,7 @@ def benchmark_plot(result: dict, path: Path) -> None:
     x = range(len(names))
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names)), 4.2))
     for shift, (label, values) in zip((-0.2, 0.2), (("linear probe", linear), ("k-NN", knn))):
-        means = [100 * sum(v) / len(v) for v in (values[m] for m in names)]
-        stds = [100 * statistics.stdev(v) if len(v) > 1 else 0.0 for v in (values[m] for m in names)]
+        means, stds = zip(*(mean_and_std(values[m], scale=100) for m in names))
         ax.bar([i + shift for i in x], means, 0.4, yerr=stds, capsize=3, label=label)
     ax.set_xticks(list(x), names, rotation=30, ha="right")
     ax.set(ylabel="held-out accuracy, %", title=f"every method on {result['data']}, {len(result['seeds'])} seeds",

@@ -38,7 +38,7 @@ from ..methods.mae import MAE, SMALL_VIT, MaskedImageModel
 from ..metrics import tcas, tcas_class_blind, token_class_nmi
 from ..tokenizers import OracleTokenizer, PixelTokenizer
 from ..train import PretrainConfig, pretrain
-from .report import check_ints, ints_arg, markdown_table, mean_std, results_path
+from .report import check_ints, ints_arg, markdown_table, mean, mean_and_std, mean_std, results_path
 
 BATCH_SIZE, LR, WEIGHT_DECAY = 128, 1e-3, 0.05  # the authors' base lr 1e-3 per 256 and weight decay 0.05
 DEFAULT_RATES = (0.0, 1 / 3, 2 / 3, 1.0)
@@ -204,10 +204,10 @@ def binomial_se(accuracy: float, n: int) -> float:
 def claim_verdict(deltas: list[float], threshold: float) -> str:
     """"reproduced" when every seed's gain is positive and the mean passes ``threshold``, "contradicted"
     when every seed's is negative and the mean is below ``-threshold``, else "not shown"."""
-    mean = sum(deltas) / len(deltas)
-    if min(deltas) > 0 and mean > threshold:
+    m = mean(deltas)
+    if min(deltas) > 0 and m > threshold:
         return "reproduced"
-    if max(deltas) < 0 and mean < -threshold:
+    if max(deltas) < 0 and m < -threshold:
         return "contradicted"
     return "not shown"
 
@@ -217,12 +217,12 @@ def study_claims(results: dict) -> list[dict]:
     the verdict against one binomial standard error of MAE's mean accuracy on the test set."""
     groups = _groups(results["runs"], "tokenizer", "K")
     mae = {r["seed"]: r["linear"] for r in groups["mae", None]}
-    se = binomial_se(sum(mae.values()) / len(mae), results["config"]["n_test"])
+    se = binomial_se(mean(mae.values()), results["config"]["n_test"])
     claims = []
     for k in results["config"]["ks"]:
         for kind in ("pixel", "feature"):
             deltas = [100 * (r["linear"] - mae[r["seed"]]) for r in groups[kind, k]]
-            claims.append({"tokenizer": kind, "K": k, "deltas": deltas, "mean": sum(deltas) / len(deltas),
+            claims.append({"tokenizer": kind, "K": k, "deltas": deltas, "mean": mean(deltas),
                            "se": 100 * se, "verdict": claim_verdict(deltas, 100 * se)})
     return claims
 
@@ -285,10 +285,10 @@ def study_plot(results: dict, path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
     names, means, stds = [], [], []
     for (kind, k), rs in groups.items():
-        acc = torch.tensor([100 * r["linear"] for r in rs], dtype=torch.float64)
         names.append(kind if k is None else f"{kind}\nK={k}")
-        means.append(acc.mean().item())
-        stds.append(acc.std().item() if len(acc) > 1 else 0.0)
+        m, s = mean_and_std([r["linear"] for r in rs], scale=100)
+        means.append(m)
+        stds.append(s)
     a.bar(range(len(names)), means, yerr=stds, capsize=4, color="tab:blue")
     a.set_xticks(range(len(names)), names)
     a.set(title="linear probe (mean ± std over seeds)", ylabel="held-out accuracy, %", ylim=(min(means) - 10, 100))
@@ -410,7 +410,7 @@ def sweep_plot(results: dict, path: Path) -> None:
     a.legend()
     rates = [rate for (rate,), _ in groups]
     for key, label in (("tcas", "TCAS"), ("tcas_blind", "class-blind TCAS")):
-        b.plot(rates, [sum(r[key] for r in rs) / len(rs) for _, rs in groups], "o-", label=label)
+        b.plot(rates, [mean(r[key] for r in rs) for _, rs in groups], "o-", label=label)
     b.set(title="alignment knob", xlabel="ρ (class part replaced)", ylabel="TCAS")
     b.legend()
     for ax in (a, b):

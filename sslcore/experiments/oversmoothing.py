@@ -34,7 +34,7 @@ from ..layers import ContraNorm
 from ..metrics import LayerStats
 from ..models.gcn import GCN
 from ..train.loop import lr_at
-from .report import markdown_table, mean_std
+from .report import markdown_table, mean, mean_and_std, mean_std, seed_verdict
 
 FULL = dict(vit_depths=(6, 12, 24), vit_epochs=8, vit_seeds=3, gcn_depths=(2, 4, 8, 16, 32, 64), gcn_epochs=200,
             gcn_seeds=3)
@@ -127,18 +127,13 @@ def run(*, quick: bool = False, seed: int = 0, vit_scale: float = 0.1, gcn_scale
     return results
 
 
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
-
-
 def aggregate(runs: list[dict]) -> dict[tuple[int, str], dict]:
     """``(depth, norm) ->`` accuracy per seed, and the seed-mean of accuracy and of each layer's metrics."""
     groups: dict[tuple[int, str], list[dict]] = {}
     for r in runs:
         groups.setdefault((r["depth"], r["norm"]), []).append(r)
-    return {key: {"accuracies": [r["accuracy"] for r in rs], "accuracy": _mean(r["accuracy"] for r in rs),
-                  "layers": [{m: _mean(r["layers"][i][m] for r in rs) for m in ("effective_rank", "mean_cosine")}
+    return {key: {"accuracies": [r["accuracy"] for r in rs], "accuracy": mean(r["accuracy"] for r in rs),
+                  "layers": [{m: mean(r["layers"][i][m] for r in rs) for m in ("effective_rank", "mean_cosine")}
                              for i in range(len(rs[0]["layers"]))]}
             for key, rs in groups.items()}
 
@@ -148,11 +143,8 @@ NOISE_PTS = 2.0  # about one binomial standard error at 80% accuracy on ~400 tes
 
 def _mean_std(accuracies: list[float]) -> str:
     """``mean +- std`` in percent over seeds (sample std; none for one seed)."""
-    mean = _mean(accuracies)
-    if len(accuracies) < 2:
-        return f"{100 * mean:5.1f}%"
-    std = (sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1)) ** 0.5
-    return f"{100 * mean:5.1f}+-{100 * std:3.1f}%"
+    m, s = mean_and_std(accuracies)
+    return f"{100 * m:5.1f}%" if len(accuracies) < 2 else f"{100 * m:5.1f}+-{100 * s:3.1f}%"
 
 
 def _verdict(by: dict, depth: int, norms: tuple[str, ...]) -> tuple[float, list[float], str]:
@@ -161,12 +153,7 @@ def _verdict(by: dict, depth: int, norms: tuple[str, ...]) -> tuple[float, list[
     +-NOISE_PTS and every seed agrees in sign, else "unclear"."""
     others = zip(*(by[depth, n]["accuracies"] for n in norms if n != "contranorm"))
     deltas = [100 * (c - max(o)) for c, o in zip(by[depth, "contranorm"]["accuracies"], others)]
-    delta = _mean(deltas)
-    if delta >= NOISE_PTS and min(deltas) > 0:
-        return delta, deltas, "helps"
-    if delta <= -NOISE_PTS and max(deltas) < 0:
-        return delta, deltas, "hurts"
-    return delta, deltas, "unclear"
+    return mean(deltas), deltas, seed_verdict(deltas, NOISE_PTS, ("helps", "hurts", "unclear"))
 
 
 def _table(runs: list[dict], norms: tuple[str, ...], labels: dict[str, str]) -> str:

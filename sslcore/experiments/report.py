@@ -30,14 +30,38 @@ STUDIES = {
 }
 
 
+def mean(values) -> float:
+    """The mean of ``values`` (any iterable of numbers)."""
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def mean_and_std(values, *, scale: float = 1.0) -> tuple[float, float]:
+    """Mean and sample std over seeds of ``scale * values`` (std 0 for one value): the studies' tables and
+    error bars."""
+    values = [scale * v for v in values]
+    m = mean(values)
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+
+
 def mean_std(values, *, scale: float = 1.0, digits: int = 1) -> str:
     """``"m ± s"`` over seeds (sample std), ``"m"`` for one value; ``scale=100`` for percentages."""
-    values = [scale * v for v in values]
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return f"{m:.{digits}f}"
-    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    values = list(values)
+    m, s = mean_and_std(values, scale=scale)
+    return f"{m:.{digits}f}" if len(values) < 2 else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def seed_verdict(deltas: list[float], threshold: float,
+                 words: tuple[str, str, str] = ("reproduced", "contradicted", "not shown")) -> str:
+    """A claim checked on paired per-seed changes ``deltas`` (> 0 agrees with it): the first word when the
+    mean is at least ``threshold`` and every seed agrees, the second when the same holds against it, else
+    the third."""
+    m = mean(deltas)
+    if m >= threshold and min(deltas) > 0:
+        return words[0]
+    if m <= -threshold and max(deltas) < 0:
+        return words[1]
+    return words[2]
 
 
 def markdown_table(head: list[str], rows: list[list[str]], align: str | None = None) -> str:

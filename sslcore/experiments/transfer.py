@@ -40,7 +40,7 @@ from ..data.pipeline import to_float
 from ..methods.arcl import Views, max_pair_distance
 from ..train import PretrainConfig, load_encoder, pretrain
 from ..train.evaluate import build_model, fit_linear_probe, linear_probe
-from .report import check_ints, ints_arg, markdown_table, mean_std, results_path
+from .report import check_ints, ints_arg, markdown_table, mean, mean_and_std, mean_std, results_path, seed_verdict
 
 DATA = "shapes:plain,size=16"
 EPOCHS = 20
@@ -136,7 +136,7 @@ def run(data: str = DATA, *, views=VIEWS, seeds=SEEDS, epochs: int = EPOCHS, bat
     name, _, spec = data.partition(":")
     if name != "shapes":
         raise ValueError(f"--data: the transfer study trains on a shapes domain (shapes:DOMAIN[,...]), got {data}")
-    shapes.parse_spec(spec)
+    settings = shapes.parse_spec(spec)[1]
     views, seeds = check_ints("--views", views, 2), check_ints("--seeds", seeds)
     metric_views = max(views) if metric_views is None else metric_views
     check_ints("--metric-views", (metric_views,), 2)
@@ -152,7 +152,7 @@ def run(data: str = DATA, *, views=VIEWS, seeds=SEEDS, epochs: int = EPOCHS, bat
                          "or choose another --out")
     start = time.perf_counter()
     source = load_dataset(data)
-    generator = torch.Generator().manual_seed(shapes.parse_spec(spec)[1]["seed"])
+    generator = torch.Generator().manual_seed(settings["seed"])
     targets = render_targets(source, generator)
     metric_views_x = source.build_recipe(RECIPE).views(to_float(source.x_test), generator, metric_views)
     runs, baselines = [], []
@@ -164,7 +164,7 @@ def run(data: str = DATA, *, views=VIEWS, seeds=SEEDS, epochs: int = EPOCHS, bat
                      "final_loss": summary["final_loss"], "temperature": summary["temperature"],
                      **evaluate(model, source, targets, metric_views_x)})
         r = runs[-1]
-        log(f"{key} seed {s}: source {r['source']:.3f}, transfer avg {_mean(r['transfer'].values()):.3f} "
+        log(f"{key} seed {s}: source {r['source']:.3f}, transfer avg {mean(r['transfer'].values()):.3f} "
             f"worst {min(r['transfer'].values()):.3f}, worst-pair {r['worst_pair']['representation']:.3f} "
             f"({r['train_time_s']:.0f}s training)")
     for s in seeds:  # the initial state of seed s's runs: pretrain seeds torch before building the model
@@ -172,7 +172,6 @@ def run(data: str = DATA, *, views=VIEWS, seeds=SEEDS, epochs: int = EPOCHS, bat
         model = build_model(vars(configs["simclr", s]), source).eval()
         baselines.append({"method": "random init", "seed": s, **evaluate(model, source, targets, metric_views_x)})
     baselines.append({"method": "raw pixels", **evaluate(None, source, targets, metric_views_x)})
-    settings = shapes.parse_spec(spec)[1]
     config = {"data": data, "views": list(views), "seeds": list(seeds), "epochs": epochs, "batch_size": batch_size,
               "lr": lr, "temperature": temperature, "encoder": encoder, "metric_views": metric_views,
               "threads": torch.get_num_threads(), "augment": RECIPE,
@@ -186,17 +185,12 @@ def run(data: str = DATA, *, views=VIEWS, seeds=SEEDS, epochs: int = EPOCHS, bat
 # ---------------------------------------------------------------------------------------------------------------
 # Rendering: tables of mean +- std over seeds, verdicts from the seeds.
 
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
-
-
 def summarise(r: dict) -> dict:
     """One run's (or baseline's) headline numbers: source, target average and worst (transfer and refit),
     the worst target's name and the two worst-pair distances."""
     worst = min(r["transfer"], key=r["transfer"].get)
-    return {"source": r["source"], "average": _mean(r["transfer"].values()), "worst": r["transfer"][worst],
-            "worst_domain": worst, "refit_average": _mean(r["refit"].values()),
+    return {"source": r["source"], "average": mean(r["transfer"].values()), "worst": r["transfer"][worst],
+            "worst_domain": worst, "refit_average": mean(r["refit"].values()),
             "refit_worst": min(r["refit"].values()), "distance": r["worst_pair"]["representation"],
             "projection_distance": r["worst_pair"]["projection"], "between": r["between"]["representation"],
             "projection_between": r["between"]["projection"], "final_loss": r.get("final_loss")}
@@ -220,13 +214,9 @@ def _verdict(deltas: list[float], *, lower_is_better: bool = False) -> str:
     else "not shown"."""
     if all(d == 0 for d in deltas):
         return "identical"
-    gains = [-d for d in deltas] if lower_is_better else deltas
-    margin = 0.0 if lower_is_better else NOISE_PTS
-    if _mean(gains) >= margin and min(gains) > 0:
-        return "lower in every seed" if lower_is_better else "reproduced"
-    if _mean(gains) <= -margin and max(gains) < 0:
-        return "higher in every seed" if lower_is_better else "contradicted"
-    return "mixed" if lower_is_better else "not shown"
+    if lower_is_better:
+        return seed_verdict([-d for d in deltas], 0.0, ("lower in every seed", "higher in every seed", "mixed"))
+    return seed_verdict(deltas, NOISE_PTS)
 
 
 def comparisons(results: dict) -> list[dict]:
@@ -251,7 +241,7 @@ def _cell(values, scale=100.0, digits=1) -> str:
 
 
 def _deltas(values: list[float], digits: int) -> str:
-    return f"{_mean(values):+.{digits}f} (" + ", ".join(f"{v:+.{digits}f}" for v in values) + ")"
+    return f"{mean(values):+.{digits}f} (" + ", ".join(f"{v:+.{digits}f}" for v in values) + ")"
 
 
 def markdown(results: dict) -> str:
@@ -319,19 +309,15 @@ def plot(results: dict, path: Path) -> None:
     labels = list(groups)
     names = list(results["config"]["targets"])
 
-    def stats(values):
-        m = _mean(values)
-        return m, (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [1, 1, 1.6]})
     xs = range(len(labels))
     for i, (key, title) in enumerate((("source", "source"), ("average", "target avg"), ("worst", "target worst"))):
-        m, s = zip(*(stats([100 * summarise(r)[key] for r in groups[lb]]) for lb in labels))
+        m, s = zip(*(mean_and_std([100 * summarise(r)[key] for r in groups[lb]]) for lb in labels))
         axes[0].errorbar([x + 0.2 * (i - 1) for x in xs], m, yerr=s, fmt="o", capsize=3, label=title)
     axes[0].set(title="Linear probe fit on the source", ylabel="accuracy (%)")
     runs_only = [lb for lb in labels if groups[lb][0]["worst_pair"]["projection"] is not None]
     for i, (key, title) in enumerate((("distance", "representation"), ("projection_distance", "projection"))):
-        m, s = zip(*(stats([summarise(r)[key] for r in groups[lb]]) for lb in runs_only))
+        m, s = zip(*(mean_and_std([summarise(r)[key] for r in groups[lb]]) for lb in runs_only))
         axes[1].errorbar([x + 0.15 * (2 * i - 1) for x in range(len(runs_only))], m, yerr=s, fmt="o", capsize=3,
                          label=title)
     axes[1].set(title=f"Held-out worst-pair distance (m = {results['config']['metric_views']})",
@@ -339,7 +325,7 @@ def plot(results: dict, path: Path) -> None:
     axes[1].set_xticks(range(len(runs_only)), runs_only, rotation=20)
     width = 0.8 / len(labels)
     for i, lb in enumerate(labels):
-        m, s = zip(*(stats([100 * r["transfer"][n] for r in groups[lb]]) for n in names))
+        m, s = zip(*(mean_and_std([100 * r["transfer"][n] for r in groups[lb]]) for n in names))
         axes[2].bar([j + width * (i - (len(labels) - 1) / 2) for j in range(len(names))], m, width, yerr=s,
                     capsize=2, label=lb)
     axes[2].set(title="Transfer accuracy per target (probe fit on the source)", ylabel="accuracy (%)")
