@@ -198,7 +198,7 @@ def test_cli_records_the_command_and_refuses_to_overwrite(tmp_path, capsys):
     (["tcas-sweep", "--rates", "0,1.5"], "at least two distinct rates"),
     (["tcas-sweep", "--seeds", "0,0"], "--seeds must be distinct integers >= 0"),
     (["mim-study", "--n-clusters", "0"], "--n-clusters must be distinct integers >= 1"),
-    (["mim-study", "--epochs", "0"], "expected a positive integer"),
+    (["mim-study", "--epochs", "0"], "--epochs: must be an integer >= 1"),
 ])
 def test_cli_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):

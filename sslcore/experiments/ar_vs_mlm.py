@@ -15,18 +15,18 @@ one pass (the verdicts' measure) and left to right.  The token histogram is the 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from ..checks import PositiveInt, cli_type
 from ..data import data_spec_arg, load_dataset
 from ..methods import create_model
 from ..methods.sequence_base import PROMPTS, prompt_lengths
 from ..train import PretrainConfig, pretrain
 from ..train.evaluate import probe
-from .report import markdown_table, mean, mean_and_std, mean_std, results_path, seed_verdict, seeds_arg
+from .report import markdown_table, mean, mean_and_std, mean_std, results_path, seed_verdict, seeds_arg, write_results
 
 OBJECTIVES = ("ar", "mlm", "dear", "vlm")
 DATA = "imagetokens:digits"  # 16-token k-means grids of the digits; their token histogram is no match for the models
@@ -241,18 +241,12 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _positive_int(text: str) -> int:
-    """argparse ``type=``: a positive integer."""
-    if not text.isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = " (default: %(default)s)"
+    d, positive = " (default: %(default)s)", cli_type(PositiveInt)
     p.add_argument("--seeds", type=seeds_arg, default=(0, 1, 2), help="seeds: the inits, batches, masks and offsets "
                    "(default: 0,1,2)")
-    p.add_argument("--epochs", type=_positive_int, help=f"AR's epochs, E (default: {EPOCHS}, --quick: {QUICK_EPOCHS})")
+    p.add_argument("--epochs", type=positive, help=f"AR's epochs, E (default: {EPOCHS}, --quick: {QUICK_EPOCHS})")
     p.add_argument("--equalise", choices=EQUALISE, default="targets",
                    help="targets: each objective trains round(E (L-1) / t) epochs, t its supervised targets per "
                         "sequence, so all see AR's number of targets; epochs: all train E epochs" + d)
@@ -261,13 +255,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=data_spec_arg, default=DATA,
                    help="token data: imagetokens:DATA, pystdlib[:LEN[:PER_CLASS]] or text:PATH[:LEN]" + d)
     p.add_argument("--encoder", default="transformer-tiny", help="transformer-tiny | -small | -base" + d)
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="sequences per step" + d)
+    p.add_argument("--batch-size", type=positive, default=64, help="sequences per step" + d)
     p.add_argument("--lr", type=float, default=8e-3, help="base learning rate per 256 sequences (peak: lr x batch "
                    "/ 256)" + d)
-    p.add_argument("--eval-samples", type=_positive_int, default=256, help="held-out sequences for generation" + d)
+    p.add_argument("--eval-samples", type=positive, default=256, help="held-out sequences for generation" + d)
     p.add_argument("--no-left-to-right", action="store_true",
                    help="skip the masked models' left-to-right generation loss (one pass per position)")
-    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ..." + d)
     p.add_argument("--out", default="runs/ar-vs-mlm", help="folder of the run folders, OUT/seed<S>/<objective>" + d)
     p.add_argument("--results-out", help="the results JSON (default: OUT/results.json); an existing one is kept "
@@ -284,8 +278,7 @@ def main_from_args(args: argparse.Namespace) -> dict:
                   batch_size=args.batch_size, lr=args.lr, seeds=args.seeds, eval_samples=args.eval_samples,
                   left_to_right=not args.no_left_to_right, device=args.device, out=args.out, results_out=str(path),
                   overwrite=args.overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1) + "\n")
+    write_results(path, results)
     print("\n" + markdown(results))
     print(f"\n{results['cpu_seconds']:.0f} CPU-s ({results['wall_seconds']:.0f} s); wrote {path}")
     return results

@@ -21,7 +21,7 @@ from ..data import data_spec_arg, load_dataset
 from ..dist import is_main_process
 from ..methods import METHODS, get_method, method_options
 from ..train import PretrainConfig, pretrain
-from .report import markdown_table, mean, mean_and_std, mean_std, results_path, seeds_arg
+from .report import markdown_table, mean, mean_and_std, mean_std, results_path, seeds_arg, write_results
 
 BUDGET = dict(epochs=20)  # benchmark's default budget (PretrainConfig's defaults otherwise)
 
@@ -185,8 +185,7 @@ def run_seeds(data_spec: str = "digits", methods: list[str] | None = None, *, se
               "n_test": runs[0]["n_test"], "device": runs[0]["device"], "runs": runs,
               "seconds": round(time.perf_counter() - t0, 1), "results_file": str(path)}
     if is_main_process():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1) + "\n")
+        write_results(path, result)
     return result
 
 

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import math
 import time
 from pathlib import Path
 
 import torch
 
-from ..checks import Probability, check_value
+from ..checks import PositiveInt, Probability, check_value, cli_type
 from ..data import data_spec_arg, load_dataset
 from ..data.pipeline import to_float
 from ..methods.clustermim import TOKENIZER_HELP, build_tokenizer
@@ -38,7 +37,7 @@ from ..methods.mae import MAE, SMALL_VIT, MaskedImageModel
 from ..metrics import tcas, tcas_class_blind, token_class_nmi
 from ..tokenizers import OracleTokenizer, PixelTokenizer
 from ..train import PretrainConfig, pretrain
-from .report import check_ints, ints_arg, markdown_table, mean, mean_and_std, mean_std, results_path
+from .report import check_ints, ints_arg, markdown_table, mean, mean_and_std, mean_std, results_path, write_results
 
 BATCH_SIZE, LR, WEIGHT_DECAY = 128, 1e-3, 0.05  # the authors' base lr 1e-3 per 256 and weight decay 0.05
 DEFAULT_RATES = (0.0, 1 / 3, 2 / 3, 1.0)
@@ -133,8 +132,7 @@ def _check_outputs(out: str, results_out: str | None, overwrite: bool) -> Path:
 def _finish(results: dict, results_out: Path, t0: float, c0: float) -> dict:
     results["seconds"] = round(time.perf_counter() - t0, 1)
     results["cpu_seconds"] = round(time.process_time() - c0, 1)  # all of this process's threads
-    results_out.parent.mkdir(parents=True, exist_ok=True)
-    results_out.write_text(json.dumps(results, indent=1) + "\n")
+    write_results(results_out, results)
     return results
 
 
@@ -433,11 +431,6 @@ def _rates(text: str) -> list[float]:
     return rates
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
 
 def add_tcas_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default="pixel,random",
@@ -484,9 +477,9 @@ def _add_run_arguments(p: argparse.ArgumentParser, name: str) -> None:
     d = " (default: %(default)s)"
     p.add_argument("--data", type=data_spec_arg, default="digits", help="image dataset" + d)
     p.add_argument("--seeds", type=ints_arg("--seeds"), default=[0, 1, 2], help="comma-separated seeds" + d)
-    p.add_argument("--epochs", type=_positive, default=150, help="epochs of every run" + d)
+    p.add_argument("--epochs", type=cli_type(PositiveInt), default=150, help="epochs of every run" + d)
     p.add_argument("--quick", action="store_true", help="a smoke run: 1 epoch, 128 images, one seed")
-    p.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=cli_type(PositiveInt), help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=f"runs/{name}", help="folder of the runs" + d)
     p.add_argument("--results-out", help=f"the results JSON to write, e.g. docs/results/{name}.json "
                                          "(default: OUT/results.json)")
@@ -502,7 +495,7 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     _add_run_arguments(p, "tcas-sweep")
-    p.add_argument("--n-clusters", type=_positive, default=50,
+    p.add_argument("--n-clusters", type=cli_type(PositiveInt), default=50,
                    help="K of every oracle tokenizer, a multiple of the classes (default: %(default)s)")
     p.add_argument("--rates", type=_rates, default=list(DEFAULT_RATES),
                    help="comma-separated rates rho of replacing the class part (default: 0,1/3,2/3,1)")

@@ -27,6 +27,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from ..checks import PositiveInt, cli_type
 from ..data import digits
 from ..data.sbm import stochastic_block_model
 from ..kernels import BACKENDS
@@ -271,12 +272,6 @@ def _scale(text: str) -> float:
     return value
 
 
-def _threads(text: str) -> int:
-    """argparse ``type=``: a positive integer."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = " (default: %(default)s)"
@@ -288,7 +283,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ContraNorm's s in the GCNs, LN((1+s)H - sPH) as the authors' GNN; = LN(H - s'PH) with "
                         "s' = s/(1+s), so 1.0 here is 0.5 in the plain form" + d)
     p.add_argument("--backend", choices=BACKENDS, default="torch", help="ContraNorm op backend" + d)
-    p.add_argument("--threads", type=_threads,
+    p.add_argument("--threads", type=cli_type(PositiveInt),
                    help="torch CPU threads (default: torch's choice; 1 is often fastest for these small models)")
     p.add_argument("--tables", metavar="RESULTS_JSON",
                    help="train nothing: print the tables and write the plot (beside the file) of a results.json")

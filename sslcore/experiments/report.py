@@ -19,6 +19,8 @@ import math
 import re
 from pathlib import Path
 
+from ..train.checkpoint import atomic_write
+
 # study name -> (module, its markdown renderer, its plot writer)
 STUDIES = {
     "benchmark": ("sslcore.experiments.benchmark", "benchmark_markdown", "benchmark_plot"),
@@ -106,6 +108,13 @@ def results_path(out, results_out, overwrite: bool) -> Path:
     if path.exists() and not overwrite:
         raise ValueError(f"--results-out {path} exists: give --overwrite to replace it, or another path")
     return path
+
+
+def write_results(path: Path, results: dict) -> None:
+    """Write a study's results JSON to ``path`` (its folder made), atomically: an interrupted write leaves the
+    old file or none, never a half-written one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, (json.dumps(results, indent=1) + "\n").encode(), "results file")
 
 
 def _renderer(name: str):

@@ -25,7 +25,6 @@ numbers, the budget and the command.  ``markdown`` and ``plot`` render it for ``
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -40,7 +39,17 @@ from ..data.pipeline import to_float
 from ..methods.arcl import Views, max_pair_distance
 from ..train import PretrainConfig, load_encoder, pretrain
 from ..train.evaluate import build_model, fit_linear_probe, linear_probe
-from .report import check_ints, ints_arg, markdown_table, mean, mean_and_std, mean_std, results_path, seed_verdict
+from .report import (
+    check_ints,
+    ints_arg,
+    markdown_table,
+    mean,
+    mean_and_std,
+    mean_std,
+    results_path,
+    seed_verdict,
+    write_results,
+)
 
 DATA = "shapes:plain,size=16"
 EPOCHS = 20
@@ -377,7 +386,6 @@ def main_from_args(args: argparse.Namespace) -> dict:
     results = run(args.data, views=args.views, seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size,
                   lr=args.lr, temperature=args.temperature, encoder=args.encoder, metric_views=args.metric_views,
                   device=args.device, backend=args.backend, out=args.out, overwrite=args.overwrite)
-    results_out.parent.mkdir(parents=True, exist_ok=True)
-    results_out.write_text(json.dumps(results, indent=1) + "\n")
+    write_results(results_out, results)
     print("\n" + markdown(results) + f"\n\nwrote {results_out} and one run folder per model and seed in {args.out}")
     return results
