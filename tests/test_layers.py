@@ -423,6 +423,10 @@ def test_oversmoothing_quick_cli(tmp_path, capsys):
     assert {r["depth"] for r in results["gcn"]} == set(results["config"]["gcn_depths"])
     assert all(0 <= r["accuracy"] <= 1 and r["layers"] for r in results["vit"] + results["gcn"])
     assert (tmp_path / "oversmoothing.png").stat().st_size > 0
+    with pytest.raises(SystemExit):  # a second run never replaces the first's results
+        cli_main(["oversmoothing", "--quick", "--out", str(tmp_path)])
+    assert "give --overwrite" in capsys.readouterr().err
+    assert json.loads((tmp_path / "results.json").read_text()) == results
 
 
 def test_study_verdicts_need_every_seed_to_agree():

@@ -12,7 +12,7 @@ and the mean pairwise cosine similarity of the tokens (per image, averaged) or o
 Collapse = cosine -> 1 and rank -> 1.  The tables print the numbers as they come out: accuracy as
 mean +- std over 3 model seeds (the GCNs on one graph, from ``--seed``), rank and cosine as means.
 
-    sslcore oversmoothing [--quick] [--out runs/oversmoothing]
+    sslcore oversmoothing [--quick] [--out runs/oversmoothing] [--results-out FILE] [--overwrite]
     sslcore oversmoothing --tables docs/results/oversmoothing.json   # re-render a committed run
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from ..layers import ContraNorm
 from ..metrics import LayerStats
 from ..models.gcn import GCN
 from ..train.loop import lr_at
-from .report import markdown_table, mean, mean_and_std, mean_std, seed_verdict
+from .report import markdown_table, mean, mean_and_std, mean_std, results_path, seed_verdict, write_results
 
 FULL = dict(vit_depths=(6, 12, 24), vit_epochs=8, vit_seeds=3, gcn_depths=(2, 4, 8, 16, 32, 64), gcn_epochs=200,
             gcn_seeds=3)
@@ -277,6 +277,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = " (default: %(default)s)"
     p.add_argument("--quick", action="store_true", help="a smoke run: fewer depths and epochs, 1 ViT epoch (seconds)")
     p.add_argument("--out", default="runs/oversmoothing", help="folder for results.json and oversmoothing.png" + d)
+    p.add_argument("--results-out", help="the results JSON (default: OUT/results.json), e.g. "
+                   "docs/results/oversmoothing.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing results file")
     p.add_argument("--seed", type=int, default=0, help="seeds the graph, the inits and the batches" + d)
     p.add_argument("--vit-scale", type=_scale, default=0.1, help="ContraNorm's s in the ViTs, LN(H - sPH)" + d)
     p.add_argument("--gcn-scale", type=_scale, default=1.0,
@@ -298,16 +301,17 @@ def main_from_args(args: argparse.Namespace) -> dict:
         plot(results, path.with_suffix(".png"))
         print(format_tables(results) + f"\n\nwrote {path.with_suffix('.png')}")
         return results
+    path = results_path(args.out, args.results_out, args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
     results = run(quick=args.quick, seed=args.seed, vit_scale=args.vit_scale, gcn_scale=args.gcn_scale,
                   backend=args.backend)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    plot(results, out / "oversmoothing.png")
+    write_results(path, results)
+    figure = Path(args.out) / "oversmoothing.png"  # derived from the results (--tables re-renders it)
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    plot(results, figure)
     print("\n" + format_tables(results))
-    print(f"\n{results['total_seconds']:.0f}s; wrote {out / 'results.json'} and {out / 'oversmoothing.png'}")
+    print(f"\n{results['total_seconds']:.0f}s; wrote {path} and {figure}")
     return results
 
 
