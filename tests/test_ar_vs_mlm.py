@@ -109,3 +109,7 @@ def test_command_line_defaults_and_bad_arguments(tmp_path, capsys):
     with pytest.raises(ValueError, match="--results-out"):
         main_from_args(args)
     assert existing.read_text() == "{}" and not (tmp_path / "runs").exists()  # refused before any work
+    for seeds in ((), (0, 0), (-1,)):  # the API checks its seeds as the command line does, before any work
+        with pytest.raises(ValueError, match="--seeds must be distinct integers >= 0"):
+            run(seeds=seeds, out=str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()

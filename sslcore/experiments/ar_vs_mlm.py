@@ -26,7 +26,17 @@ from ..methods import create_model
 from ..methods.sequence_base import PROMPTS, prompt_lengths
 from ..train import PretrainConfig, pretrain
 from ..train.evaluate import probe
-from .report import markdown_table, mean, mean_and_std, mean_std, results_path, seed_verdict, seeds_arg, write_results
+from .report import (
+    check_ints,
+    markdown_table,
+    mean,
+    mean_and_std,
+    mean_std,
+    results_path,
+    seed_verdict,
+    seeds_arg,
+    write_results,
+)
 
 OBJECTIVES = ("ar", "mlm", "dear", "vlm")
 DATA = "imagetokens:digits"  # 16-token k-means grids of the digits; their token histogram is no match for the models
@@ -67,8 +77,7 @@ def run(*, data: str = DATA, encoder: str = "transformer-tiny", epochs: int | No
     """Pretrain each objective for each seed (run folders ``out/seed<S>/<objective>``); returns the results dict
     that :func:`markdown` and :func:`plot` render (every seed's numbers, the plan, the budget and the command,
     which names ``results_out``; this function writes no results file)."""
-    if not seeds:
-        raise ValueError("seeds must name at least one seed")
+    seeds = check_ints("--seeds", seeds)
     epochs = (QUICK_EPOCHS if quick else EPOCHS) if epochs is None else epochs
     limit = QUICK_LIMIT if quick else None
     wall, cpu = time.perf_counter(), time.process_time()
