@@ -12,7 +12,6 @@ repeats it per seed into one results file, rendered as the README's benchmark bl
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -99,7 +98,7 @@ def run_benchmark(data_spec: str = "digits", methods: list[str] | None = None, *
               "options": {m: s["config"]["options"] for m, s in summaries.items()}, "rows": rows,
               "baselines": baselines}
     if is_main_process():
-        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_results(out / "results.json", result)
     return result
 
 
@@ -159,7 +158,6 @@ def main_from_args(args: argparse.Namespace) -> dict:
         print(f"\n{result['data']}: {args.epochs} epochs per method on {result['device']}; held-out accuracy "
               f"({result['n_test']} test images):")
         print(benchmark_table(result))
-    if is_main_process():
         print(f"wrote {result['out']}/results.json and one run folder per method")
     return result
 
@@ -206,7 +204,7 @@ def benchmark_markdown(result: dict) -> str:
     linear, knn, secs = _per_method(result, "linear"), _per_method(result, "knn"), _per_method(result, "train_time_s")
     temps = result["temperatures"]
     rows = [[m, mean_std(linear[m], scale=100), mean_std(knn[m], scale=100),
-             f"{sum(secs[m]) / n:.0f}" if m in secs else "", "" if temps.get(m) is None else f"{temps[m]:g}"]
+             f"{mean(secs[m]):.0f}" if m in secs else "", "" if temps.get(m) is None else f"{temps[m]:g}"]
             for m in linear]
     table = markdown_table(["method", "linear %", "k-NN %", "train s", "τ"], rows)
     claims = []
