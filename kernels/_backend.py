@@ -27,6 +27,34 @@ BACKENDS = ("auto", "triton", "torch")
 HAS_TRITON = triton is not None
 
 
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU through ``TRITON_INTERPRET=1``."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _interpreter_int_scalars() -> None:
+    """Triton before 3.7 interprets a scalar kernel argument as a one-element array and takes its Python
+    int with ``int(array)``, which NumPy 2.4 refuses for arrays of one dimension: every loop bound over a
+    runtime size (``range(0, K, BLOCK_N)``) then fails.  Triton 3.7 takes ``int(array.squeeze())``; this
+    gives the interpreter of 3.6 the same, for the interpreter only (compiled kernels never run it)."""
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "sslcore_int_scalars", False):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched.sslcore_int_scalars = True
+    interpreter._patch_lang_tensor = patched
+
+
+if HAS_TRITON and interpreting() and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
+    _interpreter_int_scalars()
+
+
 class KernelSpec(NamedTuple):
     """One compiled variant of a kernel, for the ahead-of-time compile test (tests/aot.py).
 
@@ -42,11 +70,6 @@ class KernelSpec(NamedTuple):
     num_warps: int
     num_stages: int
     mma: bool
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run on the CPU through ``TRITON_INTERPRET=1``."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -152,7 +175,10 @@ class _UnitRows(torch.autograd.Function):
         amax = torch.where(amax > 0, amax, 1.0)
         r = 1.0 / (torch.linalg.vector_norm(x.to(wide) / amax, dim=-1, keepdim=True) * amax).clamp_min(eps)
         ctx.save_for_backward(x, r)
-        return (x.to(wide) * r).to(x.dtype)
+        y = x.to(wide) * r
+        # No ``.to()`` that is a no-op: on torch 2.11 a traced Function whose output is such a cast gets a
+        # zero gradient (tests/test_compile_grads.py).
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
