@@ -152,14 +152,10 @@ class NeighbourGraph:
 
     def __init__(self, keys: torch.Tensor, rowptr: torch.Tensor, num_nodes: int):
         self.keys, self.rowptr, self.num_nodes = keys, rowptr, num_nodes
-        self._bounds: dict[int, list[int]] = {}
 
     def bounds(self, rows: int) -> list[int]:
         """Offsets into ``keys`` of rows ``0, rows, 2 rows, ..., N``: the keys of each chunk of ``rows`` rows."""
-        if rows not in self._bounds:
-            at = list(range(0, self.num_nodes, rows)) + [self.num_nodes]
-            self._bounds[rows] = self.rowptr[at].tolist()
-        return self._bounds[rows]
+        return _key_bounds(self.rowptr, rows)
 
     @property
     def edge_index(self) -> torch.Tensor:
@@ -179,12 +175,16 @@ def _check_edge_index(edge_index, num_nodes, device):
         raise ValueError(f"edge_index is on {edge_index.device} but h is on {device}")
 
 
-def prepare_graph(edge_index: torch.Tensor, num_nodes: int) -> NeighbourGraph:
-    """The :class:`NeighbourGraph` of ``edge_index`` [2, E] over ``num_nodes`` nodes (sorting,
-    deduplicating; synchronises with the device once).  :func:`contranorm` caches the last few."""
-    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
-        raise ValueError(f"num_nodes must be an integer >= 1, got {num_nodes!r}")
-    _check_edge_index(edge_index, num_nodes, edge_index.device if isinstance(edge_index, torch.Tensor) else None)
+def _key_bounds(rowptr: torch.Tensor, rows: int) -> list[int]:
+    """Offsets into a graph's keys of rows ``0, rows, 2 rows, ..., N`` (``rowptr`` is on the CPU: no sync)."""
+    n = rowptr.shape[0] - 1
+    return rowptr[list(range(0, n, rows)) + [n]].tolist()
+
+
+@torch.library.custom_op("sslcore::contranorm_graph_keys", mutates_args=())
+def _graph_keys(edge_index: torch.Tensor, num_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keys, rowptr)`` of :class:`NeighbourGraph`: an op of its own, so that ``torch.compile`` traces a
+    call that prepares its graph (the number of keys is data-dependent)."""
     n = num_nodes
     src, dst = edge_index.long()
     if src.numel() and (int(torch.minimum(src.min(), dst.min())) < 0 or int(torch.maximum(src.max(), dst.max())) >= n):
@@ -194,7 +194,22 @@ def prepare_graph(edge_index: torch.Tensor, num_nodes: int) -> NeighbourGraph:
     counts = torch.bincount(keys // n, minlength=n).cpu()
     rowptr = torch.zeros(n + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=rowptr[1:])
-    return NeighbourGraph(keys, rowptr, n)
+    return keys, rowptr
+
+
+@_graph_keys.register_fake
+def _(edge_index, num_nodes):
+    keys = edge_index.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
+    return keys, torch.empty(num_nodes + 1, dtype=torch.int64)
+
+
+def prepare_graph(edge_index: torch.Tensor, num_nodes: int) -> NeighbourGraph:
+    """The :class:`NeighbourGraph` of ``edge_index`` [2, E] over ``num_nodes`` nodes (sorting,
+    deduplicating; synchronises with the device once).  :func:`contranorm` caches the last few."""
+    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
+        raise ValueError(f"num_nodes must be an integer >= 1, got {num_nodes!r}")
+    _check_edge_index(edge_index, num_nodes, edge_index.device if isinstance(edge_index, torch.Tensor) else None)
+    return NeighbourGraph(*_graph_keys(edge_index, num_nodes), num_nodes)
 
 
 _GRAPHS: dict[int, tuple] = {}  # id(edge_index) -> (weakref, version, num_nodes, graph): the last few
@@ -203,6 +218,8 @@ _GRAPHS_MAX = 8
 
 def _cached_graph(edge_index: torch.Tensor, num_nodes: int) -> NeighbourGraph:
     """:func:`prepare_graph`, reused while the same tensor, unmodified (``_version``), comes back."""
+    if torch.compiler.is_compiling():  # a traced call prepares its graph (pass a NeighbourGraph to save that)
+        return prepare_graph(edge_index, num_nodes)
     hit = _GRAPHS.get(id(edge_index))
     if hit is not None and hit[0]() is edge_index and hit[1] == edge_index._version and hit[2] == num_nodes:
         return hit[3]
@@ -560,11 +577,12 @@ def _stages(use_triton):
 
 @torch.library.custom_op("sslcore::contranorm_attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, keys: torch.Tensor | None,
-                   key_bounds: list[int], graph_rows: int, scale: float, dual: bool,
+                   rowptr: torch.Tensor | None, graph_rows: int, scale: float, dual: bool,
                    use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Y, LSE)`` of ``softmax(scale Q Q^T) V`` ([B, L, D]; a graph: B = 1, with its keys, split
-    into chunks of ``graph_rows`` rows whose keys start at ``key_bounds``)."""
+    into chunks of ``graph_rows`` rows, node i's keys at ``rowptr[i]``)."""
     st = _stages(use_triton)
+    key_bounds = _key_bounds(rowptr, graph_rows) if graph_rows else []
     bsz, length, _ = q.shape
     y = new_output(v.shape, device=v.device, dtype=v.dtype)
     lse = new_output((bsz, length), device=q.device, dtype=torch.promote_types(q.dtype, torch.float32))
@@ -581,16 +599,17 @@ def _attention_fwd(q: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
 
 
 @_attention_fwd.register_fake
-def _(q, v, valid, keys, key_bounds, graph_rows, scale, dual, use_triton):
+def _(q, v, valid, keys, rowptr, graph_rows, scale, dual, use_triton):
     return torch.empty_like(v), q.new_empty(q.shape[:2], dtype=torch.promote_types(q.dtype, torch.float32))
 
 
 @torch.library.custom_op("sslcore::contranorm_attention_bwd", mutates_args=())
 def _attention_bwd(q: torch.Tensor, v: torch.Tensor, g: torch.Tensor, y: torch.Tensor, lse: torch.Tensor,
-                   valid: torch.Tensor | None, keys: torch.Tensor | None, key_bounds: list[int], graph_rows: int,
+                   valid: torch.Tensor | None, keys: torch.Tensor | None, rowptr: torch.Tensor | None, graph_rows: int,
                    scale: float, dual: bool, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dQ, dV)`` for the upstream gradient ``g`` of Y (see the module docstring)."""
     st = _stages(use_triton)
+    key_bounds = _key_bounds(rowptr, graph_rows) if graph_rows else []
     bsz, length, _ = q.shape
     dq = new_output(q.shape, device=q.device, dtype=q.dtype)
     dv = new_output(v.shape, device=v.device, dtype=v.dtype)
@@ -614,7 +633,7 @@ def _attention_bwd(q: torch.Tensor, v: torch.Tensor, g: torch.Tensor, y: torch.T
 
 
 @_attention_bwd.register_fake
-def _(q, v, g, y, lse, valid, keys, key_bounds, graph_rows, scale, dual, use_triton):
+def _(q, v, g, y, lse, valid, keys, rowptr, graph_rows, scale, dual, use_triton):
     return torch.empty_like(q), torch.empty_like(v)
 
 
@@ -622,17 +641,16 @@ class _Attention(torch.autograd.Function):
     """``softmax(scale Q Q^T) V``: saves Q, V, Y and the LSEs (O(B L D)); no L x L buffer outlives a call."""
 
     @staticmethod
-    def forward(ctx, q, v, valid, keys, key_bounds, graph_rows, scale, dual, use_triton):
-        y, lse = _attention_fwd(q, v, valid, keys, key_bounds, graph_rows, scale, dual, use_triton)
-        ctx.save_for_backward(q, v, y, lse, valid, keys)
-        ctx.key_bounds, ctx.graph_rows, ctx.scale, ctx.dual, ctx.use_triton = (key_bounds, graph_rows, scale, dual,
-                                                                                use_triton)
+    def forward(ctx, q, v, valid, keys, rowptr, graph_rows, scale, dual, use_triton):
+        y, lse = _attention_fwd(q, v, valid, keys, rowptr, graph_rows, scale, dual, use_triton)
+        ctx.save_for_backward(q, v, y, lse, valid, keys, rowptr)
+        ctx.graph_rows, ctx.scale, ctx.dual, ctx.use_triton = graph_rows, scale, dual, use_triton
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        q, v, y, lse, valid, keys = ctx.saved_tensors
-        dq, dv = _attention_bwd(q, v, gy.contiguous(), y, lse, valid, keys, ctx.key_bounds, ctx.graph_rows,
+        q, v, y, lse, valid, keys, rowptr = ctx.saved_tensors
+        dq, dv = _attention_bwd(q, v, gy.contiguous(), y, lse, valid, keys, rowptr, ctx.graph_rows,
                                 ctx.scale, ctx.dual, ctx.use_triton)
         return dq, dv, None, None, None, None, None, None, None
 
@@ -674,15 +692,15 @@ def contranorm(h: torch.Tensor, *, scale, temperature: float = 1.0, dual: bool =
                                            scale=1.0 / temperature)[:, 0]
         return _combine(h.to(wide), y.to(wide), scale, identity, key_padding_mask).to(h.dtype)
     valid = (~key_padding_mask).to(torch.int8).contiguous() if key_padding_mask is not None else None
-    keys, key_bounds, graph_rows = None, [], 0
+    keys, rowptr, graph_rows = None, None, 0
     if edge_index is not None:
         graph = edge_index if isinstance(edge_index, NeighbourGraph) else _cached_graph(edge_index, h.shape[0])
         graph_rows = _graph_rows(h.shape[0], h.element_size())
-        keys, key_bounds = graph.keys, graph.bounds(graph_rows)
+        keys, rowptr = graph.keys, graph.rowptr
         q, v = q[None], h[None]
     else:
         v = h
-    y = _Attention.apply(q.contiguous(), v.contiguous(), valid, keys, key_bounds, graph_rows, 1.0 / temperature,
+    y = _Attention.apply(q.contiguous(), v.contiguous(), valid, keys, rowptr, graph_rows, 1.0 / temperature,
                          dual, be == "triton")
     if edge_index is not None:
         y = y[0]

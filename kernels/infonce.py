@@ -563,8 +563,12 @@ def lse_similarity(a: torch.Tensor, b: torch.Tensor | None = None, *, scale: flo
         row = lse_similarity_ref(a, b, scale=scale, self_offset=self_offset)
         return (row, lse_similarity_ref(b, a, scale=scale, self_offset=None if self_offset is None
                                         else -self_offset)) if cols else row
+    if b is a and self_offset == 0 and not cols:  # the self form: one backward pass serves both sides
+        b = None
     if b is None:
         return _SelfLSE.apply(a, scale, unit_norm)
+    if b is a:  # one tensor as two inputs of a Function: Dynamo refuses it (torch 2.14) or drops a gradient (2.11)
+        b = a.view_as(a)
     row, col = _CrossLSE.apply(a, b, scale, cols, unit_norm, self_offset)
     return (row, col) if cols else row
 

@@ -31,6 +31,27 @@ def _bank_size(value) -> tuple[int, int | None]:
     return check_value("memory_bank_size", value, NonNegativeInt), None
 
 
+@torch.no_grad()
+def ring_write(buffer: torch.Tensor, ptr: torch.Tensor, batch: torch.Tensor, *, wrap: bool) -> None:
+    """Write ``batch`` into the ring ``buffer`` [R, D] at row ``ptr`` (a 0-dim int64 tensor) and move ``ptr``
+    on by its rows, both in place, without reading ``ptr`` on the host (no synchronisation on a GPU;
+    ``torch.compile`` traces it).  ``wrap``: rows past the end go on at row 0; else they are dropped and
+    ``ptr`` goes back to 0 once the end is reached (lightly's memory bank)."""
+    size, n = buffer.shape[0], batch.shape[0]
+    start = ptr
+    if n > size:  # only `size` rows can land: the first ones (dropping), the last ones (wrapping)
+        batch = batch[n - size:] if wrap else batch[:size]
+        start = ptr + (n - size) if wrap else ptr
+    at = start + torch.arange(batch.shape[0], device=buffer.device)
+    rows = at % size  # distinct: at most `size` rows are written
+    values = batch.to(buffer.dtype)
+    if not wrap:  # rows past the end keep what they hold
+        values = torch.where((at < size)[:, None], values, buffer[rows])
+    buffer.index_copy_(0, rows, values)
+    end = ptr + n
+    ptr.copy_(end % size if wrap else torch.where(end >= size, 0, end))
+
+
 class _MemoryBank(nn.Module):
     """A bank of past embeddings (a persistent buffer, so it checkpoints and loads into a fresh module):
     ``(rows, dim)`` random unit vectors from a fixed seed, or, given rows alone, made at the first batch
@@ -59,13 +80,7 @@ class _MemoryBank(nn.Module):
     def enqueue(self, batch: torch.Tensor) -> None:
         """Write ``batch`` over the oldest rows (a ring buffer at a pointer); a batch reaching the end
         fills the rest and starts over at row 0, the remainder dropped, as lightly does."""
-        ptr, n = int(self.bank_ptr), batch.shape[0]
-        if ptr + n >= self.rows:
-            self.bank[ptr:] = batch[:self.rows - ptr].to(self.bank.dtype)
-            self.bank_ptr.zero_()
-        else:
-            self.bank[ptr:ptr + n] = batch.to(self.bank.dtype)
-            self.bank_ptr.fill_(ptr + n)
+        ring_write(self.bank, self.bank_ptr, batch, wrap=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         saved = state_dict.get(prefix + "bank")

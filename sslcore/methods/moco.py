@@ -11,6 +11,7 @@ from torch import nn
 from .. import dist
 from ..checks import Backend, QueueSize, Temperature, UnitInterval, Width
 from ..functional import GatherMode, infonce_pairs
+from ..losses import ring_write
 from .base import SSLMethod
 from .heads import projection_mlp
 
@@ -76,9 +77,7 @@ class MoCo(SSLMethod):
     @torch.no_grad()
     def enqueue(self, k: torch.Tensor) -> None:
         """Write ``k`` over the oldest rows of the ring buffer and advance its pointer."""
-        ptr, n = int(self.queue_ptr), k.shape[0]
-        self.queue[ptr:ptr + n] = k.to(self.queue.dtype)
-        self.queue_ptr.fill_((ptr + n) % self.queue.shape[0])
+        ring_write(self.queue, self.queue_ptr, k, wrap=True)
 
     def contrast_pairs(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Mean loss over ``(queries, key images)`` pairs: momentum update, keys, InfoNCE, then enqueue the

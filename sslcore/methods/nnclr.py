@@ -9,6 +9,7 @@ from .. import dist
 from ..checks import Backend, QueueSize, Temperature, Width
 from ..functional import GatherMode, infonce, nt_xent
 from ..kernels import nearest_cosine
+from ..losses import ring_write
 from .base import SSLMethod
 from .heads import projection_mlp
 
@@ -58,11 +59,8 @@ class NNCLR(SSLMethod):
     @torch.no_grad()
     def enqueue(self, z: torch.Tensor) -> None:
         """Write the unit-norm rows of ``z`` over the oldest support rows (wrapping around)."""
-        size, n = self.support.shape[0], z.shape[0]
-        slots = (int(self.support_ptr) + torch.arange(n, device=z.device)) % size
-        self.support[slots] = F.normalize(z.to(self.support.dtype), dim=1)
-        self.support_ptr.fill_((int(self.support_ptr) + n) % size)
-        self.support_len.fill_(min(size, int(self.support_len) + n))
+        ring_write(self.support, self.support_ptr, F.normalize(z.to(self.support.dtype), dim=1), wrap=True)
+        self.support_len.copy_((self.support_len + z.shape[0]).clamp_max(self.support.shape[0]))
 
     def loss(self, views, *, index=None, epoch=None) -> torch.Tensor:
         view0, view1 = views
