@@ -79,6 +79,8 @@ def environment(log: Log) -> None:
     log(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}")
     log(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, python "
         f"{sys.version.split()[0]}")
+    from bench.harness import COMMIT_ENV, commit
+    log(f"sslcore commit: {commit() or f'unknown (no .git here: set {COMMIT_ENV}=<commit> where the copy is made)'}")
     for peer in ("inf_cl", "flash_kmeans"):
         log(f"{peer}: {'importable' if importlib.util.find_spec(peer) else 'not installed (its rows are skipped)'}")
 

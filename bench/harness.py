@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import os
 import platform
 import re
 import statistics
@@ -94,7 +95,14 @@ def package_version(package: str) -> str | None:
         return None
 
 
-def _git_commit() -> str | None:
+COMMIT_ENV = "SSLCORE_COMMIT"  # the commit of a copy without .git (the GPU machine's): set where the copy is made
+
+
+def commit() -> str | None:
+    """The sslcore commit the rows measure: ``$SSLCORE_COMMIT`` where set, else ``git describe`` of this
+    checkout (``-dirty`` with uncommitted changes); None where neither is known."""
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
                              text=True, check=True, cwd=Path(__file__).parent)
@@ -105,9 +113,10 @@ def _git_commit() -> str | None:
 
 @functools.cache
 def environment() -> dict:
-    """What every row records about where it ran."""
+    """What every row records about where it ran: the device, the torch, Triton and CUDA versions, the
+    commit."""
     return {"device": device_name(), "torch": torch.__version__, "triton": package_version("triton"),
-            "commit": _git_commit()}
+            "cuda": torch.version.cuda, "commit": commit()}
 
 
 # ---------------------------------------------------------------------------------------------

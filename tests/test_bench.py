@@ -1,5 +1,7 @@
 """The benchmark harness without a GPU: the prepared GPU run's plan and its TTGIR report, the tables."""
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -66,3 +68,22 @@ def test_ddp_bench_rows(tmp_path):
     assert by[2, "sslcore-ring"]["saved_mib"] < by[2, "sslcore-gather"]["saved_mib"]
     assert by[2, "sslcore-ring"]["flops"] == by[1, "sslcore-ring"]["flops"] / 2  # 1/W of the loss work
     assert "| saved MiB |" in out.stdout
+
+
+def test_every_row_names_its_stack_and_commit(tmp_path):
+    """Rows record the torch, Triton and CUDA versions and the commit; a copy without .git (the GPU machine's)
+    takes the commit from $SSLCORE_COMMIT."""
+    code = ("import json; from bench.harness import environment; print(json.dumps(environment()))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
+    row = json.loads(here.stdout)
+    assert set(row) >= {"device", "torch", "triton", "cuda", "commit"} and row["torch"] and row["triton"]
+    assert row["commit"], "git describe of this checkout"
+    copy = tmp_path / "copy"  # the tree as the device tool copies it: no .git
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", ".venv*", "runs"))
+    bare = subprocess.run([sys.executable, "-c", code], cwd=copy, capture_output=True, text=True,
+                          env={**env, "PYTHONPATH": str(copy)})
+    assert json.loads(bare.stdout)["commit"] is None
+    given = subprocess.run([sys.executable, "-c", code], cwd=copy, capture_output=True, text=True,
+                           env={**env, "PYTHONPATH": str(copy), "SSLCORE_COMMIT": "abc123def456"})
+    assert json.loads(given.stdout)["commit"] == "abc123def456"
