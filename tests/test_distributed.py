@@ -226,8 +226,8 @@ def test_ddp_pretrain_matches_single_process_and_only_rank0_writes(distributed_r
         assert f"multiple of the number of processes ({world})" in results[0]["batch_error"]
         summary = results[0]["summary"]
         assert all(results[r]["summary"] == summary for r in range(world)) and summary["world_size"] == world
-        assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.jsonl", "steps.jsonl",
-                                                          "summary.json", "tensorboard"]
+        assert sorted(p.name for p in out.iterdir()) == [".sslcore-run.json", "checkpoint.pt", "config.yaml",
+                                                          "metrics.jsonl", "steps.jsonl", "summary.json", "tensorboard"]
         # same data order, views and (synchronised) batch statistics: the same losses up to float reordering
         assert summary["final_loss"] == pytest.approx(single["final_loss"], rel=1e-4)
         ddp_model = torch.load(out / "checkpoint.pt", weights_only=True)["model"]

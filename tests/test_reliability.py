@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-import sslcore.train.checkpoint as checkpoint
+import sslcore.files as files
 import sslcore.train.loop as loop
 from sslcore import InfoNCELoss, KMeans, NTXentLoss
 from sslcore.checks import describe
@@ -27,7 +27,7 @@ from sslcore.models import SmallCNN
 from sslcore.tokenizers import PixelTokenizer
 from sslcore.train import CheckpointError, PretrainConfig, load_checkpoint, pretrain, save_checkpoint
 from sslcore.train.config import TRAINER_OPTIONS
-from sslcore.train.rundir import LOCK_NAME, RUN_FILES, RunDirectory
+from sslcore.train.rundir import LOCK_NAME, MANIFEST, RUN_FILES, RunDirectory
 
 SHAPES = "shapes:n=32,test=16,size=8"
 TEXT = "pystdlib:16:4"
@@ -196,7 +196,7 @@ def test_a_fresh_run_into_a_finished_run_is_refused_and_overwrite_waits_until_re
     with pytest.raises(SystemExit) as exc:
         _pretrain(finished, "--seed", "1")
     assert exc.value.code == 2
-    assert ("already holds checkpoint.pt, config.yaml, metrics.jsonl, steps.jsonl, summary.json, ...: continue "
+    assert ("already holds checkpoint.pt, config.yaml, metrics.jsonl, steps.jsonl, summary.json and 1 more: continue "
             "that run with --resume, replace it with --overwrite") in capsys.readouterr().err
     with pytest.raises(SystemExit):  # refused after the lock and the data, before the first step
         _pretrain(finished, "--seed", "1", "--overwrite", "--batch-size", "64")
@@ -207,16 +207,17 @@ def test_a_fresh_run_into_a_finished_run_is_refused_and_overwrite_waits_until_re
     assert load_checkpoint(finished / "checkpoint.pt")["config"]["seed"] == 1
     assert [json.loads(line)["epoch"] for line in (finished / "metrics.jsonl").read_text().splitlines()] == [1]
     assert json.loads((finished / "summary.json").read_text())["epochs"] == 1
-    assert tuple(sorted(p.name for p in finished.iterdir())) == RUN_FILES
+    assert sorted(p.name for p in finished.iterdir()) == sorted([*RUN_FILES, MANIFEST, "tensorboard"])
     assert len(list((finished / "tensorboard").iterdir())) == 1  # the old run's event file went with it
 
 
 def test_stale_temporaries_of_dead_writers_are_removed_at_start(finished, no_probes):
-    stale = finished / ".checkpoint.pt.999999.tmp"
+    stale = finished / ".checkpoint.pt.999999.sslcore.tmp"
     stale.write_bytes(b"half a checkpoint")
-    (finished / ".summary.json.12.tmp").write_bytes(b"{")
+    (finished / ".summary.json.12.sslcore.tmp").write_bytes(b"{")
+    (finished / ".data.1234.tmp").write_bytes(b"another tool's")  # not sslcore's: it stays
     assert _pretrain(finished, "--epochs", "3", "--resume") == 0
-    assert tuple(sorted(p.name for p in finished.iterdir())) == RUN_FILES
+    assert sorted(p.name for p in finished.iterdir()) == sorted([*RUN_FILES, MANIFEST, "tensorboard", ".data.1234.tmp"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,13 +283,15 @@ def test_optimizer_state_of_the_wrong_shape_and_nan_weights_are_refused(finished
         pretrain(PretrainConfig(resume=str(nan), **cfg))
 
 
-def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(tmp_path):
-    """A real ENOSPC from the kernel: the temp file is a link to /dev/full."""
+def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A real ENOSPC from the kernel: the temporary file's writes go to /dev/full."""
     if not os.path.exists("/dev/full"):
         pytest.skip("needs /dev/full (Linux)")
     path = tmp_path / "checkpoint.pt"
     path.write_bytes(b"the previous checkpoint")
-    os.symlink("/dev/full", tmp_path / f".checkpoint.pt.{os.getpid()}.tmp")
+    real = files.os.fdopen
+    monkeypatch.setattr(files.os, "fdopen", lambda fd, mode: (os.close(fd), real(os.open("/dev/full", os.O_WRONLY),
+                                                                                   mode))[1])
     with pytest.raises(OSError, match="the disk is full: could not write the checkpoint") as exc:
         save_checkpoint(path, epoch=1)
     assert exc.value.errno == errno.ENOSPC
@@ -319,8 +322,13 @@ def test_a_run_that_fills_the_disk_stops_with_a_clear_error(tmp_path, capsys, mo
         def __getattr__(self, name):
             return getattr(self.f, name)
 
-    monkeypatch.setattr(checkpoint, "open", lambda path, mode: FullDisk(open(path, mode)) if "checkpoint" in str(path)
-                        else open(path, mode), raising=False)
+    real = files.os.fdopen
+
+    def fdopen(fd, mode):  # the checkpoint's temporary file fills the disk; every other file is written
+        f = real(fd, mode)
+        return FullDisk(f) if "checkpoint" in os.readlink(f"/proc/self/fd/{fd}") else f
+
+    monkeypatch.setattr(files.os, "fdopen", fdopen)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exc:
         _pretrain(out, "--epochs", "3")

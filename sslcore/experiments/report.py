@@ -19,7 +19,7 @@ import math
 import re
 from pathlib import Path
 
-from ..train.checkpoint import atomic_write
+from ..files import atomic_write
 
 # study name -> (module, its markdown renderer, its plot writer)
 STUDIES = {

@@ -18,13 +18,14 @@ zip container torch writes carries no checksum of its own that ``torch.load`` ve
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import os
 from pathlib import Path
 
 import torch
+
+from ..files import atomic_write
 
 FORMAT, VERSION = "sslcore-checkpoint", 4
 KEYS = ("method", "config", "epoch", "model", "optimizer", "generator", "rng")
@@ -36,26 +37,6 @@ CONFIG_KEYS = ("method", "data", "encoder", "epochs", "batch_size", "lr", "weigh
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or does not fit the run it is loaded into."""
-
-
-def atomic_write(path: str | os.PathLike, data: bytes, what: str) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``: ``path`` holds
-    the old or the new bytes, never a mix.  A full disk is an ``OSError`` that says so (``what``: a noun
-    for the file); the old file stays."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(e.errno, f"the disk is full: could not write the {what} {path} ({len(data):,} bytes); "
-                          f"the previous {what} is intact. Free some space or write elsewhere") from None
-        raise
 
 
 def content_digest(obj) -> str:

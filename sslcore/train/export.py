@@ -21,7 +21,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import atomic_write
+from ..files import atomic_write
 from .evaluate import load_encoder
 
 

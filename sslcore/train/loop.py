@@ -51,15 +51,9 @@ from tqdm import tqdm
 from .. import dist
 from ..data import FolderData, load_dataset, resolve_recipe
 from ..data.pipeline import ShardBatchSampler, loader, to_float
+from ..files import atomic_write
 from ..methods import get_method, method_options
-from .checkpoint import (
-    CheckpointError,
-    atomic_write,
-    check_optimizer_state,
-    check_state_dict,
-    load_checkpoint,
-    save_checkpoint,
-)
+from .checkpoint import CheckpointError, check_optimizer_state, check_state_dict, load_checkpoint, save_checkpoint
 from .config import RUN_KEYS, PretrainConfig, resolve_device, resolve_precision
 from .evaluate import build_model, probe
 from .rundir import RunDirectory
@@ -333,19 +327,21 @@ def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDire
     first_step = position["step"] if position else 0
     update = start_epoch * updates_per_epoch + first_step // cfg.accumulate  # a position is a group boundary
 
-    run.replace_previous()  # --overwrite: the old run goes only now, with the new one ready to train
+    run.set_aside_previous()  # --overwrite: the old run steps aside only now, and returns if this one fails early
+    run.begin()
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
     if main:
         atomic_write(out / "config.yaml", yaml.safe_dump(cfg.settings(), sort_keys=False).encode(), "config")
     log = RunLog(out, device, enabled=main, epoch=start_epoch, step=update, tensorboard=cfg.tensorboard,
-                 say=tqdm.write)
+                 say=tqdm.write, record=run.record)
 
     def save(epoch, **extra):
         if main:
             save_checkpoint(ckpt_path, method=cfg.method, config=config, epoch=epoch, model=model.state_dict(),
                             optimizer=optimizer.state_dict(), generator=generator.get_state(),
                             rng=global_rng_state(device), scaler=scaler.state_dict(), **extra)
+            run.committed()  # the previous run (--overwrite) is gone only now
 
     amp = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     # features in batches of the images a training step encodes on a rank: a size known to fit

@@ -1,19 +1,26 @@
-"""A run directory that one run holds at a time and no run reuses by accident.
+"""A run directory that one run holds at a time, holding only what sslcore wrote there.
 
-* **Lock.** ``OUT/.lock`` is locked with ``fcntl.flock`` for the whole run (training, probes,
-  summary); the holder's pid, host, start time and command are written into it.  A second run
-  on the same folder fails at once, naming the holder.  The kernel drops the lock when the
-  holder dies (even on SIGKILL), so a crashed run never blocks the next one.  The lock file is
-  removed when the run ends; a process that opened it just before is told so by its inode and
-  tries again.
-* **Stale temporaries.** A checkpoint or summary is written to ``.NAME.<pid>.tmp`` and renamed
-  into place; a process killed in between leaves that file behind.  Only the lock holder ever
-  writes in the folder, so once the lock is ours every such file is a dead process's, and is removed.
-* **No silent reuse.** A folder that already holds files is refused unless the run continues the
-  checkpoint in it (``--resume``) or was told ``--overwrite``.  Overwriting deletes the previous
-  run's files (:data:`RUN_FILES`, nothing else) only at :meth:`RunDirectory.replace_previous`, which
-  the trainer calls after every check, the data and the model are ready: a run refused or
-  failing before its first step leaves the old run whole.
+* **Lock.** ``OUT/.sslcore-lock`` is locked with ``fcntl.flock`` for the whole run (training, probes,
+  summary); the holder's pid, host, start time and command are written into it.  A second run on the
+  same folder fails at once, naming the holder.  The kernel drops the lock when the holder dies (even on
+  SIGKILL), so a crashed run never blocks the next one.  The lock file is opened without following a link
+  and must be a regular file; it is removed when the run ends (a process that opened it just before is
+  told so by its inode and tries again).
+* **Manifest.** ``OUT/.sslcore-run.json`` lists every file the runs in the folder wrote (:data:`RUN_FILES`
+  and each TensorBoard event file), recorded before the file is made.  ``--overwrite`` removes only those:
+  a folder holding anything else (a user's notes, another experiment's events, a project's sources) is
+  refused, naming the files, and so is a link where sslcore writes.
+* **The old run survives until the new one has a checkpoint.** ``--overwrite`` moves the previous run's
+  files into ``OUT/.sslcore-previous/`` (:meth:`RunDirectory.set_aside_previous`, called once the new run
+  has its data and model); they are deleted when the new run has written its first checkpoint
+  (:meth:`RunDirectory.committed`) and put back if it fails before that.  A run killed in between leaves
+  that folder: the next run on ``OUT`` finishes the job (puts the old run back, or deletes it if the new run
+  had reached its checkpoint) once it holds the lock.
+* **Refusals change nothing.** Checks run before anything is written; a refused run leaves the folder as
+  it was.  Stale temporaries (``.NAME.<pid>.sslcore.tmp`` of a run's own files, see
+  :func:`sslcore.files.atomic_write`) are removed only once the lock is held and the folder accepted.
+
+See docs/architecture.md, "What sslcore writes".
 """
 from __future__ import annotations
 
@@ -22,60 +29,197 @@ import errno
 import fcntl
 import json
 import os
-import re
 import shlex
 import shutil
 import socket
+import stat
 import sys
 from pathlib import Path
 
-LOCK_NAME = ".lock"
-RUN_FILES = ("checkpoint.pt", "config.yaml", "metrics.jsonl", "steps.jsonl", "summary.json", "tensorboard")  # sorted
-TEMP = re.compile(r"\.(.+)\.(\d+)\.tmp")  # what checkpoint.atomic_write leaves when killed mid-write
+from ..files import NOFOLLOW, TEMP, atomic_write
+
+LOCK_NAME = ".sslcore-lock"
+MANIFEST = ".sslcore-run.json"
+PREVIOUS = ".sslcore-previous"
+TENSORBOARD = "tensorboard"
+RUN_FILES = ("checkpoint.pt", "config.yaml", "metrics.jsonl", "steps.jsonl", "summary.json")  # sorted
+MANIFEST_FORMAT = "sslcore-run-files"
 
 
 class RunDirectoryError(ValueError):
-    """The run directory is unusable, held by another run, or holds a run this one must not replace."""
+    """The run directory is unusable, held by another run, or holds files this run must not replace."""
+
+
+def _listing(names, limit: int = 6) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def read_manifest(folder: Path) -> list[str] | None:
+    """The files a folder's manifest lists (relative paths), or None without a (valid) manifest."""
+    path = folder / MANIFEST
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    files = manifest.get("files") if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT else None
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return None
+    return [f for f in files if _plain_relative(f)]
+
+
+def _plain_relative(name: str) -> bool:
+    """A manifest entry sslcore could have written: ``NAME`` or ``tensorboard/NAME``, nothing that climbs out."""
+    parts = Path(name).parts
+    return (len(parts) == 1 and parts[0] in RUN_FILES) or (len(parts) == 2 and parts[0] == TENSORBOARD
+                                                            and parts[1] not in ("", ".", ".."))
 
 
 class RunDirectory:
     """Context manager holding ``out`` for one run (see the module docstring); ``enabled=False`` (the
-    other ranks of a distributed run) makes it a no-op.  ``continuing``: this run resumes the
-    checkpoint in ``out``, so the folder may hold that run's files."""
+    other ranks of a distributed run) makes it a no-op.  ``continuing``: this run resumes the checkpoint in
+    ``out``, so the folder may hold that run's files (and others: a resume deletes nothing)."""
 
     def __init__(self, out, *, continuing: bool = False, overwrite: bool = False, enabled: bool = True):
         self.path, self.continuing, self.overwrite, self.enabled = Path(out), continuing, overwrite, enabled
-        self._fd, self._created = None, False
+        self._fd, self._created, self._aside, self._files = None, False, False, []
+
+    # -- entering: lock, recover, check ---------------------------------------------------------------
 
     def __enter__(self) -> "RunDirectory":
         if not self.enabled:
             return self
         self._lock()
         try:
+            self._recover_interrupted_overwrite()
+            self._check_contents()
             self._remove_stale_temporaries()
-            held = sorted(p.name for p in self.path.iterdir() if p.name != LOCK_NAME)
-            if held and not (self.continuing or self.overwrite):
-                raise RunDirectoryError(
-                    f"--out {self.path} already holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''}: "
-                    "continue that run with --resume, replace it with --overwrite, or choose another --out")
+            self._files = (read_manifest(self.path) or []) if self.continuing else []
         except BaseException:
             self._unlock()
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def _check_contents(self) -> None:
+        """Refuse a link where the run writes; a fresh run refuses any file, ``--overwrite`` any file that the
+        manifest does not list."""
+        links = [n for n in (*RUN_FILES, TENSORBOARD, MANIFEST, PREVIOUS) if (self.path / n).is_symlink()]
+        if links:
+            raise RunDirectoryError(f"--out {self.path} holds symbolic link(s) where a run writes: {_listing(links)}; "
+                                    "sslcore never writes through one: remove them or choose another --out")
+        if self.continuing:
+            return
+        held = [p.name for p in self.path.iterdir() if p.name != LOCK_NAME and not _own_temp(p)]
+        if not held:
+            return
+        if not self.overwrite:
+            shown = [n for n in held if n != MANIFEST] or held
+            raise RunDirectoryError(
+                f"--out {self.path} already holds {_listing(shown, 5)}: continue that run with --resume, replace it "
+                "with --overwrite, or choose another --out")
+        listed = read_manifest(self.path)
+        if listed is None:
+            raise RunDirectoryError(f"--out {self.path} holds {_listing(held, 5)} but no sslcore run's manifest "
+                                    f"({MANIFEST}): --overwrite replaces only the files a run recorded there; "
+                                    "move them away or choose another --out")
+        foreign = [n for n in held if n not in (*listed, MANIFEST, TENSORBOARD)]
+        events = self.path / TENSORBOARD
+        if events.exists():
+            if not events.is_dir():
+                foreign.append(TENSORBOARD)
+            else:
+                foreign += [f"{TENSORBOARD}/{p.name}" for p in events.iterdir()
+                            if f"{TENSORBOARD}/{p.name}" not in listed or p.is_symlink() or not p.is_file()]
+        if foreign:
+            raise RunDirectoryError(f"--out {self.path} holds files no sslcore run recorded there: "
+                                    f"{_listing(foreign)}; --overwrite replaces only a previous run's own files: "
+                                    "move these away or choose another --out")
+
+    def _remove_stale_temporaries(self) -> None:
+        for p in self.path.iterdir():
+            if _own_temp(p):
+                p.unlink(missing_ok=True)
+
+    # -- the run's files ------------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Record the run's own files in the manifest (before any is written)."""
         if self.enabled:
+            self.record(*RUN_FILES)
+
+    def record(self, *names: str) -> None:
+        """Add ``names`` (relative to the folder) to the manifest, before they are made."""
+        new = [n for n in names if n not in self._files]
+        if self.enabled and new:
+            self._files += new
+            atomic_write(self.path / MANIFEST, (json.dumps({"format": MANIFEST_FORMAT, "files": self._files},
+                                                           indent=1) + "\n").encode(), "run manifest")
+
+    def set_aside_previous(self) -> None:
+        """With ``overwrite``: move the previous run's files aside (call it when the new run is ready to
+        train); they are deleted at :meth:`committed` and put back if the run ends before it."""
+        if not (self.enabled and self.overwrite):
+            return
+        listed = read_manifest(self.path) or []
+        aside = self.path / PREVIOUS
+        aside.mkdir()
+        for name in [MANIFEST, *listed]:  # the manifest first: a run killed midway then restores, never deletes
+            src = self.path / name
+            if src.is_file() and not src.is_symlink():
+                (aside / name).parent.mkdir(exist_ok=True)
+                os.rename(src, aside / name)
+        _remove_if_empty(self.path / TENSORBOARD)
+        self._aside = True
+
+    def committed(self) -> None:
+        """The new run has its first checkpoint: the previous run's set-aside files go."""
+        if self._aside:
+            shutil.rmtree(self.path / PREVIOUS)
+            self._aside = False
+
+    def _restore_previous(self, new_files) -> None:
+        """Remove the files this (failed) run wrote and put the previous run's back."""
+        for name in [*new_files, MANIFEST]:
+            p = self.path / name
+            if p.is_file() and not p.is_symlink():
+                p.unlink()
+        _remove_if_empty(self.path / TENSORBOARD)
+        aside = self.path / PREVIOUS
+        for p in sorted(aside.rglob("*"), key=lambda q: len(q.parts)):
+            dest = self.path / p.relative_to(aside)
+            if p.is_dir():
+                dest.mkdir(exist_ok=True)
+            else:
+                os.rename(p, dest)
+        shutil.rmtree(aside)
+
+    def _recover_interrupted_overwrite(self) -> None:
+        """A run killed between setting the old run aside and its first checkpoint left ``PREVIOUS``: put the
+        old run back, or drop it if the new run had its checkpoint."""
+        aside = self.path / PREVIOUS
+        if aside.is_symlink() or not aside.is_dir():
+            return
+        listed = read_manifest(self.path) or []
+        if "checkpoint.pt" in listed and (self.path / "checkpoint.pt").is_file():
+            shutil.rmtree(aside)
+        else:
+            self._restore_previous(listed)
+
+    # -- leaving ----------------------------------------------------------------------------------------
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.enabled:
+            return
+        try:
+            if self._aside:  # the run ended before its first checkpoint: the old run comes back
+                self._restore_previous(self._files)
+                self._aside = False
+        finally:
             self._unlock()
 
-    def replace_previous(self) -> None:
-        """With ``overwrite``: delete the previous run's :data:`RUN_FILES` (call it when the new run is ready)."""
-        if self.enabled and self.overwrite:
-            for name in RUN_FILES:
-                path = self.path / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink(missing_ok=True)
+    # -- the lock ---------------------------------------------------------------------------------------
 
     def _lock(self) -> None:
         lock = self.path / LOCK_NAME
@@ -88,11 +232,15 @@ class RunDirectory:
             except OSError as e:
                 raise RunDirectoryError(f"--out {self.path}: cannot create the run directory: {e.strerror}") from None
             try:
-                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | NOFOLLOW | os.O_NONBLOCK, 0o644)
             except FileNotFoundError:
                 continue
             except OSError as e:
-                raise RunDirectoryError(f"--out {self.path}: cannot create the lock file: {e.strerror}") from None
+                why = "it is a symbolic link" if e.errno == errno.ELOOP else e.strerror
+                raise RunDirectoryError(f"--out {self.path}: cannot open the lock file {lock}: {why}") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise RunDirectoryError(f"--out {self.path}: the lock file {lock} is not a regular file; remove it")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -103,7 +251,7 @@ class RunDirectory:
                 raise RunDirectoryError(f"--out {self.path} is in use by another run ({holder}); wait for it to "
                                         "finish or choose another --out") from None
             try:
-                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+                same = os.fstat(fd).st_ino == os.stat(lock, follow_symlinks=False).st_ino
             except FileNotFoundError:
                 same = False
             if not same:  # the previous holder removed this file after we opened it
@@ -126,10 +274,18 @@ class RunDirectory:
             except OSError:
                 pass
 
-    def _remove_stale_temporaries(self) -> None:
-        for p in self.path.iterdir():
-            if TEMP.fullmatch(p.name) and p.is_file():
-                p.unlink(missing_ok=True)
+
+def _own_temp(p: Path) -> bool:
+    """A temporary file a run's :func:`atomic_write` left behind (a run file's, or the manifest's)."""
+    m = TEMP.fullmatch(p.name)
+    return bool(m) and m.group("name") in (*RUN_FILES, MANIFEST) and p.is_file() and not p.is_symlink()
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def _write_holder(fd: int) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from ..files import append_text, atomic_write
+
 FLUSH_EVERY = 10
 TENSORBOARD_DIR = "tensorboard"
 
@@ -31,14 +34,14 @@ TENSORBOARD_DIR = "tensorboard"
 def _keep(path: Path, key: str, last: int) -> None:
     """Keep the lines of ``path`` whose ``key`` is at most ``last`` (a resume continues from ``last``)."""
     rows = [r for r in map(json.loads, path.read_text().splitlines()) if r[key] <= last] if path.exists() else []
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode(), "record")
 
 
 class RunLog:
     """The run's JSON lines and event files (see the module docstring); a no-op unless ``enabled``."""
 
     def __init__(self, out: Path, device: torch.device, *, enabled: bool, epoch: int = 0, step: int = 0,
-                 tensorboard: bool = True, say=print):
+                 tensorboard: bool = True, say=print, record=lambda *names: None):
         self.out, self.device, self.enabled = Path(out), device, enabled
         self.pending: list[tuple[int, int, torch.Tensor, float, int, torch.Tensor | None]] = []
         self.t_flush, self.writer = time.perf_counter(), None
@@ -53,7 +56,10 @@ class RunLog:
                 say("tensorboard is not installed: no event files (pip install tensorboard, or sslcore[tensorboard]); "
                     "metrics.jsonl and steps.jsonl are written as always")
             else:
-                self.writer = SummaryWriter(str(self.out / TENSORBOARD_DIR), purge_step=step + 1 if step else None)
+                events = self.out / TENSORBOARD_DIR
+                before = set(os.listdir(events)) if events.is_dir() else set()
+                self.writer = SummaryWriter(str(events), purge_step=step + 1 if step else None)
+                record(*(f"{TENSORBOARD_DIR}/{n}" for n in sorted(set(os.listdir(events)) - before)))
 
     def step(self, step: int, epoch: int, loss: torch.Tensor, lr: float, images: int,
              grad_norm: torch.Tensor | None = None) -> None:
@@ -76,17 +82,18 @@ class RunLog:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        with (self.out / "steps.jsonl").open("a") as f:
-            for (step, epoch, _, lr, _, _), loss, norm in zip(self.pending, losses, norms):
-                row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "img_s": round(rate, 1),
-                       "mem_mib": round(mem, 1)}
-                if norm is not None:
-                    row["grad_norm"] = norm
-                f.write(json.dumps(row) + "\n")
-                if self.writer is not None:
-                    for key in ("loss", "lr", "img_s", "mem_mib", "grad_norm"):
-                        if key in row:
-                            self.writer.add_scalar(f"step/{key}", row[key], step)
+        lines = []
+        for (step, epoch, _, lr, _, _), loss, norm in zip(self.pending, losses, norms):
+            row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "img_s": round(rate, 1),
+                   "mem_mib": round(mem, 1)}
+            if norm is not None:
+                row["grad_norm"] = norm
+            lines.append(json.dumps(row) + "\n")
+            if self.writer is not None:
+                for key in ("loss", "lr", "img_s", "mem_mib", "grad_norm"):
+                    if key in row:
+                        self.writer.add_scalar(f"step/{key}", row[key], step)
+        append_text(self.out / "steps.jsonl", "".join(lines))
         self.pending, self.t_flush = [], now
 
     def epoch(self, row: dict, step: int) -> None:
@@ -94,8 +101,7 @@ class RunLog:
         if not self.enabled:
             return
         self.flush()
-        with (self.out / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_text(self.out / "metrics.jsonl", json.dumps(row) + "\n")
         if self.writer is not None:
             for key, value in row.items():
                 if key != "epoch" and isinstance(value, (int, float)):
