@@ -1,5 +1,5 @@
 """``python -m bench [infonce|contranorm|kmeans|all] [--quick | --goal] [--plot] [--json-dir DIR]``,
-``python -m bench readme [FILE ...]``, ``python -m bench gpu --out DIR [--dry-run]``.
+``python -m bench readme [FILE ...]``, ``python -m bench gpu (--out DIR | --resume DIR) [--dry-run] [--rehearse]``.
 
 Runs this machine's rows of each family (GPU rows where CUDA exists, CPU rows otherwise), appends
 them to ``<json-dir>/<YYYYMMDD-HHMMSS>-<device>.jsonl`` and prints the markdown table.  ``gpu`` is
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
                                                  "committed file per device)")
     grid = parser.add_mutually_exclusive_group()
     grid.add_argument("--quick", action="store_true", help="fewer, smaller shapes: a smoke run")
-    grid.add_argument("--goal", action="store_true", help="the GPU rows at the goal shapes only")
+    grid.add_argument("--goal", action="store_true", help="the GPU run's rows: the goal shapes (bench/gpu.py)")
     parser.add_argument("--plot", action="store_true", help="also write a PNG next to the JSONL")
     parser.add_argument("--json-dir", type=Path, default=report.RESULTS, help="where the JSONL goes "
                                                                               "(default: bench/results)")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.harness import Case, Skip, pytest_case
+from bench.harness import Case, Skip, compile_backend, goal_device, pytest_case, rehearsing
 from sslcore.kernels import contranorm, contranorm_ref
 from sslcore.kernels.contranorm import record_launches
 
@@ -35,8 +35,10 @@ GPU_SEQ = [(b, n, d) for b in (32,) for n in (197, 1024, 4096) for d in (384, 76
 GPU_SEQ_QUICK = [(32, 197, 384), (32, 1024, 768)]
 GPU_GRAPH = [(n, 256) for n in (16384, 131072)]
 GPU_GRAPH_QUICK = [(16384, 256)]
-GPU_GOAL = [(32, 1024, 768), (32, 4096, 768)]  # the goal: B = 32, L = 4096, D = 768; and the graph below
-GPU_GRAPH_GOAL = [(131072, 256)]
+# The GPU run's shapes: the goals (B = 32, L = 4096, D = 768; the graph N = 131,072, D = 256), then L = 1024
+GPU_GOAL = [(32, 4096, 768), (131072, 256), (32, 1024, 768)]
+REHEARSAL_GOAL = [(2, 24, 16), (48, 16), (2, 16, 16)]  # the same rows in a rehearsal of the GPU run (CPU tensors)
+PEER = "torch-sdpa"  # the strongest peer: its rows at the goal shapes are goal rows of the GPU run
 CPU_SEQ = [(4, n, d) for n in (64, 197) for d in (64, 128)]
 CPU_SEQ_QUICK = [(4, 64, 64), (4, 197, 128)]
 CPU_GRAPH = [(2048, 64)]
@@ -60,7 +62,7 @@ def _eager(h, edge_index, case):
 
 def _compiled(h, edge_index, case):
     torch._dynamo.reset()  # a fresh cache per shape: the shapes never reach the recompile limit
-    fn = torch.compile(contranorm_ref, dynamic=False)
+    fn = torch.compile(contranorm_ref, dynamic=False, backend=compile_backend())
     return lambda x: fn(x, scale=SCALE, temperature=TAU, edge_index=edge_index)
 
 
@@ -122,7 +124,7 @@ def _impls(device):
         ("sslcore-triton", _sslcore("triton"), 0, "contranorm(..., backend='triton')"),
         ("torch-eager", _eager, 3, REF_NOTE),
         sdpa,
-        ("torch-compile", _compiled, 2, "torch.compile(contranorm_ref, dynamic=False); compile time excluded"),
+        ("torch-compile", _compiled, 2, "torch.compile(contranorm_ref, dynamic=False); compile time in compile s"),
     ]
 
 
@@ -164,12 +166,16 @@ def _case(impl, make, k, note, size, dtype, device):
 
 def cases(quick: bool = False, goal: bool = False) -> list[Case]:
     """GPU rows (bf16) and CPU rows (fp32), the implementations side by side per shape; ``goal``: the
-    GPU rows at the goal shapes only (``python -m bench gpu``)."""
+    GPU run's rows (``python -m bench gpu``), sslcore and SDPA at the goal shapes marked ``goal``."""
     if goal:
-        grids = [("cuda", torch.bfloat16, GPU_GOAL + GPU_GRAPH_GOAL)]
-    else:
-        grids = [("cuda", torch.bfloat16, (GPU_SEQ_QUICK + GPU_GRAPH_QUICK) if quick else (GPU_SEQ + GPU_GRAPH)),
-                 ("cpu", torch.float32, (CPU_SEQ_QUICK + CPU_GRAPH_QUICK) if quick else (CPU_SEQ + CPU_GRAPH))]
+        out = []
+        for i, size in enumerate(REHEARSAL_GOAL if rehearsing() else GPU_GOAL):
+            for impl in _impls("cuda"):
+                out.append(_case(*impl, size, torch.bfloat16, goal_device()))
+                out[-1].goal = i < 2 and impl[0] in ("sslcore-triton", PEER)  # the first two sizes are the goals
+        return out
+    grids = [("cuda", torch.bfloat16, (GPU_SEQ_QUICK + GPU_GRAPH_QUICK) if quick else (GPU_SEQ + GPU_GRAPH)),
+             ("cpu", torch.float32, (CPU_SEQ_QUICK + CPU_GRAPH_QUICK) if quick else (CPU_SEQ + CPU_GRAPH))]
     return [_case(*impl, size, dtype, device)
             for device, dtype, sizes in grids for size in sizes for impl in _impls(device)]
 

@@ -10,13 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Case, Skip, package_version, pytest_case
+from bench.harness import Case, Skip, compile_backend, goal_device, package_version, pytest_case, rehearsing
 from sslcore.kernels.infonce import infonce, infonce_ref
 
 TAU = 0.5
 GPU_SHAPES = [(m, d) for m in (4096, 16384, 65536) for d in (128, 256, 768)]
 GPU_QUICK = [(4096, 128), (16384, 256)]
-GPU_GOAL = [(16384, 256), (65536, 256)]  # the goal shape last: M = 65,536, D = 256
+GPU_GOAL = [(65536, 256), (16384, 256)]  # the GPU run's shapes: the goal, M = 65,536, D = 256; the eager rows' fit
+REHEARSAL_GOAL = [(48, 16), (32, 16)]  # the same rows in a rehearsal of the GPU run (CPU tensors)
+PEER = "inf-cl"  # the strongest peer: its row at the goal shape is a goal row of the GPU run
 CPU_SHAPES = [(m, d) for m in (1024, 4096) for d in (128, 256)]
 CPU_QUICK = [(1024, 128), (1024, 256)]
 REF_NOTE = "sslcore.kernels.infonce_ref: builds the M x M matrix, fp32 math"
@@ -34,7 +36,7 @@ def _eager(z):
 
 def _compiled(z):
     torch._dynamo.reset()  # a fresh cache per shape: the shapes never reach the recompile limit
-    fn = torch.compile(infonce_ref, dynamic=False)
+    fn = torch.compile(infonce_ref, dynamic=False, backend=compile_backend())
     return lambda x: fn(x, temperature=TAU)
 
 
@@ -62,7 +64,7 @@ def _impls(device):
     return [
         ("sslcore-triton", _sslcore("triton"), 0, ""),
         ("torch-eager", _eager, 4, REF_NOTE),
-        ("torch-compile", _compiled, 2, "torch.compile(infonce_ref, dynamic=False); compile time excluded"),
+        ("torch-compile", _compiled, 2, "torch.compile(infonce_ref, dynamic=False); compile time in compile s"),
         ("inf-cl", _inf_cl, 0, "inf_cl.cal_inf_loss(z/tau, z, two-view labels): the same M x M x D work, but the "
                                f"self-pair stays in the denominator; fp32 math (inf-cl {inf_cl or 'not installed'})"),
     ]
@@ -79,9 +81,13 @@ def _case(impl, make_loss, k, note, m, d, dtype, device):
 
 def cases(quick: bool = False, goal: bool = False) -> list[Case]:
     """GPU rows (bf16) and CPU rows (fp32), the implementations side by side per shape; ``goal``: the
-    GPU rows at the goal shapes only (``python -m bench gpu``)."""
+    GPU run's rows (``python -m bench gpu``), sslcore and its peer at the goal shape marked ``goal``."""
     if goal:
-        return [_case(*impl, m, d, torch.bfloat16, "cuda") for m, d in GPU_GOAL for impl in _impls("cuda")]
+        shapes = REHEARSAL_GOAL if rehearsing() else GPU_GOAL
+        out = [_case(*impl, m, d, torch.bfloat16, goal_device()) for m, d in shapes for impl in _impls("cuda")]
+        for c in out:
+            c.goal = (c.shape["M"], c.shape["D"]) == shapes[0] and c.impl in ("sslcore-triton", PEER)
+        return out
     grids = [("cuda", torch.bfloat16, GPU_QUICK if quick else GPU_SHAPES),
              ("cpu", torch.float32, CPU_QUICK if quick else CPU_SHAPES)]
     return [_case(*impl, m, d, dtype, device)

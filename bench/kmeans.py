@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.harness import Case, Skip, package_version, pytest_case
+from bench.harness import Case, Skip, goal_device, package_version, pytest_case, rehearsing
 from sslcore.cluster import KMeans
 from sslcore.kernels.kmeans import kmeans_assign
 
@@ -18,8 +18,17 @@ GPU_SHAPES = [(n, k, d) for n in (10**6, 10**7) for k in (1024, 8192) for d in (
 GPU_QUICK = [(10**6, 1024, 128), (10**7, 8192, 128)]
 GPU_FIT = [(10**6, 1024, 128, 20), (10**7, 8192, 128, 20)]
 GPU_FIT_QUICK = [(10**6, 1024, 128, 20)]
-GPU_GOAL = [(10**7, 8192, 128)]  # the goal shapes: one assignment, and a 20-iteration fit
-GPU_FIT_GOAL = [(10**7, 8192, 128, 20)]
+GPU_GOAL = (10**7, 8192, 128)  # the goal shapes: one assignment, and a 20-iteration fit
+GPU_FIT_GOAL = (10**7, 8192, 128, 20)
+REHEARSAL_GOAL, REHEARSAL_FIT_GOAL = (300, 16, 16), (300, 16, 16, 2)  # a rehearsal of the GPU run (CPU tensors)
+# The GPU run's rows per op, most valuable first: (impl, dtype, goal row?).  flash-kmeans (the strongest peer)
+# takes no bf16, so its goal rows are fp16, with sslcore's fp16 row next.  No faiss rows: faiss-gpu is not on
+# the lent machine and too large to carry there.
+GOAL_ASSIGN = [("sslcore-triton", torch.bfloat16, True), ("flash-kmeans", torch.float16, True),
+               ("sslcore-triton", torch.float16, False), ("torch-chunked", torch.bfloat16, False),
+               ("torch-chunked", torch.float16, False)]
+GOAL_FIT = [("sslcore-triton", torch.bfloat16, True), ("flash-kmeans", torch.float16, True),
+            ("sslcore-triton", torch.float16, False)]
 CPU_SHAPES = [(10**5, k, d) for k in (256, 1024) for d in (128, 768)]
 CPU_QUICK = [(10**5, 256, 128)]
 CPU_FIT = [(10**5, 256, 128, 5)]
@@ -153,14 +162,28 @@ def _case(op, impl, make, note, size, dtype, device):
     return Case(op, impl, dtype, shape, 2.0 * n * k * d * iters, setup, device, 0.0, note)
 
 
+def _goal_cases() -> list[Case]:
+    """The GPU run's rows (``python -m bench gpu``): GOAL_ASSIGN and GOAL_FIT at the goal shapes."""
+    assign, fit = (REHEARSAL_GOAL, REHEARSAL_FIT_GOAL) if rehearsing() else (GPU_GOAL, GPU_FIT_GOAL)
+    out = []
+    for op, size, table, impls in (("kmeans-assign", assign, GOAL_ASSIGN, _assign_impls("cuda")),
+                                   ("kmeans-fit", fit, GOAL_FIT, _fit_impls("cuda"))):
+        by_name = {impl[0]: impl for impl in impls}
+        for name, dtype, goal in table:
+            out.append(_case(op, *by_name[name], size, dtype, goal_device()))
+            out[-1].goal = goal
+    return out
+
+
 def cases(quick: bool = False, goal: bool = False) -> list[Case]:
     """GPU rows (bf16 and fp16: flash-kmeans takes no bf16) and CPU rows (fp32), side by side per shape;
-    ``goal``: the GPU rows at the goal shapes only (``python -m bench gpu``)."""
+    ``goal``: the GPU run's rows, sslcore and flash-kmeans at the goal shapes marked ``goal``."""
+    if goal:
+        return _goal_cases()
     out = []
-    grids = [("cuda", (torch.bfloat16, torch.float16), GPU_GOAL, GPU_FIT_GOAL)] if goal else [
-        ("cuda", (torch.bfloat16, torch.float16), GPU_QUICK if quick else GPU_SHAPES,
-         GPU_FIT_QUICK if quick else GPU_FIT),
-        ("cpu", (torch.float32,), CPU_QUICK if quick else CPU_SHAPES, CPU_FIT_QUICK if quick else CPU_FIT)]
+    grids = [("cuda", (torch.bfloat16, torch.float16), GPU_QUICK if quick else GPU_SHAPES,
+              GPU_FIT_QUICK if quick else GPU_FIT),
+             ("cpu", (torch.float32,), CPU_QUICK if quick else CPU_SHAPES, CPU_FIT_QUICK if quick else CPU_FIT)]
     for device, dtypes, shapes, fits in grids:  # every assignment before the (slower) fits
         out += [_case("kmeans-assign", *impl, s, dtype, device)
                 for dtype in dtypes for s in shapes for impl in _assign_impls(device)]

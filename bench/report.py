@@ -12,6 +12,7 @@ from bench.harness import slug
 RESULTS = Path(__file__).parent / "results"
 NUMBERS = {"median ms": "median_ms", "peak extra MiB": "peak_extra_mib", "TFLOP/s": "tflops",
            "% bf16 peak": "frac_bf16_peak"}
+OPTIONAL = (("passes", "passes"), ("saved MiB", "saved_mib"), ("compile s", "compile_s"))  # columns where counted
 
 
 def results_path(json_dir: Path, device: str, when: datetime) -> Path:
@@ -48,8 +49,7 @@ def markdown(rows: list[dict]) -> str:
     for op in dict.fromkeys(r["op"] for r in rows):
         rs = [r for r in rows if r["op"] == op]
         sizes = list(dict.fromkeys(k for r in rs for k in r["shape"]))
-        numbers = {**NUMBERS, **{k: key for k, key in (("passes", "passes"), ("saved MiB", "saved_mib"))
-                                 if any(r.get(key) is not None for r in rs)}}
+        numbers = {**NUMBERS, **{k: key for k, key in OPTIONAL if any(r.get(key) is not None for r in rs)}}
         head = ["impl", "dtype", *sizes, *numbers, "status"]
         align = ["---"] * 2 + ["---:"] * (len(sizes) + len(numbers)) + ["---"]
         lines = [f"**{op}**", "", "| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"]
