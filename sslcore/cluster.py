@@ -11,12 +11,13 @@ rate 1 / count), for data that does not fit in memory.  ``backend="faiss"`` runs
 from __future__ import annotations
 
 import copy
+import io
 import math
 import os
-import tempfile
 
 import torch
 
+from .files import atomic_write
 from .kernels.kmeans import kmeans_assign, kmeans_update
 
 __all__ = ["KMeans"]
@@ -425,23 +426,10 @@ class KMeans:
         return self
 
     def save(self, path) -> None:
-        """Write :meth:`state_dict` to ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
-        state = self.state_dict()
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".kmeans-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        """Write :meth:`state_dict` to ``path`` atomically and never through a link."""
+        buffer = io.BytesIO()
+        torch.save(self.state_dict(), buffer)
+        atomic_write(path, buffer.getbuffer(), "KMeans state")
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "KMeans":

@@ -50,6 +50,8 @@ def check_output(path, *, option: str, overwrite: bool, owned: Callable[[Path], 
             raise OutputError(f"{option} {path} is not {_article(what)} {what} sslcore wrote: --overwrite replaces "
                               "only those; choose another path")
     if not path.parent.is_dir():
+        if path.parent.exists():
+            raise OutputError(f"{option} {path}: {str(path.parent)!r} is not a folder")
         raise OutputError(f"{option} {path}: the folder {str(path.parent)!r} does not exist")
     return path
 

@@ -17,8 +17,8 @@ is an ``nn.Module`` (centres and statistics are buffers), so ``.to(device)`` mov
 """
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from typing import Iterator
 
 import timm
@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from .checks import PositiveInt, Probability, check_value
 from .cluster import KMeans
+from .files import atomic_write
 from .kernels.kmeans import kmeans_assign
 
 __all__ = ["FeatureTokenizer", "OracleTokenizer", "PixelTokenizer", "RandomTokenizer", "load_tokenizer", "patchify",
@@ -86,19 +87,23 @@ class _Tokenizer(nn.Module):
     def config(self) -> dict:
         raise NotImplementedError
 
-    def save(self, path) -> None:
-        """One file (``torch.load(weights_only=True)``-safe), written atomically."""
+    def save(self, path, *, option: str | None = None) -> None:
+        """One file (``torch.load(weights_only=True)``-safe), written atomically, never through a link
+        (:func:`sslcore.files.atomic_write`; ``option`` names the path in errors)."""
         state = {"format": _FORMAT, "kind": self.kind, "config": self.config(),
                  "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(prefix=".tokenizer-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write(path, buffer.getbuffer(), "tokenizer", option=option)
+
+
+def is_tokenizer_file(path) -> bool:
+    """Whether ``path`` holds a tokenizer :meth:`_Tokenizer.save` wrote (read without unpickling code)."""
+    try:
+        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 -- unreadable or not a torch file: not ours
+        return False
+    return isinstance(state, dict) and state.get("format") == _FORMAT
 
 
 class _KMeansTokenizer(_Tokenizer):

@@ -91,7 +91,26 @@ def test_export_refuses_to_overwrite_and_names_what_is_wrong(trained, tmp_path, 
         main(["export", "--checkpoint", str(ckpt), "--out", str(out)])
     assert exc.value.code == 2 and "already exists" in capsys.readouterr().err
     assert out.read_bytes() == b"someone else's file"
-    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--overwrite"]) == 0
+    with pytest.raises(SystemExit) as exc:  # --overwrite replaces only an export sslcore wrote
+        main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--overwrite"])
+    assert exc.value.code == 2 and f"--out {out} is not a backbone export sslcore wrote" in capsys.readouterr().err
+    assert out.read_bytes() == b"someone else's file"
+    before = ckpt.read_bytes()
+    with pytest.raises(SystemExit) as exc:  # the review's defect 21: the checkpoint itself as --out
+        main(["export", "--checkpoint", str(ckpt), "--out", str(ckpt), "--overwrite"])
+    assert exc.value.code == 2 and "is not a backbone export sslcore wrote" in capsys.readouterr().err
+    assert ckpt.read_bytes() == before
+    mine = tmp_path / "mine.safetensors"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(mine)]) == 0
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(mine), "--overwrite"]) == 0
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(mine)
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "--checkpoint", str(ckpt), "--out", str(link), "--overwrite"])
+    assert exc.value.code == 2 and f"--out {link} is a symbolic link" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # defect 22: a folder, named as the option, not a temporary file
+        main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path), "--overwrite"])
+    assert exc.value.code == 2 and f"--out {tmp_path} is a folder" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["export", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x.safetensors")])
     assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err

@@ -255,3 +255,21 @@ def test_cli_tcas_and_clustermim_pretrain(tmp_path, capsys):
         main(["tcas", "--n-clusters", "0"])
     assert main(["tokenize", "--tokenizer", "random", "--n-clusters", "7", "--out", str(tmp_path / "t.pt")]) == 0
     assert load_tokenizer(tmp_path / "t.pt").n_clusters == 7
+
+
+def test_tokenize_replaces_only_a_tokenizer_it_wrote(tmp_path, capsys):
+    """The review's defects 21-22: an existing file that is no tokenizer (a checkpoint, say) is never replaced,
+    and path errors name --out, not a temporary file."""
+    mine, theirs, nowhere = tmp_path / "t.pt", tmp_path / "theirs.pt", tmp_path / "afile.pt" / "t.pt"
+    argv = ["tokenize", "--tokenizer", "random", "--n-clusters", "7", "--out"]
+    assert main(argv + [str(mine)]) == 0
+    assert main(argv + [str(mine), "--overwrite"]) == 0
+    torch.save({"model": {}}, theirs)
+    before = theirs.read_bytes()
+    for args, message in (([str(mine)], "already exists"),
+                          ([str(theirs), "--overwrite"], f"--out {theirs} is not a tokenizer sslcore wrote"),
+                          ([str(nowhere)], f"--out {nowhere}: the folder")):
+        with pytest.raises(SystemExit) as e:
+            main(argv + args)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert theirs.read_bytes() == before

@@ -33,6 +33,7 @@ from .report import (
     mean_and_std,
     mean_std,
     results_path,
+    save_figure,
     seed_verdict,
     seeds_arg,
     write_results,
@@ -246,8 +247,7 @@ def plot(results: dict, path: Path) -> None:
     for ax in (left, right):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 

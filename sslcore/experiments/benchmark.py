@@ -20,7 +20,7 @@ from ..data import data_spec_arg, load_dataset
 from ..dist import is_main_process
 from ..methods import METHODS, get_method, method_options
 from ..train import PretrainConfig, pretrain
-from .report import markdown_table, mean, mean_and_std, mean_std, results_path, seeds_arg, write_results
+from .report import markdown_table, mean, mean_and_std, mean_std, results_path, save_figure, seeds_arg, write_results
 
 BUDGET = dict(epochs=20)  # benchmark's default budget (PretrainConfig's defaults otherwise)
 
@@ -248,5 +248,4 @@ def benchmark_plot(result: dict, path: Path) -> None:
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -32,12 +32,23 @@ import torch
 from ..checks import PositiveInt, Probability, check_value, cli_type
 from ..data import data_spec_arg, load_dataset
 from ..data.pipeline import to_float
+from ..files import check_output
 from ..methods.clustermim import TOKENIZER_HELP, build_tokenizer
 from ..methods.mae import MAE, SMALL_VIT, MaskedImageModel
 from ..metrics import tcas, tcas_class_blind, token_class_nmi
-from ..tokenizers import OracleTokenizer, PixelTokenizer
+from ..tokenizers import OracleTokenizer, PixelTokenizer, is_tokenizer_file
 from ..train import PretrainConfig, pretrain
-from .report import check_ints, ints_arg, markdown_table, mean, mean_and_std, mean_std, results_path, write_results
+from .report import (
+    check_ints,
+    ints_arg,
+    markdown_table,
+    mean,
+    mean_and_std,
+    mean_std,
+    results_path,
+    save_figure,
+    write_results,
+)
 
 BATCH_SIZE, LR, WEIGHT_DECAY = 128, 1e-3, 0.05  # the authors' base lr 1e-3 per 256 and weight decay 0.05
 DEFAULT_RATES = (0.0, 1 / 3, 2 / 3, 1.0)
@@ -301,8 +312,7 @@ def study_plot(results: dict, path: Path) -> None:
     for ax in (a, b):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,8 +424,7 @@ def sweep_plot(results: dict, path: Path) -> None:
     for ax in (a, b):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,14 +468,16 @@ def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="k-means seed (default: %(default)s)")
     p.add_argument("--out", required=True,
                    help="the tokenizer file to write (for --tokenizer FILE / -o tokenizer=FILE)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is a tokenizer sslcore wrote")
 
 
 def tokenize_from_args(args: argparse.Namespace) -> dict:
     """Fit a tokenizer on the training images, save it, and print its TCAS/NMI on the held-out ones."""
+    out = check_output(args.out, option="--out", overwrite=args.overwrite, owned=is_tokenizer_file, what="tokenizer")
     data = load_dataset(args.data)
     p = _patch_size(data, args.patch_size)
     tok = build_tokenizer(args.tokenizer, data, n_clusters=args.n_clusters, patch_size=p, seed=args.seed)
-    tok.save(args.out)
+    tok.save(out, option="--out")
     row = {"tokenizer": args.tokenizer, "K": tok.n_clusters, **score_tokenizer(tok, data)}
     print(format_table([row]))
     print(f"wrote {args.out}")

@@ -18,7 +18,6 @@ mean +- std over 3 model seeds (the GCNs on one graph, from ``--seed``), rank an
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from functools import partial
 from pathlib import Path
@@ -35,7 +34,17 @@ from ..layers import ContraNorm
 from ..metrics import LayerStats
 from ..models.gcn import GCN
 from ..train.loop import lr_at
-from .report import markdown_table, mean, mean_and_std, mean_std, results_path, seed_verdict, write_results
+from .report import (
+    markdown_table,
+    mean,
+    mean_and_std,
+    mean_std,
+    read_results,
+    results_path,
+    save_figure,
+    seed_verdict,
+    write_results,
+)
 
 FULL = dict(vit_depths=(6, 12, 24), vit_epochs=8, vit_seeds=3, gcn_depths=(2, 4, 8, 16, 32, 64), gcn_epochs=200,
             gcn_seeds=3)
@@ -257,8 +266,7 @@ def plot(results: dict, path: Path) -> None:
             ax.set_xticks(depths, [str(d) for d in depths])
             ax.minorticks_off()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _scale(text: str) -> float:
@@ -297,7 +305,9 @@ def main_from_args(args: argparse.Namespace) -> dict:
     (with ``--tables``: re-render a results file instead)."""
     if args.tables:
         path = Path(args.tables)
-        results = json.loads(path.read_text())
+        results = read_results(path, "--tables")
+        if not {"config", "vit", "gcn"} <= results.keys():
+            raise ValueError(f"--tables {path} is not an oversmoothing results file (it has no config, vit and gcn)")
         plot(results, path.with_suffix(".png"))
         print(format_tables(results) + f"\n\nwrote {path.with_suffix('.png')}")
         return results

@@ -19,7 +19,7 @@ import math
 import re
 from pathlib import Path
 
-from ..files import atomic_write
+from ..files import OutputError, atomic_write, check_output
 
 # study name -> (module, its markdown renderer, its plot writer)
 STUDIES = {
@@ -102,17 +102,33 @@ seeds_arg = ints_arg("--seeds")
 
 
 def results_path(out, results_out, overwrite: bool) -> Path:
-    """A study's results JSON: ``results_out``, else ``OUT/results.json``; an existing one is refused (before
-    any work) unless ``overwrite``: no run replaces another's results."""
+    """A study's results JSON: ``results_out``, else ``OUT/results.json``; checked before any work: an existing
+    file is replaced only with ``overwrite`` and only when it is a study's results (:func:`is_results`), never
+    through a link; its folder is made."""
+    option = "--results-out" if results_out else "--out"
     path = Path(results_out) if results_out else Path(out) / "results.json"
-    if path.exists() and not overwrite:
-        raise ValueError(f"--results-out {path} exists: give --overwrite to replace it, or another path")
-    return path
+    if not path.parent.exists() and not path.parent.is_symlink():
+        try:
+            path.parent.mkdir(parents=True)
+        except OSError as e:
+            raise OutputError(f"{option} {path}: cannot make its folder: {e.strerror}") from None
+    return check_output(path, option=option, overwrite=overwrite, owned=is_results, what="study results file")
+
+
+def is_results(path: Path) -> bool:
+    """Whether ``path`` holds a study's results as :func:`write_results` writes them: a JSON object with the
+    study's ``config`` and its ``command`` (the oversmoothing study: its ``vit`` and ``gcn`` tables)."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return (isinstance(results, dict) and isinstance(results.get("config"), dict)
+            and ("command" in results or {"vit", "gcn"} <= results.keys()))
 
 
 def write_results(path: Path, results: dict) -> None:
     """Write a study's results JSON to ``path`` (its folder made), atomically: an interrupted write leaves the
-    old file or none, never a half-written one."""
+    old file or none, never a half-written one; never through a link."""
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, (json.dumps(results, indent=1) + "\n").encode(), "results file")
 
@@ -123,9 +139,43 @@ def _renderer(name: str):
     return getattr(module, markdown), getattr(module, plot)
 
 
-def render(name: str, results: dict) -> str:
-    """The README block of study ``name``."""
-    return _renderer(name)[0](results).strip()
+def read_results(path: Path, option: str = "results file") -> dict:
+    """A study's results JSON, or a ``ValueError`` naming ``option`` and the file: unreadable, not JSON, not
+    an object."""
+    try:
+        results = json.loads(path.read_text())
+    except OSError as e:
+        raise ValueError(f"{option} {path}: cannot read it: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{option} {path} is not a text file (a study's results are JSON)") from None
+    except ValueError as e:
+        raise ValueError(f"{option} {path} is not valid JSON: {e}") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{option} {path} holds a JSON {type(results).__name__}, not a study's results object")
+    return results
+
+
+def render(name: str, results: dict, path: Path | str = "the results") -> str:
+    """The README block of study ``name``; a results object that lacks what the study writes is a
+    ``ValueError`` naming ``path`` and the key."""
+    try:
+        return _renderer(name)[0](results).strip()
+    except KeyError as e:
+        raise ValueError(f"{path} is not a complete {name} results file: it has no key {e.args[0]!r}") from None
+    except (TypeError, IndexError, AttributeError, ValueError) as e:
+        raise ValueError(f"{path} is not a well-formed {name} results file: {type(e).__name__}: {e}") from None
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """A study's plot to ``path`` (PNG), atomically and never through a link."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write(path, buffer.getbuffer(), "plot")
 
 
 BLOCK = re.compile(r"(?P<open><!-- results:(?P<name>[\w-]+) -->)(?P<body>.*?)"
@@ -144,12 +194,17 @@ def update(readme: str, results_dir: Path) -> tuple[str, list[str]]:
         path = results_dir / f"{name}.json"
         if not path.is_file():
             raise ValueError(f"README block results:{name}: {path} does not exist")
-        body = "\n" + render(name, json.loads(path.read_text())) + "\n"
+        body = "\n" + render(name, read_results(path), path) + "\n"
         if body != m["body"]:
             changed.append(name)
         return m["open"] + body + m["close"]
 
-    return BLOCK.sub(one, readme), changed
+    text = BLOCK.sub(one, readme)
+    unclosed = re.search(r"<!-- results:([\w-]+) -->", BLOCK.sub("", readme))
+    if unclosed:
+        raise ValueError(f"README block results:{unclosed[1]} is never closed: add <!-- /results:{unclosed[1]} --> "
+                         "after it")
+    return text, changed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -175,12 +230,12 @@ def main_from_args(args: argparse.Namespace) -> int:
         print(f"{readme}: every results block matches {results_dir}")
         return 0
     if changed:
-        readme.write_text(text)
+        atomic_write(readme, text.encode(), "README", option="--readme")
     print(f"{readme}: {'rewrote ' + ', '.join(changed) if changed else 'already up to date'}")
     if not args.no_plots:
         for name in STUDIES:
             path = results_dir / f"{name}.json"
             if path.is_file():
-                _renderer(name)[1](json.loads(path.read_text()), path.with_suffix(".png"))
+                _renderer(name)[1](read_results(path), path.with_suffix(".png"))
                 print(f"wrote {path.with_suffix('.png')}")
     return 0

@@ -47,6 +47,7 @@ from .report import (
     mean_and_std,
     mean_std,
     results_path,
+    save_figure,
     seed_verdict,
     write_results,
 )
@@ -344,8 +345,7 @@ def plot(results: dict, path: Path) -> None:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..files import atomic_write
+from ..files import atomic_write, check_output
 from .evaluate import load_encoder
 
 
@@ -74,16 +74,24 @@ def load_snippet(recipe: dict, path: str, mean=None, std=None) -> str:
             f"pretrained_cfg_overlay={overlay!r}{extra})")
 
 
+def is_export(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file sslcore's export wrote (its metadata says ``producer: sslcore``)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("producer") == "sslcore"
+    except Exception:  # not a safetensors file at all: not ours
+        return False
+
+
 def export_backbone(checkpoint: str, out: str, *, overwrite: bool = False) -> dict:
     """Write the encoder of ``checkpoint`` to ``out`` (safetensors; see the module docstring); returns the
-    recipe with ``snippet``, the Python that loads it.  An existing ``out`` is refused unless ``overwrite``."""
+    recipe with ``snippet``, the Python that loads it.  An existing ``out`` is refused unless ``overwrite`` and it is
+    an export sslcore wrote (:func:`is_export`; a checkpoint, say, never is), before any work."""
     from safetensors.torch import save
 
-    path = Path(out)
-    if path.exists() and not overwrite:
-        raise ValueError(f"--out {out} already exists: choose another path, or pass --overwrite to replace it")
-    if not path.parent.is_dir():
-        raise ValueError(f"--out {out}: the folder {str(path.parent)!r} does not exist")
+    path = check_output(out, option="--out", overwrite=overwrite, owned=is_export, what="backbone export")
     model, ckpt, data = load_encoder(checkpoint)
     if data.kind != "image":
         raise ValueError(f"sslcore export writes image backbones (timm models, smallcnn); {checkpoint} is a "
@@ -100,9 +108,9 @@ def export_backbone(checkpoint: str, out: str, *, overwrite: bool = False) -> di
     meta = {"producer": "sslcore", "method": ckpt["config"]["method"], "epoch": str(ckpt["epoch"]),
             "data": ckpt["config"]["data"], "normalize_mean": json.dumps(mean), "normalize_std": json.dumps(std),
             **{k: json.dumps(v) if not isinstance(v, str) else v for k, v in recipe.items()}}
-    atomic_write(path, save(tensors, metadata=meta), "backbone")
+    atomic_write(path, save(tensors, metadata=meta), "backbone", option="--out")
     return {**recipe, "tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values()),
             "snippet": load_snippet(recipe, str(path), mean, std)}
 
 
-__all__ = ["encoder_recipe", "export_backbone", "load_snippet", "rebuild"]
+__all__ = ["encoder_recipe", "export_backbone", "is_export", "load_snippet", "rebuild"]
