@@ -56,15 +56,21 @@ def fit_linear_probe(x_train, y_train, *, c: float = 1.0):
 
 
 def linear_probe(x_train, y_train, x_test, y_test, *, c: float = 1.0) -> float:
-    """Test accuracy of :func:`fit_linear_probe`."""
+    """Test accuracy of :func:`fit_linear_probe`; with one class in the training split (nothing to separate),
+    that of the classifier every fit gives there: the constant prediction of that class."""
+    import numpy as np
+
+    if len(np.unique(y_train)) < 2:
+        return float(np.mean(np.asarray(y_test) == np.asarray(y_train)[0]))
     return float(fit_linear_probe(x_train, y_train, c=c).score(x_test, y_test))
 
 
 def knn_accuracy(x_train, y_train, x_test, y_test, *, k: int = 20) -> float:
-    """Test accuracy of a distance-weighted k-NN vote under cosine similarity (scikit-learn)."""
+    """Test accuracy of a distance-weighted k-NN vote under cosine similarity (scikit-learn); ``k`` is capped at
+    the training split's size."""
     from sklearn.neighbors import KNeighborsClassifier
 
-    clf = KNeighborsClassifier(n_neighbors=k, metric="cosine", weights="distance")
+    clf = KNeighborsClassifier(n_neighbors=min(k, len(x_train)), metric="cosine", weights="distance")
     return float(clf.fit(x_train, y_train).score(x_test, y_test))
 
 

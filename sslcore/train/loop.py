@@ -81,6 +81,32 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.path, self.epoch, self.step = path, epoch, step
 
 
+class ProbesInterrupted(TrainingInterrupted):
+    """Stopped by a signal after the last checkpoint, before or during the probes: ``--resume`` runs them."""
+
+    def __init__(self, path: str, epoch: int):
+        KeyboardInterrupt.__init__(self, f"stopped before the probes of epoch {epoch} finished; the checkpoint "
+                                         f"{path} is complete")
+        self.path, self.epoch, self.step = path, epoch, 0
+
+
+@contextlib.contextmanager
+def _stop_now(path: str, epoch: int):
+    """While active (the probes: no step to finish), SIGINT or SIGTERM stops at once with :class:`ProbesInterrupted`."""
+    def handle(signum, frame):
+        raise ProbesInterrupted(path, epoch)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handle) for s in _StopRequest.SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 class _StopRequest:
     """While active: the first SIGINT/SIGTERM sets ``requested``; a second SIGINT raises KeyboardInterrupt."""
 
@@ -160,7 +186,8 @@ def _load_resume(cfg: PretrainConfig) -> dict:
     if diff:
         raise CheckpointError(f"checkpoint {cfg.resume!r} was trained with {', '.join(diff)}; "
                               "resume with the same options")
-    if ckpt["epoch"] >= cfg.epochs:
+    finished = ckpt["epoch"] == cfg.epochs and not ckpt.get("position")
+    if ckpt["epoch"] > cfg.epochs or (finished and (Path(cfg.out) / "summary.json").exists()):
         raise CheckpointError(f"checkpoint {cfg.resume!r} has already trained {ckpt['epoch']} epochs, and --epochs "
                               f"{cfg.epochs} leaves nothing to train: pass --epochs above {ckpt['epoch']} to train on, "
                               f"or probe it with: sslcore eval --checkpoint {cfg.resume}")
@@ -423,20 +450,26 @@ def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDire
                 log.close()
                 bar.close()
                 raise TrainingInterrupted(str(ckpt_path), epoch + 1, 0)
+        requested = stop.any_rank(device)  # a signal in the last step: the checkpoint is written, stop here
     bar.close()
     log.close()
+    if requested:
+        raise ProbesInterrupted(str(ckpt_path), cfg.epochs)
     train_time = time.perf_counter() - t_start
+    if final_loss is None:  # a resumed run that had only its probes left
+        final_loss = log.last_loss(cfg.epochs)
 
     summary = None
     if main:
-        probes = {"trained": probe(data, model, **probing)}
-        if cfg.baselines:
-            random_model = build_model(config, data).to(device)
-            random_model.load_state_dict(init_state)
-            probes["random_init"] = probe(data, random_model, **probing)
-            probes["raw_pixels"] = probe(data, None, **probing)
-        model.eval()
-        method_eval = model.evaluate(data)
+        with _stop_now(str(ckpt_path), cfg.epochs):
+            probes = {"trained": probe(data, model, **probing)}
+            if cfg.baselines:
+                random_model = build_model(config, data).to(device)
+                random_model.load_state_dict(init_state)
+                probes["random_init"] = probe(data, random_model, **probing)
+                probes["raw_pixels"] = probe(data, None, **probing)
+            model.eval()
+            method_eval = model.evaluate(data)
         summary = {"method": cfg.method, "data": cfg.data, "encoder": cfg.encoder,
                    "encoder_class": type(model.encoder).__name__, "raw_features": data.raw_name, "epochs": cfg.epochs,
                    "temperature": cfg.temperature, "augment": recipe_name, "optimizer": cfg.optimizer,

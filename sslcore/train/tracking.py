@@ -31,10 +31,28 @@ FLUSH_EVERY = 10
 TENSORBOARD_DIR = "tensorboard"
 
 
-def _keep(path: Path, key: str, last: int) -> None:
-    """Keep the lines of ``path`` whose ``key`` is at most ``last`` (a resume continues from ``last``)."""
-    rows = [r for r in map(json.loads, path.read_text().splitlines()) if r[key] <= last] if path.exists() else []
+def _keep(path: Path, key: str, last: int) -> list[dict]:
+    """Keep (and return) the lines of ``path`` whose ``key`` is at most ``last`` (a resume continues from
+    ``last``).  A last line cut short (a kill or a full disk during its append) is dropped; any other damage is
+    a ``ValueError`` naming the file and the line."""
+    if not path.exists():
+        return []
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get(key), int):
+                raise ValueError(f"not a JSON object with an integer {key!r}")
+        except ValueError as e:
+            if n == len(lines) and not text.endswith("\n"):  # an append cut short: the epoch's checkpoint decides
+                break
+            raise ValueError(f"{path} line {n} is damaged ({e}): repair or remove that line to resume") from None
+        rows.append(row)
+    rows = [r for r in rows if r[key] <= last]
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode(), "record")
+    return rows
 
 
 class RunLog:
@@ -44,10 +62,10 @@ class RunLog:
                  tensorboard: bool = True, say=print, record=lambda *names: None):
         self.out, self.device, self.enabled = Path(out), device, enabled
         self.pending: list[tuple[int, int, torch.Tensor, float, int, torch.Tensor | None]] = []
-        self.t_flush, self.writer = time.perf_counter(), None
+        self.t_flush, self.writer, self.epochs = time.perf_counter(), None, []
         if not enabled:
             return
-        _keep(self.out / "metrics.jsonl", "epoch", epoch)
+        self.epochs = _keep(self.out / "metrics.jsonl", "epoch", epoch)
         _keep(self.out / "steps.jsonl", "step", step)
         if tensorboard:
             try:
@@ -95,6 +113,10 @@ class RunLog:
                         self.writer.add_scalar(f"step/{key}", row[key], step)
         append_text(self.out / "steps.jsonl", "".join(lines))
         self.pending, self.t_flush = [], now
+
+    def last_loss(self, epoch: int) -> float | None:
+        """The loss ``metrics.jsonl`` recorded for ``epoch`` before this run started (None if it has none)."""
+        return next((r.get("loss") for r in self.epochs if r["epoch"] == epoch), None)
 
     def epoch(self, row: dict, step: int) -> None:
         """Append the epoch's line to ``metrics.jsonl`` (and its scalars at optimizer step ``step``)."""
