@@ -169,3 +169,7 @@ def check_optimizer_state(name: str, state, optimizer: torch.optim.Optimizer) ->
             if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
                 raise CheckpointError(f"checkpoint {name} state {key!r} of parameter {index} has shape "
                                       f"{tuple(value.shape)}, the parameter {tuple(param.shape)}")
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                raise CheckpointError(f"checkpoint {name} state {key!r} of parameter {index} holds NaN or Inf (the "
+                                      "optimizer state is damaged, not the options): resume from an earlier checkpoint "
+                                      "or start a new run")

@@ -28,6 +28,8 @@ RUN_KEYS = ("method", "data", "encoder", "batch_size", "lr", "weight_decay", "wa
             "seed", "limit", "options", "augment", "optimizer", "accumulate", "clip_grad", "weight_decay_all")
 # Run control, not settings: not written to config.yaml and not taken from a resumed checkpoint.
 CONTROL_KEYS = ("out", "resume", "overwrite")
+DEFAULTED = "defaulted"  # config.yaml: the settings resolved from the method's defaults rather than given
+MAX_CONFIG_BYTES = 1 << 20
 # The base learning rate is per 256 samples; above 1 that is noise for every optimizer here, LARS included.
 LearningRate = Annotated[float, Range(0, 1, low_open=True)]
 ClipNorm = Annotated[float, Range(0, low_open=True)]
@@ -107,9 +109,11 @@ class PretrainConfig:
             raise ValueError(f"--augment {self.augment}: --data {self.data} is token data, which takes no image "
                              "augmentation (auto or none)")
         params = option_parameters(self.method)
+        self.defaulted = ()  # settings resolved from the method's defaults, not given: config.yaml says which
         if "temperature" in params:
             if self.temperature is None:
                 self.temperature = cls.default_temperature(self.options)
+                self.defaulted = ("temperature",)
         elif self.temperature is not None:
             raise ValueError(f"method {self.method!r} has no temperature (its loss has no softmax over negatives); "
                              "leave out --temperature")
@@ -144,8 +148,10 @@ class PretrainConfig:
         return self.lr * self.effective_batch / LR_BATCH
 
     def settings(self) -> dict:
-        """The settings as plain data (``config.yaml``): everything but run control (out, resume, overwrite)."""
-        return {k: _plain(v) for k, v in dataclasses.asdict(self).items() if k not in CONTROL_KEYS}
+        """The settings as plain data (``config.yaml``): everything but run control (out, resume, overwrite),
+        and under ``defaulted`` those the method resolved (a replay with another method resolves them anew)."""
+        settings = {k: _plain(v) for k, v in dataclasses.asdict(self).items() if k not in CONTROL_KEYS}
+        return {**settings, DEFAULTED: list(self.defaulted)}
 
 
 def _plain(value):
@@ -211,17 +217,49 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML for settings: no aliases (a few hundred bytes of nested aliases expand to gigabytes) and no
+    duplicate keys (which YAML resolves silently to the last)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"line {mark.line + 1}: aliases (*name) are not allowed in a config file")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.YAMLError(f"line {key_node.start_mark.line + 1}: the setting {key!r} is given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_config_file(path: str) -> dict:
-    """The settings in a ``config.yaml`` (as every run writes it), checked to be known fields."""
+    """The settings in a ``config.yaml`` (as every run writes it), checked to be known fields; those it lists
+    as ``defaulted`` are left out (resolved again for this run's method)."""
     try:
-        with open(path) as f:
-            settings = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ValueError(f"--config {path}: cannot read it: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(f"--config {path} is over {MAX_CONFIG_BYTES >> 20} MiB: not a config file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"--config {path} is not a text file (a config is YAML, as OUT/config.yaml)") from None
+    try:
+        settings = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 -- a SafeLoader, stricter still
     except yaml.YAMLError as e:
         raise ValueError(f"--config {path} is not valid YAML: {e}") from None
     if not isinstance(settings, dict):
         raise ValueError(f"--config {path} must hold a mapping of settings, got {type(settings).__name__}")
+    defaulted = settings.pop(DEFAULTED, [])
+    if not isinstance(defaulted, list) or not set(map(str, defaulted)) <= set(FIELDS):
+        raise ValueError(f"--config {path}: {DEFAULTED} must list settings, got {defaulted!r}")
     unknown = sorted(set(settings) - set(FIELDS))
     if unknown:
         raise ValueError(f"--config {path} has unknown setting(s) {', '.join(map(repr, unknown))}; "
@@ -229,13 +267,20 @@ def read_config_file(path: str) -> dict:
     control = sorted(set(settings) & set(CONTROL_KEYS))
     if control:
         raise ValueError(f"--config {path} sets {', '.join(control)}: give those on the command line")
-    return settings
+    return {k: v for k, v in settings.items() if k not in defaulted}
 
 
 def build_config(given: dict, *, config_file: str | None = None) -> PretrainConfig:
     """The run's config from the options ``given`` on the command line, over a ``--config`` file, over the
     config of the checkpoint being resumed, over the defaults (see the module docstring)."""
     settings = read_config_file(config_file) if config_file is not None else {}
+    if "temperature" in given.get("options", {}):  # -o temperature= beside --config wins over its temperature
+        settings.pop("temperature", None)
+    if "temperature" in given and isinstance(settings.get("options"), dict):
+        settings["options"] = {k: v for k, v in settings["options"].items() if k != "temperature"}
+    if given.get("method", settings.get("method")) != settings.get("method", given.get("method")) and \
+            "temperature" not in option_parameters(given["method"]):  # the file's method had one; this has none
+        settings.pop("temperature", None)
     merged = {**settings, **given}
     if merged.get("resume") is not None and merged.get("overwrite"):
         raise ValueError("--resume continues a run and --overwrite starts a new one: give one")
@@ -253,11 +298,27 @@ def build_config(given: dict, *, config_file: str | None = None) -> PretrainConf
             raise CheckpointError(f"--resume {path}: {'; '.join(diff)}; a resumed run keeps its settings "
                                   "(leave these out, or start a new run)")
         merged = {**taken, **{k: v for k, v in merged.items() if not (k == "options" and not v)}}
+        _check_where(merged, given, path)
     try:
         return PretrainConfig(**merged)
     except TypeError as e:  # an unknown keyword from a hand-written caller
         raise ValueError(str(e)) from None
 
 
-__all__ = ["CONTROL_KEYS", "FIELDS", "LR_BATCH", "PretrainConfig", "RUN_KEYS", "TRAINER_OPTIONS", "build_config",
-           "cli_domain", "default_out", "flag", "read_config_file", "resolve_device", "resolve_precision"]
+def _check_where(merged: dict, given: dict, path: str) -> None:
+    """A resumed run takes its device and precision from the checkpoint unless given: say so when this machine
+    cannot run them, and how to run here instead."""
+    try:
+        device = resolve_device(merged.get("device", "auto"))
+        resolve_precision(merged.get("precision", "auto"), device)
+    except ValueError as e:
+        taken = [f"{flag(k)} {merged[k]}" for k in ("device", "precision") if k in merged and k not in given]
+        if not taken:
+            raise
+        raise ValueError(f"{e}; --resume {path} takes {' and '.join(taken)} from the checkpoint's run: give "
+                         "--device cpu (and --precision fp32 or bf16) to resume it on this machine") from None
+
+
+__all__ = ["CONTROL_KEYS", "DEFAULTED", "FIELDS", "LR_BATCH", "PretrainConfig", "RUN_KEYS", "TRAINER_OPTIONS",
+           "build_config", "cli_domain", "default_out", "flag", "read_config_file", "resolve_device",
+           "resolve_precision"]
