@@ -15,7 +15,7 @@ import torch
 
 from . import dist
 from .kernels import infonce, infonce_messages as _infonce_messages, infonce_terms, lse_similarity
-from .kernels._backend import unit_rows
+from .kernels._backend import check_finite, unit_rows, validating
 from .kernels.infonce import _check_args, _reduce
 
 GatherMode = Union[bool, Literal["ring"]]
@@ -149,6 +149,8 @@ def dcl(out0: torch.Tensor, out1: torch.Tensor, *, temperature: float = 0.1, wei
             w = torch.as_tensor(weight_fn(a, b), device=a.device)
             if w.shape != (len(a),):
                 raise ValueError(f"weight_fn must return one weight per row, shape ({len(a)},), got {tuple(w.shape)}")
+            if validating(w.device):
+                check_finite("the weights weight_fn returned", w)
             positive = positive * w.to(wide)
         return (torch.logaddexp(lse(a, a).to(wide), lse(a, b).to(wide)) - positive).mean()
     return 0.5 * (side(n0, n1) + side(n1, n0))

@@ -5,14 +5,24 @@
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from . import dist
-from .checks import Backend, NonNegativeInt, Temperature, check_value
+from .checks import Backend, NonNegative, NonNegativeInt, Temperature, check_value
 from .functional import GATHER_MODES, dcl, infonce_pairs, mises_fisher_weights, nt_xent
 from .kernels import lse_similarity
-from .kernels._backend import unit_rows
+from .kernels._backend import check_finite, unit_rows, validating
+
+
+def _check_values(**tensors) -> None:
+    """Each of ``tensors`` finite, where :func:`~sslcore.kernels._backend.validating` says values are read
+    (always on the CPU; on CUDA with ``SSLCORE_VALIDATE=1``)."""
+    for name, t in tensors.items():
+        if validating(t.device):
+            check_finite(name, t)
 
 
 def _gather_mode(value):
@@ -109,20 +119,33 @@ class NTXentLoss(nn.Module):
         self.memory = _MemoryBank(memory_bank_size)
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        if not isinstance(out0, torch.Tensor) or not isinstance(out1, torch.Tensor):
-            raise TypeError("out0 and out1 must be tensors")
+        for name, t in (("out0", out0), ("out1", out1)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
         if out0.shape != out1.shape:
             raise ValueError(f"out0 and out1 must have the same shape, got {tuple(out0.shape)} and {tuple(out1.shape)}")
+        if out0.dim() != 2:
+            raise ValueError(f"out0 and out1 must be [N, D], got shape {tuple(out0.shape)}")
         if self.memory.rows:
             if weight is not None:
                 raise ValueError("weight is for the in-batch form, not with a memory bank")
+            _check_values(out0=out0, out1=out1)  # before anything reaches the bank
             return self._with_bank(out0, out1)
         world = dist.world_size() if self.gather_distributed else 1
-        if out0.dim() and out0.shape[0] * world == 1:
-            raise ValueError("out0 and out1 hold 1 sample each: NT-Xent's negatives are the batch's other samples, "
-                             "so the loss would be 0 with no gradient; give at least 2")
+        if out0.shape[0] * world == 1:
+            return self._one_sample(out0, out1)
         return nt_xent(out0, out1, temperature=self.temperature, weight=weight,
                        gather_distributed=self.gather_distributed, backend=self.backend)
+
+    @staticmethod
+    def _one_sample(out0, out1):
+        """lightly's value for a batch of one sample without a bank: its only logit is the positive, so the
+        cross-entropy is 0 (with a zero gradient).  Said once: a last batch of one sample trains nothing."""
+        _check_values(out0=out0, out1=out1)
+        warnings.warn("NTXentLoss got a batch of 1 sample: with no other samples there are no negatives, so "
+                      "the loss is 0 with no gradient (as lightly's); drop the last batch (drop_last=True) or "
+                      "use a memory bank", UserWarning, stacklevel=3)
+        return (out0.sum() + out1.sum()).to(torch.promote_types(out0.dtype, torch.float32)) * 0.0 + 0.0
 
     def _with_bank(self, out0, out1):
         q, k = unit_rows(out0), unit_rows(out1)
@@ -185,6 +208,12 @@ class DCLLoss(nn.Module):
         self.backend = check_value("backend", backend, Backend)
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+        if isinstance(out0, torch.Tensor) and out0.dim() == 2:
+            world = dist.world_size() if self.gather_distributed else 1
+            if out0.shape[0] * world == 1:
+                raise ValueError("out0 and out1 hold 1 sample each: DCL's negatives are the batch's other samples "
+                                 "(the positive is left out of the denominator), so the loss would be -inf; give at "
+                                 "least 2")
         return dcl(out0, out1, temperature=self.temperature, weight_fn=self.weight_fn,
                    gather_distributed=self.gather_distributed, backend=self.backend)
 
@@ -207,9 +236,14 @@ class NegativeCosineSimilarity(nn.Module):
 
     def __init__(self, dim: int = 1, eps: float = 1e-8):
         super().__init__()
-        self.dim, self.eps = dim, eps
+        self.dim = check_value("dim", dim, int)
+        self.eps = check_value("eps", eps, NonNegative)
 
     def forward(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+        for name, t in (("x0", x0), ("x1", x1)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        _check_values(x0=x0, x1=x1)
         return -nn.functional.cosine_similarity(x0, x1, self.dim, self.eps).mean()
 
 

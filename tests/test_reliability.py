@@ -20,6 +20,7 @@ import sslcore.train.loop as loop
 from sslcore import InfoNCELoss, KMeans, NTXentLoss
 from sslcore.checks import describe
 from sslcore.cli import main
+from sslcore.layers import DContraNorm
 from sslcore.methods import MAE, METHODS, option_parameters
 from sslcore.methods.arcl import ArCL
 from sslcore.metrics import tcas
@@ -414,7 +415,10 @@ def test_eval_on_token_data_of_another_shape_says_what_differs(tmp_path, capsys,
 @pytest.mark.parametrize("call, message", [
     (lambda: NTXentLoss(temperature="0.5"), "temperature must be a number >= 1e-08, got '0.5'"),
     (lambda: NTXentLoss(temperature=1e-40), "temperature must be a number >= 1e-08"),
-    (lambda: NTXentLoss()(torch.randn(1, 4), torch.randn(1, 4)), "out0 and out1 hold 1 sample each"),
+    (lambda: tcas(torch.tensor([0, 1]), torch.tensor([0, 1]), 10 ** 9, 10 ** 6),
+     "n_tokens x n_classes = 1,000,000,000 x 1,000,000 count cells is more than"),
+    (lambda: DContraNorm(8)(torch.full((4, 8), float("nan"))), "x contains NaN or Inf"),
+    (lambda: DContraNorm(8)([[0.0] * 8] * 4), "x must be a tensor, got list"),
     (lambda: InfoNCELoss(memory_bank_size=2.5), "memory_bank_size must be an integer >= 0, got 2.5"),
     (lambda: InfoNCELoss()(None, torch.randn(2, 4)), "query must be a tensor, got NoneType"),
     (lambda: PixelTokenizer(2, 4, in_chans=-1), "in_chans must be an integer >= 1, got -1"),
