@@ -16,7 +16,7 @@ import torch
 
 from . import cifar, digits, imagefolder, shapes, text
 from .augment import AUGMENT_CHOICES, RECIPES, Augment, RGBAugment, build_recipe
-from .pipeline import TensorItems, to_float
+from .pipeline import ItemError, TensorItems, to_float
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -130,7 +130,10 @@ class FolderData(_Images):
             raise ValueError(f"{self.name}: holding the {len(items)} {split} images in memory would take "
                              f"{need / 2 ** 30:.1f} GiB (more than {MAX_RESIDENT_BYTES / 2 ** 30:.0f} GiB); training "
                              "streams them, but this use needs them resident: lower size or use a smaller folder")
-        return to_float(items.__getitems__(list(range(len(items))))[1])
+        batch = items.__getitems__(list(range(len(items))))
+        if isinstance(batch, ItemError):
+            raise ValueError(batch.message)
+        return to_float(batch[1])
 
     @property
     def x_train(self) -> torch.Tensor:
