@@ -204,6 +204,16 @@ def data_spec_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def image_data_spec_arg(text: str) -> str:
+    """``argparse`` ``type=`` for a ``--data`` that must be images (the tokenizer studies): as
+    :func:`data_spec_arg`, and token data refused by name."""
+    spec = data_spec_arg(text)
+    if data_kind(spec) != "image":
+        raise argparse.ArgumentTypeError(f"{spec} is token data; this command takes image data (digits, shapes:..., "
+                                         "cifar10:PATH, imagefolder:PATH, ...)")
+    return spec
+
+
 def resolve_recipe(choice: str, method_recipe: str | None, data) -> str:
     """The recipe ``--augment choice`` means for a method (``method_recipe``: its own, e.g. MAE's ``mae``; None:
     the data's ``recipe``) on ``data``; token data takes no image augmentation."""
@@ -223,4 +233,4 @@ def load_dataset(spec: str) -> ImageData:
 
 
 __all__ = ["AUGMENT_CHOICES", "DATASETS", "RECIPES", "FolderData", "ImageData", "RGBAugment", "check_data_spec",
-           "data_kind", "data_spec_arg", "load_dataset", "resolve_recipe"]
+           "data_kind", "data_spec_arg", "image_data_spec_arg", "load_dataset", "resolve_recipe"]
