@@ -130,10 +130,13 @@ def dcl(out0: torch.Tensor, out1: torch.Tensor, *, temperature: float = 0.1, wei
     order); DCLW's is :func:`mises_fisher_weights`."""
     _two_views(out0, out1)
     _check_args(out0, out1, temperature, None, None, None, False, "mean")
+    mode, scale = _mode(gather_distributed), 1.0 / temperature
+    if len(out0) * (dist.world_size() if mode else 1) == 1:
+        raise ValueError("out0 and out1 hold 1 sample each: DCL's negatives are the batch's other samples (the "
+                         "positive is left out of the denominator), so the loss would be -inf; give at least 2")
     if weight_fn is not None and not callable(weight_fn):
         raise TypeError(f"weight_fn must be callable (a, b) -> [N] weights, got {type(weight_fn).__name__}")
     n0, n1 = unit_rows(out0), unit_rows(out1)
-    mode, scale = _mode(gather_distributed), 1.0 / temperature
     wide = torch.promote_types(out0.dtype, torch.float32)
 
     def lse(a, b):  # a's rows against b's rows of every rank, row i's own index left out

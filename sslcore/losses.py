@@ -208,12 +208,6 @@ class DCLLoss(nn.Module):
         self.backend = check_value("backend", backend, Backend)
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
-        if isinstance(out0, torch.Tensor) and out0.dim() == 2:
-            world = dist.world_size() if self.gather_distributed else 1
-            if out0.shape[0] * world == 1:
-                raise ValueError("out0 and out1 hold 1 sample each: DCL's negatives are the batch's other samples "
-                                 "(the positive is left out of the denominator), so the loss would be -inf; give at "
-                                 "least 2")
         return dcl(out0, out1, temperature=self.temperature, weight_fn=self.weight_fn,
                    gather_distributed=self.gather_distributed, backend=self.backend)
 

@@ -131,6 +131,7 @@ def test_lightly_names_are_exported():
     # one row: no negatives, and the positive is out of DCL's denominator, so lightly's gives -inf
     (lambda: DCLLoss()(*_pair(1, 16)), ValueError, "hold 1 sample each: DCL's negatives"),
     (lambda: DCLWLoss()(*_pair(1, 16)), ValueError, "hold 1 sample each"),
+    (lambda: sslcore.functional.dcl(*_pair(1, 16)), ValueError, "hold 1 sample each"),
     (lambda: DCLLoss(weight_fn=lambda a, b: torch.full((4,), float("nan")))(*_pair(4, 16)), ValueError,
      "the weights weight_fn returned contains NaN"),
     (lambda: NegativeCosineSimilarity(eps=-1), ValueError, "eps must be a number >= 0, got -1"),
