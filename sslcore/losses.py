@@ -42,11 +42,13 @@ def _bank_size(value) -> tuple[int, int | None]:
 
 
 @torch.no_grad()
-def ring_write(buffer: torch.Tensor, ptr: torch.Tensor, batch: torch.Tensor, *, wrap: bool) -> None:
+def ring_write(buffer: torch.Tensor, ptr: torch.Tensor, batch: torch.Tensor, *, wrap: bool,
+               finite_only: bool = False) -> None:
     """Write ``batch`` into the ring ``buffer`` [R, D] at row ``ptr`` (a 0-dim int64 tensor) and move ``ptr``
     on by its rows, both in place, without reading ``ptr`` on the host (no synchronisation on a GPU;
     ``torch.compile`` traces it).  ``wrap``: rows past the end go on at row 0; else they are dropped and
-    ``ptr`` goes back to 0 once the end is reached (lightly's memory bank)."""
+    ``ptr`` goes back to 0 once the end is reached (lightly's memory bank).  ``finite_only``: a row holding
+    NaN or Inf is not written (its slot keeps what it holds), still without a host read."""
     size, n = buffer.shape[0], batch.shape[0]
     start = ptr
     if n > size:  # only `size` rows can land: the first ones (dropping), the last ones (wrapping)
@@ -57,6 +59,8 @@ def ring_write(buffer: torch.Tensor, ptr: torch.Tensor, batch: torch.Tensor, *, 
     values = batch.to(buffer.dtype)
     if not wrap:  # rows past the end keep what they hold
         values = torch.where((at < size)[:, None], values, buffer[rows])
+    if finite_only:
+        values = torch.where(torch.isfinite(values).all(1, keepdim=True), values, buffer[rows])
     buffer.index_copy_(0, rows, values)
     end = ptr + n
     ptr.copy_(end % size if wrap else torch.where(end >= size, 0, end))
@@ -89,8 +93,10 @@ class _MemoryBank(nn.Module):
     @torch.no_grad()
     def enqueue(self, batch: torch.Tensor) -> None:
         """Write ``batch`` over the oldest rows (a ring buffer at a pointer); a batch reaching the end
-        fills the rest and starts over at row 0, the remainder dropped, as lightly does."""
-        ring_write(self.bank, self.bank_ptr, batch, wrap=False)
+        fills the rest and starts over at row 0, the remainder dropped, as lightly does.  Rows holding NaN or
+        Inf are not written: where inputs are not checked (CUDA without validation), a bad batch still cannot
+        poison the bank for every later call."""
+        ring_write(self.bank, self.bank_ptr, batch, wrap=False, finite_only=True)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         saved = state_dict.get(prefix + "bank")

@@ -95,6 +95,24 @@ def test_ntxent_memory_bank_refuses_non_finite_input_before_it_enqueues(seed, ba
     assert torch.isfinite(loss(*(t.requires_grad_(True) for t in _pair(4, 8))))
 
 
+@pytest.mark.parametrize("make", [lambda: NTXentLoss(0.2, memory_bank_size=(16, 8), backend="torch"),
+                                  lambda: InfoNCELoss(0.2, memory_bank_size=(16, 8), backend="torch")])
+def test_unchecked_non_finite_rows_never_enter_a_bank(seed, make, monkeypatch):
+    """Where values are not read (CUDA without SSLCORE_VALIDATE; here forced), a NaN row is not enqueued."""
+    import importlib
+
+    for module in map(importlib.import_module, ("sslcore.losses", "sslcore.kernels.infonce")):
+        monkeypatch.setattr(module, "validating", lambda device, validate=None: False)
+    loss = make()
+    bank = loss.memory.bank.clone()
+    out0, out1 = _pair(4, 8)
+    out1[1] = float("nan")
+    loss(out0.requires_grad_(True), out1)
+    assert torch.isfinite(loss.memory.bank).all() and torch.equal(loss.memory.bank[1], bank[1])
+    assert not torch.equal(loss.memory.bank[0], bank[0])  # the finite rows were written
+    assert torch.isfinite(loss(*(t.requires_grad_(True) for t in _pair(4, 8))))
+
+
 def test_negative_cosine_similarity_is_lightlys(seed):
     _both(NegativeCosineSimilarity(), lightly_loss.NegativeCosineSimilarity(), *_pair(), rtol=1e-6, atol=1e-7)
 
