@@ -15,7 +15,7 @@ import torch
 
 from . import dist
 from .kernels import infonce, infonce_messages as _infonce_messages, infonce_terms, lse_similarity
-from .kernels._backend import unit_rows
+from .kernels._backend import check_finite, unit_rows, validating
 from .kernels.infonce import _check_args, _reduce
 
 GatherMode = Union[bool, Literal["ring"]]
@@ -130,10 +130,13 @@ def dcl(out0: torch.Tensor, out1: torch.Tensor, *, temperature: float = 0.1, wei
     order); DCLW's is :func:`mises_fisher_weights`."""
     _two_views(out0, out1)
     _check_args(out0, out1, temperature, None, None, None, False, "mean")
+    mode, scale = _mode(gather_distributed), 1.0 / temperature
+    if len(out0) * (dist.world_size() if mode else 1) == 1:
+        raise ValueError("out0 and out1 hold 1 sample each: DCL's negatives are the batch's other samples (the "
+                         "positive is left out of the denominator), so the loss would be -inf; give at least 2")
     if weight_fn is not None and not callable(weight_fn):
         raise TypeError(f"weight_fn must be callable (a, b) -> [N] weights, got {type(weight_fn).__name__}")
     n0, n1 = unit_rows(out0), unit_rows(out1)
-    mode, scale = _mode(gather_distributed), 1.0 / temperature
     wide = torch.promote_types(out0.dtype, torch.float32)
 
     def lse(a, b):  # a's rows against b's rows of every rank, row i's own index left out
@@ -149,6 +152,8 @@ def dcl(out0: torch.Tensor, out1: torch.Tensor, *, temperature: float = 0.1, wei
             w = torch.as_tensor(weight_fn(a, b), device=a.device)
             if w.shape != (len(a),):
                 raise ValueError(f"weight_fn must return one weight per row, shape ({len(a)},), got {tuple(w.shape)}")
+            if validating(w.device):
+                check_finite("the weights weight_fn returned", w)
             positive = positive * w.to(wide)
         return (torch.logaddexp(lse(a, a).to(wide), lse(a, b).to(wide)) - positive).mean()
     return 0.5 * (side(n0, n1) + side(n1, n0))

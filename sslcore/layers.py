@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import BACKENDS, contranorm, contranorm_features_ref
+from .kernels._backend import check_finite, validating
 
 
 def _check_scale_temperature(scale, temperature):
@@ -161,6 +162,8 @@ class DContraNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.dim, (2, 3), "[N, D] or [B, L, D]")
+        if validating(x.device):
+            check_finite("x", x)
         return contranorm_features_ref(x, scale=self.scale, temperature=self.temperature, identity=self.identity)
 
     def extra_repr(self) -> str:

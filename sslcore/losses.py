@@ -5,14 +5,24 @@
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from . import dist
-from .checks import Backend, NonNegativeInt, Temperature, check_value
+from .checks import Backend, NonNegative, NonNegativeInt, Temperature, check_value
 from .functional import GATHER_MODES, dcl, infonce_pairs, mises_fisher_weights, nt_xent
 from .kernels import lse_similarity
-from .kernels._backend import unit_rows
+from .kernels._backend import check_finite, unit_rows, validating
+
+
+def _check_values(**tensors) -> None:
+    """Each of ``tensors`` finite, where :func:`~sslcore.kernels._backend.validating` says values are read
+    (always on the CPU; on CUDA with ``SSLCORE_VALIDATE=1``)."""
+    for name, t in tensors.items():
+        if validating(t.device):
+            check_finite(name, t)
 
 
 def _gather_mode(value):
@@ -32,11 +42,13 @@ def _bank_size(value) -> tuple[int, int | None]:
 
 
 @torch.no_grad()
-def ring_write(buffer: torch.Tensor, ptr: torch.Tensor, batch: torch.Tensor, *, wrap: bool) -> None:
+def ring_write(buffer: torch.Tensor, ptr: torch.Tensor, batch: torch.Tensor, *, wrap: bool,
+               finite_only: bool = False) -> None:
     """Write ``batch`` into the ring ``buffer`` [R, D] at row ``ptr`` (a 0-dim int64 tensor) and move ``ptr``
     on by its rows, both in place, without reading ``ptr`` on the host (no synchronisation on a GPU;
     ``torch.compile`` traces it).  ``wrap``: rows past the end go on at row 0; else they are dropped and
-    ``ptr`` goes back to 0 once the end is reached (lightly's memory bank)."""
+    ``ptr`` goes back to 0 once the end is reached (lightly's memory bank).  ``finite_only``: a row holding
+    NaN or Inf is not written (its slot keeps what it holds), still without a host read."""
     size, n = buffer.shape[0], batch.shape[0]
     start = ptr
     if n > size:  # only `size` rows can land: the first ones (dropping), the last ones (wrapping)
@@ -47,6 +59,8 @@ def ring_write(buffer: torch.Tensor, ptr: torch.Tensor, batch: torch.Tensor, *, 
     values = batch.to(buffer.dtype)
     if not wrap:  # rows past the end keep what they hold
         values = torch.where((at < size)[:, None], values, buffer[rows])
+    if finite_only:
+        values = torch.where(torch.isfinite(values).all(1, keepdim=True), values, buffer[rows])
     buffer.index_copy_(0, rows, values)
     end = ptr + n
     ptr.copy_(end % size if wrap else torch.where(end >= size, 0, end))
@@ -79,8 +93,10 @@ class _MemoryBank(nn.Module):
     @torch.no_grad()
     def enqueue(self, batch: torch.Tensor) -> None:
         """Write ``batch`` over the oldest rows (a ring buffer at a pointer); a batch reaching the end
-        fills the rest and starts over at row 0, the remainder dropped, as lightly does."""
-        ring_write(self.bank, self.bank_ptr, batch, wrap=False)
+        fills the rest and starts over at row 0, the remainder dropped, as lightly does.  Rows holding NaN or
+        Inf are not written: where inputs are not checked (CUDA without validation), a bad batch still cannot
+        poison the bank for every later call."""
+        ring_write(self.bank, self.bank_ptr, batch, wrap=False, finite_only=True)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         saved = state_dict.get(prefix + "bank")
@@ -109,20 +125,33 @@ class NTXentLoss(nn.Module):
         self.memory = _MemoryBank(memory_bank_size)
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        if not isinstance(out0, torch.Tensor) or not isinstance(out1, torch.Tensor):
-            raise TypeError("out0 and out1 must be tensors")
+        for name, t in (("out0", out0), ("out1", out1)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
         if out0.shape != out1.shape:
             raise ValueError(f"out0 and out1 must have the same shape, got {tuple(out0.shape)} and {tuple(out1.shape)}")
+        if out0.dim() != 2:
+            raise ValueError(f"out0 and out1 must be [N, D], got shape {tuple(out0.shape)}")
         if self.memory.rows:
             if weight is not None:
                 raise ValueError("weight is for the in-batch form, not with a memory bank")
+            _check_values(out0=out0, out1=out1)  # before anything reaches the bank
             return self._with_bank(out0, out1)
         world = dist.world_size() if self.gather_distributed else 1
-        if out0.dim() and out0.shape[0] * world == 1:
-            raise ValueError("out0 and out1 hold 1 sample each: NT-Xent's negatives are the batch's other samples, "
-                             "so the loss would be 0 with no gradient; give at least 2")
+        if out0.shape[0] * world == 1:
+            return self._one_sample(out0, out1)
         return nt_xent(out0, out1, temperature=self.temperature, weight=weight,
                        gather_distributed=self.gather_distributed, backend=self.backend)
+
+    @staticmethod
+    def _one_sample(out0, out1):
+        """lightly's value for a batch of one sample without a bank: its only logit is the positive, so the
+        cross-entropy is 0 (with a zero gradient).  Said once: a last batch of one sample trains nothing."""
+        _check_values(out0=out0, out1=out1)
+        warnings.warn("NTXentLoss got a batch of 1 sample: with no other samples there are no negatives, so "
+                      "the loss is 0 with no gradient (as lightly's); drop the last batch (drop_last=True) or "
+                      "use a memory bank", UserWarning, stacklevel=3)
+        return (out0.sum() + out1.sum()).to(torch.promote_types(out0.dtype, torch.float32)) * 0.0 + 0.0
 
     def _with_bank(self, out0, out1):
         q, k = unit_rows(out0), unit_rows(out1)
@@ -207,9 +236,14 @@ class NegativeCosineSimilarity(nn.Module):
 
     def __init__(self, dim: int = 1, eps: float = 1e-8):
         super().__init__()
-        self.dim, self.eps = dim, eps
+        self.dim = check_value("dim", dim, int)
+        self.eps = check_value("eps", eps, NonNegative)
 
     def forward(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+        for name, t in (("x0", x0), ("x1", x1)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        _check_values(x0=x0, x1=x1)
         return -nn.functional.cosine_similarity(x0, x1, self.dim, self.eps).mean()
 
 

@@ -11,6 +11,8 @@ from torch import nn
 
 from .checks import PositiveInt, check_value
 
+MAX_COUNT_CELLS = 2 ** 28  # C x K token-class counts: 2 GiB of int64, with its float64 copies 6 GiB
+
 
 def _sets(x: torch.Tensor) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
@@ -125,6 +127,10 @@ def token_class_counts(tokens, labels, n_tokens: int, n_classes: int) -> torch.T
     """The C x K count matrix ``N[c, k]`` of patches of class ``c`` assigned to token ``k`` (int64)."""
     check_value("n_tokens", n_tokens, PositiveInt)
     check_value("n_classes", n_classes, PositiveInt)
+    if n_tokens * n_classes > MAX_COUNT_CELLS:
+        raise ValueError(f"n_tokens x n_classes = {n_tokens:,} x {n_classes:,} count cells is more than "
+                         f"{MAX_COUNT_CELLS:,} (the int64 count matrix alone would take "
+                         f"{n_tokens * n_classes * 8 / 2 ** 30:,.0f} GiB)")
     tokens, labels = _token_class_pairs(tokens, labels)
     if int(tokens.min()) < 0 or int(tokens.max()) >= n_tokens:
         raise ValueError(f"tokens must lie in [0, n_tokens={n_tokens})")

@@ -214,3 +214,121 @@ def test_imagefolder_errors(tmp_path):
         torch.cat([data.x_train, data.x_test])
     with pytest.raises(ValueError, match="crop must lie in"):
         load_dataset(f"imagefolder:{tmp_path},size=8,crop=9")
+
+
+@pytest.mark.parametrize("labels, shown", [
+    ([float("nan"), 1.0], "dtype float64"), ([2.7, 1.0], "dtype float64"), (["a", "b"], "dtype <U1"),
+    (np.array(["a", 1], dtype=object), "dtype object"), ([True, False], "dtype bool")])
+def test_cifar_labels_must_be_integers(cifar10_dir, labels, shown):
+    """NaN labels trained and then crashed in the probes; 2.7 silently became class 2; strings and object
+    arrays crashed in numpy."""
+    root = cifar10_dir / "cifar-10-batches-py"
+    _dump(root / "data_batch_2", {b"data": np.zeros((2, 3072), np.uint8), b"labels": labels})
+    with pytest.raises(ValueError, match=f"data_batch_2' has b'labels' of {shown}.*expected integers in 0..9"):
+        load_dataset(f"cifar10:{root}")
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_cifar_pickles_of_every_protocol_load(cifar10_dir, protocol):
+    """Python 3 writes protocol 2 bytes as _codecs.encode(text, 'latin1') and protocol 5 arrays through
+    numpy's _frombuffer: both used to be refused as if the file were malicious."""
+    root = cifar10_dir / "cifar-10-batches-py"
+    for i in range(1, 6):
+        with open(root / f"data_batch_{i}", "wb") as f:
+            pickle.dump({**_batch(4, i), b"data": np.asarray(_batch(4, i)[b"data"])}, f, protocol=protocol)
+    data = load_dataset(f"cifar10:{root}")
+    assert torch.equal(data.x_train[:4].flatten(1), torch.from_numpy(_batch(4, 1)[b"data"]))
+    assert data.y_train[:4].tolist() == _batch(4, 1)[b"labels"]
+
+
+class _Reduces:
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+@pytest.mark.parametrize("payload, message", [
+    (_Reduces(__import__("codecs").encode, "x", "rot13"), "refusing _codecs.encode"),
+    (_Reduces(__import__("codecs").encode, b"x", "latin1"), "refusing _codecs.encode"),
+    (_Reduces(np._core.numeric._frombuffer, b"\0" * 8, np.dtype(object), (1,), "C"), "refusing numpy _frombuffer"),
+    (_Reduces(np._core.numeric._frombuffer, "text", np.dtype(np.uint8), (4,), "C"), "refusing numpy _frombuffer"),
+])
+def test_cifar_protocol_stand_ins_take_only_what_numpy_writes(cifar10_dir, payload, message):
+    root = cifar10_dir / "cifar-10-batches-py"
+    with open(root / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": payload, b"labels": []}, f, protocol=2)
+    with pytest.raises(ValueError, match=message):
+        load_dataset(f"cifar10:{root}")
+
+
+def test_imagefolder_16_bit_png_keeps_its_range(tmp_path):
+    """Pillow's I;16 -> RGB clipped at 255: a full-range ramp decoded almost all white (mean 254.5, 7 values)."""
+    from sslcore.data.imagefolder import decode
+
+    ramp = np.linspace(0, 65535, 1600).reshape(40, 40).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    assert Image.open(tmp_path / "ramp.png").mode == "I;16"
+    img = decode(tmp_path / "ramp.png", 40)
+    assert img.dtype == torch.uint8 and torch.equal(img[0], img[2])
+    assert abs(img.float().mean().item() - 127.5) < 1 and img.unique().numel() > 200
+    assert torch.equal(img[0], torch.from_numpy(np.rint(ramp / 257).astype(np.uint8)))
+
+
+def test_imagefolder_decompression_bomb_names_the_file(tmp_path):
+    from sslcore.data.imagefolder import decode
+
+    Image.new("1", (20000, 10000)).save(tmp_path / "bomb.png")  # 200 M pixels in a few KB
+    with pytest.raises(ValueError, match=r"cannot decode '.*bomb.png': Image size \(200000000 pixels\) exceeds"):
+        decode(tmp_path / "bomb.png", 32)
+
+
+def test_imagefolder_hidden_folders_and_files_are_not_classes(tmp_path):
+    for cls in ("cat", "dog", ".ipynb_checkpoints", ".git"):
+        for i in range(3):
+            _png(tmp_path / cls / f"{i}.png", 4, 4, i)
+    (tmp_path / ".git" / "HEAD").write_text("ref")
+    _png(tmp_path / "cat" / "._3.png", 4, 4, 0)  # a macOS resource fork beside the image
+    data = load_dataset(f"imagefolder:{tmp_path}")
+    assert sorted(set(data.y_train.tolist() + data.y_test.tolist())) == [0, 1]
+    assert not any(f.name.startswith(".") or f.parent.name.startswith(".") for f in data.files_train + data.files_test)
+
+
+def test_imagefolder_layout_errors_say_what_is_wrong(tmp_path):
+    for cls in ("a", "b"):
+        _png(tmp_path / "train" / cls / "0.png", 4, 4, 0)
+    with pytest.raises(ValueError, match="has train/ but no val/ or test/ beside it"):
+        load_dataset(f"imagefolder:{tmp_path}")
+    flat = tmp_path / "flat"
+    for i in range(3):
+        _png(flat / "a" / f"{i}.png", 4, 4, i)
+    (flat / "b").symlink_to(flat / "a")
+    with pytest.raises(ValueError, match="class folders a and b are the same folder"):
+        load_dataset(f"imagefolder:{flat}")
+    with pytest.raises(ValueError, match="unknown imagefolder setting 'bogus'.*settings: size, crop, seed"):
+        load_dataset(f"imagefolder:{flat},bogus=3")
+    with pytest.raises(ValueError, match="unknown imagefolder setting 'bogus'"):
+        load_dataset(f"imagefolder:{flat},bogus=3,size=8")
+    odd = tmp_path / "odd,x=1"  # a folder whose own name looks like a setting is still read
+    for cls in ("a", "b"):
+        for i in range(3):
+            _png(odd / cls / f"{i}.png", 4, 4, i)
+    assert load_dataset(f"imagefolder:{odd},size=4").n_train == 4
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_decode_error_in_a_loader_worker_is_its_own_message(tmp_path, workers):
+    """A worker's error used to reach the user as 'Caught ValueError in DataLoader worker process 0.
+    Original Traceback ...'."""
+    from sslcore.data.imagefolder import FolderItems
+    from sslcore.data.pipeline import sequential_loader
+
+    for i in range(3):
+        _png(tmp_path / f"{i}.png", 4, 4, i)
+    (tmp_path / "3.png").write_bytes(b"")
+    items = FolderItems(sorted(tmp_path.glob("*.png")), 4)
+    with pytest.raises(ValueError) as exc:
+        list(sequential_loader(items, 2, workers=workers))
+    assert str(exc.value).startswith("imagefolder: cannot decode ") and "3.png" in str(exc.value)
+    assert "Traceback" not in str(exc.value) and "worker" not in str(exc.value)

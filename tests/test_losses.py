@@ -65,6 +65,54 @@ def test_dcl_and_dclw_are_lightlys(seed, backend, weighted):
           rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ntxent_on_one_sample_is_lightlys_and_warns(seed, backend):
+    """lightly's NTXentLoss takes a last batch of one sample: without a bank its only logit is the positive, so
+    the loss is 0 with zero gradients (lightly's own tests assert it); with a bank the bank gives negatives."""
+    with pytest.warns(UserWarning, match="batch of 1 sample"):
+        _both(NTXentLoss(0.5, backend=backend), lightly_loss.NTXentLoss(0.5), *_pair(1), rtol=0, atol=0)
+        loss = NTXentLoss(0.5, backend=backend)(*_pair(1))
+    assert loss.item() == 0.0 and not str(loss.item()).startswith("-")
+    ours, theirs = NTXentLoss(0.2, memory_bank_size=(8, 24), backend=backend), \
+        lightly_loss.NTXentLoss(0.2, memory_bank_size=(8, 24))
+    ours.memory.bank.copy_(theirs.memory_bank.bank)
+    _both(ours, theirs, *_pair(1), rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(ours.memory.bank, theirs.memory_bank.bank)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", ["out0", "out1"])
+def test_ntxent_memory_bank_refuses_non_finite_input_before_it_enqueues(seed, backend, bad):
+    """A NaN batch used to return NaN and enter the bank, so every later call returned NaN."""
+    loss = NTXentLoss(0.2, memory_bank_size=(16, 8), backend=backend)
+    loss(*(t.requires_grad_(True) for t in _pair(4, 8)))
+    bank, ptr = loss.memory.bank.clone(), loss.memory.bank_ptr.clone()
+    out = dict(zip(("out0", "out1"), _pair(4, 8)))
+    out[bad] = torch.full((4, 8), float("nan"))
+    with pytest.raises(ValueError, match=f"{bad} contains NaN or Inf"):
+        loss(out["out0"].requires_grad_(True), out["out1"])
+    assert torch.equal(loss.memory.bank, bank) and torch.equal(loss.memory.bank_ptr, ptr)
+    assert torch.isfinite(loss(*(t.requires_grad_(True) for t in _pair(4, 8))))
+
+
+@pytest.mark.parametrize("make", [lambda: NTXentLoss(0.2, memory_bank_size=(16, 8), backend="torch"),
+                                  lambda: InfoNCELoss(0.2, memory_bank_size=(16, 8), backend="torch")])
+def test_unchecked_non_finite_rows_never_enter_a_bank(seed, make, monkeypatch):
+    """Where values are not read (CUDA without SSLCORE_VALIDATE; here forced), a NaN row is not enqueued."""
+    import importlib
+
+    for module in map(importlib.import_module, ("sslcore.losses", "sslcore.kernels.infonce")):
+        monkeypatch.setattr(module, "validating", lambda device, validate=None: False)
+    loss = make()
+    bank = loss.memory.bank.clone()
+    out0, out1 = _pair(4, 8)
+    out1[1] = float("nan")
+    loss(out0.requires_grad_(True), out1)
+    assert torch.isfinite(loss.memory.bank).all() and torch.equal(loss.memory.bank[1], bank[1])
+    assert not torch.equal(loss.memory.bank[0], bank[0])  # the finite rows were written
+    assert torch.isfinite(loss(*(t.requires_grad_(True) for t in _pair(4, 8))))
+
+
 def test_negative_cosine_similarity_is_lightlys(seed):
     _both(NegativeCosineSimilarity(), lightly_loss.NegativeCosineSimilarity(), *_pair(), rtol=1e-6, atol=1e-7)
 
@@ -96,6 +144,20 @@ def test_lightly_names_are_exported():
     (lambda: DCLWLoss(sigma=0), ValueError, "sigma"),
     (lambda: DCLLoss(weight_fn=3), TypeError, "weight_fn"),
     (lambda: NTXentLoss(memory_bank_size=8)(*_pair(4, 6), weight=torch.ones(4)), ValueError, "memory bank"),
+    (lambda: NTXentLoss(memory_bank_size=8)([[1.0] * 6], _pair(1, 6)[1]), TypeError, "out0 must be a tensor"),
+    (lambda: NTXentLoss(memory_bank_size=8)(*_pair(4, 6)[0].unbind(1)[:2]), ValueError, r"must be \[N, D\]"),
+    # one row: no negatives, and the positive is out of DCL's denominator, so lightly's gives -inf
+    (lambda: DCLLoss()(*_pair(1, 16)), ValueError, "hold 1 sample each: DCL's negatives"),
+    (lambda: DCLWLoss()(*_pair(1, 16)), ValueError, "hold 1 sample each"),
+    (lambda: sslcore.functional.dcl(*_pair(1, 16)), ValueError, "hold 1 sample each"),
+    (lambda: DCLLoss(weight_fn=lambda a, b: torch.full((4,), float("nan")))(*_pair(4, 16)), ValueError,
+     "the weights weight_fn returned contains NaN"),
+    (lambda: NegativeCosineSimilarity(eps=-1), ValueError, "eps must be a number >= 0, got -1"),
+    (lambda: NegativeCosineSimilarity(eps=float("nan")), ValueError, "eps must be"),
+    (lambda: NegativeCosineSimilarity(dim=1.5), ValueError, "dim must be an integer"),
+    (lambda: NegativeCosineSimilarity()(torch.full((4, 8), float("nan")), torch.randn(4, 8)), ValueError,
+     "x0 contains NaN or Inf"),
+    (lambda: NegativeCosineSimilarity()(torch.randn(4, 8), [[0.0] * 8] * 4), TypeError, "x1 must be a tensor"),
 ])
 def test_bad_arguments(call, exc, match):
     with pytest.raises(exc, match=match):

@@ -87,7 +87,7 @@ def test_registry_options_and_create():
         assert {"temperature", "backend", "gather_distributed"} <= set(method_options(name)), name
     assert "gather_distributed" not in method_options("simsiam")  # its loss is a local mean: nothing to gather
     assert "gather_distributed" in method_options("simsiam-multi") and "n_train" not in method_options("simsiam-multi")
-    data = SimpleNamespace(n_train=37, in_chans=1)
+    data = SimpleNamespace(n_train=37, in_chans=1, image_shape=(1, 8, 8))  # create checks the encoder on it
     model = create_model("simsiam-multi", data, encoder="smallcnn", temperature=0.1, backend="torch")
     assert model.memory.shape == (37, 64) and model.name == "simsiam-multi"
     assert create_model("arcl", data, encoder="smallcnn", views=3).n_views == 3

@@ -199,11 +199,23 @@ def test_cli_records_the_command_and_refuses_to_overwrite(tmp_path, capsys):
     (["tcas-sweep", "--seeds", "0,0"], "--seeds must be distinct integers >= 0"),
     (["mim-study", "--n-clusters", "0"], "--n-clusters must be distinct integers >= 1"),
     (["mim-study", "--epochs", "0"], "--epochs: must be an integer >= 1"),
+    # token data used to end in AttributeError: 'TokenData' object has no attribute 'image_shape'
+    (["mim-study", "--quick", "--data", "pystdlib"], "argument --data: pystdlib is token data; this command"),
+    (["tcas-sweep", "--quick", "--data", "pystdlib"], "argument --data: pystdlib is token data"),
+    (["tcas", "--data", "pystdlib"], "argument --data: pystdlib is token data"),
 ])
 def test_cli_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("run", [lambda out: study.study(data="pystdlib", out=out),
+                                 lambda out: study.sweep(data="pystdlib", out=out),
+                                 lambda out: study.tcas_table(["pixel"], "pystdlib", [None])])
+def test_the_studies_refuse_token_data_by_name(tmp_path, run):
+    with pytest.raises(ValueError, match="--data pystdlib is token data; the tokenizer studies take image data"):
+        run(str(tmp_path / "o"))
 
 
 def test_sweep_rejects_k_not_a_multiple_of_the_classes_before_any_work(tmp_path):

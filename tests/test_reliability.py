@@ -20,6 +20,7 @@ import sslcore.train.loop as loop
 from sslcore import InfoNCELoss, KMeans, NTXentLoss
 from sslcore.checks import describe
 from sslcore.cli import main
+from sslcore.layers import DContraNorm
 from sslcore.methods import MAE, METHODS, option_parameters
 from sslcore.methods.arcl import ArCL
 from sslcore.metrics import tcas
@@ -32,6 +33,10 @@ from sslcore.train.rundir import LOCK_NAME, MANIFEST, RUN_FILES, RunDirectory
 SHAPES = "shapes:n=32,test=16,size=8"
 TEXT = "pystdlib:16:4"
 TINY = ["--data", SHAPES, "--epochs", "1", "--batch-size", "16", "--backend", "torch"]
+
+
+_PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c4944415408d763f8"
+                     "cfc0000003010100c9fe92ef0000000049454e44ae426082")  # a 1x1 RGB PNG
 
 
 def _pretrain(out, *args):
@@ -106,6 +111,40 @@ def test_bad_arguments_are_refused_before_any_work(args, message, tmp_path, caps
         _pretrain(out, *args)
     assert exc.value.code == 2 and message in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "imagefolder:{folder},size=1"], "--encoder smallcnn cannot take 3-channel 1x1 images: Given input"),
+    (["--data", "digits", "--encoder", "vit_tiny_patch16_224"], "--encoder vit_tiny_patch16_224 cannot take "
+     "1-channel 8x8 images: Input height (8) doesn't match model (224); a timm ViT's input size is fixed"),
+    (["--encoder", "resnet18:drop_rate=abc"], "--encoder resnet18:drop_rate=abc cannot take 3-channel"),
+])
+def test_an_encoder_that_cannot_take_the_images_is_refused_before_training(args, message, tmp_path, capsys,
+                                                                             monkeypatch):
+    """These trained into a traceback (conv output 0x0, timm's ViT size assertion, dropout's float('abc'))."""
+    for cls in ("a", "b"):
+        for i in range(20):
+            (tmp_path / "images" / cls).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "images" / cls / f"{i}.png").write_bytes(_PNG)
+    monkeypatch.setattr(loop, "save_checkpoint", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(SystemExit) as exc:
+        _pretrain(tmp_path / "run", *[a.format(folder=tmp_path / "images") for a in args])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_encoder_check_changes_no_state():
+    """The trial forward runs in train mode: BatchNorm statistics, the mode and the CPU random stream are restored,
+    so a checked encoder trains exactly as an unchecked one."""
+    from sslcore.models import create_encoder
+
+    torch.manual_seed(0)
+    plain = create_encoder("resnet18:small,drop_rate=0.5", in_chans=3).eval()
+    after_plain = torch.rand(3)
+    torch.manual_seed(0)
+    checked = create_encoder("resnet18:small,drop_rate=0.5", in_chans=3, image_shape=(3, 8, 8)).eval()
+    assert torch.equal(torch.rand(3), after_plain) and not checked.training
+    for (name, a), (_, b) in zip(plain.state_dict().items(), checked.state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="checks the CPU-only refusal")
@@ -414,7 +453,10 @@ def test_eval_on_token_data_of_another_shape_says_what_differs(tmp_path, capsys,
 @pytest.mark.parametrize("call, message", [
     (lambda: NTXentLoss(temperature="0.5"), "temperature must be a number >= 1e-08, got '0.5'"),
     (lambda: NTXentLoss(temperature=1e-40), "temperature must be a number >= 1e-08"),
-    (lambda: NTXentLoss()(torch.randn(1, 4), torch.randn(1, 4)), "out0 and out1 hold 1 sample each"),
+    (lambda: tcas(torch.tensor([0, 1]), torch.tensor([0, 1]), 10 ** 9, 10 ** 6),
+     "n_tokens x n_classes = 1,000,000,000 x 1,000,000 count cells is more than"),
+    (lambda: DContraNorm(8)(torch.full((4, 8), float("nan"))), "x contains NaN or Inf"),
+    (lambda: DContraNorm(8)([[0.0] * 8] * 4), "x must be a tensor, got list"),
     (lambda: InfoNCELoss(memory_bank_size=2.5), "memory_bank_size must be an integer >= 0, got 2.5"),
     (lambda: InfoNCELoss()(None, torch.randn(2, 4)), "query must be a tensor, got NoneType"),
     (lambda: PixelTokenizer(2, 4, in_chans=-1), "in_chans must be an integer >= 1, got -1"),

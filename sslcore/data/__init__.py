@@ -16,7 +16,7 @@ import torch
 
 from . import cifar, digits, imagefolder, shapes, text
 from .augment import AUGMENT_CHOICES, RECIPES, Augment, RGBAugment, build_recipe
-from .pipeline import TensorItems, to_float
+from .pipeline import ItemError, TensorItems, to_float
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -130,7 +130,10 @@ class FolderData(_Images):
             raise ValueError(f"{self.name}: holding the {len(items)} {split} images in memory would take "
                              f"{need / 2 ** 30:.1f} GiB (more than {MAX_RESIDENT_BYTES / 2 ** 30:.0f} GiB); training "
                              "streams them, but this use needs them resident: lower size or use a smaller folder")
-        return to_float(items.__getitems__(list(range(len(items))))[1])
+        batch = items.__getitems__(list(range(len(items))))
+        if isinstance(batch, ItemError):
+            raise ValueError(batch.message)
+        return to_float(batch[1])
 
     @property
     def x_train(self) -> torch.Tensor:
@@ -201,6 +204,16 @@ def data_spec_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def image_data_spec_arg(text: str) -> str:
+    """``argparse`` ``type=`` for a ``--data`` that must be images (the tokenizer studies): as
+    :func:`data_spec_arg`, and token data refused by name."""
+    spec = data_spec_arg(text)
+    if data_kind(spec) != "image":
+        raise argparse.ArgumentTypeError(f"{spec} is token data; this command takes image data (digits, shapes:..., "
+                                         "cifar10:PATH, imagefolder:PATH, ...)")
+    return spec
+
+
 def resolve_recipe(choice: str, method_recipe: str | None, data) -> str:
     """The recipe ``--augment choice`` means for a method (``method_recipe``: its own, e.g. MAE's ``mae``; None:
     the data's ``recipe``) on ``data``; token data takes no image augmentation."""
@@ -220,4 +233,4 @@ def load_dataset(spec: str) -> ImageData:
 
 
 __all__ = ["AUGMENT_CHOICES", "DATASETS", "RECIPES", "FolderData", "ImageData", "RGBAugment", "check_data_spec",
-           "data_kind", "data_spec_arg", "load_dataset", "resolve_recipe"]
+           "data_kind", "data_spec_arg", "image_data_spec_arg", "load_dataset", "resolve_recipe"]

@@ -10,6 +10,7 @@ sees ``crop x crop`` images: random crops of that size in training, the centre c
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import center_crop, resize
 
+from .pipeline import ItemError
+
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp")
 DEFAULTS = dict(size=32, crop=0, seed=0)  # crop 0: the same as size
 TEST_FRACTION = 0.2
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # Pillow's 16-bit (and 32-bit int) greyscale
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, int]]:
@@ -36,6 +40,10 @@ def parse_spec(spec: str) -> tuple[str, dict[str, int]]:
         except ValueError:
             raise ValueError(f"imagefolder setting {key} must be an integer, got {value!r}") from None
         path = head
+    tail = re.search(r",([A-Za-z_]\w*)=[^,]*$", path)
+    if tail and not Path(path).is_dir():  # a folder whose own name ends in ",x=1" is read as it is
+        raise ValueError(f"unknown imagefolder setting {tail.group(1)!r} in {spec!r}; settings: "
+                         f"{', '.join(DEFAULTS)}")
     if not path:
         raise ValueError("--data imagefolder needs a folder: --data imagefolder:PATH[,size=N]")
     if settings["size"] < 1:
@@ -47,10 +55,19 @@ def parse_spec(spec: str) -> tuple[str, dict[str, int]]:
 
 
 def _listing(root: Path) -> dict[str, list[Path]]:
-    classes = sorted(p for p in root.iterdir() if p.is_dir())
+    """Class name -> image files; hidden entries (``.git``, ``.ipynb_checkpoints``, ``._x.png``) are skipped."""
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"imagefolder {str(root)!r} has no class sub-folders")
-    files = {c.name: sorted(f for f in c.iterdir() if f.suffix.lower() in EXTENSIONS) for c in classes}
+    seen = {}
+    for c in classes:
+        real = c.resolve()
+        if real in seen:
+            raise ValueError(f"imagefolder {str(root)!r}: class folders {seen[real]} and {c.name} are the same "
+                             "folder (a link): each class needs its own images")
+        seen[real] = c.name
+    files = {c.name: sorted(f for f in c.iterdir() if f.suffix.lower() in EXTENSIONS and not f.name.startswith("."))
+             for c in classes}
     empty = [name for name, fs in files.items() if not fs]
     if empty:
         raise ValueError(f"imagefolder {str(root)!r}: class folder(s) {', '.join(empty)} hold no images "
@@ -58,21 +75,32 @@ def _listing(root: Path) -> dict[str, list[Path]]:
     return files
 
 
+def _rgb8(pil: Image.Image) -> np.ndarray:
+    """``[H, W, 3]`` uint8.  16-bit greyscale is scaled to 8 bits (``v / 257``, rounded): Pillow's own
+    conversion clips it at 255, which turns a full-range image almost all white."""
+    if pil.mode in WIDE_MODES:
+        grey = np.rint(np.clip(np.asarray(pil, dtype=np.float64), 0, 65535) / 257).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.array(pil.convert("RGB"))
+
+
 def decode(path: Path, size: int) -> torch.Tensor:
     """One image file as uint8 ``[3, size, size]``: RGB, shorter side resized to ``size``, centre cut out.
-    JPEGs are decoded at a reduced scale where that still leaves ``size`` pixels (Pillow's ``draft``)."""
+    JPEGs are decoded at a reduced scale where that still leaves ``size`` pixels (Pillow's ``draft``).
+    Any failure, a decompression bomb (Pillow's pixel limit) included, is a ``ValueError`` naming the file."""
     try:
         with Image.open(path) as pil:
             pil.draft("RGB", (size, size))
-            img = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
-    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+            img = torch.from_numpy(_rgb8(pil)).permute(2, 0, 1)
+    except Exception as e:  # decoders raise OSError, ValueError, DecompressionBombError, SyntaxError, ...
         raise ValueError(f"imagefolder: cannot decode {str(path)!r}: {e}") from None
     return center_crop(resize(img, [size], antialias=True), [size, size]).contiguous()
 
 
 class FolderItems(Dataset):
     """The files of one split as items: ``__getitems__(indices)`` decodes those files (:func:`decode`) and
-    gives ``(index, uint8 [b, 3, size, size])``.  Holds the file list only, never decoded images."""
+    gives ``(index, uint8 [b, 3, size, size])``, or an :class:`~.pipeline.ItemError` with the message of a
+    file that fails (raised as it is by the loader).  Holds the file list only, never decoded images."""
 
     def __init__(self, files: list[Path], size: int):
         self.files, self.size = files, size
@@ -83,8 +111,12 @@ class FolderItems(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         return decode(self.files[i], self.size)
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.as_tensor(indices, dtype=torch.long), torch.stack([self[i] for i in indices])
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor] | ItemError:
+        try:
+            images = [self[i] for i in indices]
+        except ValueError as e:
+            return ItemError(str(e))
+        return torch.as_tensor(indices, dtype=torch.long), torch.stack(images)
 
 
 def load(spec: str) -> tuple[list[Path], torch.Tensor, list[Path], torch.Tensor, dict[str, int]]:
@@ -95,6 +127,10 @@ def load(spec: str) -> tuple[list[Path], torch.Tensor, list[Path], torch.Tensor,
     if not root.is_dir():
         raise ValueError(f"--data imagefolder:{spec}: {path!r} is not a folder")
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if (root / "train").is_dir() and test_dir is None and not any(
+            f.suffix.lower() in EXTENSIONS for f in (root / "train").iterdir() if f.is_file()):
+        raise ValueError(f"imagefolder {path!r} has train/ but no val/ or test/ beside it: add one (the held-out "
+                         f"images), or put the class folders directly in {path!r} to split them")
     if (root / "train").is_dir() and test_dir is not None:
         train, test = _listing(root / "train"), _listing(test_dir)
         unknown = sorted(set(test) - set(train))

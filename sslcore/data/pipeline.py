@@ -61,6 +61,24 @@ class ShardBatchSampler(Sampler[list[int]]):
             yield self.perm[start:start + per_rank].tolist()
 
 
+class ItemError:
+    """A batch that could not be read, returned by an item dataset in place of the batch: a loader worker's
+    raised error would reach the main process as its traceback text; this message is raised as it is."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+class _Loader(DataLoader):
+    """A ``DataLoader`` that raises an :class:`ItemError` batch as a ``ValueError`` with its message."""
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if isinstance(batch, ItemError):
+                raise ValueError(batch.message)
+            yield batch
+
+
 def _as_is(batch):
     """The collate step: ``__getitems__`` already returns the batch."""
     return batch
@@ -70,7 +88,7 @@ def loader(items: Dataset, batch_sampler: Sampler, *, workers: int = 0, device: 
            prefetch: int = 2) -> DataLoader:
     """A ``DataLoader`` over ``items`` (a dataset with ``__getitems__``) in the sampler's batches: ``workers``
     processes (kept across epochs), ``prefetch`` batches ahead per worker, pinned memory for CUDA."""
-    return DataLoader(items, batch_sampler=batch_sampler, num_workers=workers, collate_fn=_as_is,
+    return _Loader(items, batch_sampler=batch_sampler, num_workers=workers, collate_fn=_as_is,
                       pin_memory=device is not None and device.type == "cuda",
                       prefetch_factor=prefetch if workers else None, persistent_workers=workers > 0)
 
@@ -78,7 +96,7 @@ def loader(items: Dataset, batch_sampler: Sampler, *, workers: int = 0, device: 
 def sequential_loader(items: Dataset, batch_size: int, *, workers: int = 0,
                       device: torch.device | None = None) -> DataLoader:
     """The items in order, in batches of ``batch_size`` (the last one may be smaller): for features."""
-    return DataLoader(items, batch_sampler=BatchSampler(SequentialSampler(items), batch_size, drop_last=False),
+    return _Loader(items, batch_sampler=BatchSampler(SequentialSampler(items), batch_size, drop_last=False),
                       num_workers=workers, collate_fn=_as_is, pin_memory=device is not None and device.type == "cuda")
 
 
@@ -87,4 +105,4 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255) if x.dtype == torch.uint8 else x
 
 
-__all__ = ["ShardBatchSampler", "TensorItems", "loader", "sequential_loader", "to_float"]
+__all__ = ["ItemError", "ShardBatchSampler", "TensorItems", "loader", "sequential_loader", "to_float"]

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..checks import PositiveInt, Probability, check_value, cli_type
-from ..data import data_spec_arg, load_dataset
+from ..data import data_kind, image_data_spec_arg, load_dataset
 from ..data.pipeline import to_float
 from ..files import check_output
 from ..methods.clustermim import TOKENIZER_HELP, build_tokenizer
@@ -54,6 +54,13 @@ BATCH_SIZE, LR, WEIGHT_DECAY = 128, 1e-3, 0.05  # the authors' base lr 1e-3 per 
 DEFAULT_RATES = (0.0, 1 / 3, 2 / 3, 1.0)
 
 
+def _load_images(spec: str):
+    """The image dataset ``spec`` names; token data is refused before it is loaded."""
+    if data_kind(spec) != "image":
+        raise ValueError(f"--data {spec} is token data; the tokenizer studies take image data")
+    return load_dataset(spec)
+
+
 def _patch_size(data, patch_size: int | None) -> int:
     """The patch size ClusterMIM's encoder uses on ``data`` (checked to divide the images)."""
     return MaskedImageModel.encoder_spec(data, "smallcnn", patch_size)[1]["patch_size"]
@@ -74,7 +81,7 @@ def score_tokenizer(tok, data, *, batch_size: int = 512) -> dict:
 def tcas_table(specs: list[str], data_spec: str, n_clusters: list[int | None], *, patch_size: int | None = None,
                seed: int = 0) -> list[dict]:
     """One row per (tokenizer, K): fitted on the training images, scored on the held-out ones."""
-    data = load_dataset(data_spec)
+    data = _load_images(data_spec)
     p = _patch_size(data, patch_size)
     rows = []
     for spec in specs:
@@ -160,7 +167,7 @@ def study(*, data: str = "digits", seeds: list[int] = (0, 1, 2), epochs: int = 1
     out_dir = Path(out)
     results_file = _check_outputs(out, results_out, overwrite)
     t0, c0 = time.perf_counter(), time.process_time()
-    dataset = load_dataset(data)
+    dataset = _load_images(data)
     p = _patch_size(dataset, None)
     cfg = {**_budget(dataset, data, epochs=epochs, seeds=seeds, limit=limit, threads=threads), "ks": ks,
            "random_k": ks[0]}
@@ -329,7 +336,7 @@ def sweep(*, data: str = "digits", seeds: list[int] = (0, 1, 2), epochs: int = 1
     rates = [check_value("--rates", float(r), Probability) for r in rates]
     if len(set(rates)) < 2:
         raise ValueError(f"--rates needs at least two distinct rates, got {rates}")
-    dataset = load_dataset(data)
+    dataset = _load_images(data)
     n_classes = int(dataset.y_train.max()) + 1
     if isinstance(k, bool) or not isinstance(k, int) or k < n_classes or k % n_classes:
         raise ValueError(f"--n-clusters {k!r} must be a multiple of the {n_classes} classes (K = classes × pixel "
@@ -444,7 +451,7 @@ def _rates(text: str) -> list[float]:
 def add_tcas_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default="pixel,random",
                    help=f"comma-separated tokenizers, each {TOKENIZER_HELP} (default: %(default)s)")
-    p.add_argument("--data", type=data_spec_arg, default="digits", help="image dataset (default: %(default)s)")
+    p.add_argument("--data", type=image_data_spec_arg, default="digits", help="image dataset (default: %(default)s)")
     p.add_argument("--n-clusters", type=ints_arg("--n-clusters", 1), default=None,
                    help="comma-separated K values (default: per tokenizer)")
     p.add_argument("--patch-size", type=int, help="patch size (default: 2 for 8x8 images, 4 up to 64x64, else 16)")
@@ -461,7 +468,7 @@ def tcas_from_args(args: argparse.Namespace) -> list[dict]:
 
 def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default="pixel", help=f"{TOKENIZER_HELP} (default: %(default)s)")
-    p.add_argument("--data", type=data_spec_arg, default="digits",
+    p.add_argument("--data", type=image_data_spec_arg, default="digits",
                    help="image dataset to fit on (default: %(default)s)")
     p.add_argument("--n-clusters", type=int, help="K (default: 50 pixel, 1000 feature)")
     p.add_argument("--patch-size", type=int, help="patch size (default: 2 for 8x8 images, 4 up to 64x64, else 16)")
@@ -474,7 +481,7 @@ def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
 def tokenize_from_args(args: argparse.Namespace) -> dict:
     """Fit a tokenizer on the training images, save it, and print its TCAS/NMI on the held-out ones."""
     out = check_output(args.out, option="--out", overwrite=args.overwrite, owned=is_tokenizer_file, what="tokenizer")
-    data = load_dataset(args.data)
+    data = _load_images(args.data)
     p = _patch_size(data, args.patch_size)
     tok = build_tokenizer(args.tokenizer, data, n_clusters=args.n_clusters, patch_size=p, seed=args.seed)
     tok.save(out, option="--out")
@@ -486,7 +493,7 @@ def tokenize_from_args(args: argparse.Namespace) -> dict:
 
 def _add_run_arguments(p: argparse.ArgumentParser, name: str) -> None:
     d = " (default: %(default)s)"
-    p.add_argument("--data", type=data_spec_arg, default="digits", help="image dataset" + d)
+    p.add_argument("--data", type=image_data_spec_arg, default="digits", help="image dataset" + d)
     p.add_argument("--seeds", type=ints_arg("--seeds"), default=[0, 1, 2], help="comma-separated seeds" + d)
     p.add_argument("--epochs", type=cli_type(PositiveInt), default=150, help="epochs of every run" + d)
     p.add_argument("--quick", action="store_true", help="a smoke run: 1 epoch, 128 images, one seed")

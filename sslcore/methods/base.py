@@ -41,7 +41,7 @@ class SSLMethod(nn.Module):
 
     @classmethod
     def create(cls, data, *, encoder: str, **options) -> "SSLMethod":
-        return cls(create_encoder(encoder, in_chans=data.in_chans), **options)
+        return cls(create_encoder(encoder, in_chans=data.in_chans, image_shape=data.image_shape), **options)
 
     @classmethod
     def default_temperature(cls, options: dict) -> float | None:

@@ -44,7 +44,8 @@ class SimSiamMulti(SimSiam):
     @classmethod
     def create(cls, data, *, encoder: str, **options) -> "SimSiamMulti":
         """The memory has one row per training sample: ``data.n_train``."""
-        return cls(create_encoder(encoder, in_chans=data.in_chans), data.n_train, **options)
+        encoder = create_encoder(encoder, in_chans=data.in_chans, image_shape=data.image_shape)
+        return cls(encoder, data.n_train, **options)
 
     def _check_step(self, index, epoch, batch: int) -> None:
         if not isinstance(index, torch.Tensor) or index.dtype != torch.long or index.shape != (batch,):

@@ -4,13 +4,17 @@
 name; the options apply to timm models: ``small`` gives a timm ResNet a small-image stem (3x3
 stride-1 ``conv1``, no max-pool, so a 32x32 image is 4x4, not 1x1, at the last stage) and
 ``KEY=VALUE`` is passed to ``timm.create_model`` (a Python literal or else a string), e.g.
-``resnet18:small`` or ``vit_tiny_patch16_224:img_size=32,patch_size=4``.
+``resnet18:small`` or ``vit_tiny_patch16_224:img_size=32,patch_size=4``.  Given the data's
+``image_shape``, the encoder is run once on zeros of that shape before it is returned, so one that
+cannot take those images (too small for its strides, a ViT's fixed input size, an option timm only
+reads in ``forward``) is refused before any work.
 """
 from __future__ import annotations
 
 import ast
 
 import timm
+import torch
 from torch import nn
 
 from .cnn import SmallCNN
@@ -47,8 +51,41 @@ def small_stem(model: nn.Module, in_chans: int) -> nn.Module:
     return model
 
 
-def create_encoder(spec: str, *, in_chans: int = 1) -> nn.Module:
-    """A registered encoder by name, else a timm model (``num_classes=0``: pooled features); see the module doc."""
+def check_input(model: nn.Module, spec: str, image_shape: tuple[int, int, int]) -> None:
+    """Run ``model`` (train mode, no grad) on two zero images of ``image_shape``; its buffers (BatchNorm's
+    statistics), mode and the CPU random state are left as they were.  Any failure is a ``ValueError``
+    naming ``--encoder``, the images and the reason."""
+    c, h, w = image_shape
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    was_training = model.training
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model.train()(torch.zeros(2, c, h, w))
+    except Exception as e:  # the layers say why in their own words: RuntimeError, AssertionError, TypeError, ...
+        hint = ""
+        if "doesn't match model" in str(e):
+            hint = f"; a timm ViT's input size is fixed when it is built: give img_size={h} and a patch_size " \
+                   f"dividing it (e.g. --encoder {spec}{',' if ':' in spec else ':'}img_size={h},patch_size=2)"
+        elif "too small" in str(e):
+            hint = "; the images are too small for its strides and pools: give larger images (imagefolder: size=)"
+        reason = str(e).strip().rstrip(".")
+        raise ValueError(f"--encoder {spec} cannot take {c}-channel {h}x{w} images: {reason}{hint}") from None
+    finally:
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+        model.train(was_training)
+
+
+def create_encoder(spec: str, *, in_chans: int = 1, image_shape: tuple[int, int, int] | None = None) -> nn.Module:
+    """A registered encoder by name, else a timm model (``num_classes=0``: pooled features), checked to run on
+    ``image_shape`` images where that is given (:func:`check_input`); see the module doc."""
+    model = _build(spec, in_chans)
+    if image_shape is not None:
+        check_input(model, spec, image_shape)
+    return model
+
+
+def _build(spec: str, in_chans: int) -> nn.Module:
     name, small, kwargs = parse_spec(spec)
     if name in ENCODERS:
         if small or kwargs:
@@ -63,4 +100,4 @@ def create_encoder(spec: str, *, in_chans: int = 1) -> nn.Module:
     return small_stem(model, in_chans) if small else model
 
 
-__all__ = ["ENCODERS", "GCN", "SmallCNN", "create_encoder", "parse_spec", "small_stem"]
+__all__ = ["ENCODERS", "GCN", "SmallCNN", "check_input", "create_encoder", "parse_spec", "small_stem"]
