@@ -48,8 +48,14 @@ if HAS_TRITON:
 
     @triton.jit
     def load_rows(ptrs, rmask, d0, D, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Columns ``d0 .. d0 + BLOCK_D`` of a tile of rows (``ptrs`` at column 0 of each row)."""
-        if EVEN_D:
+        """Columns ``d0 .. d0 + BLOCK_D`` of a tile of rows (``ptrs`` at column 0 of each row); ``rmask`` None:
+        every row exists (no mask at all when D is even, so the load vectorises unpredicated)."""
+        if rmask is None:
+            if EVEN_D:
+                x = tl.load(ptrs + d0)
+            else:
+                x = tl.load(ptrs + d0, mask=((d0 + tl.arange(0, BLOCK_D)) < D)[None, :], other=0.0)
+        elif EVEN_D:
             x = tl.load(ptrs + d0, mask=rmask[:, None], other=0.0)
         else:
             x = tl.load(ptrs + d0, mask=rmask[:, None] & ((d0 + tl.arange(0, BLOCK_D)) < D)[None, :], other=0.0)

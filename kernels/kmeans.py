@@ -1,11 +1,13 @@
 """k-means: nearest-centroid assignment fused (no N x K matrix), centroid update, top-1 cosine search.
 
-Assignment by squared L2, ``label_i = argmin_k |x_i - c_k|^2 = argmax_k (x_i . c_k - |c_k|^2 / 2)``:
-tiles of X C^T on tensor cores, minus the half-norms, with a running max/argmax over the K
-blocks per row; ties go to the lowest index (within a block by ``tl.argmax``'s left tie-break,
-across blocks by a strict comparison), so results are deterministic.  The distance returned is
-``|x_i|^2 - 2 max_k (...)``, clamped at 0.  fp32 inputs multiply in IEEE fp32 (``allow_tf32=True``
-trades that for TF32 speed); fp16/bf16 inputs use their tensor cores with fp32 accumulation.
+Assignment by squared L2, ``label_i = argmin_k |x_i - c_k|^2``: tiles of ``|x_i - c_k|^2 / 2 = (|x_i|^2 +
+|c_k|^2) / 2 - x_i . c_k`` on the tensor cores (the accumulator starts at the norms), an integer key per
+element (the float's bits, the low ``log2(BLOCK_N)`` replaced by the column) whose minimum is the tile's
+nearest column, and a running minimum over the tiles.  Ties go to the lowest index, and so do near-ties
+within ``2^-16`` of the distance (the bits the column replaces); the expansion's own rounding adds an
+absolute error of a few fp32 ulps of ``|x_i|^2 + |c_k|^2``.  The distance returned is measured to the
+chosen centroid by direct differences.  fp16/bf16 points multiply in their own dtype, fp32 in TF32, all
+with fp32 accumulation (docs/architecture.md, "k-means").
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ from ._backend import (
     cdiv,
     check_finite,
     check_float,
-    check_same,
     interpreting,
     new_output,
     resolve_backend,
@@ -27,7 +28,7 @@ from ._backend import (
     unit_rows,
     validating,
 )
-from ._tiles import d_tiling, load_rows, sim_tile, size_bucket, tuned, upcast
+from ._tiles import d_tiling, load_rows, size_bucket, tuned, upcast
 
 # ---------------------------------------------------------------------------------------------
 # Plain-torch references.
@@ -51,12 +52,18 @@ def kmeans_update_ref(x: torch.Tensor, labels: torch.Tensor, n_clusters: int):
 # ---------------------------------------------------------------------------------------------
 # Checks.
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
 
 def _check_assign(x, centroids, validate=None):
     """Shapes, dtypes, devices always; finiteness (reads the data) where :func:`validating` says so."""
     check_float("x", x, 2)
     check_float("centroids", centroids, 2)
-    check_same("centroids", centroids, "x", x)
+    if centroids.device != x.device:
+        raise ValueError(f"centroids are on {centroids.device} but x is on {x.device}")
+    if centroids.dtype != x.dtype and not (centroids.dtype == torch.float32 and x.dtype in LOW_PRECISION):
+        raise TypeError(f"centroids has dtype {centroids.dtype} but x has {x.dtype} (fp32 centroids go with "
+                        "fp16/bf16 points)")
     if centroids.shape[1] != x.shape[1]:
         raise ValueError(f"centroids have dimension {centroids.shape[1]} but x has {x.shape[1]}")
     if validating(x.device, validate):
@@ -70,16 +77,30 @@ def _check_assign(x, centroids, validate=None):
 if HAS_TRITON:
 
     @triton.jit
-    def _assign_kernel(X, C, HALF_NORM, LABEL, DIST, N, K, D, stride_x, stride_c, size_bucket,
-                       EVEN_K: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
-                       PRECISION: tl.constexpr):
-        """``LABEL_i = argmax_k (x_i . c_k - |c_k|^2/2)``, ``DIST_i = max(|x_i|^2 - 2 max_k (...), 0)``.
+    def _centroid_tile(c_ptrs, cols, K, d0, D, EVEN_K: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+        """Columns ``d0 .. d0 + BLOCK_D`` of a tile of centroids; no row mask when K is a multiple of the tile."""
+        if EVEN_K:
+            return load_rows(c_ptrs, None, d0, D, EVEN_D, UPCAST, BLOCK_D)
+        return load_rows(c_ptrs, cols < K, d0, D, EVEN_D, UPCAST, BLOCK_D)
 
-        A row block of X is one program (its tile loaded once when D is one chunk, and |x|^2 taken
-        from that tile: no fp32 copy of X anywhere); centroid tiles stream through the tensor cores
-        with a running max/argmax.  Ties: the lowest index (left tie-break within a block, a strict
-        comparison across blocks).
+    @triton.jit
+    def _assign_kernel(X, C_NEG, C_EXACT, HALF_NORM, LABEL, DIST, N, K, D, stride_x, stride_c, stride_e, size_bucket,
+                       EVEN_K: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        """``LABEL_i = argmin_k |x_i - c_k|^2`` and ``DIST_i = |x_i - e_{LABEL_i}|^2``, where C_NEG holds ``-c`` in
+        X's dtype, C_EXACT the centroids ``e`` in fp32 and HALF_NORM ``|c_k|^2 / 2`` (+inf for BLOCK_N entries
+        past K, so neither a load nor a missing centroid needs a mask).
+
+        A row block of X is one program, its tile loaded once when D is one chunk.  Each centroid tile's
+        accumulator starts at ``(|x_i|^2 + |c_k|^2) / 2``, so the tensor cores leave ``|x_i - c_k|^2 / 2``;
+        its bits with the low ``log2(BLOCK_N)`` replaced by the column are an integer key whose minimum is
+        the tile's nearest column (the lowest on ties), and a strict comparison across tiles keeps the
+        lower index.  No clamp at 0: a value the expansion rounds below 0 belongs to a centroid within its
+        rounding error e of the point, and although negative keys order in reverse among themselves (and
+        all below the positive ones), any centroid they pick is then within e of the point, as good as
+        the expansion resolves anyway (tests/test_kmeans.py plants such rows).  DIST comes from direct
+        differences in fp32, not the expansion (docs/architecture.md, "k-means").
         """
         row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
         rows = row0 + tl.arange(0, BLOCK_M)
@@ -87,7 +108,7 @@ if HAS_TRITON:
         offs_n = tl.arange(0, BLOCK_N)
         dd = tl.arange(0, BLOCK_D)
         x_ptrs = X + row0 * stride_x + tl.arange(0, BLOCK_M)[:, None] * stride_x + dd[None, :]
-        c_ptrs = C + offs_n[:, None] * stride_c + dd[None, :]
+        c_ptrs = C_NEG + offs_n[:, None] * stride_c + dd[None, :]
         x = load_rows(x_ptrs, rmask, 0, D, EVEN_D, UPCAST, BLOCK_D)  # the X tile when D is one chunk
         if D_CHUNKS == 1:
             xf = x.to(tl.float32)
@@ -97,58 +118,92 @@ if HAS_TRITON:
             for d0 in tl.range(0, D, BLOCK_D):
                 xf = load_rows(x_ptrs, rmask, d0, D, EVEN_D, UPCAST, BLOCK_D).to(tl.float32)
                 x_sq += tl.sum(xf * xf, 1)
-        best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        best_k = tl.zeros([BLOCK_M], dtype=tl.int32)
+        half_x = 0.5 * x_sq
+        best = tl.full([BLOCK_M], 0x7FFFFFFF, dtype=tl.int32)  # the running minimum key, column bits cleared
+        best_key = tl.zeros([BLOCK_M], dtype=tl.int32)
+        best_k0 = tl.zeros([BLOCK_M], dtype=tl.int32)
         for k0 in range(0, K, BLOCK_N):
-            cols = k0 + offs_n
-            cmask = cols < K
-            s = sim_tile(x, x_ptrs, c_ptrs, rmask, cmask, D, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
-                         D_CHUNKS)
-            if EVEN_K:
-                s = s - tl.load(HALF_NORM + cols)[None, :]
-            else:  # a missing centroid's half-norm is +inf: its score -inf
-                s = s - tl.load(HALF_NORM + cols, mask=cmask, other=float("inf"))[None, :]
-            blk_best, blk_k = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
-            better = blk_best > best  # strict: an equal score in a later block keeps the lower index
-            best = tl.where(better, blk_best, best)
-            best_k = tl.where(better, k0 + blk_k, best_k)
+            half_c = tl.load(HALF_NORM + k0 + offs_n)
+            acc = half_x[:, None] + half_c[None, :]
+            if D_CHUNKS == 1:
+                c = _centroid_tile(c_ptrs, k0 + offs_n, K, 0, D, EVEN_K, EVEN_D, UPCAST, BLOCK_D)
+                acc = tl.dot(x, tl.trans(c), acc, input_precision=PRECISION)
+            else:
+                for d0 in tl.range(0, D, BLOCK_D):
+                    xs = load_rows(x_ptrs, rmask, d0, D, EVEN_D, UPCAST, BLOCK_D)
+                    c = _centroid_tile(c_ptrs, k0 + offs_n, K, d0, D, EVEN_K, EVEN_D, UPCAST, BLOCK_D)
+                    acc = tl.dot(xs, tl.trans(c), acc, input_precision=PRECISION)
+            key = (acc.to(tl.int32, bitcast=True) & -BLOCK_N) | (offs_n[None, :] & (BLOCK_N - 1))
+            tile = tl.min(key, 1)
+            better = (tile & -BLOCK_N) < best  # strict: a later tile's tie keeps the lower index
+            best = tl.where(better, tile & -BLOCK_N, best)
+            best_key = tl.where(better, tile, best_key)  # its column is read once, after the loop
+            best_k0 = tl.where(better, k0, best_k0)
             c_ptrs += BLOCK_N * stride_c
+        best_k = best_k0 + (best_key & (BLOCK_N - 1))
         tl.store(LABEL + rows, best_k.to(tl.int64), mask=rmask)
-        tl.store(DIST + rows, tl.maximum(x_sq - 2 * best, 0.0), mask=rmask)
+        # exact distances to the chosen centroids: direct differences, 32 columns at a time
+        de = tl.arange(0, 32)
+        xe_ptrs = X + rows[:, None] * stride_x + de[None, :]
+        e_ptrs = C_EXACT + best_k.to(tl.int64)[:, None] * stride_e + de[None, :]
+        dist = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for d0 in tl.range(0, D, 32):
+            m = rmask[:, None] & ((d0 + de) < D)[None, :]
+            diff = tl.load(xe_ptrs + d0, mask=m, other=0.0).to(tl.float32) - tl.load(e_ptrs + d0, mask=m, other=0.0)
+            dist += tl.sum(diff * diff, 1)
+        tl.store(DIST + rows, dist, mask=rmask)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): 128 rows over two warpgroups, centroid tiles 64 or 128
 # wide; tests/test_compile.py compiles each, as launched, for sm_80 and sm_90a.  None timed on a GPU yet.
 ASSIGN_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2)]
 INTERP_CONFIG = (32, 16, 1, 1)
+PAD_K = max(bn for _, bn, _, _ in ASSIGN_CONFIGS + [INTERP_CONFIG])  # +inf half-norms past K (one tile ahead)
 
 if HAS_TRITON:
     _assign_tuned = tuned(_assign_kernel, ASSIGN_CONFIGS, ["D", "size_bucket", "K"], {"EVEN_K": ("K", "BLOCK_N")})
 
 
+STREAM_D = 32  # D beyond one tensor-core chain streams in chunks this wide (fp32 at 64 spills on sm_80)
+
+
+def _launch_meta(dtype: torch.dtype, d: int) -> dict:
+    """The constexprs a launch derives from the points' dtype and D.  fp32 multiplies in TF32 always (IEEE
+    fp32 ``tl.dot`` is FFMA on the CUDA cores and spills at these tiles); the interpreter computes in fp32."""
+    tiling = d_tiling(d, dtype.itemsize)
+    if tiling["D_CHUNKS"] > 1:
+        tiling = dict(BLOCK_D=STREAM_D, D_CHUNKS=cdiv(d, STREAM_D), EVEN_D=d % STREAM_D == 0)
+    tf32 = dtype == torch.float32 and not interpreting()
+    return dict(UPCAST=upcast(dtype), PRECISION="tf32" if tf32 else "ieee", **tiling)
+
+
 def aot_specs(dtype: str = "bf16", d: int = 128, cc: int = 90):
     """Every autotune config as a :class:`KernelSpec` (tests/test_compile.py), with the launch arguments of
-    N = 10^7 points and K = 8192 centroids (pointers aligned, dims divisible by 16)."""
-    t = torch.empty(16, dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
-    args = dict(X=t, C=t, HALF_NORM=torch.empty(16), LABEL=torch.empty(16, dtype=torch.int64), DIST=torch.empty(16),
-                N=10**7, K=8192, D=d, stride_x=d, stride_c=d, size_bucket=size_bucket(10**7))
-    common = dict(UPCAST=False, PRECISION="tf32" if dtype == "fp32" else "ieee", EVEN_K=True,
-                  **d_tiling(d, t.element_size()))
+    N = 10^7 points and K = 8192 centroids (pointers aligned, dims divisible by 16) and the constexprs
+    :func:`_launch_meta` gives a launch."""
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    t, f32 = torch.empty(16, dtype=torch_dtype), torch.empty(16)
+    args = dict(X=t, C_NEG=t, C_EXACT=f32, HALF_NORM=f32, LABEL=torch.empty(16, dtype=torch.int64), DIST=f32,
+                N=10**7, K=8192, D=d, stride_x=d, stride_c=d, stride_e=d, size_bucket=size_bucket(10**7))
+    common = dict(EVEN_K=True, **_launch_meta(torch_dtype, d))
     return [KernelSpec(f"kmeans_assign[{bm}x{bn}w{w}s{st}]", _assign_kernel, args, dict(common, BLOCK_M=bm, BLOCK_N=bn),
                        w, st, mma=True)
             for bm, bn, w, st in ASSIGN_CONFIGS]
 
 
 @torch.library.custom_op("sslcore::kmeans_assign", mutates_args=())
-def _assign_op(x: torch.Tensor, centroids: torch.Tensor, allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _assign_op(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, d = x.shape
     k = centroids.shape[0]
-    half_norm = torch.linalg.vector_norm(centroids, dim=1, dtype=torch.float32).square() * 0.5
+    c_neg = (-centroids).to(x.dtype)  # the tensor cores' operand
+    exact = centroids.float().contiguous()  # what the distances are measured to
+    half_norm = F.pad(torch.linalg.vector_norm(c_neg, dim=1, dtype=torch.float32).square() * 0.5, (0, PAD_K),
+                      value=float("inf"))
     labels = new_output((n,), device=x.device, dtype=torch.int64)
     dist = new_output((n,), device=x.device, dtype=torch.float32)
-    prec = "tf32" if (allow_tf32 and x.dtype == torch.float32 and not interpreting()) else "ieee"
-    args = (x, centroids, half_norm, labels, dist, n, k, d, x.stride(0), centroids.stride(0), size_bucket(n))
-    meta = dict(UPCAST=upcast(x.dtype), PRECISION=prec, **d_tiling(d, x.element_size()))
+    args = (x, c_neg, exact, half_norm, labels, dist, n, k, d, x.stride(0), c_neg.stride(0), exact.stride(0),
+            size_bucket(n))
+    meta = _launch_meta(x.dtype, d)
     if interpreting():
         bm, bn, _, _ = INTERP_CONFIG
         _assign_kernel[(cdiv(n, bm),)](*args, BLOCK_M=bm, BLOCK_N=bn, EVEN_K=k % bn == 0, **meta)
@@ -158,7 +213,7 @@ def _assign_op(x: torch.Tensor, centroids: torch.Tensor, allow_tf32: bool) -> tu
 
 
 @_assign_op.register_fake
-def _(x, centroids, allow_tf32):
+def _(x, centroids):
     return x.new_empty(x.shape[0], dtype=torch.int64), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
@@ -167,13 +222,16 @@ def _(x, centroids, allow_tf32):
 
 
 @torch.no_grad()
-def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, *, allow_tf32: bool = False, backend: str = "auto",
-                  validate: bool | None = None):
+def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, *, backend: str = "auto", validate: bool | None = None):
     """Nearest centroid by squared L2: ``(labels int64 [N], distances [N])``, ties to the lowest index.
 
-    ``x`` [N, D] and ``centroids`` [K, D] of one float dtype on one device; distances are fp32 (fp64 for
-    fp64 input, which runs on torch).  No N x K matrix on either path; the Triton path reads X once
-    and makes no copy of it.  ``validate``: see :func:`~sslcore.kernels._backend.validating`.
+    ``x`` [N, D] and ``centroids`` [K, D] on one device, ``centroids`` in ``x``'s dtype, or in fp32 for
+    fp16/bf16 points (a master copy: cast to ``x``'s dtype for the tensor cores, once per call).
+    Distances are fp32 (fp64 for fp64 input, which runs on torch).  No N x K matrix on either path; the
+    Triton path reads X once, makes no copy of it, multiplies fp32 in TF32, breaks near-ties within
+    ``2^-16`` of the distance towards the lower index, and measures each distance to the chosen centroid
+    by direct differences in fp32 (docs/architecture.md, "k-means").  ``validate``: see
+    :func:`~sslcore.kernels._backend.validating`.
     """
     _check_assign(x, centroids, validate)
     be = resolve_backend(backend, x.device)
@@ -183,7 +241,7 @@ def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, *, allow_tf32: bool 
         be = "torch"
     if be == "torch":
         return _assign_torch(x, centroids)
-    return _assign_op(x.contiguous(), centroids.contiguous(), allow_tf32)
+    return _assign_op(x.contiguous(), centroids.contiguous())
 
 
 def _assign_torch(x: torch.Tensor, centroids: torch.Tensor):

@@ -1,9 +1,12 @@
 """k-means on the fused assignment / update kernels (``sslcore.kernels.kmeans``).
 
-:class:`KMeans` runs k-means++ initialisation and Lloyd iterations on the data's device:
-every nearest-centroid query goes through :func:`~sslcore.kernels.kmeans.kmeans_assign` (no
-N x K matrix on the Triton path) and every centroid update through
-:func:`~sslcore.kernels.kmeans.kmeans_update` (deterministic segment sums).  ``partial_fit``
+:class:`KMeans` runs k-means++ initialisation and Lloyd iterations on the data's device, in the
+data's dtype (fp16/bf16 points keep fp32 centres, cast once per assignment): every
+nearest-centroid query goes through :func:`~sslcore.kernels.kmeans.kmeans_assign` (no N x K matrix
+on the Triton path) and every centroid update through :func:`~sslcore.kernels.kmeans.kmeans_update`
+(deterministic segment sums); the inertia, empty-cluster re-seeding and the convergence test stay
+on the device, read by the host once every ``check_every`` iterations (docs/architecture.md,
+"k-means").  ``partial_fit``
 streams mini-batches with scikit-learn ``MiniBatchKMeans`` semantics (per-centre counts, learning
 rate 1 / count), for data that does not fit in memory.  ``backend="faiss"`` runs ``faiss.Kmeans``
 (CPU) from the same initial centres, for comparison.
@@ -18,6 +21,7 @@ import os
 import torch
 
 from .files import atomic_write
+from .kernels._backend import resolve_backend
 from .kernels.kmeans import kmeans_assign, kmeans_update
 
 __all__ = ["KMeans"]
@@ -29,8 +33,14 @@ _STATE_KEYS = ("format", "config", "init", "cluster_centers", "counts", "inertia
                "inertia_history")
 
 
+def _to_host(t: torch.Tensor):
+    """``t``'s values as Python numbers: the fit's only way to read the device (a synchronisation on CUDA)."""
+    return t.tolist()
+
+
 def _as_points(x, name: str = "x") -> torch.Tensor:
-    """``x`` as a floating [N, D] tensor (numpy accepted) with N, D >= 1 and finite entries."""
+    """``x`` as a floating [N, D] tensor (numpy accepted) with N, D >= 1 and finite entries (one pass over
+    ``x``, one host read); fp16/bf16 stay as they are."""
     if not isinstance(x, torch.Tensor):
         try:
             x = torch.as_tensor(x)
@@ -42,22 +52,87 @@ def _as_points(x, name: str = "x") -> torch.Tensor:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
     if not x.is_floating_point():
         x = x.float()
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()  # fp16/bf16 points: centroids and means are kept in fp32
-    if not bool(torch.isfinite(x).all()):
+    lo, hi = torch.aminmax(x)
+    if not _to_host(torch.isfinite(lo) & torch.isfinite(hi)):
         raise ValueError(f"{name} contains non-finite values (nan or inf)")
     return x.contiguous()
 
 
-def _exact_inertia(x: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor) -> float:
-    """``sum_i |x_i - c_{label_i}|^2`` in float64, in row chunks (no cancellation from the kernel's expansion);
-    chunks of ~4 MB stay in cache (2.7x faster on CPU than one pass over all rows)."""
-    total = 0.0
-    step = max(1, (1 << 19) // max(1, x.shape[1]))
+def _master_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The centres' dtype for points of ``dtype``: fp32 for fp16/bf16/fp32, fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _row_chunk(x: torch.Tensor) -> int:
+    """Rows per step of a float64 pass over ``x``: ~4 MB on the CPU (it stays in cache, 2.7x faster than
+    one pass), ~256 MB elsewhere (few launches)."""
+    return max(1, (1 << (19 if x.device.type == "cpu" else 25)) // x.shape[1])
+
+
+def _exact_inertia(x: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``sum_i |x_i - c_{label_i}|^2`` in float64 by direct differences (no cancellation from the kernel's
+    expansion), in row chunks: a 0-dim tensor on ``x``'s device, no host read."""
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    c = centers.double()
+    step = _row_chunk(x)
     for i in range(0, x.shape[0], step):
-        diff = x[i:i + step].double() - centers.double()[labels[i:i + step]]
-        total += float((diff * diff).sum())
+        diff = x[i:i + step].double() - c[labels[i:i + step]]
+        total += (diff * diff).sum()
     return total
+
+
+def _counts(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Points per cluster, without the host read ``bincount`` makes on CUDA."""
+    return torch.zeros(k, dtype=torch.int64, device=labels.device).scatter_add_(0, labels, torch.ones_like(labels))
+
+
+def _farthest(dist: torch.Tensor, r: int) -> torch.Tensor:
+    """Indices of the ``r`` largest of ``dist`` (>= 0), largest first, ties to the lower index: a stable sort's
+    first ``r``; for fp32, one ``topk`` of int64 keys (distance bits, then the reversed index) instead."""
+    if dist.dtype == torch.float64:
+        return torch.sort(dist, descending=True, stable=True).indices[:r]
+    bits = dist.float().view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+    rank = torch.arange(dist.numel() - 1, -1, -1, device=dist.device)
+    return dist.numel() - 1 - torch.topk((bits << 32) | rank, r).values.bitwise_and(0xFFFFFFFF)
+
+
+def _reseed(x, labels, dist, sums, counts):
+    """Every empty cluster gets a point, sequentially in effect: the points farthest from their centres go
+    first (ties to the lower row), each *moved* out of its cluster into the next empty one, and a cluster
+    that this empties joins the queue of empty ones.  Vectorised over the ``r = min(K, N)`` farthest
+    points, which bound the moves (each fills a cluster that then stays filled); no host read.  Returns
+    ``(sums, counts, moves)``."""
+    k, r = counts.numel(), min(counts.numel(), x.shape[0])
+    dev = x.device
+    pts = _farthest(dist, r)
+    home = labels[pts]
+    # seen_j: candidates 0..j in cluster home_j; moving candidate j empties its cluster iff seen_j = its count
+    pos = torch.arange(r, device=dev)
+    by_home = torch.argsort(home, stable=True)
+    sorted_home = home[by_home]
+    first = torch.ones(r, dtype=torch.bool, device=dev)
+    first[1:] = sorted_home[1:] != sorted_home[:-1]
+    rank = pos - torch.cummax(torch.where(first, pos, 0), 0).values
+    seen = torch.empty_like(pos).scatter_(0, by_home, rank + 1)
+    emptied = (seen == counts[home]).long()
+    empty = counts == 0
+    m = empty.sum()
+    # the queue before move j holds m + (clusters emptied by moves 0..j-1) - j clusters; moves go on while > 0
+    move = m + torch.cumsum(emptied, 0) - emptied - pos > 0
+    # move j fills queue[j]: the empty clusters in ascending order, then the emptied ones as they empty
+    queue = torch.full((r + 1,), k, dtype=torch.int64, device=dev)
+    queue.scatter_(0, torch.where(empty, torch.cumsum(empty, 0) - 1, r).clamp_max(r), torch.arange(k, device=dev))
+    late = move & (emptied > 0)
+    queue.scatter_(0, torch.where(late, m + torch.cumsum(late, 0) - 1, r).clamp_max(r), home)
+    moved = x[pts].to(sums.dtype) * move[:, None]
+    if dev.type == "cpu":  # in order, one point at a time: the sequential loop's arithmetic, bit for bit
+        sums = sums.index_add(0, home, -moved)
+    else:  # deterministic (no float atomics)
+        sums = sums - kmeans_update(moved, home, k, validate=False)[0]
+    dest = torch.where(move, queue[:r], k)  # k: a scratch row for the points that stay
+    sums = torch.cat([sums, sums.new_zeros(1, sums.shape[1])]).index_copy_(0, dest, moved)[:k]
+    counts = torch.cat([counts.index_add(0, home, -move.long()), counts.new_zeros(1)]).index_fill_(0, dest, 1)[:k]
+    return sums, counts, move.sum()
 
 
 class KMeans:
@@ -78,11 +153,19 @@ class KMeans:
     backend: ``"auto"``/``"triton"``/``"torch"`` go to the kernels; ``"faiss"`` runs ``faiss.Kmeans``
         on CPU from this class's initial centres (for comparison).
 
-    Attributes after fitting: ``cluster_centers_`` [K, D], ``labels_`` [N], ``inertia_`` (sum of
-    squared distances, float64), ``n_iter_``, ``inertia_history_`` (inertia after the initial
-    assignment and after each Lloyd iteration; non-increasing), ``counts_`` (points per centre;
-    for ``partial_fit`` the running per-centre counts), ``n_reseeded_`` (empty clusters re-seeded).
+    Attributes after fitting: ``cluster_centers_`` [K, D] (fp32 for fp16/bf16/fp32 points, fp64 for fp64),
+    ``labels_`` [N], ``inertia_`` (sum of squared distances, float64), ``n_iter_``, ``inertia_history_``
+    (inertia after the initial assignment and after each Lloyd iteration; non-increasing), ``counts_``
+    (points per centre; for ``partial_fit`` the running per-centre counts), ``n_reseeded_`` (empty
+    clusters re-seeded).
+
+    A full-batch fit keeps its Lloyd iterations on the device: the host reads whether the run has
+    stopped once every ``check_every`` iterations (a class attribute, 5) and the inertia history once
+    at the end, so a run that stops at iteration ``t`` computes up to ``check_every - 1`` more
+    iterations whose results are discarded; what it returns is what a check per iteration returns.
     """
+
+    check_every = 5
 
     def __init__(self, n_clusters: int, *, init="k-means++", max_iter: int = 100, tol: float = 1e-4,
                  n_init: int = 1, seed: int = 0, batch_size: int | None = None, backend: str = "auto"):
@@ -137,7 +220,15 @@ class KMeans:
         return "auto" if self.backend == "faiss" else self.backend
 
     def _assign(self, x, centers):
-        return kmeans_assign(x, centers.to(x.dtype), backend=self._kernel_backend)
+        """Labels and distances of ``x`` against ``centers`` (fp32 centres go to the kernel as they are with
+        fp16/bf16 points: it casts them once and measures the distances to them)."""
+        return kmeans_assign(x, centers.to(_master_dtype(x.dtype)), backend=self._kernel_backend, validate=False)
+
+    def _inertia(self, x, centers, labels, dist) -> torch.Tensor:
+        """The float64 inertia as a device tensor: on CUDA the Triton path's distances (direct differences in
+        fp32, summed in fp64), elsewhere :func:`_exact_inertia` (float64 differences)."""
+        direct = x.is_cuda and x.dtype != torch.float64 and resolve_backend(self._kernel_backend, x.device) == "triton"
+        return dist.sum(dtype=torch.float64) if direct else _exact_inertia(x, centers, labels)
 
     def _new_generator(self, device) -> torch.Generator:
         g = torch.Generator(device=device)
@@ -158,88 +249,81 @@ class KMeans:
             raise ValueError(f"{name} has dimension {x.shape[1]} but the centres have dimension {d}")
 
     def _init_centers(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Initial centres [K, D] on ``x``'s device (k-means++ via running-min distances)."""
-        k, n = self.n_clusters, x.shape[0]
+        """Initial centres [K, D] on ``x``'s device in the centres' dtype (k-means++ via running-min
+        distances, with no host read)."""
+        k, n, dtype = self.n_clusters, x.shape[0], _master_dtype(x.dtype)
         if isinstance(self.init, torch.Tensor):
             if self.init.shape[1] != x.shape[1]:
                 raise ValueError(f"init has dimension {self.init.shape[1]} but x has {x.shape[1]}")
-            return self.init.to(device=x.device, dtype=x.dtype).clone()
+            return self.init.to(device=x.device, dtype=dtype).clone()
         if self.init == "random":
             idx = torch.randperm(n, generator=g, device=x.device)[:k]
-            return x[idx].clone()
+            return x[idx].to(dtype)
         # k-means++: first centre uniform, then each next centre drawn with probability proportional
         # to the squared distance to the nearest centre chosen so far (kept as a running minimum).
-        centers = torch.empty(k, x.shape[1], device=x.device, dtype=x.dtype)
+        centers = torch.empty(k, x.shape[1], device=x.device, dtype=dtype)
         first = torch.randint(n, (1,), generator=g, device=x.device)
-        centers[0] = x[first[0]]
+        centers[:1] = x.index_select(0, first)
         _, best = self._assign(x, centers[:1])
         best = best.double()
         for j in range(1, k):
-            total = float(best.sum())
-            if total > 0 and math.isfinite(total):
-                idx = torch.multinomial(best / total, 1, generator=g)[0]
-            else:  # every point coincides with a chosen centre: pick uniformly
-                idx = torch.randint(n, (1,), generator=g, device=x.device)[0]
-            centers[j] = x[idx]
+            total = best.sum()
+            # every point on a chosen centre: a uniform draw
+            weight = torch.where((total > 0) & torch.isfinite(total), best / total, 1.0)
+            # torch.multinomial(weight, 1)'s own draw (argmax of weight / Exp(1) noise), without its host checks
+            idx = torch.argmax(weight / torch.empty_like(weight).exponential_(1, generator=g)).reshape(1)
+            centers[j:j + 1] = x.index_select(0, idx)
             _, d = self._assign(x, centers[j:j + 1])
             best = torch.minimum(best, d.double())
         return centers
 
     def _update(self, x, labels, dist, centers):
-        """One M-step: means of the clusters, every cluster left empty re-seeded with a point.
-
-        The points farthest from their centroid go first (ties to the lower row): each is *moved*, out
-        of its cluster's sum and count into the empty one, and a cluster that this empties is re-seeded
-        in turn with the next farthest point, so no centre is left duplicating another (as a seed
-        that stayed counted in its old cluster would).  Returns (centers, re-seeded clusters)."""
-        sums, counts = kmeans_update(x, labels, self.n_clusters)
-        sums, counts = sums.double(), counts.clone()
-        queue = torch.nonzero(counts == 0).flatten().tolist()
-        reseeded = len(queue)
-        if queue:
-            order = torch.sort(dist.double(), descending=True, stable=True).indices.tolist()
-            labels = labels.clone()
-            for i in order:
-                if not queue:
-                    break
-                e, old = queue.pop(0), int(labels[i])
-                sums[old] -= x[i].double()
-                counts[old] -= 1
-                if counts[old] == 0:
-                    queue.append(old)
-                    reseeded += 1
-                sums[e], counts[e], labels[i] = x[i].double(), 1, e
-        new = centers.double().clone()
-        nz = counts > 0  # all of them, unless there are fewer distinct points than clusters
-        new[nz] = sums[nz] / counts[nz, None].double()
-        return new.to(centers.dtype), reseeded
+        """One M-step on the device: the means of the clusters, every cluster left empty re-seeded first
+        (:func:`_reseed`: the farthest points are moved into them).  Returns (centres, clusters re-seeded)."""
+        sums, counts = kmeans_update(x, labels, self.n_clusters, validate=False)
+        sums, counts, moves = _reseed(x, labels, dist, sums.double(), counts)
+        means = sums / counts.clamp_min(1)[:, None].double()
+        return torch.where(counts[:, None] > 0, means, centers.double()).to(centers.dtype), moves
 
     def _lloyd(self, x, centers, tol_abs):
+        """Lloyd iterations with every quantity on the device.  The host reads whether the run is still
+        going once every ``check_every`` iterations, and the history once at the end: an iteration after
+        the stop only computes (its result is discarded), so results equal those of a check per iteration."""
+        k = self.n_clusters
         labels, dist = self._assign(x, centers)
-        inertia = _exact_inertia(x, centers, labels)
-        history = [inertia]
-        n_iter = reseeded = 0
-        for _ in range(self.max_iter):
+        inertia = self._inertia(x, centers, labels, dist)
+        zero = torch.zeros((), dtype=torch.int64, device=x.device)
+        running, n_iter, reseeded, history = torch.ones((), dtype=torch.bool, device=x.device), zero, zero, [inertia]
+        for it in range(1, self.max_iter + 1):
             new, n_empty = self._update(x, labels, dist, centers)
             new_labels, new_dist = self._assign(x, new)
-            new_inertia = _exact_inertia(x, new, new_labels)
-            if new_inertia > inertia:
-                # Exact Lloyd never raises the inertia; a rise can only be rounding at convergence
-                # (a near-tie resolved differently).  Keep the previous solution and stop.
+            new_inertia = self._inertia(x, new, new_labels, new_dist)
+            # Exact Lloyd never raises the inertia; a rise can only be rounding at convergence (a near-tie
+            # resolved differently): keep the previous solution and stop.
+            step = running & (new_inertia <= inertia)
+            shift = ((new.double() - centers.double()) ** 2).sum()
+            unchanged = (new_labels == labels).all()
+            empty = (_counts(new_labels, k) == 0).any()
+            centers, labels = torch.where(step, new, centers), torch.where(step, new_labels, labels)
+            dist, inertia = torch.where(step, new_dist, dist), torch.where(step, new_inertia, inertia)
+            n_iter, reseeded = n_iter + step, reseeded + step * n_empty
+            history.append(new_inertia)
+            running = step & ~((unchanged | (shift <= tol_abs)) & ~empty)  # never stop while a cluster is empty
+            if it % self.check_every == 0 and it < self.max_iter and not _to_host(running):
                 break
-            n_iter += 1
-            reseeded += n_empty
-            shift = float(((new.double() - centers.double()) ** 2).sum())
-            unchanged = bool(torch.equal(new_labels, labels))
-            centers, labels, dist, inertia = new, new_labels, new_dist, new_inertia
-            history.append(inertia)
-            empty = bool((torch.bincount(labels, minlength=self.n_clusters) == 0).any())
-            if (unchanged or shift <= tol_abs) and not empty:  # never stop while a cluster is empty
-                break
-        return centers, labels, inertia, n_iter, history, reseeded
+        n_iter, reseeded, *history = _to_host(torch.stack([n_iter.double(), reseeded.double(), *history]))
+        n_iter = int(n_iter)
+        history = history[:n_iter + 1]  # the iterations taken are the first n_iter
+        return centers, labels, history[-1], n_iter, history, int(reseeded)
 
-    def _tol_abs(self, x) -> float:
-        return self.tol * float(x.double().var(dim=0, unbiased=False).mean()) if self.tol > 0 else 0.0
+    def _tol_abs(self, x) -> torch.Tensor:
+        """``tol`` times the mean per-feature variance of ``x`` (float64, two passes in row chunks, no host read)."""
+        if self.tol == 0:
+            return torch.zeros((), dtype=torch.float64, device=x.device)
+        step = _row_chunk(x)
+        mean = sum(x[i:i + step].double().sum(0) for i in range(0, x.shape[0], step)) / x.shape[0]
+        var = sum(((x[i:i + step].double() - mean) ** 2).sum(0) for i in range(0, x.shape[0], step)) / x.shape[0]
+        return self.tol * var.mean()
 
     # -----------------------------------------------------------------------------------------
     # Public API.
@@ -277,7 +361,7 @@ class KMeans:
         self.inertia_ = inertia
         self.n_iter_ = n_iter
         self.inertia_history_ = history
-        self.counts_ = torch.bincount(labels, minlength=self.n_clusters)
+        self.counts_ = _counts(labels, self.n_clusters)
         self.n_reseeded_ = reseeded
         return self
 
@@ -298,7 +382,7 @@ class KMeans:
             km.train(xn, init_centroids=np.ascontiguousarray(init.detach().float().cpu().numpy()))
             centers = torch.from_numpy(np.array(km.centroids, copy=True)).to(device=x.device, dtype=x.dtype)
             labels, _ = self._assign(x, centers)
-            inertia = _exact_inertia(x, centers, labels)
+            inertia = float(_exact_inertia(x, centers, labels))
             if best is None or inertia < best[2]:
                 best = (centers, labels, inertia, [float(v) for v in np.asarray(km.obj)])
         self.cluster_centers_, self.labels_, self.inertia_, self.inertia_history_ = best
@@ -322,7 +406,7 @@ class KMeans:
             self.n_iter_ += 1
         labels, _ = self._assign(x, self.cluster_centers_)
         self.labels_ = labels
-        self.inertia_ = _exact_inertia(x, self.cluster_centers_, labels)
+        self.inertia_ = float(_exact_inertia(x, self.cluster_centers_, labels))
         self.inertia_history_ = [self.inertia_]
         return self
 
@@ -364,7 +448,7 @@ class KMeans:
         self._minibatch_step(x)
         labels, _ = self._assign(x, self.cluster_centers_)
         self.labels_ = labels
-        self.inertia_ = _exact_inertia(x, self.cluster_centers_, labels)
+        self.inertia_ = float(_exact_inertia(x, self.cluster_centers_, labels))
 
     def predict(self, x) -> torch.Tensor:
         """Index of the nearest centre (int64 [N]) of each row of ``x``."""

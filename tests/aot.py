@@ -138,6 +138,7 @@ def compile_case(case):
                    divisible=sorted(spec.fn.arg_names[k[0]] for k in attrs),
                    spills=[int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)],
                    registers=[int(x) for x in re.findall(r"Used (\d+) registers", report)],
+                   mma_types=sorted({m.group(5) or "F16" for m in SASS_MMA.finditer(sass)}),
                    loop=hot_loop(sass, cc, spec.num_warps))
     except Exception as exc:  # reported per case by the test
         res["error"] = f"{type(exc).__name__}: {exc}"

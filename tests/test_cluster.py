@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sslcore.cluster import KMeans
 from sslcore.metrics import tcas, tcas_class_blind, token_class_counts, token_class_nmi
@@ -71,6 +72,49 @@ def test_reseeding_a_singleton_donor_moves_the_point(iters):
     if iters == 40:
         sk = sklearn_cluster.KMeans(3, init=init.numpy(), n_init=1, max_iter=iters, tol=0.0, algorithm="lloyd").fit(x)
         assert km.inertia_ == pytest.approx(sk.inertia_, rel=1e-9)
+
+
+class _CountHostReads(TorchDispatchMode):
+    """Records the ATen ops that read tensor values on the host (a synchronisation each on CUDA)."""
+    READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2", "aten::unique_dim", "aten::equal",
+             "aten::is_nonzero", "aten::masked_select", "aten::unique_consecutive", "aten::bincount"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.READS:
+            self.reads.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("data,max_iter", [("noisy", 12), ("blobs", 30)])  # runs to max_iter / stops early
+def test_fit_reads_the_host_once_every_few_iterations(monkeypatch, backend, data, max_iter):
+    """A full-batch fit reads device values only through ``_to_host``: once for the input check, once every
+    ``check_every`` Lloyd iterations and once for the results, never an op that reads a tensor on the host
+    (the old loop synchronised several times per iteration: ``float`` per inertia chunk, ``nonzero``,
+    ``equal``, ``bincount``).  Its results equal a check after every iteration, the iterations computed
+    past the stop discarded."""
+    import sslcore.cluster as cluster
+
+    x = noisy(n=200, d=5, seed=2) if data == "noisy" else blobs(n_per=40, k=4, d=5, seed=3)[0]
+    real, calls = cluster._to_host, []
+    monkeypatch.setattr(cluster, "_to_host", lambda t: calls.append(t.numel()) or real(t))
+    with _CountHostReads() as mode:
+        km = KMeans(6, max_iter=max_iter, tol=0.0, seed=0, backend=backend).fit(x)
+    assert mode.reads == []
+    every = KMeans.check_every
+    # the input check; a check at each multiple of check_every below max_iter until the one after the stop
+    # (at iteration n_iter_, or n_iter_ + 1 when an iteration is refused); the results
+    assert len(calls) <= 1 + min(math.ceil((km.n_iter_ + 1) / every), (max_iter - 1) // every) + 1, calls
+    assert len(calls) < km.n_iter_ if data == "noisy" else km.n_iter_ < max_iter, (calls, km.n_iter_)
+    monkeypatch.setattr(KMeans, "check_every", 1)
+    each = KMeans(6, max_iter=max_iter, tol=0.0, seed=0, backend=backend).fit(x)
+    assert torch.equal(each.cluster_centers_, km.cluster_centers_) and torch.equal(each.labels_, km.labels_)
+    assert (each.n_iter_, each.inertia_history_, each.n_reseeded_) == (km.n_iter_, km.inertia_history_,
+                                                                       km.n_reseeded_)
 
 
 def test_same_seed_same_result():

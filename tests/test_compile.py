@@ -16,7 +16,7 @@ import aot  # noqa: E402
 SMEM_LIMIT = {80: 166_912, 90: 232_448}  # opt-in shared memory per block (bytes): A100, H100/H200
 # The hot loop's instruction issue over its tensor-core time at peak (tests/aot.py's ``issue_per_tc``),
 # kept within a budget so a change that bloats the loop fails here.  Values when set: InfoNCE forward
-# 0.26-1.13, backward 0.53-1.12 (1.1 where D is streamed: 384 and 768 on Hopper); k-means 0.26-1.01.
+# 0.26-1.13, backward 0.53-1.12 (1.1 where D is streamed: 384 and 768 on Hopper); k-means 0.26-0.92 (3.6 and 3.8).
 ISSUE_BUDGET = {"infonce_lse_fwd": 1.25, "infonce_lse_bwd": 1.25, "kmeans_assign": 1.1}
 CASES = aot.cases()
 
@@ -40,6 +40,8 @@ def test_compiles_as_launched(compiled, case):
     if not res["mma_expected"]:
         return
     assert res["tensor_core"], "no tensor-core instruction in the PTX"
+    if case[1] == "fp32" and case[4].startswith("kmeans_assign"):  # TF32 on the tensor cores, never FFMA
+        assert res["mma_types"] == ["TF32"], f"fp32 runs {res['mma_types']} tensor-core instructions"
     if cc == 90:  # every wgmma at least 64 wide: the S (X.C^T) tile and the message tile
         assert res["wgmma_n"] and min(res["wgmma_n"]) >= 64, f"wgmma widths {res['wgmma_n']}"
     budget = ISSUE_BUDGET[case[4].split("[")[0]]
@@ -70,11 +72,39 @@ def test_launch_signature_marks_what_the_launcher_marks():
     from sslcore.kernels._backend import KernelSpec
     from sslcore.kernels.kmeans import _assign_kernel
     t = torch.empty(16)
-    args = dict(X=t, C=t, HALF_NORM=t, LABEL=t, DIST=t, N=1, K=8192, D=100, stride_x=100, stride_c=32, size_bucket=5)
+    args = dict(X=t, C_NEG=t, C_EXACT=t, HALF_NORM=t, LABEL=t, DIST=t, N=1, K=8192, D=100, stride_x=100, stride_c=32,
+                stride_e=7, size_bucket=5)
     meta = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=128, D_CHUNKS=1, EVEN_K=True, EVEN_D=False, UPCAST=False,
                 PRECISION="ieee")
     sig, const, attrs = aot.launch_signature(KernelSpec("k", _assign_kernel, args, meta, 4, 2, True))
     names = _assign_kernel.arg_names
     assert const == {**meta, "N": 1} and sig["N"] == "constexpr" and sig["K"] == "i32"
-    assert {names[k[0]] for k in attrs} == {"X", "C", "HALF_NORM", "LABEL", "DIST", "K", "stride_c"}
+    assert {names[k[0]] for k in attrs} == {"X", "C_NEG", "C_EXACT", "HALF_NORM", "LABEL", "DIST", "K", "stride_c"}
     assert all(v == [["tt.divisibility", 16]] for v in attrs.values())
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("d", [128, 256, 100])
+def test_kmeans_specs_are_what_a_launch_passes(monkeypatch, dtype, d):
+    """The k-means launch on a GPU (its launcher replaced by a recorder, the interpreter switched off) passes
+    the constexprs of ``aot_specs``: the compile test builds the binary that runs (fp32: TF32, whatever
+    ``torch.backends.cuda.matmul.allow_tf32`` says; before, fp32 compiled as TF32 and launched as IEEE)."""
+    import torch
+
+    import sslcore.kernels._tiles as tiles
+    import sslcore.kernels.kmeans as km
+
+    seen = {}
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: seen.update(meta)
+
+    for module in (tiles, km):
+        monkeypatch.setattr(module, "interpreting", lambda: False)
+    monkeypatch.setattr(km, "_assign_tuned", Recorder())
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    km._assign_op(torch.randn(300, d).to(dt), torch.randn(8192, d).to(dt))
+    expected = km.aot_specs(dtype, d)[0].constexprs
+    tuned = {"BLOCK_M", "BLOCK_N", "EVEN_K"}  # set per config by the autotuner and its heuristic
+    assert seen == {k: v for k, v in expected.items() if k not in tuned}

@@ -20,16 +20,29 @@ def _margin(x, c):
     return two[:, 1] - two[:, 0]
 
 
+def _tc_slack(x, c):
+    """Per row, a bound on how far the kernel's products can move the gap between two squared distances:
+    each moves by at most ``2 * 2 * 2^-11 * sum_j |x_ij c_kj|`` in TF32 (fp32 points on a GPU: both operands
+    rounded to 10 mantissa bits), so ``8 * 2^-11 * max_k sum_j |x_ij c_kj|``; else 0 (fp16/bf16 products
+    are exact in fp32, and the interpreter multiplies in fp32)."""
+    if x.dtype != torch.float32 or not x.is_cuda:
+        return torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    return 8 * 2.0 ** -11 * (x.double().abs() @ c.double().abs().T).max(1).values
+
+
 @pytest.mark.parametrize("n,k,d", [(1000, 37, 33), (257, 5, 100), (70, 70, 8)])
 def test_assign_fp32_matches_float64(seed, n, k, d):
     x, c = torch.randn(n, d, device=_dev()), torch.randn(k, d, device=_dev())
     labels, dist = kmeans_assign(x, c, backend="triton")
     ref_l, ref_d = kmeans_assign_ref(x.double(), c.double())
-    clear = _margin(x, c) > 1e-4 * ref_d.abs().max()  # rows whose nearest centroid fp32 can resolve
-    assert clear.float().mean() > 0.95  # over 2000 seeds the fewest clear rows were 97% (n=70)
+    # rows whose nearest centroid fp32 (TF32 on a GPU) can resolve
+    clear = _margin(x, c) > 1e-4 * ref_d.abs().max() + _tc_slack(x, c)
+    assert clear.float().mean() > 0.95  # over 2000 seeds the fewest clear rows were 97% (n=70, interpreter)
     assert torch.equal(labels[clear], ref_l[clear])
     assert labels.dtype == torch.int64 and dist.dtype == torch.float32
-    torch.testing.assert_close(dist.double(), ref_d, rtol=1e-5, atol=1e-4)
+    exact = ((x.double() - c.double()[labels]) ** 2).sum(1)  # to the chosen centroid, by direct differences
+    torch.testing.assert_close(dist.double(), exact, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dist.double()[clear], ref_d[clear], rtol=1e-5, atol=1e-4)
 
 
 def test_planted_exact_ties_go_to_lowest_index(seed):
@@ -53,6 +66,54 @@ def test_assign_low_precision_inertia(seed, dtype):
     chosen = ((x.double() - c.double()[labels]) ** 2).sum()
     assert abs(chosen / ref_d.sum() - 1) < 1e-4
     torch.testing.assert_close(dist.double().sum(), ref_d.sum(), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("n,k,d", [(301, 5, 45), (97, 53, 70), (40, 16, 16)])  # K < BLOCK_N; N, K, D off the tiles
+@pytest.mark.parametrize("dtype,cdtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                          (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                                          (torch.bfloat16, torch.float32)])
+def test_assign_dtypes_and_fp32_master_centroids(seed, n, k, d, dtype, cdtype):
+    """Labels: the nearest of the centroids as the tensor cores see them (cast to the points' dtype);
+    distances: to the centroids as given (an fp32 master copy stays exact), against float64."""
+    x = torch.randn(n, d, device=_dev()).to(dtype)
+    c = (torch.randn(k, d, device=_dev()) + 0.1).to(cdtype)
+    labels, dist = kmeans_assign(x, c, backend="triton")
+    seen = c.to(dtype)  # the operand of the products
+    ref_l, ref_d = kmeans_assign_ref(x.double(), seen.double())
+    clear = _margin(x, seen) > 1e-4 * ref_d.abs().max() + _tc_slack(x, seen)
+    assert clear.float().mean() > 0.9
+    assert torch.equal(labels[clear], ref_l[clear])
+    assert labels.dtype == torch.int64 and dist.dtype == torch.float32
+    exact = ((x.double() - c.double()[labels]) ** 2).sum(1)  # to the centroid as given, e.g. the fp32 master
+    torch.testing.assert_close(dist.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_assign_points_on_large_centroids(seed, dtype):
+    """Points on a centroid far from the origin: ``(|x|^2 + |c|^2) / 2 - x.c`` cancels to a few ulps of
+    ``|c|^2`` and rounds below 0 for some rows (the unclamped keys of negative floats order in reverse).
+    The chosen centroid must still be one within that rounding of the point, never a distant one; near
+    duplicates (1e-3 apart, inside the rounding) may be picked in either order, exact duplicates go to
+    the lower index."""
+    k, d = 40, 37
+    c = (1000 + 3 * torch.randn(k, d, device=_dev())).to(dtype)
+    c[7] = c[2]  # an exact duplicate
+    c[30] = (c[2].float() + 1e-3 * torch.randn(d, device=_dev())).to(dtype)  # a near one, in another tile
+    pick = torch.randint(0, k, (200,), device=_dev())
+    pick[:20] = 2
+    x = c[pick].clone()
+    cf = c.double()
+    half = (x.double() ** 2).sum(1)[:, None] / 2 + (cf ** 2).sum(1)[None] / 2 - x.float() @ c.float().T
+    assert (half.min(1).values.float() <= 0).any(), "no row's expansion rounds to 0 or below: the test is vacuous"
+    labels, dist = kmeans_assign(x, c, backend="triton")
+    true = ((x.double()[:, None] - cf[None]) ** 2).sum(-1)
+    e = 1e-5 * 2 * (cf ** 2).sum(1).max()  # the expansion's rounding, generously: ~100 fp32 ulps of |c|^2
+    assert (true.gather(1, labels[:, None]).squeeze(1) <= e).all()
+    alone = (pick != 2) & (pick != 7) & (pick != 30)
+    assert (labels[alone] == pick[alone]).all()
+    assert not (labels == 7).any()
+    assert set(labels[~alone].tolist()) <= {2, 30}
+    torch.testing.assert_close(dist.double(), true.gather(1, labels[:, None]).squeeze(1), rtol=0, atol=1e-2)
 
 
 def test_assign_outputs_fully_written_and_deterministic(seed):
@@ -141,7 +202,7 @@ def test_gpu_assignment_and_update_without_sync(seed, dtype, no_host_sync):
         sums, counts = kmeans_update(x, labels, 8192)
     rows = torch.arange(0, 300_001, 97, device="cuda")
     ref_l, ref_d = kmeans_assign_ref(x[rows], c)
-    clear = _margin(x[rows], c) > 1e-2
+    clear = _margin(x[rows], c) > 1e-2 + _tc_slack(x[rows], c)
     assert (labels[rows][clear] == ref_l[clear]).all()
     torch.testing.assert_close(dist[rows].double(), ref_d.double(), rtol=2e-2, atol=1e-1)
     ref_s, ref_c = kmeans_update_ref(x.double(), labels, 8192)
