@@ -21,6 +21,8 @@ gradient is one pass: 3 M x M x D matmuls in all (S for the LSEs; S again and W.
 """
 from __future__ import annotations
 
+import contextvars
+
 import torch
 
 from ._backend import (
@@ -232,16 +234,28 @@ if HAS_TRITON:
         return valid
 
     @triton.jit
+    def _tma_tile(desc, row, UPCAST: tl.constexpr):
+        """Rows ``row ..`` of a tensor descriptor's block (the tensor-memory-accelerator copy; rows and
+        columns past the tensor's end read as zeros), upcast to fp32 under the interpreter's bf16 rule."""
+        x = desc.load([row, 0])
+        if UPCAST:
+            x = x.to(tl.float32)
+        return x
+
+    @triton.jit
     def _lse_fwd_kernel(A, B, LSE, M, N, D, stride_a, stride_b, row_offset, scale2, size_bucket,
                         EXCLUDE_SELF: tl.constexpr, STATIC_MAX: tl.constexpr, EVEN_N: tl.constexpr,
                         EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        PRECISION: tl.constexpr, TMA: tl.constexpr):
         """Row log-sum-exp of ``scale * A . B^T`` (base 2 inside).
 
         STATIC_MAX (unit rows, so ``s <= scale``): ``LSE = scale + log sum exp(s - scale)`` with no
         running max or rescaling; otherwise the online max/sum of flash attention.  Row ``r`` of A is
-        column ``r + row_offset`` of B in the self form (EXCLUDE_SELF).
+        column ``r + row_offset`` of B in the self form (EXCLUDE_SELF).  TMA (one chunk of D, aligned
+        16-bit rows, Hopper): tiles come by tensor descriptors and the loop is warp-specialised -- a
+        producer warpgroup issues the copies, two consumer warpgroups (half the rows each) wait only on
+        their own tensor-core work, so one's exp/sum overlaps the other's S tile (docs/architecture.md).
         """
         row0 = tl.program_id(0) * BLOCK_M
         rows = row0 + tl.arange(0, BLOCK_M)
@@ -250,14 +264,23 @@ if HAS_TRITON:
         dd = tl.arange(0, BLOCK_D)
         a_ptrs = A + row0.to(tl.int64) * stride_a + tl.arange(0, BLOCK_M)[:, None] * stride_a + dd[None, :]
         b_ptrs = B + offs_n[:, None] * stride_b + dd[None, :]
-        a = load_rows(a_ptrs, rmask, 0, D, EVEN_D, UPCAST, BLOCK_D)  # the A tile when D is one chunk
+        if TMA:  # every load a descriptor copy: the warp specialiser accepts no other
+            b_desc = tl.make_tensor_descriptor(B, shape=[N, D], strides=[stride_b, 1], block_shape=[BLOCK_N, BLOCK_D])
+            a = _tma_tile(tl.make_tensor_descriptor(A, shape=[M, D], strides=[stride_a, 1],
+                                                    block_shape=[BLOCK_M, BLOCK_D]), row0, UPCAST)
+        else:
+            a = load_rows(a_ptrs, rmask, 0, D, EVEN_D, UPCAST, BLOCK_D)  # the A tile when D is one chunk
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
+        for n0 in tl.range(0, N, BLOCK_N, warp_specialize=TMA):
             cols = n0 + offs_n
             cmask = cols < N
-            s = sim_tile(a, a_ptrs, b_ptrs, rmask, cmask, D, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
-                         D_CHUNKS)
+            if TMA:
+                s = tl.dot(a, tl.trans(_tma_tile(b_desc, n0, UPCAST)), input_precision=PRECISION)
+            else:
+                s = sim_tile(a, a_ptrs, b_ptrs, rmask, cmask, D, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
+                             BLOCK_D, D_CHUNKS)
+                b_ptrs += BLOCK_N * stride_b
             s = tl.where(_valid(rows, cols, cmask, row_offset, BLOCK_M, BLOCK_N, EXCLUDE_SELF, EVEN_N),
                          s * scale2, float("-inf"))
             if STATIC_MAX:
@@ -267,7 +290,6 @@ if HAS_TRITON:
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
                 m_i = m_new
-            b_ptrs += BLOCK_N * stride_b
         if STATIC_MAX:
             m_i = tl.full([BLOCK_M], scale2, dtype=tl.float32)
         tl.store(LSE + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rmask)
@@ -279,13 +301,16 @@ if HAS_TRITON:
                         C_IS_B: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         D_CHUNKS: tl.constexpr, BLOCK_DO: tl.constexpr, UPCAST: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        PRECISION: tl.constexpr, TMA: tl.constexpr):
         """``OUT[r, do] = out_scale * sum_c W_rc C[c, do]`` with the message weights recomputed per tile:
 
         ``W_rc = g_r exp(s_rc - LSE_r)`` (HAS_ROW) ``+ g_c exp(s_rc - LSE_c)`` (HAS_COL), where
         ``s = scale * A . B^T``; the g's come divided by GSCALE (their max) so W stays O(1) in
         low precision, and GSCALE multiplies the result.  C_IS_B (C is B and one program holds all
-        of D): the B tile that made S is the message operand too, so nothing is loaded twice.
+        of D): the B tile that made S is the message operand too, so nothing is loaded twice.  TMA (C_IS_B,
+        aligned 16-bit rows, Hopper): the A and B tiles come by tensor descriptors, no per-thread
+        addresses, so one warpgroup of 64 rows fits in 240 registers and two programs share an SM: one's
+        W work overlaps the other's tensor-core work (docs/architecture.md).
         """
         row0 = tl.program_id(0) * BLOCK_M
         rows = row0 + tl.arange(0, BLOCK_M)
@@ -297,7 +322,11 @@ if HAS_TRITON:
         a_ptrs = A + row0.to(tl.int64) * stride_a + tl.arange(0, BLOCK_M)[:, None] * stride_a + dd[None, :]
         b_ptrs = B + offs_n[:, None] * stride_b + dd[None, :]
         c_ptrs = C + offs_n[:, None] * stride_c + do[None, :]
-        if D_CHUNKS == 1:
+        if TMA:
+            b_desc = tl.make_tensor_descriptor(B, shape=[N, D], strides=[stride_b, 1], block_shape=[BLOCK_N, BLOCK_D])
+            a = _tma_tile(tl.make_tensor_descriptor(A, shape=[M, D], strides=[stride_a, 1],
+                                                    block_shape=[BLOCK_M, BLOCK_D]), row0, UPCAST)
+        elif D_CHUNKS == 1:
             a = load_rows(a_ptrs, rmask, 0, D, EVEN_D, UPCAST, BLOCK_D)
         if HAS_ROW:
             lse_r = tl.load(LSE_R + rows, mask=rmask, other=0.0) * 1.4426950408889634
@@ -306,7 +335,10 @@ if HAS_TRITON:
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + offs_n
             cmask = cols < N
-            if D_CHUNKS == 1:
+            if TMA:
+                b = _tma_tile(b_desc, n0, UPCAST)
+                s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale2
+            elif D_CHUNKS == 1:
                 b = load_rows(b_ptrs, cmask, 0, D, EVEN_D, UPCAST, BLOCK_D)
                 s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale2
             else:
@@ -340,6 +372,12 @@ if HAS_TRITON:
 # sm_80 and sm_90a at D in {128, 256, 384, 768} in bf16, fp16 and fp32.  None is timed on a GPU yet.
 FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2)]
 BWD_CONFIGS = [(128, 64, 8, 2)]
+# Hopper with aligned 16-bit rows and one chunk of D (:func:`_tma_path`): tiles by tensor descriptors.
+# Forward warp-specialised: num_warps=4 is the consumer group's size; the specialiser runs two consumer
+# warpgroups (BLOCK_M/2 rows each) and a producer, 12 warps.  Backward: one warpgroup of 64 rows, two
+# programs per SM.  tests/test_compile.py checks registers, shared memory and the overlap of each.
+FWD_TMA_CONFIGS = [(256, 64, 4, 2), (128, 128, 4, 2)]
+BWD_TMA_CONFIGS = [(64, 64, 4, 2)]
 # Under the interpreter one config, small enough that test shapes span several tiles.
 INTERP_CONFIG = (32, 32, 1, 1)
 # The static max needs exp2(s - max) to stay a normal fp32 over the whole range s in [-scale, scale].
@@ -370,6 +408,29 @@ def _arch(t: torch.Tensor) -> int:
     return 10 * major + minor
 
 
+def _tma_path(blocks: dict, cc: int, *ts: torch.Tensor) -> bool:
+    """Whether a launch takes the tensor-descriptor kernels: sm_90 (the warp specialiser is validated
+    there only), fp16/bf16, one chunk of D of at least 64 columns (32 under the interpreter), and rows
+    the copy engine can address: 16-byte aligned base and row stride, unit column stride."""
+    return (cc == 90 and blocks["D_CHUNKS"] == 1 and (interpreting() or blocks["BLOCK_D"] >= 64)
+            and all(t.dtype in (torch.float16, torch.bfloat16) and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+                    and t.stride(0) * t.element_size() % 16 == 0 for t in ts))
+
+
+def _scratch(size: int, alignment: int, stream):
+    """Global memory for the descriptors a program builds (Triton's allocator hook)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _with_scratch(fn):
+    """Run ``fn`` with :func:`_scratch` as Triton's allocator, set in a copy of the current context so the
+    caller's own allocator (if any) is untouched."""
+    def run():
+        triton.set_allocator(_scratch)
+        return fn()
+    return contextvars.copy_context().run(run)
+
+
 def aot_specs(dtype: str = "bf16", d: int = 128, cc: int = 90):
     """Every autotune config of every kernel as a :class:`KernelSpec` (tests/test_compile.py), with the
     launch arguments of the self form at M = 65,536 (all pointers aligned, dims divisible by 16)."""
@@ -383,34 +444,53 @@ def aot_specs(dtype: str = "bf16", d: int = 128, cc: int = 90):
                     size_bucket=size_bucket(m))
     blocks = _blocks(d, t.element_size(), cc)
     common = dict(EXCLUDE_SELF=True, EVEN_N=True, UPCAST=False, PRECISION="tf32" if dtype == "fp32" else "ieee",
-                  **{k: blocks[k] for k in ("BLOCK_D", "D_CHUNKS", "EVEN_D")})
-    c_is_b = blocks["D_CHUNKS"] == 1 and blocks["BLOCK_DO"] == blocks["BLOCK_D"]
+                  TMA=False, **{k: blocks[k] for k in ("BLOCK_D", "D_CHUNKS", "EVEN_D")})
+    bwd_common = dict(common, BLOCK_DO=blocks["BLOCK_DO"], HAS_ROW=True, HAS_COL=True,
+                      C_IS_B=blocks["D_CHUNKS"] == 1 and blocks["BLOCK_DO"] == blocks["BLOCK_D"])
     specs = []
+    if cc == 90 and dtype != "fp32" and 32 < d <= 256:  # :func:`_tma_path`, for the compiled tiling of D
+        # The tensor-descriptor kernels launch for aligned rows; the flag combinations a call can add beside
+        # the self form's: the cross form with the online max and a ragged last tile, and the backward's
+        # single-sided forms.  Unaligned rows (a strided view) take the kernels below.
+        for bm, bn, warps, stages in FWD_TMA_CONFIGS:
+            for tag, flags in (("", {}), ("-cross", dict(EXCLUDE_SELF=False, STATIC_MAX=False, EVEN_N=False))):
+                specs.append(KernelSpec(f"infonce_lse_fwd_tma[{bm}x{bn}w{warps}s{stages}]{tag}", _lse_fwd_kernel,
+                                        fwd_args, {**common, "STATIC_MAX": True, "BLOCK_M": bm, "BLOCK_N": bn,
+                                                   "TMA": True, **flags}, warps, stages, mma=True))
+        for bm, bn, warps, stages in BWD_TMA_CONFIGS:
+            for tag, flags in (("", {}), ("-rows", dict(HAS_COL=False, EXCLUDE_SELF=False, EVEN_N=False)),
+                               ("-cols", dict(HAS_ROW=False))):
+                specs.append(KernelSpec(f"infonce_lse_bwd_tma[{bm}x{bn}w{warps}s{stages}]{tag}", _lse_bwd_kernel,
+                                        bwd_args, {**bwd_common, "BLOCK_M": bm, "BLOCK_N": bn, "TMA": True, **flags},
+                                        warps, stages, mma=True))
     for bm, bn, warps, stages in FWD_CONFIGS:
         specs.append(KernelSpec(f"infonce_lse_fwd[{bm}x{bn}w{warps}s{stages}]", _lse_fwd_kernel, fwd_args,
                                 dict(common, STATIC_MAX=True, BLOCK_M=bm, BLOCK_N=bn), warps, stages, mma=True))
     for bm, bn, warps, stages in BWD_CONFIGS:
         specs.append(KernelSpec(f"infonce_lse_bwd[{bm}x{bn}w{warps}s{stages}]", _lse_bwd_kernel, bwd_args,
-                                dict(common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DO=blocks["BLOCK_DO"], HAS_ROW=True,
-                                     HAS_COL=True, C_IS_B=c_is_b), warps, stages, mma=True))
+                                dict(bwd_common, BLOCK_M=bm, BLOCK_N=bn), warps, stages, mma=True))
     return specs
 
 
 if HAS_TRITON:
-    _lse_fwd_tuned = tuned(_lse_fwd_kernel, FWD_CONFIGS, ["D", "EXCLUDE_SELF", "STATIC_MAX", "size_bucket"],
-                           {"EVEN_N": ("N", "BLOCK_N")})
-    _lse_bwd_tuned = tuned(_lse_bwd_kernel, BWD_CONFIGS,
-                           ["D", "EXCLUDE_SELF", "HAS_ROW", "HAS_COL", "C_IS_B", "size_bucket"],
-                           {"EVEN_N": ("N", "BLOCK_N")})
+    _FWD_KEY = ["D", "EXCLUDE_SELF", "STATIC_MAX", "size_bucket"]
+    _BWD_KEY = ["D", "EXCLUDE_SELF", "HAS_ROW", "HAS_COL", "C_IS_B", "size_bucket"]
+    _EVEN = {"EVEN_N": ("N", "BLOCK_N")}
+    _lse_fwd_tuned = {False: tuned(_lse_fwd_kernel, FWD_CONFIGS, _FWD_KEY, _EVEN),
+                      True: tuned(_lse_fwd_kernel, FWD_TMA_CONFIGS, _FWD_KEY, _EVEN)}
+    _lse_bwd_tuned = {False: tuned(_lse_bwd_kernel, BWD_CONFIGS, _BWD_KEY, _EVEN),
+                      True: tuned(_lse_bwd_kernel, BWD_TMA_CONFIGS, _BWD_KEY, _EVEN)}
 
 
 def _launch(kernel, tuned, grid_rows, grid_cols, n, args, meta):
-    """One launch: the interpreter's single small config, else the autotuned one."""
+    """One launch: the interpreter's single small config, else the autotuned one of the path (``meta["TMA"]``)."""
     if interpreting():
         bm, bn, _, _ = INTERP_CONFIG
         kernel[(cdiv(grid_rows, bm), grid_cols)](*args, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=n % bn == 0, **meta)
+    elif meta["TMA"]:
+        _with_scratch(lambda: tuned[True][lambda m: (cdiv(grid_rows, m["BLOCK_M"]), grid_cols)](*args, **meta))
     else:
-        tuned[lambda m: (cdiv(grid_rows, m["BLOCK_M"]), grid_cols)](*args, **meta)
+        tuned[False][lambda m: (cdiv(grid_rows, m["BLOCK_M"]), grid_cols)](*args, **meta)
 
 
 # The launches are torch.library custom ops, so torch.compile(fullgraph=True) traces through them.
@@ -421,9 +501,10 @@ def _lse_fwd_launch(a: torch.Tensor, b: torch.Tensor, scale: float, exclude_self
     m, d = a.shape
     n = b.shape[0]
     lse = new_output((m,), device=a.device, dtype=torch.float32)
-    blocks = _blocks(d, a.element_size(), _arch(a))
+    cc = _arch(a)
+    blocks = _blocks(d, a.element_size(), cc)
     meta = dict(EXCLUDE_SELF=exclude_self, STATIC_MAX=unit_norm and 2 * scale * LOG2E < STATIC_MAX_LIMIT,
-                UPCAST=_upcast(a.dtype), PRECISION=_precision(a.dtype),
+                UPCAST=_upcast(a.dtype), PRECISION=_precision(a.dtype), TMA=_tma_path(blocks, cc, a, b),
                 **{k: blocks[k] for k in ("BLOCK_D", "D_CHUNKS", "EVEN_D")})
     args = (a, b, lse, m, n, d, a.stride(0), b.stride(0), row_offset, scale * LOG2E, size_bucket(m))
     _launch(_lse_fwd_kernel, _lse_fwd_tuned, m, 1, n, args, meta)
@@ -448,11 +529,12 @@ def _lse_bwd_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, lse_r: torch.
     gscale = torch.stack([g.abs().amax() for g in gs]).amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
     lse_r, g_r = (lse_r, g_r / gscale) if has_row else (gscale, gscale)
     lse_c, g_c = (lse_c, g_c / gscale) if has_col else (gscale, gscale)
-    blocks = _blocks(d, a.element_size(), _arch(a))
+    cc = _arch(a)
+    blocks = _blocks(d, a.element_size(), cc)
     same = c.data_ptr() == b.data_ptr() and c.shape == b.shape and c.stride() == b.stride()
+    c_is_b = same and blocks["D_CHUNKS"] == 1 and blocks["BLOCK_DO"] == blocks["BLOCK_D"]
     meta = dict(HAS_ROW=has_row, HAS_COL=has_col, EXCLUDE_SELF=exclude_self, UPCAST=_upcast(a.dtype),
-                PRECISION=_precision(a.dtype), C_IS_B=same and blocks["D_CHUNKS"] == 1
-                and blocks["BLOCK_DO"] == blocks["BLOCK_D"], **blocks)
+                PRECISION=_precision(a.dtype), C_IS_B=c_is_b, TMA=c_is_b and _tma_path(blocks, cc, a, b), **blocks)
     args = (a, b, c, out, lse_r, g_r, lse_c, g_c, gscale, m, n, d, a.stride(0), b.stride(0), c.stride(0),
             out.stride(0), row_offset, scale * LOG2E, scale, size_bucket(m))
     _launch(_lse_bwd_kernel, _lse_bwd_tuned, m, cdiv(d, blocks["BLOCK_DO"]), n, args, meta)

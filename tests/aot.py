@@ -30,6 +30,12 @@ SASS_MMA = re.compile(r"\b(HGMMA|HMMA)\.(\d+)x?(\d+)?x?(\d+)?\.F32(?:\.(BF16|F16
 # Dense tensor-core rate per SM per clock, in multiply-adds: H100 (989 TFLOP/s bf16 at 132 SMs, 1.83 GHz)
 # and A100 (312 TFLOP/s at 108 SMs, 1.41 GHz); tf32 at half the rate.
 MAC_PER_CLK = {90: 2048, 80: 1024}
+# Per SM: 32-bit registers, shared memory a CTA may take (the 1 KB the driver reserves per CTA included
+# below), threads; MUFU (ex2) lanes per clock.
+SM_REGISTERS, SM_THREADS, MUFU_PER_CLK = 65536, 2048, 16
+SM_SHARED = {90: 233_472, 80: 167_936}
+SETMAXREG = re.compile(r"\bUSETMAXREG\.\S+\s+(?:UP\d+,\s*)?(0x[0-9a-f]+)")
+CTA_BARRIER = re.compile(r"\bBAR\.SYNC(?:\.DEFER_BLOCKING)?\s+0x0\s*;")  # barrier 0 with no thread count: all
 
 
 def _mma_macs(match) -> int:
@@ -40,12 +46,38 @@ def _mma_macs(match) -> int:
     return int(m) * int(n) * int(k)
 
 
-def hot_loop(sass: str, cc: int, num_warps: int) -> dict:
-    """The SASS loop with the most tensor-core instructions (for equal counts, the shortest): its
-    instruction count, its MMA count, and ``issue_per_tc``: the clocks the SM's four schedulers need to
-    issue one iteration's instructions (one per clock each) over the clocks its tensor cores need for its
-    multiply-adds at the dense peak.  Above 1 the loop is bound by instruction issue, not by the tensor
-    cores.  A loop is a backward branch to a label; nested loops count their body once (a static count)."""
+def ctas_per_sm(cc: int, warps: int, registers: int, shared: int) -> int:
+    """Resident CTAs per SM from registers (allocated per warp in units of 8 per thread), shared memory and
+    threads."""
+    by_regs = SM_REGISTERS // (-(-registers // 8) * 8 * 32 * warps)
+    return max(0, min(by_regs, SM_SHARED[cc] // (shared + 1024), SM_THREADS // (32 * warps), 32))
+
+
+def hot_loop(sass: str, cc: int, num_warps: int, registers: int | None = None, shared: int = 0) -> dict:
+    """The issue model of a matmul kernel's hot loop, read from its SASS (``num_warps``: all the CTA's warps,
+    a warp-specialised kernel's producer included).
+
+    The hot loop is the innermost loop (a backward branch to a label; the shortest such span through a
+    given set of tensor-core instructions, containing no other) with the most tensor-core instructions.
+    A warp-specialised kernel (``USETMAXREG``: Triton moves registers between its warpgroups) runs one
+    such loop per consumer warpgroup, each by 4 warps; ``groups`` counts them.  Per CTA iteration (every
+    group once), in SM clocks:
+
+    * ``t_mma``: multiply-adds over the SM's dense rate;
+    * ``t_issue``: instructions x warps / 4 schedulers (one instruction per clock each);
+    * ``t_mufu``: ex2/rcp and friends at 16 lanes per clock.
+
+    The loop is **serial** when it waits for all its wgmma (``WARPGROUP.DEPBAR.LE gsb0, 0x0``) and nothing
+    else can use the tensor cores meanwhile: one CTA per SM (``ctas_per_sm``, from ``registers`` and
+    ``shared``) whose warpgroups meet at a CTA-wide barrier in the loop (or that is one warpgroup).  Then
+    the softmax-type work adds to the tensor-core time: ``t = t_mma + max(t_issue - its MMA issue, t_mufu)``.
+    Otherwise (a second CTA, or warpgroups that wait only on their own wgmma) it is **overlapped**:
+    ``t = max(t_mma, t_issue, t_mufu)``.  ``mma_efficiency = t_mma / t``: the fraction of the tensor cores'
+    peak the loop's issue allows (shared-memory and L2 bandwidth are not in it: docs/architecture.md).
+    ``issue_per_tc`` is ``t_issue / t_mma`` of one loop, the older measure; ``registers``: per thread in
+    the loop (a warp-specialised group's ``USETMAXREG`` share, else ``registers`` as given).  Nested loops
+    count their body once (a static count); sm_80's ``mma.sync`` never waits for a group, so its loops count
+    as overlapped."""
     labels, instrs = {}, []
     for line in sass.splitlines():
         label = re.match(r"^\s*(\.L_\w+):", line)
@@ -53,21 +85,42 @@ def hot_loop(sass: str, cc: int, num_warps: int) -> dict:
             labels[label.group(1)] = len(instrs)
         elif re.match(r"^\s*/\*[0-9a-f]{4,}\*/", line):
             instrs.append(line)
-    best = None
+    loops = {}  # the shortest loop through each set of tensor-core instructions: (start, end, matches)
     for end, text in enumerate(instrs):
         target = re.search(r"BRA\b.*`\((\.L_\w+)\)", text)
-        if not (target and labels.get(target.group(1), end + 1) <= end):
-            continue
-        body = instrs[labels[target.group(1)]:end + 1]
-        mmas = [m for m in (SASS_MMA.search(x) for x in body) if m]
-        if mmas and (best is None or (len(mmas), -len(body)) > (best["mma"], -best["instructions"])):
-            # per CTA iteration: a warpgroup (4 warps) issues each HGMMA once, every warp its own HMMAs
-            copies = num_warps / 4 if cc >= 90 else num_warps
-            rate = lambda m: MAC_PER_CLK[cc] / (2 if m.group(5) == "TF32" else 1)  # noqa: E731
-            tc_clk = sum(_mma_macs(m) * copies / rate(m) for m in mmas)
-            best = {"instructions": len(body), "mma": len(mmas),
-                    "issue_per_tc": round(len(body) * num_warps / 4 / tc_clk, 3)}
-    return best or {}
+        if target and labels.get(target.group(1), end + 1) <= end:
+            start = labels[target.group(1)]
+            at = tuple(i for i in range(start, end + 1) if SASS_MMA.search(instrs[i]))
+            if at and (at not in loops or end - start < loops[at][1] - loops[at][0]):
+                loops[at] = (start, end, [SASS_MMA.search(instrs[i]) for i in at])
+    loops = list(loops.values())
+    inner = [lp for lp in loops if not any(o is not lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
+    if not inner:
+        return {}
+    most = max(len(lp[2]) for lp in inner)
+    start, end, mmas = min((lp for lp in inner if len(lp[2]) == most), key=lambda lp: lp[1] - lp[0])
+    body = instrs[start:end + 1]
+    specialised = "USETMAXREG" in sass
+    # registers the loop runs with: a warp-specialised group's own (its last USETMAXREG before the loop)
+    maxreg = [int(r.group(1), 16) for r in (SETMAXREG.search(x) for x in instrs[:start]) if r]
+    groups = sum(len(lp[2]) == most for lp in inner) if specialised else 1
+    warps = 4 if specialised else num_warps
+    copies = warps / 4 if cc >= 90 else warps  # a warpgroup issues each HGMMA once, every warp its own HMMAs
+    rate = lambda m: MAC_PER_CLK[cc] / (2 if m.group(5) == "TF32" else 1)  # noqa: E731
+    tc_clk = sum(_mma_macs(m) * copies / rate(m) for m in mmas)
+    t_mma, t_issue = groups * tc_clk, groups * len(body) * warps / 4
+    t_mufu = groups * sum("MUFU" in x for x in body) * warps * 32 / MUFU_PER_CLK
+    waits_all = any("WARPGROUP.DEPBAR.LE gsb0, 0x0" in x for x in body)
+    barrier = any(CTA_BARRIER.search(x) for x in body)
+    ctas = ctas_per_sm(cc, num_warps, registers, shared) if registers else 1
+    independent = ctas * groups * (1 if barrier else max(1, warps // 4))
+    serial = waits_all and independent == 1
+    t = t_mma + max(t_issue - groups * len(mmas) * warps / 4, t_mufu) if serial else max(t_mma, t_issue, t_mufu)
+    return {"instructions": len(body), "mma": len(mmas), "issue_per_tc": round(len(body) * warps / 4 / tc_clk, 3),
+            "registers": maxreg[-1] if maxreg else registers, "groups": groups, "waits_all": waits_all,
+            "cta_barrier": barrier, "ctas_per_sm": ctas,
+            "mode": "serial" if serial else "overlapped", "t_mma": round(t_mma), "t_issue": round(t_issue),
+            "t_mufu": round(t_mufu), "mma_efficiency": round(t_mma / t, 3)}
 
 
 def cases():
@@ -138,8 +191,8 @@ def compile_case(case):
                    divisible=sorted(spec.fn.arg_names[k[0]] for k in attrs),
                    spills=[int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)],
                    registers=[int(x) for x in re.findall(r"Used (\d+) registers", report)],
-                   mma_types=sorted({m.group(5) or "F16" for m in SASS_MMA.finditer(sass)}),
-                   loop=hot_loop(sass, cc, spec.num_warps))
+                   mma_types=sorted({m.group(5) or "F16" for m in SASS_MMA.finditer(sass)}))
+        res["loop"] = hot_loop(sass, cc, kernel.metadata.num_warps, max(res["registers"], default=0), res["shared"])
     except Exception as exc:  # reported per case by the test
         res["error"] = f"{type(exc).__name__}: {exc}"
     return res

@@ -155,6 +155,28 @@ def test_fp16_rows_past_the_fp16_norm_are_normalised_in_fp32(seed, backend):
                                infonce_ref(big.double(), temperature=0.5), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("form", ["self", "cross"])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_descriptor_path_and_its_fallback(monkeypatch, seed, dtype, form, aligned):
+    """16-bit rows whose base and stride are 16-byte aligned, one chunk of D, take the tensor-descriptor
+    kernels (Hopper's overlapped path; the interpreter stands in for sm_90); a strided view (56-byte
+    rows) the register-pointer kernels (unnormalised, so the view reaches them).  Both against float64 at
+    odd sizes: 74 rows, 53 keys (a ragged last key tile), D = 24 (the descriptor's block of 32 columns
+    reads zeros past D)."""
+    paths = []
+    launch = K._launch
+    monkeypatch.setattr(K, "_launch", lambda *a: (paths.append(a[-1]["TMA"]), launch(*a))[1])
+    leaf = (lambda n: _leaf((n, 24), dtype)) if aligned else (lambda n: _leaf((n, 28), dtype)[:, :24])
+    if form == "self":
+        z = leaf(74)
+        _check(INFONCE, [z], dtype, temperature=0.3, normalize=False)  # unit_rows would copy the view
+    else:
+        q, k = leaf(37), leaf(53)
+        _check(INFONCE, [q, k], dtype, temperature=0.3, normalize=False)
+    assert paths and all(p == aligned for p in paths), paths
+
+
 @pytest.mark.parametrize("temperature", [0.3, 0.02])
 def test_static_max_matches_the_online_max(seed, temperature):
     """Unit rows bound every logit by 1/tau: the kernel then uses it as a fixed max (tau = 0.3); at
