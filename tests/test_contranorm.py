@@ -215,6 +215,34 @@ def test_tied_attention_reference_is_the_softmax_formula(seed):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("identity", [False, True])
+def test_contranorm_reference_is_the_papers_update(seed, identity):
+    """ContraNorm the layer written out token by token from the paper (float64): ``u_i = h_i - s sum_j
+    softmax_j(h_i . h_j / (|h_i| |h_j| tau)) h_j`` (identity: ``(1 + s) h_i - ...``) over the real tokens,
+    padding tokens ``u_i = h_i``, then ``LayerNorm(u_i) = (u_i - mean) / sqrt(var + eps) w + b``; ``s`` per
+    channel."""
+    b, length, d, tau, eps = 2, 7, 5, 0.6, 1e-5
+    h = torch.randn(b, length, d, dtype=torch.float64)
+    s, w, bias = torch.rand(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64), torch.randn(d)
+    kpm = torch.zeros(b, length, dtype=torch.bool)
+    kpm[1, 5:] = True
+    want = torch.zeros_like(h)
+    for n in range(b):
+        real = [j for j in range(length) if not kpm[n, j]]
+        for i in range(length):
+            u = h[n, i].clone()
+            if i in real:
+                logits = [float(h[n, i] @ h[n, j]) / (float(h[n, i].norm() * h[n, j].norm()) * tau) for j in real]
+                e = [math.exp(x) for x in logits]
+                y = sum(e[k] / sum(e) * h[n, j] for k, j in enumerate(real))
+                u = (1 + s) * h[n, i] - s * y if identity else h[n, i] - s * y
+            mean, var = float(u.mean()), float(((u - u.mean()) ** 2).mean())
+            want[n, i] = (u - mean) / math.sqrt(var + eps) * w + bias.double()
+    got = contranorm_ref(h, scale=s, temperature=tau, identity=identity, key_padding_mask=kpm,
+                         layer_norm=(w, bias, eps))
+    torch.testing.assert_close(got, want)
+
+
 # ---------------------------------------------------------------------------------------------
 # Graphs.
 
