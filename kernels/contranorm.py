@@ -1,4 +1,4 @@
-"""ContraNorm's update ``H - s * softmax(H_hat H_hat^T / tau) H`` without keeping an L x L matrix.
+"""ContraNorm's update ``H - s * softmax(H_hat H_hat^T / tau) H`` (and the LayerNorm after it) without an L x L matrix.
 
 The attention part, ``Y = softmax(scale * Q Q^T) V`` with ``Q = H_hat`` (rows L2-normalised) and
 ``V = H``, runs over *chunks*: a few whole sequences of a batch [B, L, D], or a block of R rows of a
@@ -8,22 +8,29 @@ so a chunk needs at most three L x L (R x N) buffers and nothing of them is kept
 ``P = softmax(scale S)`` (masked pairs 0) and ``G = dL/dY``, per chunk c:
 
     forward    S = Q_c Q^T;   P  (dual: W = P + P^T);   Y_c = P V
-    backward   S = Q_c Q^T;   dPr = G_c V^T;   dPc = V_c G^T;
+    backward   S = Q_c Q^T;   dPr = G_c V^T;   (row chunks of a graph: dPc = V_c G^T)
                A_ij = P_ji (dual: W_ij),   T_ij = scale [P_ij (dP_ij - delta_i) + P_ji (dP_ji - delta_j)];
-               dV_c = A G;   dQ_c = T Q
+               dV_c += A G;   dQ_c = T Q
 
-where ``dP_ij = dPr_ij`` and ``dP_ji = dPc_ij`` (dual: both ``dPr_ij + dPc_ij``), and
-``delta_i = sum_j P_ij dP_ij`` (``= G_i . Y_i`` without dual).  S is symmetric, so
-``P_ji = exp(scale S_ij - LSE_j)`` comes from the same element as ``P_ij``: no kernel reads a
-transposed tile.  Forward + backward: **7 L x L x D matmul passes** (2 + 5), the count of an
-attention forward + backward, with no S recomputed per output chunk.  docs/architecture.md has the
-design and its memory traffic.
+where ``dP_ij = dPr_ij`` and ``dP_ji = dPr_ji``, read from the transposed tile where the chunk is whole
+sequences (one program per tile pair (I, J), (J, I): T is symmetric) and ``dPc_ij`` in a graph's row
+chunks (dual: both ``dPr_ij + dPr_ji``), and ``delta_i = sum_j P_ij dP_ij`` (``= G_i . Y_i`` without
+dual).  S is symmetric, so ``P_ji = exp(scale S_ij - LSE_j)`` comes from the same element as ``P_ij``.
+Forward + backward: **6 L x L x D matmul passes** on sequences (2 + 4), 7 on a graph's row chunks,
+with no S recomputed per output chunk.
+
+Around the chunks, four row kernels (each a whole row of D per program, fp32 arithmetic, input-dtype
+memory) do the rest: ``Q = H_hat`` and the reciprocal norms; ``H - s Y`` (``identity``:
+``(1 + s) H - s Y``) and the optional LayerNorm; backward, the LayerNorm and combine gradients with
+``G`` and ``delta`` (and the per-channel sums for ``s``, the LayerNorm's weight and bias); then
+``dH = dH_direct + dV + (dQ through the normalisation)``, with dV added by the A G product itself.
+docs/architecture.md has the design and the bytes it moves.
 
 Masks: a ``key_padding_mask`` removes padding tokens from every softmax, as keys *and* as queries
 (their rows of P are 0, so with dual nothing of them comes back through P^T).  A graph removes from
 each node's softmax the node itself and its neighbours, edges taken as undirected; the excluded pairs
 are written as -inf into S before the softmax, so the result is exact (no subtraction of neighbour
-sums).  The layer arithmetic around the op (normalisation, ``s``, ``identity``) is plain torch.
+sums).
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ from ._backend import (
     check_positive,
     interpreting,
     new_output,
+    next_pow2,
     resolve_backend,
     tl,
     triton,
@@ -92,17 +100,18 @@ def tied_attention_ref(q, v, *, scale, key_padding_mask=None, exclude_self=False
 
 
 def contranorm_ref(h, *, scale, temperature=1.0, dual=False, identity=False, key_padding_mask=None,
-                   edge_index=None):
-    """ContraNorm's update before its LayerNorm, from the full similarity matrix.
+                   edge_index=None, layer_norm=None):
+    """ContraNorm's update from the full similarity matrix (and its LayerNorm, given ``layer_norm``).
 
     ``H - s * P H`` with ``P = softmax(H_hat H_hat^T / tau)`` (``dual``: ``P + P^T``;
     ``identity``: ``(1 + s) H - s P H``).  ``h`` is [B, L, D] (softmax within each sequence; padding
     tokens take part in no softmax and their rows are returned unchanged) or [N, D] with
     ``edge_index`` [2, E] or a :class:`NeighbourGraph` (a graph: each node's own row and its
     neighbours, edges undirected, are removed from its softmax).  ``scale`` is a float or a [D]
-    tensor (per channel).
+    tensor (per channel).  ``layer_norm=(weight, bias, eps)``: the result is
+    ``F.layer_norm(update, (D,), weight, bias, eps)`` (weight, bias: [D] tensors or None).
     """
-    _check(h, scale, temperature, key_padding_mask, edge_index, None)
+    _check(h, scale, temperature, key_padding_mask, edge_index, None, layer_norm)
     wide = torch.promote_types(h.dtype, torch.float32)
     x = h.to(wide)
     xn = unit_rows(x)
@@ -112,7 +121,7 @@ def contranorm_ref(h, *, scale, temperature=1.0, dual=False, identity=False, key
                                exclude=_neighbour_mask(h.shape[0], edges, h.device))
     else:
         y = tied_attention_ref(xn, x, scale=1.0 / temperature, key_padding_mask=key_padding_mask, dual=dual)
-    return _combine(x, y, scale, identity, key_padding_mask)
+    return _layer_norm(_combine(x, y, scale, identity, key_padding_mask), layer_norm, wide)
 
 
 def contranorm_features_ref(h, *, scale, temperature=1.0, identity=False):
@@ -134,6 +143,17 @@ def _combine(x, y, scale, identity, key_padding_mask):
     if key_padding_mask is not None:
         out = torch.where(key_padding_mask[..., None], x, out)
     return out
+
+
+def _layer_norm(x, layer_norm, dtype=None):
+    """``F.layer_norm`` over the last dim with ``layer_norm = (weight, bias, eps)`` (None: ``x``); ``dtype``:
+    the weight and bias cast to it first."""
+    if layer_norm is None:
+        return x
+    w, b, eps = layer_norm
+    if dtype is not None:
+        w, b = (None if t is None else t.to(dtype) for t in (w, b))
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,11 +255,26 @@ def _cached_graph(edge_index: torch.Tensor, num_nodes: int) -> NeighbourGraph:
 # Argument checks.
 
 
-def _check(h, scale, temperature, key_padding_mask, edge_index, validate):
+def _check_layer_norm(layer_norm, h):
+    if not isinstance(layer_norm, tuple) or len(layer_norm) != 3:
+        raise TypeError("layer_norm must be a tuple (weight, bias, eps)")
+    for name, t in zip(("weight", "bias"), layer_norm[:2]):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.shape != (h.shape[-1],):
+            raise ValueError(f"layer_norm's {name} must be None or a float [{h.shape[-1]}] tensor")
+        if t.device != h.device:
+            raise ValueError(f"layer_norm's {name} is on {t.device} but h is on {h.device}")
+    check_positive("layer_norm's eps", layer_norm[2])
+
+
+def _check(h, scale, temperature, key_padding_mask, edge_index, validate, layer_norm=None):
     """Shapes, types and devices always; values (finiteness, index ranges, fully padded sequences)
     where :func:`validating` says so."""
     check_float("h", h, (2, 3))
     check_positive("temperature", temperature)
+    if layer_norm is not None:
+        _check_layer_norm(layer_norm, h)
     values = validating(h.device, validate)
     if isinstance(scale, torch.Tensor):
         if scale.shape != (h.shape[-1],) or not scale.is_floating_point():
@@ -283,20 +318,151 @@ def _check(h, scale, temperature, key_padding_mask, edge_index, validate):
 
 
 # ---------------------------------------------------------------------------------------------
-# Elementwise stages over a chunk.  A chunk buffer is [b, R, C]: rows ``row0 .. row0 + R`` of b
-# sequences (or of one graph) against all C tokens (nodes).  ``lse``/``delta`` are the [b, C]
-# statistics of every token of those sequences (row i's is ``[:, row0 + i]``); ``valid`` [b, C]
-# int8 (1 = a real token) or None.  Pairs are masked where either token is padding or S is -inf.
-# Each stage exists twice with the same arithmetic: Triton kernels, and torch ops (backend="torch").
+# Triton kernels.  Row kernels: one program per BLOCK_M rows of an [M, D] tensor with all of D in one
+# tile, fp32 arithmetic, memory in the input dtype.  Chunk kernels: a chunk buffer is [b, R, C]: rows
+# ``row0 .. row0 + R`` of b sequences (or of one graph) against all C tokens (nodes), rows CP >= C
+# apart (padded to 16); ``lse``/``delta`` are the [b, C] statistics of every token of those sequences
+# (row i's is ``[:, row0 + i]``); ``valid`` [b, C] int8 (1 = a real token) or None.  Pairs are masked
+# where either token is padding or S is -inf.  Each stage also exists as torch ops (backend="torch").
 
 if HAS_TRITON:
 
     @triton.jit
+    def _rows_tile(pid, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Offsets (int64) of rows ``pid * BLOCK_M ...`` of an [M, D] tensor, the row and column indices, the mask."""
+        m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        d = tl.arange(0, BLOCK_D)
+        return m.to(tl.int64)[:, None] * D + d[None, :], m, d, (m < M)[:, None] & (d < D)[None, :]
+
+    @triton.jit
+    def _scale_and_keep(SCALE, VALID, m, d, M, D, s, HAS_VALID: tl.constexpr, SCALE_VEC: tl.constexpr):
+        """``s`` (the float, or the [D] tensor as a [1, BLOCK_D] row) and ``keep`` [BLOCK_M, 1]: a real token's row."""
+        if SCALE_VEC:
+            sv = tl.load(SCALE + d, mask=d < D, other=0.0).to(tl.float32)[None, :]
+        else:
+            sv = s
+        keep = m < M
+        if HAS_VALID:
+            keep = keep & (tl.load(VALID + m, mask=m < M, other=0) != 0)
+        return sv, keep[:, None]
+
+    @triton.jit
+    def _update(h, y, sv, keep, IDENTITY: tl.constexpr):
+        """``u = h - s y`` (identity: ``(1 + s) h - s y``); a padding row stays ``h``."""
+        if IDENTITY:
+            u = (1.0 + sv) * h - sv * y
+        else:
+            u = h - sv * y
+        return tl.where(keep, u, h)
+
+    @triton.jit
+    def _unit_rows_kernel(X, Q, R, M, D, eps, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """``R = 1 / max(|x|, eps)`` per row, the norm taken after dividing by the row's largest magnitude (no
+        overflow for any finite input), and ``Q = x R`` in Q's dtype."""
+        offs, m, _, mask = _rows_tile(tl.program_id(0), M, D, BLOCK_M, BLOCK_D)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), 1)
+        amax = tl.where(amax > 0, amax, 1.0)
+        xs = x / amax[:, None]
+        r = 1.0 / tl.maximum(tl.sqrt(tl.sum(xs * xs, 1)) * amax, eps)
+        tl.store(Q + offs, (x * r[:, None]).to(Q.dtype.element_ty), mask=mask)
+        tl.store(R + m, r, mask=m < M)
+
+    @triton.jit
+    def _combine_kernel(H, Y, OUT, VALID, SCALE, W, B, MEAN, RSTD, M, D, s, eps,
+                        HAS_VALID: tl.constexpr, SCALE_VEC: tl.constexpr, IDENTITY: tl.constexpr, LN: tl.constexpr,
+                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """``OUT = u`` (:func:`_update`), or with LN ``(u - mean) rstd w + b`` and each row's ``MEAN``, ``RSTD``."""
+        offs, m, d, mask = _rows_tile(tl.program_id(0), M, D, BLOCK_M, BLOCK_D)
+        sv, keep = _scale_and_keep(SCALE, VALID, m, d, M, D, s, HAS_VALID, SCALE_VEC)
+        h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
+        u = _update(h, tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32), sv, keep, IDENTITY)
+        if LN:
+            mean = tl.sum(u, 1) / D  # u is 0 outside the mask
+            diff = tl.where(mask, u - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, 1) / D + eps)
+            u = diff * rstd[:, None]
+            if HAS_W:
+                u = u * tl.load(W + d, mask=d < D, other=0.0).to(tl.float32)[None, :]
+            if HAS_B:
+                u = u + tl.load(B + d, mask=d < D, other=0.0).to(tl.float32)[None, :]
+            tl.store(MEAN + m, mean, mask=m < M)
+            tl.store(RSTD + m, rstd, mask=m < M)
+        tl.store(OUT + offs, u.to(OUT.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _combine_bwd_kernel(GO, H, Y, VALID, SCALE, W, MEAN, RSTD, G, DACC, DELTA, PART, M, D, s, blocks,
+                            HAS_VALID: tl.constexpr, SCALE_VEC: tl.constexpr, IDENTITY: tl.constexpr,
+                            LN: tl.constexpr, HAS_W: tl.constexpr, LOAD_H: tl.constexpr, WANT_DELTA: tl.constexpr,
+                            WANT_DS: tl.constexpr, WANT_DLN: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_D: tl.constexpr):
+        """Backward of :func:`_combine_kernel` for ``GO = dL/dOUT``, over ``blocks`` row blocks per program:
+        ``du = dL/du`` (through the LayerNorm), ``G = -s du`` (0 on padding rows), ``DACC = du`` (identity:
+        ``(1 + s) du`` on real rows), ``DELTA = G . y`` (G rounded to its dtype, as the matmuls see it), and
+        the program's sums of ``dL/ds``, ``dL/dw``, ``dL/db`` over its rows in ``PART[pid]`` [3, D]."""
+        pid = tl.program_id(0)
+        d = tl.arange(0, BLOCK_D)
+        acc_ds = tl.zeros([BLOCK_D], tl.float32)
+        acc_dw = tl.zeros([BLOCK_D], tl.float32)
+        acc_db = tl.zeros([BLOCK_D], tl.float32)
+        if HAS_W:
+            w = tl.load(W + d, mask=d < D, other=0.0).to(tl.float32)[None, :]
+        for i in range(0, blocks):
+            offs, m, _, mask = _rows_tile(pid * blocks + i, M, D, BLOCK_M, BLOCK_D)
+            sv, keep = _scale_and_keep(SCALE, VALID, m, d, M, D, s, HAS_VALID, SCALE_VEC)
+            go = tl.load(GO + offs, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+            if LOAD_H:
+                h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
+            if LN:
+                mean = tl.load(MEAN + m, mask=m < M, other=0.0)
+                rstd = tl.load(RSTD + m, mask=m < M, other=0.0)
+                xhat = tl.where(mask, (_update(h, y, sv, keep, IDENTITY) - mean[:, None]) * rstd[:, None], 0.0)
+                wg = go * w if HAS_W else go
+                a = tl.sum(wg, 1) / D
+                c = tl.sum(wg * xhat, 1) / D
+                du = tl.where(mask, rstd[:, None] * (wg - a[:, None] - xhat * c[:, None]), 0.0)
+                if WANT_DLN:
+                    acc_dw += tl.sum(go * xhat, 0)
+                    acc_db += tl.sum(go, 0)
+            else:
+                du = go
+            gq = tl.where(keep, -sv * du, 0.0).to(G.dtype.element_ty)
+            if IDENTITY:
+                dacc = tl.where(keep, (1.0 + sv) * du, du)
+            else:
+                dacc = du
+            tl.store(G + offs, gq, mask=mask)
+            tl.store(DACC + offs, dacc.to(DACC.dtype.element_ty), mask=mask)
+            if WANT_DELTA:
+                tl.store(DELTA + m, tl.sum(gq.to(tl.float32) * y, 1), mask=m < M)
+            if WANT_DS:
+                if IDENTITY:
+                    part = du * (h - y)
+                else:
+                    part = -du * y
+                acc_ds += tl.sum(tl.where(keep, part, 0.0), 0)
+        if WANT_DS:
+            tl.store(PART + pid * 3 * D + d, acc_ds, mask=d < D)
+        if WANT_DLN:
+            tl.store(PART + (pid * 3 + 1) * D + d, acc_dw, mask=d < D)
+            tl.store(PART + (pid * 3 + 2) * D + d, acc_db, mask=d < D)
+
+    @triton.jit
+    def _finish_kernel(DACC, DQ, H, R, DH, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """``DH = DACC + r (dq - q (q . dq))`` with ``q = h r``: the gradient through the row normalisation added."""
+        offs, m, _, mask = _rows_tile(tl.program_id(0), M, D, BLOCK_M, BLOCK_D)
+        r = tl.load(R + m, mask=m < M, other=0.0)[:, None]
+        q = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32) * r
+        dq = tl.load(DQ + offs, mask=mask, other=0.0).to(tl.float32)
+        dh = tl.load(DACC + offs, mask=mask, other=0.0).to(tl.float32) + r * (dq - q * tl.sum(q * dq, 1)[:, None])
+        tl.store(DH + offs, dh.to(DH.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _tile(b, pid_r, pid_c, R, C, CP, row0, VALID, HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr,
               BLOCK_C: tl.constexpr):
-        """Offsets into the chunk buffer (rows CP apart, CP >= C padded to 16), the statistics' indices,
-        ``inb`` (inside the buffer, padding columns included: loads and stores stay 16-byte vectors)
-        and ``keep`` (a real pair: in bounds, both tokens valid)."""
+        """Offsets into the chunk buffer, the statistics' indices, ``inb`` (inside the buffer, padding columns
+        included: loads and stores stay 16-byte vectors) and ``keep`` (a real pair: in bounds, both tokens valid)."""
         r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         inb = (r < R)[:, None] & (c < CP)[None, :]
@@ -313,7 +479,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _logits(S, offs, inb, keep, scale2):
-        """The chunk tile's ``scale * S`` in base-2 units (fp32) and where it counts (unmasked, not -inf)."""
+        """The tile's ``scale * S`` in base-2 units (fp32) and where it counts (unmasked, not -inf)."""
         s = tl.load(S + offs, mask=inb, other=float("-inf")).to(tl.float32) * scale2
         return s, keep & (s > float("-inf"))
 
@@ -350,23 +516,9 @@ if HAS_TRITON:
         tl.store(S + offs, p.to(S.dtype.element_ty), mask=inb)
 
     @triton.jit
-    def _dual_delta_kernel(S, DPR, DPC, LSE, VALID, PART, R, C, CP, row0, n_cblocks, scale2,
-                           HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        """``PART[b, r, k] = sum_{c in block k} P_rc (dPr_rc + dPc_rc)``: dual's delta, by column block."""
-        pid_c, pid_r, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        offs, inb, keep, stat_r, _, rmask, _ = _tile(b, pid_r, pid_c, R, C, CP, row0, VALID, HAS_VALID,
-                                                      BLOCK_R, BLOCK_C)
-        s, keep = _logits(S, offs, inb, keep, scale2)
-        dp = (tl.load(DPR + offs, mask=inb, other=0.0).to(tl.float32)
-              + tl.load(DPC + offs, mask=inb, other=0.0).to(tl.float32))
-        part = tl.sum(tl.where(keep, tl.exp2(s - _lse2(LSE, stat_r, rmask)[:, None]) * dp, 0.0), 1)
-        r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        tl.store(PART + (b * R + r).to(tl.int64) * n_cblocks + pid_c, part, mask=rmask)
-
-    @triton.jit
     def _grads_kernel(S, DPR, DPC, LSE, DELTA, VALID, R, C, CP, row0, scale2, scale,
-                      DUAL: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        """In place: ``S <- A`` (``P_cr``; dual ``P_rc + P_cr``) and ``DPR <- T`` (see the module docstring)."""
+                      HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """A graph's row chunks, in place: ``S <- A = P_cr``, ``DPR <- T`` from ``dPr``, ``dPc`` (module docstring)."""
         pid_c, pid_r, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs, inb, keep, stat_r, stat_c, rmask, cmask = _tile(b, pid_r, pid_c, R, C, CP, row0, VALID, HAS_VALID,
                                                                BLOCK_R, BLOCK_C)
@@ -377,40 +529,314 @@ if HAS_TRITON:
         p_cr = tl.where(keep, tl.exp2(s - _lse2(LSE, stat_c, cmask)[None, :]), 0.0)
         dpr = tl.load(DPR + offs, mask=inb, other=0.0).to(tl.float32)
         dpc = tl.load(DPC + offs, mask=inb, other=0.0).to(tl.float32)
-        if DUAL:
-            dp = dpr + dpc
-            a = p_rc + p_cr
-            t = p_rc * (dp - d_r[:, None]) + p_cr * (dp - d_c[None, :])
-        else:
-            a = p_cr
-            t = p_rc * (dpr - d_r[:, None]) + p_cr * (dpc - d_c[None, :])
-        t = tl.where(keep, t, 0.0)  # padding columns hold garbage: no NaN written there
-        tl.store(S + offs, a.to(S.dtype.element_ty), mask=inb)
+        t = tl.where(keep, p_rc * (dpr - d_r[:, None]) + p_cr * (dpc - d_c[None, :]), 0.0)
+        tl.store(S + offs, p_cr.to(S.dtype.element_ty), mask=inb)
         tl.store(DPR + offs, (t * scale).to(DPR.dtype.element_ty), mask=inb)
 
+    @triton.jit
+    def _pair(S, DPR, LSE, VALID, b, pid_r, pid_c, C, CP, scale2, HAS_VALID: tl.constexpr, BLOCK: tl.constexpr):
+        """Tile (I, J) = (pid_r, pid_c), I <= J, of a chunk of whole sequences [b, C, CP] and its mirror (J, I).
+        Returns the tile's and the mirror's offsets (the mirror's indexed [j, i]), the store masks (the mirror's
+        off on the diagonal), the statistics' indices, ``P_ij``, ``P_ji`` (both from ``S_ij``: S is symmetric),
+        ``dPr_ij`` and ``dPr_ji`` as [i, j] tiles, and ``keep``."""
+        i = pid_r * BLOCK + tl.arange(0, BLOCK)
+        j = pid_c * BLOCK + tl.arange(0, BLOCK)
+        seq = b.to(tl.int64) * C
+        offs = (seq + pid_r * BLOCK) * CP + (tl.arange(0, BLOCK)[:, None] * CP + j[None, :])
+        offs_t = (seq + pid_c * BLOCK) * CP + (tl.arange(0, BLOCK)[:, None] * CP + i[None, :])
+        inb = (i < C)[:, None] & (j < CP)[None, :]
+        inb_t = (j < C)[:, None] & (i < CP)[None, :] & (pid_r != pid_c)
+        keep = (i < C)[:, None] & (j < C)[None, :]
+        if HAS_VALID:
+            keep = keep & (tl.load(VALID + seq + i, mask=i < C, other=0) != 0)[:, None]
+            keep = keep & (tl.load(VALID + seq + j, mask=j < C, other=0) != 0)[None, :]
+        s, keep = _logits(S, offs, inb, keep, scale2)
+        p_rc = tl.where(keep, tl.exp2(s - _lse2(LSE, seq + i, i < C)[:, None]), 0.0)
+        p_cr = tl.where(keep, tl.exp2(s - _lse2(LSE, seq + j, j < C)[None, :]), 0.0)
+        dpr = tl.load(DPR + offs, mask=inb, other=0.0).to(tl.float32)
+        dpt = tl.trans(tl.load(DPR + offs_t, mask=(j < C)[:, None] & (i < C)[None, :], other=0.0).to(tl.float32))
+        return offs, offs_t, inb, inb_t, seq + i, seq + j, p_rc, p_cr, dpr, dpt, keep
 
-# (BLOCK_R, BLOCK_C, num_warps) per kernel: memory-bound tiles of 16-byte loads (8 bf16 per thread and
-# row segment) with few live values per thread; tests/test_compile.py compiles them for sm_80/sm_90a.
-TILES = {"lse": (32, 256, 4), "probs": (32, 256, 4), "delta": (32, 128, 4), "grads": (32, 128, 4)}
+    @triton.jit
+    def _pair_delta_kernel(S, DPR, LSE, VALID, PART, C, CP, n_t, scale2, HAS_VALID: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        """Dual's delta by column tile, for a tile pair of whole sequences: ``PART[b, i, J] = sum_{j in J} P_ij
+        dP_ij`` and the mirror's ``PART[b, j, I] = sum_{i in I} P_ji dP_ji``, ``dP_ij = dPr_ij + dPr_ji = dP_ji``."""
+        pid_c, pid_r, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        if pid_r > pid_c:
+            return
+        _, _, _, _, stat_r, stat_c, p_rc, p_cr, dpr, dpt, keep = _pair(S, DPR, LSE, VALID, b, pid_r, pid_c, C, CP,
+                                                                       scale2, HAS_VALID, BLOCK)
+        dp = tl.where(keep, dpr + dpt, 0.0)
+        i = pid_r * BLOCK + tl.arange(0, BLOCK)
+        j = pid_c * BLOCK + tl.arange(0, BLOCK)
+        tl.store(PART + stat_r * n_t + pid_c, tl.sum(p_rc * dp, 1), mask=i < C)
+        tl.store(PART + stat_c * n_t + pid_r, tl.sum(p_cr * dp, 0), mask=(j < C) & (pid_r != pid_c))
+
+    @triton.jit
+    def _pair_grads_kernel(S, DPR, LSE, DELTA, VALID, C, CP, scale2, scale,
+                           DUAL: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK: tl.constexpr):
+        """In place, for a tile pair of whole sequences: ``S <- A`` and ``DPR <- T`` on both tiles, with the mirror's
+        ``dPr`` read transposed (no ``dPc`` product).  T is symmetric; A's mirror is ``P_ij`` (dual: A is symmetric)."""
+        pid_c, pid_r, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        if pid_r > pid_c:
+            return
+        offs, offs_t, inb, inb_t, stat_r, stat_c, p_rc, p_cr, dpr, dpt, keep = _pair(
+            S, DPR, LSE, VALID, b, pid_r, pid_c, C, CP, scale2, HAS_VALID, BLOCK)
+        i = pid_r * BLOCK + tl.arange(0, BLOCK)
+        j = pid_c * BLOCK + tl.arange(0, BLOCK)
+        d_r = tl.load(DELTA + stat_r, mask=i < C, other=0.0)[:, None]
+        d_c = tl.load(DELTA + stat_c, mask=j < C, other=0.0)[None, :]
+        if DUAL:
+            dp = dpr + dpt
+            a = p_rc + p_cr
+            a_t = a
+            t = p_rc * (dp - d_r) + p_cr * (dp - d_c)
+        else:
+            a = p_cr
+            a_t = p_rc
+            t = p_rc * (dpr - d_r) + p_cr * (dpt - d_c)
+        t = tl.where(keep, t, 0.0) * scale  # padding columns hold garbage: no NaN written there
+        tl.store(S + offs, a.to(S.dtype.element_ty), mask=inb)
+        tl.store(DPR + offs, t.to(DPR.dtype.element_ty), mask=inb)
+        tl.store(S + offs_t, tl.trans(a_t).to(S.dtype.element_ty), mask=inb_t)
+        tl.store(DPR + offs_t, tl.trans(t).to(DPR.dtype.element_ty), mask=inb_t)
+
+
+# (BLOCK_R, BLOCK_C, num_warps) per chunk kernel: memory-bound tiles of 16-byte loads with few live values per
+# thread ("pair": square tiles and their mirrors, ~70 registers: 7 programs an SM); tests/test_compile.py
+# compiles them for sm_80/sm_90a.
+TILES = {"lse": (32, 256, 4), "probs": (32, 256, 4), "grads": (32, 128, 4), "pair": (32, 32, 4)}
 INTERP_TILE = (16, 16)  # under the interpreter: small, so test shapes span several tiles
+# Row kernels: all of D in one tile (up to MAX_ROW_D; wider rows run the torch row stages, whose registers
+# would spill), ROW_ELEMS elements per program of 8 warps (8 a thread: 16-byte bf16 vectors); the backward's
+# PROGRAMS programs each sum the parameter gradients of their rows (deterministic, no atomics).
+ROW_ELEMS, MAX_ROW_D, PROGRAMS = 2048, 4096, 1024
 
 
 def _tile_of(kind):
     return (*INTERP_TILE, 1) if interpreting() else TILES[kind]
 
 
-def _launch(kernel, kind, s, args, meta):
-    b, rows, cols = s.shape
+def _row_tile(d):
+    """``(BLOCK_M, BLOCK_D, num_warps)`` of the row kernels for rows of ``d`` values."""
+    bd = max(16, next_pow2(d))
+    if interpreting():
+        return 4, bd, 1
+    return max(1, ROW_ELEMS // bd), bd, 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Launches, and what they are recorded as.
+
+
+class LaunchLog:
+    """What the op launched inside :func:`record_launches`: ``matmuls`` (FLOPs of each cuBLAS call),
+    ``kernels`` (names of the Triton launches) and ``kernel_bytes`` (the bytes each launch declares it
+    reads and writes: every tensor it touches, once per direction)."""
+
+    def __init__(self):
+        self.matmuls: list[int] = []
+        self.kernels: list[str] = []
+        self.kernel_bytes: list[int] = []
+
+    def passes(self, bsz: int, length: int, d: int) -> float:
+        """Matmul FLOPs in units of one ``L x L x D`` pass over the batch (``2 B L^2 D``)."""
+        return sum(self.matmuls) / (2.0 * bsz * length * length * d)
+
+
+_LOGS: list[LaunchLog] = []
+
+
+@contextlib.contextmanager
+def record_launches():
+    """``with record_launches() as log: ...`` records every matmul and kernel ContraNorm launches."""
+    log = LaunchLog()
+    _LOGS.append(log)
+    try:
+        yield log
+    finally:
+        _LOGS.remove(log)
+
+
+def _bmm(a, b, out, add=False):
+    """``out = a @ b`` (``add``: ``out += a @ b``, cuBLAS reading ``out`` as its C), batched, logged."""
+    for log in _LOGS:
+        log.matmuls.append(2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2])
+    return out.baddbmm_(a, b) if add else torch.bmm(a, b, out=out)
+
+
+def _span(t):
+    """Bytes a kernel touches in ``t``: its rows as laid out (a chunk buffer's padding columns included)."""
+    return t.shape[0] * t.stride(0) * t.element_size() if t.dim() else t.element_size()
+
+
+def _launch(kernel, name, grid, args, meta, num_warps, moved):
+    """Launch ``kernel`` and log ``name`` with the bytes of ``moved`` (the tensors it reads, then writes)."""
+    for log in _LOGS:
+        log.kernels.append(name)
+        log.kernel_bytes.append(sum(_span(t) for t in moved if t is not None))
+    _run(kernel, grid, args, meta, num_warps)
+
+
+def _run(kernel, grid, args, meta, num_warps):
+    """The launch itself (tests replace it to count bytes on meta tensors at the goal shape)."""
+    kernel[grid](*args, num_warps=num_warps, **meta)
+
+
+def _chunk_launch(kernel, kind, s, args, meta, moved):
+    b, rows, _ = s.shape
     br, bc, warps = _tile_of(kind)
-    kernel[(cdiv(s.stride(1), bc), cdiv(rows, br), b)](*args, BLOCK_R=br, BLOCK_C=bc, num_warps=warps, **meta)
+    _launch(kernel, kind, (cdiv(s.stride(1), bc), cdiv(rows, br), b), args, dict(meta, BLOCK_R=br, BLOCK_C=bc),
+            warps, moved)
+
+
+def _pair_launch(kernel, kind, s, args, meta, moved):
+    bt, _, warps = _tile_of("pair")
+    n_t = cdiv(s.stride(1), bt)
+    _launch(kernel, kind, (n_t, n_t, s.shape[0]), args, dict(meta, BLOCK=bt), warps, moved)
 
 
 def _valid_arg(valid, s):
     return (valid, True) if valid is not None else (s, False)
 
 
+# ---------------------------------------------------------------------------------------------
+# The stages, twice: Triton kernels and torch ops (any device, any float dtype; fp32 or wider arithmetic).
+
+
+def _wide(t):
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _empty(like):
+    return like.new_empty(0, dtype=_wide(like))
+
+
+class _TritonRows:
+    """The row steps as Triton kernels over h [B, L, D] (contiguous) and its companions."""
+
+    @staticmethod
+    def unit_rows(h):
+        m, d = h.numel() // h.shape[-1], h.shape[-1]
+        q = new_output(h.shape, device=h.device, dtype=h.dtype)
+        r = new_output(h.shape[:-1], device=h.device, dtype=torch.float32)
+        bm, bd, warps = _row_tile(d)
+        _launch(_unit_rows_kernel, "unit_rows", (cdiv(m, bm),), (h, q, r, m, d, 1e-12), dict(BLOCK_M=bm, BLOCK_D=bd),
+                warps, (h, q, r))
+        return q, r
+
+    @staticmethod
+    def combine(h, y, valid, s, s_vec, identity, ln):
+        m, d = h.numel() // h.shape[-1], h.shape[-1]
+        out = new_output(h.shape, device=h.device, dtype=h.dtype)
+        w, b, eps = ln if ln is not None else (None, None, 0.0)
+        mean, rstd = ((new_output(h.shape[:-1], device=h.device, dtype=torch.float32) for _ in range(2))
+                      if ln is not None else (_empty(h), _empty(h)))
+        bm, bd, warps = _row_tile(d)
+        args = (h, y, out, *(h if t is None else t for t in (valid, s_vec, w, b)), mean, rstd, m, d, s, eps)
+        meta = dict(HAS_VALID=valid is not None, SCALE_VEC=s_vec is not None, IDENTITY=identity, LN=ln is not None,
+                    HAS_W=w is not None, HAS_B=b is not None, BLOCK_M=bm, BLOCK_D=bd)
+        _launch(_combine_kernel, "combine", (cdiv(m, bm),), args, meta, warps,
+                (h, y, valid, s_vec, w, b, out, *((mean, rstd) if ln is not None else ())))
+        return out, mean, rstd
+
+    @staticmethod
+    def combine_bwd(go, h, y, valid, s, s_vec, identity, w, ln, mean, rstd, want_delta, want_ds, want_dln):
+        m, d = h.numel() // h.shape[-1], h.shape[-1]
+        g = new_output(h.shape, device=h.device, dtype=h.dtype)
+        dacc = new_output(h.shape, device=h.device, dtype=h.dtype)
+        delta = new_output(h.shape[:-1], device=h.device, dtype=torch.float32) if want_delta else None
+        bm, bd, warps = _row_tile(d)
+        n_blocks = cdiv(m, bm)
+        programs = min(n_blocks, 3 if interpreting() else PROGRAMS)
+        blocks = cdiv(n_blocks, programs)
+        part = new_output((programs, 3, d), device=h.device, dtype=torch.float32) if want_ds or want_dln else None
+        load_h = ln or (want_ds and identity)
+        w = w if ln else None
+        args = (go, h, y, *(h if t is None else t for t in (valid, s_vec, w)), mean if ln else h, rstd if ln else h,
+                g, dacc, h if delta is None else delta, h if part is None else part, m, d, s, blocks)
+        meta = dict(HAS_VALID=valid is not None, SCALE_VEC=s_vec is not None, IDENTITY=identity, LN=ln,
+                    HAS_W=w is not None, LOAD_H=load_h, WANT_DELTA=want_delta, WANT_DS=want_ds, WANT_DLN=want_dln,
+                    BLOCK_M=bm, BLOCK_D=bd)
+        _launch(_combine_bwd_kernel, "combine_bwd", (programs,), args, meta, warps,
+                (go, h if load_h else None, y, valid, s_vec, w, *((mean, rstd) if ln else ()), g, dacc, delta, part))
+        sums = [part[:, k].sum(0) if part is not None and want else _empty(h)
+                for k, want in enumerate((want_ds, want_dln, want_dln))]
+        return g, dacc, delta, *sums
+
+    @staticmethod
+    def finish(dacc, dq, h, r):
+        m, d = h.numel() // h.shape[-1], h.shape[-1]
+        bm, bd, warps = _row_tile(d)
+        _launch(_finish_kernel, "finish", (cdiv(m, bm),), (dacc, dq, h, r, dacc, m, d), dict(BLOCK_M=bm, BLOCK_D=bd),
+                warps, (dacc, dq, h, r, dacc))
+        return dacc
+
+
+class _TorchRows:
+    """The same row steps in torch ops."""
+
+    @staticmethod
+    def unit_rows(h):
+        x = h.to(_wide(h))
+        amax = x.abs().amax(-1, keepdim=True)
+        amax = torch.where(amax > 0, amax, 1.0)
+        r = 1.0 / (torch.linalg.vector_norm(x / amax, dim=-1, keepdim=True) * amax).clamp_min(1e-12)
+        return (x * r).to(h.dtype), r[..., 0]
+
+    @staticmethod
+    def _update(x, y, s, identity, valid):
+        u = (1 + s) * x - s * y if identity else x - s * y
+        return u if valid is None else torch.where(valid[..., None] != 0, u, x)
+
+    @classmethod
+    def combine(cls, h, y, valid, s, s_vec, identity, ln):
+        wide = _wide(h)
+        u = cls._update(h.to(wide), y.to(wide), s if s_vec is None else s_vec.to(wide), identity, valid)
+        if ln is None:
+            return u.to(h.dtype), _empty(h), _empty(h)
+        w, b, eps = ln
+        mean = u.mean(-1)
+        diff = u - mean[..., None]
+        rstd = torch.rsqrt((diff * diff).mean(-1) + eps)
+        out = diff * rstd[..., None]
+        out = out if w is None else out * w.to(wide)
+        out = out if b is None else out + b.to(wide)
+        return out.to(h.dtype), mean, rstd
+
+    @classmethod
+    def combine_bwd(cls, go, h, y, valid, s, s_vec, identity, w, ln, mean, rstd, want_delta, want_ds, want_dln):
+        wide = _wide(h)
+        go, x, yw = go.to(wide), h.to(wide), y.to(wide)
+        sv = s if s_vec is None else s_vec.to(wide)
+        rows = tuple(range(h.dim() - 1))
+        sums = [_empty(h) for _ in range(3)]  # distinct tensors: a custom op's outputs may not alias
+        if ln:
+            xhat = (cls._update(x, yw, sv, identity, valid) - mean[..., None]) * rstd[..., None]
+            wg = go if w is None else go * w.to(wide)
+            du = rstd[..., None] * (wg - wg.mean(-1, keepdim=True) - xhat * (wg * xhat).mean(-1, keepdim=True))
+            if want_dln:
+                sums[1:] = (go * xhat).sum(rows), go.sum(rows)
+        else:
+            du = go
+        keep = torch.ones_like(du, dtype=torch.bool) if valid is None else (valid[..., None] != 0).expand_as(du)
+        g = torch.where(keep, -sv * du, 0.0).to(h.dtype)
+        dacc = torch.where(keep, (1 + sv) * du, du) if identity else du.clone() if du is go else du
+        if want_ds:
+            sums[0] = torch.where(keep, du * (x - yw) if identity else -du * yw, 0.0).sum(rows)
+        delta = (g.to(wide) * yw).sum(-1) if want_delta else None
+        return g, dacc.to(h.dtype), delta, *sums
+
+    @staticmethod
+    def finish(dacc, dq, h, r):
+        wide = _wide(h)
+        q, dq = h.to(wide) * r[..., None], dq.to(wide)
+        return dacc.copy_(dacc.to(wide) + r[..., None] * (dq - q * (q * dq).sum(-1, keepdim=True)))
+
+
 class _TritonStages:
-    """The elementwise stages as Triton kernels (in place on the chunk buffers)."""
+    """The chunk stages as Triton kernels (in place on the chunk buffers)."""
 
     @staticmethod
     def lse(s, valid, row0, scale):
@@ -418,42 +844,49 @@ class _TritonStages:
         n_cblocks = cdiv(s.stride(1), _tile_of("lse")[1])
         part = new_output((b, rows, n_cblocks), device=s.device, dtype=torch.float32)
         v, has_valid = _valid_arg(valid, s)
-        _launch(_lse_partial_kernel, "lse", s, (s, part, v, rows, cols, s.stride(1), row0, n_cblocks, scale * LOG2E),
-                dict(HAS_VALID=has_valid))
+        _chunk_launch(_lse_partial_kernel, "lse", s, (s, part, v, rows, cols, s.stride(1), row0, n_cblocks,
+                                                      scale * LOG2E), dict(HAS_VALID=has_valid), (s, valid, part))
         return torch.logsumexp(part, -1)
 
     @staticmethod
     def probs(s, lse, valid, row0, scale, dual):
         b, rows, cols = s.shape
         v, has_valid = _valid_arg(valid, s)
-        _launch(_probs_kernel, "probs", s, (s, lse, v, rows, cols, s.stride(1), row0, scale * LOG2E),
-                dict(DUAL=dual, HAS_VALID=has_valid))
+        _chunk_launch(_probs_kernel, "probs", s, (s, lse, v, rows, cols, s.stride(1), row0, scale * LOG2E),
+                      dict(DUAL=dual, HAS_VALID=has_valid), (s, lse, valid, s))
 
     @staticmethod
-    def dual_delta(s, dpr, dpc, lse, valid, row0, scale):
-        b, rows, cols = s.shape
-        n_cblocks = cdiv(s.stride(1), _tile_of("delta")[1])
-        part = new_output((b, rows, n_cblocks), device=s.device, dtype=torch.float32)
+    def dual_delta(s, dpr, lse, valid, scale):
+        b, cols = s.shape[0], s.shape[2]
+        n_t = cdiv(s.stride(1), _tile_of("pair")[0])
+        part = new_output((b, cols, n_t), device=s.device, dtype=torch.float32)
         v, has_valid = _valid_arg(valid, s)
-        _launch(_dual_delta_kernel, "delta", s, (s, dpr, dpc, lse, v, part, rows, cols, s.stride(1), row0,
-                                                 n_cblocks, scale * LOG2E), dict(HAS_VALID=has_valid))
+        _pair_launch(_pair_delta_kernel, "dual_delta", s, (s, dpr, lse, v, part, cols, s.stride(1), n_t,
+                                                           scale * LOG2E), dict(HAS_VALID=has_valid),
+                     (s, dpr, lse, valid, part))
         return part.sum(-1)
 
     @staticmethod
     def grads(s, dpr, dpc, lse, delta, valid, row0, scale, dual):
         b, rows, cols = s.shape
         v, has_valid = _valid_arg(valid, s)
-        _launch(_grads_kernel, "grads", s, (s, dpr, dpc, lse, delta, v, rows, cols, s.stride(1), row0,
-                                            scale * LOG2E, scale),
-                dict(DUAL=dual, HAS_VALID=has_valid))
+        if dpc is None:  # whole sequences: dP^T is dPr's mirror tile
+            _pair_launch(_pair_grads_kernel, "grads", s, (s, dpr, lse, delta, v, cols, s.stride(1), scale * LOG2E,
+                                                          scale), dict(DUAL=dual, HAS_VALID=has_valid),
+                         (s, dpr, lse, delta, valid, s, dpr))
+        else:
+            assert not dual, "dual runs on whole sequences only"
+            _chunk_launch(_grads_kernel, "grads", s, (s, dpr, dpc, lse, delta, v, rows, cols, s.stride(1), row0,
+                                                      scale * LOG2E, scale), dict(HAS_VALID=has_valid),
+                          (s, dpr, dpc, lse, delta, valid, s, dpr))
 
 
 class _TorchStages:
-    """The same stages in torch ops (any device, any float dtype; fp32 or wider arithmetic)."""
+    """The chunk stages in torch ops."""
 
     @staticmethod
     def _logits(s, valid, row0, scale):
-        x = s.to(torch.promote_types(s.dtype, torch.float32)) * scale
+        x = s.to(_wide(s)) * scale
         if valid is not None:
             v = valid != 0
             x = x.masked_fill(~(v[:, row0:row0 + s.shape[1], None] & v[:, None, :]), float("-inf"))
@@ -477,9 +910,9 @@ class _TorchStages:
         s.copy_(p)
 
     @classmethod
-    def dual_delta(cls, s, dpr, dpc, lse, valid, row0, scale):
-        x = cls._logits(s, valid, row0, scale)
-        return (cls._p(x, lse[:, row0:row0 + s.shape[1], None]) * (dpr + dpc)).sum(-1)
+    def dual_delta(cls, s, dpr, lse, valid, scale):
+        x = cls._logits(s, valid, 0, scale)
+        return (cls._p(x, lse[:, :, None]) * (dpr + dpr.transpose(1, 2))).sum(-1)
 
     @classmethod
     def grads(cls, s, dpr, dpc, lse, delta, valid, row0, scale, dual):
@@ -487,6 +920,7 @@ class _TorchStages:
         rows = slice(row0, row0 + s.shape[1])
         p_rc, p_cr = cls._p(x, lse[:, rows, None]), cls._p(x, lse[:, None, :])
         d_r, d_c = delta[:, rows, None], delta[:, None, :]
+        dpc = dpr.transpose(1, 2) if dpc is None else dpc
         if dual:
             dp = dpr + dpc
             a, t = p_rc + p_cr, p_rc * (dp - d_r) + p_cr * (dp - d_c)
@@ -497,45 +931,7 @@ class _TorchStages:
 
 
 # ---------------------------------------------------------------------------------------------
-# The chunked forward and backward (one driver for both backends).
-
-
-class LaunchLog:
-    """What the op launched inside :func:`record_launches`: ``matmuls`` (FLOPs of each cuBLAS call)
-    and ``kernels`` (names of the elementwise launches)."""
-
-    def __init__(self):
-        self.matmuls: list[int] = []
-        self.kernels: list[str] = []
-
-    def passes(self, bsz: int, length: int, d: int) -> float:
-        """Matmul FLOPs in units of one ``L x L x D`` pass over the batch (``2 B L^2 D``)."""
-        return sum(self.matmuls) / (2.0 * bsz * length * length * d)
-
-
-_LOGS: list[LaunchLog] = []
-
-
-@contextlib.contextmanager
-def record_launches():
-    """``with record_launches() as log: ...`` records every matmul and kernel ContraNorm launches."""
-    log = LaunchLog()
-    _LOGS.append(log)
-    try:
-        yield log
-    finally:
-        _LOGS.remove(log)
-
-
-def _bmm(a, b, out=None):
-    for log in _LOGS:
-        log.matmuls.append(2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2])
-    return torch.bmm(a, b, out=out)
-
-
-def _logged(name):
-    for log in _LOGS:
-        log.kernels.append(name)
+# The driver (one for both backends): row stages around the chunked attention.
 
 
 def _graph_rows(num_nodes, esize):
@@ -575,84 +971,119 @@ def _stages(use_triton):
     return _TritonStages if use_triton else _TorchStages
 
 
-@torch.library.custom_op("sslcore::contranorm_attention_fwd", mutates_args=())
-def _attention_fwd(q: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, keys: torch.Tensor | None,
-                   rowptr: torch.Tensor | None, graph_rows: int, scale: float, dual: bool,
-                   use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Y, LSE)`` of ``softmax(scale Q Q^T) V`` ([B, L, D]; a graph: B = 1, with its keys, split
-    into chunks of ``graph_rows`` rows, node i's keys at ``rowptr[i]``)."""
-    st = _stages(use_triton)
+def _rows(use_triton, d):
+    return _TritonRows if use_triton and d <= MAX_ROW_D else _TorchRows
+
+
+def _attend(q, v, valid, keys, rowptr, graph_rows, scale, dual, st):
+    """``(Y, LSE)`` of ``softmax(scale Q Q^T) V`` over the chunks."""
     key_bounds = _key_bounds(rowptr, graph_rows) if graph_rows else []
     bsz, length, _ = q.shape
     y = new_output(v.shape, device=v.device, dtype=v.dtype)
-    lse = new_output((bsz, length), device=q.device, dtype=torch.promote_types(q.dtype, torch.float32))
+    lse = new_output((bsz, length), device=q.device, dtype=_wide(q))
     for i, chunk in enumerate(_chunks(bsz, length, graph_rows, q.element_size())):
         b0, b1, r0, r1 = chunk
         s = _similarity(q, i, chunk, keys, key_bounds)
         vb = valid[b0:b1] if valid is not None else None
         lse[b0:b1, r0:r1] = st.lse(s, vb, r0, scale)
         st.probs(s, lse[b0:b1], vb, r0, scale, dual)  # dual: whole sequences, so every LSE_j is known
-        _logged("lse")
-        _logged("probs")
         _bmm(s, v[b0:b1], out=y[b0:b1, r0:r1])
     return y, lse
 
 
-@_attention_fwd.register_fake
-def _(q, v, valid, keys, rowptr, graph_rows, scale, dual, use_triton):
-    return torch.empty_like(v), q.new_empty(q.shape[:2], dtype=torch.promote_types(q.dtype, torch.float32))
-
-
-@torch.library.custom_op("sslcore::contranorm_attention_bwd", mutates_args=())
-def _attention_bwd(q: torch.Tensor, v: torch.Tensor, g: torch.Tensor, y: torch.Tensor, lse: torch.Tensor,
-                   valid: torch.Tensor | None, keys: torch.Tensor | None, rowptr: torch.Tensor | None, graph_rows: int,
-                   scale: float, dual: bool, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dQ, dV)`` for the upstream gradient ``g`` of Y (see the module docstring)."""
-    st = _stages(use_triton)
+def _attend_bwd(q, v, g, lse, delta, dacc, valid, keys, rowptr, graph_rows, scale, dual, st):
+    """``dQ`` for the upstream gradient ``g`` of Y; ``dV`` is added to ``dacc`` (see the module docstring)."""
     key_bounds = _key_bounds(rowptr, graph_rows) if graph_rows else []
     bsz, length, _ = q.shape
     dq = new_output(q.shape, device=q.device, dtype=q.dtype)
-    dv = new_output(v.shape, device=v.device, dtype=v.dtype)
-    delta = None if dual else (g.to(lse.dtype) * y.to(lse.dtype)).sum(-1)  # delta_i = G_i . Y_i
     for i, chunk in enumerate(_chunks(bsz, length, graph_rows, q.element_size())):
         b0, b1, r0, r1 = chunk
         s = _similarity(q, i, chunk, keys, key_bounds)
         dpr = _bmm(g[b0:b1, r0:r1], v[b0:b1].transpose(1, 2), out=_buffer(b1 - b0, r1 - r0, length, g))
-        dpc = _bmm(v[b0:b1, r0:r1], g[b0:b1].transpose(1, 2), out=_buffer(b1 - b0, r1 - r0, length, g))
+        dpc = None if r1 - r0 == length else _bmm(v[b0:b1, r0:r1], g[b0:b1].transpose(1, 2),
+                                                  out=_buffer(b1 - b0, r1 - r0, length, g))
         vb = valid[b0:b1] if valid is not None else None
-        if dual:  # whole sequences: the chunk's rows are every row
-            d = st.dual_delta(s, dpr, dpc, lse[b0:b1], vb, r0, scale)
-            _logged("dual_delta")
-        else:
-            d = delta[b0:b1]
+        d = st.dual_delta(s, dpr, lse[b0:b1], vb, scale) if dual else delta[b0:b1]  # dual: whole sequences
         st.grads(s, dpr, dpc, lse[b0:b1], d, vb, r0, scale, dual)
-        _logged("grads")
-        _bmm(s, g[b0:b1], out=dv[b0:b1, r0:r1])
+        _bmm(s, g[b0:b1], out=dacc[b0:b1, r0:r1], add=True)
         _bmm(dpr, q[b0:b1], out=dq[b0:b1, r0:r1])
-    return dq, dv
+    return dq
 
 
-@_attention_bwd.register_fake
-def _(q, v, g, y, lse, valid, keys, rowptr, graph_rows, scale, dual, use_triton):
-    return torch.empty_like(q), torch.empty_like(v)
+@torch.library.custom_op("sslcore::contranorm_fwd", mutates_args=())
+def _forward(h: torch.Tensor, s_vec: torch.Tensor | None, ln_w: torch.Tensor | None, ln_b: torch.Tensor | None,
+             valid: torch.Tensor | None, keys: torch.Tensor | None, rowptr: torch.Tensor | None, graph_rows: int,
+             s: float, scale: float, identity: bool, dual: bool, ln: bool, eps: float,
+             use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                        torch.Tensor, torch.Tensor]:
+    """``(out, Q, R, Y, LSE, mean, rstd)`` for h [B, L, D] (a graph: B = 1, with its keys, in chunks of
+    ``graph_rows`` rows, node i's keys at ``rowptr[i]``); ``mean``, ``rstd`` (the LayerNorm's) are empty
+    without ``ln``."""
+    rows = _rows(use_triton, h.shape[-1])
+    q, r = rows.unit_rows(h)
+    y, lse = _attend(q, h, valid, keys, rowptr, graph_rows, scale, dual, _stages(use_triton))
+    out, mean, rstd = rows.combine(h, y, valid, s, s_vec, identity, (ln_w, ln_b, eps) if ln else None)
+    return out, q, r, y, lse, mean, rstd
 
 
-class _Attention(torch.autograd.Function):
-    """``softmax(scale Q Q^T) V``: saves Q, V, Y and the LSEs (O(B L D)); no L x L buffer outlives a call."""
+@_forward.register_fake
+def _(h, s_vec, ln_w, ln_b, valid, keys, rowptr, graph_rows, s, scale, identity, dual, ln, eps, use_triton):
+    stats = [h.new_empty(h.shape[:-1], dtype=_wide(h)) for _ in range(4)]
+    if not ln:
+        stats[2:] = _empty(h), _empty(h)
+    return torch.empty_like(h), torch.empty_like(h), stats[0], torch.empty_like(h), *stats[1:]
+
+
+@torch.library.custom_op("sslcore::contranorm_bwd", mutates_args=())
+def _backward(go: torch.Tensor, h: torch.Tensor, q: torch.Tensor, r: torch.Tensor, y: torch.Tensor,
+              lse: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, s_vec: torch.Tensor | None,
+              ln_w: torch.Tensor | None, valid: torch.Tensor | None, keys: torch.Tensor | None,
+              rowptr: torch.Tensor | None, graph_rows: int, s: float, scale: float, identity: bool, dual: bool,
+              ln: bool, use_triton: bool, want_ds: bool,
+              want_dln: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dH, ds, dw, db)`` for the upstream gradient ``go`` of the output (ds, dw, db empty unless wanted)."""
+    rows = _rows(use_triton, h.shape[-1])
+    g, dacc, delta, ds, dw, db = rows.combine_bwd(go, h, y, valid, s, s_vec, identity, ln_w, ln, mean, rstd,
+                                                  not dual, want_ds, want_dln)
+    dq = _attend_bwd(q, h, g, lse, delta, dacc, valid, keys, rowptr, graph_rows, scale, dual, _stages(use_triton))
+    return rows.finish(dacc, dq, h, r), ds, dw, db
+
+
+@_backward.register_fake
+def _(go, h, q, r, y, lse, mean, rstd, s_vec, ln_w, valid, keys, rowptr, graph_rows, s, scale, identity, dual, ln,
+      use_triton, want_ds, want_dln):
+    d = h.shape[-1]
+    return (torch.empty_like(h), h.new_empty(d if want_ds else 0, dtype=_wide(h)),
+            *(h.new_empty(d if want_dln else 0, dtype=_wide(h)) for _ in range(2)))
+
+
+def _as(t, dtype):
+    """``t`` in ``dtype``, without a no-op ``.to()``."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+class _ContraNorm(torch.autograd.Function):
+    """ContraNorm (and its LayerNorm) on h [B, L, D]: saves H, Q, Y and per-row statistics (O(B L D)); no
+    L x L buffer outlives a call."""
 
     @staticmethod
-    def forward(ctx, q, v, valid, keys, rowptr, graph_rows, scale, dual, use_triton):
-        y, lse = _attention_fwd(q, v, valid, keys, rowptr, graph_rows, scale, dual, use_triton)
-        ctx.save_for_backward(q, v, y, lse, valid, keys, rowptr)
-        ctx.graph_rows, ctx.scale, ctx.dual, ctx.use_triton = graph_rows, scale, dual, use_triton
-        return y
+    def forward(ctx, h, s_vec, ln_w, ln_b, valid, keys, rowptr, graph_rows, s, scale, identity, dual, ln, eps,
+                use_triton):
+        out, q, r, y, lse, mean, rstd = _forward(h, s_vec, ln_w, ln_b, valid, keys, rowptr, graph_rows, s, scale,
+                                                 identity, dual, ln, eps, use_triton)
+        ctx.save_for_backward(h, q, r, y, lse, mean, rstd, s_vec, ln_w, valid, keys, rowptr)
+        ctx.cfg = (graph_rows, s, scale, identity, dual, ln, use_triton)
+        ctx.b_dtype = None if ln_b is None else ln_b.dtype
+        return out
 
     @staticmethod
-    def backward(ctx, gy):
-        q, v, y, lse, valid, keys, rowptr = ctx.saved_tensors
-        dq, dv = _attention_bwd(q, v, gy.contiguous(), y, lse, valid, keys, rowptr, ctx.graph_rows,
-                                ctx.scale, ctx.dual, ctx.use_triton)
-        return dq, dv, None, None, None, None, None, None, None
+    def backward(ctx, go):
+        h, q, r, y, lse, mean, rstd, s_vec, ln_w, valid, keys, rowptr = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dh, ds, dw, db = _backward(go.contiguous(), h, q, r, y, lse, mean, rstd, s_vec, ln_w, valid, keys, rowptr,
+                                   *ctx.cfg, need[1], need[2] or need[3])
+        return (dh, _as(ds, s_vec.dtype) if need[1] else None, _as(dw, ln_w.dtype) if need[2] else None,
+                _as(db, ctx.b_dtype) if need[3] else None, *([None] * 11))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -660,19 +1091,20 @@ class _Attention(torch.autograd.Function):
 
 
 def contranorm(h: torch.Tensor, *, scale, temperature: float = 1.0, dual: bool = False, identity: bool = False,
-               key_padding_mask: torch.Tensor | None = None, edge_index=None, backend: str = "auto",
-               validate: bool | None = None) -> torch.Tensor:
-    """ContraNorm's update before its LayerNorm: ``H - s * softmax(H_hat H_hat^T / tau) H``.
+               key_padding_mask: torch.Tensor | None = None, edge_index=None, layer_norm: tuple | None = None,
+               backend: str = "auto", validate: bool | None = None) -> torch.Tensor:
+    """ContraNorm's update ``H - s * softmax(H_hat H_hat^T / tau) H``, and with ``layer_norm=(weight, bias,
+    eps)`` the LayerNorm after it (ContraNorm the layer), fused.
 
     Same arguments as :func:`contranorm_ref`.  ``edge_index`` may be a :class:`NeighbourGraph`
     (:func:`prepare_graph`); a raw [2, E] tensor is prepared once and cached while it is unchanged.
     The Triton backend runs the chunked design of this module; the torch backend runs
     ``F.scaled_dot_product_attention`` for plain sequences, the same chunked driver with torch ops for
-    dual sequences and graphs, and the reference for dual graphs (Triton does not take those).  Statistics are fp32
-    (fp64 for fp64 input, which runs on torch); the result has the input dtype.  ``validate``: see
-    :func:`~sslcore.kernels._backend.validating`.
+    dual sequences and graphs, and the reference for dual graphs (Triton does not take those).  Statistics
+    are fp32 (fp64 for fp64 input, which runs on torch); the result has the input dtype.  ``validate``:
+    see :func:`~sslcore.kernels._backend.validating`.
     """
-    _check(h, scale, temperature, key_padding_mask, edge_index, validate)
+    _check(h, scale, temperature, key_padding_mask, edge_index, validate, layer_norm)
     be = resolve_backend(backend, h.device)
     if h.dtype == torch.float64:
         if backend == "triton":
@@ -683,57 +1115,83 @@ def contranorm(h: torch.Tensor, *, scale, temperature: float = 1.0, dual: bool =
             raise ValueError("dual=True with edge_index is not fused (P^T needs every node's normaliser before "
                              "any row); use backend='torch' for it")
         return contranorm_ref(h, scale=scale, temperature=temperature, dual=True, identity=identity,
-                              edge_index=edge_index).to(h.dtype)
-    wide = torch.promote_types(h.dtype, torch.float32)
-    q = unit_rows(h)  # the norm in fp32: no fp16 overflow
+                              edge_index=edge_index, layer_norm=layer_norm).to(h.dtype)
     if be == "torch" and edge_index is None and not dual:  # torch's fused attention: exact, fastest on a CPU
+        wide = _wide(h)
+        q = unit_rows(h)  # the norm in fp32: no fp16 overflow
         keep = ~key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
         y = F.scaled_dot_product_attention(q[:, None], q[:, None], h[:, None], attn_mask=keep,
                                            scale=1.0 / temperature)[:, 0]
-        return _combine(h.to(wide), y.to(wide), scale, identity, key_padding_mask).to(h.dtype)
+        return _layer_norm(_combine(h.to(wide), y.to(wide), scale, identity, key_padding_mask).to(h.dtype), layer_norm)
     valid = (~key_padding_mask).to(torch.int8).contiguous() if key_padding_mask is not None else None
-    keys, rowptr, graph_rows = None, None, 0
+    keys, rowptr, graph_rows, x = None, None, 0, h
     if edge_index is not None:
         graph = edge_index if isinstance(edge_index, NeighbourGraph) else _cached_graph(edge_index, h.shape[0])
         graph_rows = _graph_rows(h.shape[0], h.element_size())
-        keys, rowptr = graph.keys, graph.rowptr
-        q, v = q[None], h[None]
-    else:
-        v = h
-    y = _Attention.apply(q.contiguous(), v.contiguous(), valid, keys, rowptr, graph_rows, 1.0 / temperature,
-                         dual, be == "triton")
-    if edge_index is not None:
-        y = y[0]
-    return _combine(h.to(wide), y.to(wide), scale, identity, key_padding_mask).to(h.dtype)
+        keys, rowptr, x = graph.keys, graph.rowptr, h[None]
+    s_vec, s = (scale, 0.0) if isinstance(scale, torch.Tensor) else (None, float(scale))
+    w, b, eps = layer_norm if layer_norm is not None else (None, None, 0.0)
+    out = _ContraNorm.apply(x.contiguous(), s_vec, w, b, valid, keys, rowptr, graph_rows, s, 1.0 / temperature,
+                            identity, dual, layer_norm is not None, eps, be == "triton")
+    return out.squeeze(0) if edge_index is not None else out  # a view: no copy in backward
 
 
 def aot_specs(dtype: str = "bf16", d: int = 0, cc: int = 90):
-    """Every kernel variant as a :class:`KernelSpec` (tests/test_compile.py), with the launch arguments
-    of a padded batch of sequences (L = 197, rows padded to 208; L = 4096) and of a graph chunk
-    (N = 131,072).  ``d`` does not enter these kernels: the matmuls are cuBLAS calls."""
+    """Every kernel variant as a :class:`KernelSpec` (tests/test_compile.py): the chunk kernels with the launch
+    arguments of a padded, masked batch of sequences (L = 197, rows padded to 208), of L = 4096 unmasked and of
+    a graph chunk (N = 131,072); the row kernels at D = 197, 768 and MAX_ROW_D, without options and with all
+    of them.  ``d`` is not used (the matmuls are cuBLAS calls; the row kernels list their own D)."""
     buf = torch.empty(16, dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
     f32, i8 = torch.empty(16), torch.empty(16, dtype=torch.int8)
-    shapes = {"seq-L197": (197, 197, 208, 0, i8), "seq-L4096": (4096, 4096, 4096, 0, i8),
-              "graph": (640, 131072, 131072, 1280, None)}
     specs = []
+
+    def add(label, fn, args, flags, warps):
+        specs.append(KernelSpec(f"contranorm_{label}", fn, args, flags, warps, 1, mma=False))
+
+    shapes = {"seq-L197": (197, 197, 208, 0, i8), "seq-L4096": (4096, 4096, 4096, 0, None),
+              "graph": (640, 131072, 131072, 1280, None)}
     for where, (rows, cols, cp, row0, valid) in shapes.items():
         has_valid = valid is not None
-        dims = dict(VALID=valid if has_valid else buf, R=rows, C=cols, CP=cp, row0=row0)
-        variants = [("lse", _lse_partial_kernel, dict(S=buf, PART=f32, **dims, n_cblocks=cdiv(cp, TILES["lse"][1]),
-                                                      scale2=1.44), {})]
-        for dual in (False, True) if has_valid else (False,):  # dual runs on sequences only
-            variants += [
-                ("probs", _probs_kernel, dict(S=buf, LSE=f32, **dims, scale2=1.44), dict(DUAL=dual)),
-                ("grads", _grads_kernel, dict(S=buf, DPR=buf, DPC=buf, LSE=f32, DELTA=f32, **dims, scale2=1.44,
-                                              scale=1.0), dict(DUAL=dual)),
-            ]
-        if has_valid:
-            variants.append(("delta", _dual_delta_kernel, dict(S=buf, DPR=buf, DPC=buf, LSE=f32, PART=f32, **dims,
-                                                               n_cblocks=cdiv(cp, TILES["delta"][1]), scale2=1.44),
-                             {}))
-        for kind, fn, args, flags in variants:
-            br, bc, warps = TILES[kind]
-            label = f"{kind}{'-dual' if flags.get('DUAL') else ''}[{where}]"
-            specs.append(KernelSpec(f"contranorm_{label}", fn, args, dict(flags, HAS_VALID=has_valid, BLOCK_R=br,
-                                                                          BLOCK_C=bc), warps, 1, mma=False))
+        valid = valid if has_valid else buf
+        dims = dict(R=rows, C=cols, CP=cp, row0=row0)
+        br, bc, warps = TILES["lse"]
+        add(f"lse[{where}]", _lse_partial_kernel, dict(S=buf, PART=f32, VALID=valid, **dims, n_cblocks=cdiv(cp, bc),
+                                                         scale2=1.44), dict(HAS_VALID=has_valid, BLOCK_R=br,
+                                                                            BLOCK_C=bc), warps)
+        probs = dict(S=buf, LSE=f32, VALID=valid, **dims, scale2=1.44)
+        br, bc, warps = TILES["probs"]
+        if where == "graph":  # row chunks, not dual: dPc is a product
+            add(f"probs[{where}]", _probs_kernel, probs, dict(DUAL=False, HAS_VALID=False, BLOCK_R=br, BLOCK_C=bc),
+                warps)
+            br, bc, warps = TILES["grads"]
+            add(f"grads[{where}]", _grads_kernel, dict(S=buf, DPR=buf, DPC=buf, LSE=f32, DELTA=f32, VALID=buf,
+                                                       **dims, scale2=1.44, scale=1.0),
+                dict(HAS_VALID=False, BLOCK_R=br, BLOCK_C=bc), warps)
+            continue
+        bt, _, pair_warps = TILES["pair"]
+        pair = dict(S=buf, DPR=buf, LSE=f32, VALID=valid, C=cols, CP=cp)
+        for dual in (False, True):
+            tag = "-dual" if dual else ""
+            add(f"probs{tag}[{where}]", _probs_kernel, probs, dict(DUAL=dual, HAS_VALID=has_valid, BLOCK_R=br,
+                                                                   BLOCK_C=bc), warps)
+            add(f"pair_grads{tag}[{where}]", _pair_grads_kernel, dict(pair, DELTA=f32, scale2=1.44, scale=1.0),
+                dict(DUAL=dual, HAS_VALID=has_valid, BLOCK=bt), pair_warps)
+        add(f"pair_delta[{where}]", _pair_delta_kernel, dict(pair, PART=f32, n_t=cdiv(cp, bt), scale2=1.44),
+            dict(HAS_VALID=has_valid, BLOCK=bt), pair_warps)
+    for dim in (197, 768, MAX_ROW_D):
+        bm, bd, warps = _row_tile(dim)
+        rows = dict(M=131072, D=dim)
+        tile = dict(BLOCK_M=bm, BLOCK_D=bd)
+        add(f"unit_rows[D{dim}]", _unit_rows_kernel, dict(X=buf, Q=buf, R=f32, **rows, eps=1e-12), tile, warps)
+        for full in (False, True):
+            opts = dict(HAS_VALID=full, SCALE_VEC=full, IDENTITY=full, LN=full)
+            tag = "-all" if full else ""
+            add(f"combine{tag}[D{dim}]", _combine_kernel,
+                dict(H=buf, Y=buf, OUT=buf, VALID=i8, SCALE=f32, W=f32, B=f32, MEAN=f32, RSTD=f32, **rows, s=0.1,
+                     eps=1e-6), dict(opts, HAS_W=full, HAS_B=full, **tile), warps)
+            add(f"combine_bwd{tag}[D{dim}]", _combine_bwd_kernel,
+                dict(GO=buf, H=buf, Y=buf, VALID=i8, SCALE=f32, W=f32, MEAN=f32, RSTD=f32, G=buf, DACC=buf,
+                     DELTA=f32, PART=f32, **rows, s=0.1, blocks=32),
+                dict(opts, HAS_W=full, LOAD_H=full, WANT_DELTA=True, WANT_DS=full, WANT_DLN=full, **tile), warps)
+        add(f"finish[D{dim}]", _finish_kernel, dict(DACC=buf, DQ=buf, H=buf, R=f32, DH=buf, **rows), tile, warps)
     return specs

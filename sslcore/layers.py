@@ -16,7 +16,6 @@ import sys
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .kernels import BACKENDS, contranorm, contranorm_features_ref
@@ -122,9 +121,11 @@ class ContraNorm(nn.LayerNorm):
             _check_input(x, self.normalized_shape[0], (2,), "[N, D] node features (graph=True)")
             if edge_index is None:
                 raise ValueError("graph=True needs edge_index [2, E]")
-            h = contranorm(x, scale=self.effective_scale(), temperature=self.temperature, dual=self.dual,
-                           identity=self.identity, edge_index=edge_index, backend=self.backend)
-            return F.layer_norm(h, self.normalized_shape, self.weight, self.bias, self.eps)
+            if self._no_update():
+                return super().forward(x)
+            return contranorm(x, scale=self.effective_scale(), temperature=self.temperature, dual=self.dual,
+                              identity=self.identity, edge_index=edge_index, layer_norm=self._layer_norm(),
+                              backend=self.backend)
         if edge_index is not None:
             raise ValueError("edge_index needs a graph layer: ContraNorm(dim, graph=True)")
         _check_input(x, self.normalized_shape[0], None, "[..., L, D] tokens, or [B, D] / [D]")
@@ -134,10 +135,19 @@ class ContraNorm(nn.LayerNorm):
             return super().forward(x)
         if key_padding_mask is not None:
             key_padding_mask = _broadcast_mask(key_padding_mask, x.shape[:-1]).reshape(-1, x.shape[-2])
-        h = contranorm(x.reshape(-1, *x.shape[-2:]), scale=self.effective_scale(), temperature=self.temperature,
-                       dual=self.dual, identity=self.identity, key_padding_mask=key_padding_mask,
-                       backend=self.backend)
-        return F.layer_norm(h, self.normalized_shape, self.weight, self.bias, self.eps).reshape(x.shape)
+        if self._no_update():
+            return super().forward(x)
+        return contranorm(x.reshape(-1, *x.shape[-2:]), scale=self.effective_scale(), temperature=self.temperature,
+                          dual=self.dual, identity=self.identity, key_padding_mask=key_padding_mask,
+                          layer_norm=self._layer_norm(), backend=self.backend).reshape(x.shape)
+
+    def _no_update(self) -> bool:
+        """A fixed ``s = 0``: the update is ``H`` itself, so the layer is its LayerNorm (bit for bit)."""
+        return not self.learnable and self.scale == 0
+
+    def _layer_norm(self):
+        """The LayerNorm the op fuses after the update (the kernels apply it in the same pass as ``H - s P H``)."""
+        return self.weight, self.bias, self.eps
 
     def extra_repr(self) -> str:
         scale = f"learnable{'(positive)' if self.positive else ''}" if self.learnable else self.scale

@@ -1,12 +1,15 @@
 """ContraNorm's op (Triton -- the interpreter without a GPU -- and torch backends) against float64
 references, the references against independent transcriptions, and the design's guarantees: the
-matmul passes it launches, the memory it saves for backward, no host synchronisation."""
+matmul passes it launches, the bytes it moves, the memory it saves for backward, no host synchronisation."""
+import collections
 import importlib
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._library.custom_ops import OPDEFS
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sslcore.kernels import contranorm, contranorm_features_ref, contranorm_ref, prepare_graph, tied_attention_ref
 
@@ -26,20 +29,30 @@ def _close(got, want, dtype, what):
     assert err <= TOL[dtype], f"{what}: relative error {err:.2e} > {TOL[dtype]:.0e}"
 
 
-def _check(shape, dtype, scale=0.3, backend="triton", **kw):
-    """Output and gradients (w.r.t. h and a tensor scale) of the op vs the float64 reference."""
+def _check(shape, dtype, scale=0.3, backend="triton", ln=False, **kw):
+    """Output and gradients (w.r.t. h, a tensor scale and, with ``ln``, the fused LayerNorm's fp32 weight and
+    bias) of the op vs the float64 reference."""
     h = torch.randn(*shape, device=_dev()).to(dtype).requires_grad_(True)
-    s = scale.to(_dev()).requires_grad_(True) if isinstance(scale, torch.Tensor) else scale
-    out = contranorm(h, scale=s, backend=backend, **kw)
+    params = {"scale": scale.to(_dev())} if isinstance(scale, torch.Tensor) else {}
+    if ln:
+        params.update(weight=1 + 0.5 * torch.randn(shape[-1], device=_dev()),
+                      bias=torch.randn(shape[-1], device=_dev()))
+    leaves = [h] + [p.clone().requires_grad_(True) for p in params.values()]
+
+    def call(fn, x, *p, **extra):
+        p = dict(zip(params, p))
+        return fn(x, scale=p.get("scale", scale), layer_norm=(p["weight"], p["bias"], 1e-5) if ln else None, **kw,
+                  **extra)
+
+    out = call(contranorm, *leaves, backend=backend)
     g = torch.randn(out.shape, device=_dev())
-    inputs = [h, s] if isinstance(s, torch.Tensor) else [h]
-    grads = torch.autograd.grad(out.float().mul(g).sum(), inputs)
-    ref_in = [x.detach().double().requires_grad_(True) for x in inputs]
-    ref = contranorm_ref(ref_in[0], scale=ref_in[1] if len(ref_in) > 1 else s, **kw)
+    grads = torch.autograd.grad(out.float().mul(g).sum(), leaves)
+    ref_in = [x.detach().double().requires_grad_(True) for x in leaves]
+    ref = call(contranorm_ref, *ref_in)
     ref_grads = torch.autograd.grad((ref * g.double()).sum(), ref_in)
-    assert out.dtype == dtype
+    assert out.dtype == dtype and grads[0].dtype == dtype
     _close(out, ref, dtype, "output")
-    for name, got, want in zip(("h", "scale"), grads, ref_grads):
+    for name, got, want in zip(["h", *params], grads, ref_grads):
         _close(got, want, dtype, f"grad of {name}")
 
 
@@ -75,6 +88,29 @@ def test_float64_on_the_torch_backend(seed, kw):
                                      dict(dual=True, temperature=0.5, identity=True)])
 def test_variants(seed, variant, backend):
     _check((3, 41, 33), torch.float32, backend=backend, **variant)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_norm_fused(seed, dtype, backend):
+    """ContraNorm the layer: the update and its LayerNorm in one op, per-channel scale and padding included."""
+    kpm = torch.zeros(2, 37, dtype=torch.bool, device=_dev())
+    kpm[1, 29:] = True
+    _check((2, 37, 100), dtype, scale=torch.rand(100) * 0.5, backend=backend, ln=True, key_padding_mask=kpm)
+
+
+@pytest.mark.parametrize("variant", [dict(dual=True), dict(identity=True), dict(dual=True, identity=True)])
+def test_layer_norm_fused_variants(seed, variant):
+    kpm = _padded_batch()
+    _check((3, 37, 33), torch.float32, scale=torch.rand(33) * 0.5, ln=True, key_padding_mask=kpm, **variant)
+
+
+def test_rows_wider_than_the_row_kernels_run_the_torch_row_steps(seed, monkeypatch):
+    """Past MAX_ROW_D the Triton backend runs the row steps as torch ops around the same chunk kernels."""
+    monkeypatch.setattr(K, "MAX_ROW_D", 16)
+    with K.record_launches() as log:
+        _check((2, 19, 33), torch.float32, scale=torch.rand(33) * 0.5, ln=True)
+    assert "grads" in log.kernels and "combine" not in log.kernels
 
 
 def test_several_chunks(seed, small_chunks):
@@ -132,12 +168,21 @@ def test_scale_zero_is_identity_update(seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fp16_large_values_are_normalised_in_fp32(seed, backend):
-    """|h| ~ 2e4 in fp16 would overflow an fp16 norm (65504): the rows are normalised in fp32."""
-    h = (torch.randn(2, 9, 64, device=_dev()).clamp(-1, 1) * 2e4).half()
-    out = contranorm(h, scale=0.3, backend=backend)
-    ref = contranorm_ref(h.double(), scale=0.3)
+@pytest.mark.parametrize("ln", [None, (None, None, 1e-5)])
+def test_fp16_large_values_are_normalised_in_fp32(seed, backend, ln):
+    """|h| ~ 2e4 in fp16 would overflow an fp16 norm (65504), and the LayerNorm's variance: both in fp32.  With
+    the LayerNorm the upstream gradient is scaled by 1/|h| and the gradient is exact too; without it,
+    ``dP = G H^T`` itself passes 65504 here and is held in fp16 (docs/architecture.md), so only the output."""
+    h = (torch.randn(2, 9, 64, device=_dev()).clamp(-1, 1) * 2e4).half().requires_grad_(True)
+    g = torch.randn(h.shape, device=_dev())
+    out = contranorm(h, scale=0.3, backend=backend, layer_norm=ln)
+    hr = h.detach().double().requires_grad_(True)
+    ref = contranorm_ref(hr, scale=0.3, layer_norm=ln)
     _close(out, ref, torch.float16, "fp16 output")
+    if ln is not None:
+        grad, = torch.autograd.grad(out.float().mul(g).sum(), h)
+        want, = torch.autograd.grad(ref.mul(g.double()).sum(), hr)
+        _close(grad, want, torch.float16, "fp16 gradient")
 
 
 def test_outputs_fully_written_and_deterministic(seed):
@@ -168,6 +213,34 @@ def test_tied_attention_reference_is_the_softmax_formula(seed):
             want[b] = (p + p.T if dual else p) @ v[b]
         got = tied_attention_ref(q, v, scale=1.7, key_padding_mask=kpm, dual=dual)
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("identity", [False, True])
+def test_contranorm_reference_is_the_papers_update(seed, identity):
+    """ContraNorm the layer written out token by token from the paper (float64): ``u_i = h_i - s sum_j
+    softmax_j(h_i . h_j / (|h_i| |h_j| tau)) h_j`` (identity: ``(1 + s) h_i - ...``) over the real tokens,
+    padding tokens ``u_i = h_i``, then ``LayerNorm(u_i) = (u_i - mean) / sqrt(var + eps) w + b``; ``s`` per
+    channel."""
+    b, length, d, tau, eps = 2, 7, 5, 0.6, 1e-5
+    h = torch.randn(b, length, d, dtype=torch.float64)
+    s, w, bias = torch.rand(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64), torch.randn(d)
+    kpm = torch.zeros(b, length, dtype=torch.bool)
+    kpm[1, 5:] = True
+    want = torch.zeros_like(h)
+    for n in range(b):
+        real = [j for j in range(length) if not kpm[n, j]]
+        for i in range(length):
+            u = h[n, i].clone()
+            if i in real:
+                logits = [float(h[n, i] @ h[n, j]) / (float(h[n, i].norm() * h[n, j].norm()) * tau) for j in real]
+                e = [math.exp(x) for x in logits]
+                y = sum(e[k] / sum(e) * h[n, j] for k, j in enumerate(real))
+                u = (1 + s) * h[n, i] - s * y if identity else h[n, i] - s * y
+            mean, var = float(u.mean()), float(((u - u.mean()) ** 2).mean())
+            want[n, i] = (u - mean) / math.sqrt(var + eps) * w + bias.double()
+    got = contranorm_ref(h, scale=s, temperature=tau, identity=identity, key_padding_mask=kpm,
+                         layer_norm=(w, bias, eps))
+    torch.testing.assert_close(got, want)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,10 +314,12 @@ def test_graph_exact_when_neighbours_hold_the_mass(seed, backend, temperature):
     torch.testing.assert_close(got[0].double().cpu(), h[0].double())  # node 0 has no one left: unchanged
 
 
-def test_graph_several_chunks(seed, small_chunks):
+@pytest.mark.parametrize("ln", [False, True])
+def test_graph_several_chunks(seed, small_chunks, ln):
     n, d = 90, 12
     assert K._graph_rows(n, 4) < n
-    _check((n, d), torch.float32, edge_index=torch.randint(0, n, (2, 200), device=_dev()))
+    _check((n, d), torch.float32, edge_index=torch.randint(0, n, (2, 200), device=_dev()), ln=ln,
+           scale=torch.rand(d) * 0.5 if ln else 0.3)
 
 
 def test_graph_dual_runs_the_reference_on_torch(seed):
@@ -272,10 +347,11 @@ def test_prepare_graph_and_its_cache():
 # The design's guarantees.
 
 
-@pytest.mark.parametrize("kw,passes", [(dict(), 7), (dict(dual=True), 7), (dict(graph=True), 7)])
+@pytest.mark.parametrize("kw,passes", [(dict(), 6), (dict(dual=True), 6), (dict(graph=True), 7)])
 def test_matmul_passes(seed, kw, passes, small_chunks):
-    """Forward + backward launches 7 L x L x D matmul passes, however many chunks, and one fused
-    kernel per elementwise stage and chunk."""
+    """Forward + backward launches 6 L x L x D matmul passes on sequences (dPr's mirror tile stands for
+    dPc) and 7 on a graph's row chunks, however many chunks; one fused kernel per elementwise stage and
+    chunk, and the four row kernels once."""
     graph = kw.pop("graph", False)
     shape = (60, 16) if graph else (4, 30, 16)
     h = torch.randn(*shape, device=_dev(), requires_grad=True)
@@ -288,7 +364,151 @@ def test_matmul_passes(seed, kw, passes, small_chunks):
     chunks = len(K._chunks(*rows, K._graph_rows(60, 4) if graph else 0, 4))
     assert chunks > 1
     per_chunk = ["lse", "probs", "dual_delta", "grads"] if kw.get("dual") else ["lse", "probs", "grads"]
-    assert sorted(log.kernels) == sorted(per_chunk * chunks)
+    assert sorted(log.kernels) == sorted(per_chunk * chunks + ["unit_rows", "combine", "combine_bwd", "finish"])
+
+
+# Bytes.  One forward + backward at the goal shape, on the meta device (shapes only, nothing computed), with
+# the launches replaced by a no-op: every torch op counted by a dispatch mode, the Triton launches by the
+# traffic they declare (``record_launches``).  The same host code runs as on CUDA: only the backend
+# resolution (meta is not CUDA), the tiles (GPU's, not the interpreter's) and the launch are patched.
+
+VIEWS = {"aten::view", "aten::_unsafe_view", "aten::t", "aten::transpose", "aten::expand", "aten::slice",
+         "aten::select", "aten::unsqueeze", "aten::squeeze", "aten::detach", "aten::alias", "aten::as_strided",
+         "aten::permute", "aten::reshape", "aten::empty", "aten::empty_like", "aten::new_empty", "aten::empty_strided",
+         "aten::new_empty_strided", "aten::lift_fresh", "aten::_reshape_alias", "aten::split", "aten::unbind",
+         "aten::diagonal", "aten::view_as", "aten::expand_as", "aten::promote_types"}
+WRITE_ONLY = {"aten::copy_", "aten::fill_", "aten::zero_"}
+MATMULS = {"aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::mm", "aten::addmm"}
+
+
+class _Traffic(TorchDispatchMode):
+    """Bytes each torch op moves on ``device``: tensors read plus tensors written (views and allocations free;
+    an ``out=`` tensor written once; an in-place tensor read and written; ``index_fill_`` its index and the
+    elements it fills).  sslcore's custom ops are opened up (their bodies run under the mode), so the cuBLAS
+    calls and small ops inside them count."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.device, self.bytes = torch.device(device), collections.Counter()
+
+    def _nbytes(self, t):
+        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) and t.device == self.device else 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs, name = kwargs or {}, func._schema.name
+        if func.namespace == "sslcore":
+            with self:
+                return OPDEFS[name]._init_fn(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if name == "aten::index_fill_":
+            moved = self._nbytes(args[2]) + args[2].numel() * args[0].element_size()
+        elif name not in VIEWS:
+            moved = sum(map(self._nbytes, out if isinstance(out, (tuple, list)) else [out]))
+            schema = func._schema.arguments
+            for arg, value in zip(schema, list(args) + [kwargs.get(a.name) for a in schema[len(args):]]):
+                written = arg.alias_info is not None and arg.alias_info.is_write
+                if not written or not (func._overloadname.startswith("out") or name in WRITE_ONLY):
+                    moved += sum(map(self._nbytes, value if isinstance(value, (tuple, list)) else [value]))
+        else:
+            moved = 0
+        self.bytes[name] += moved
+        return out
+
+
+def test_traffic_counts_what_torch_ops_move():
+    """The counter itself: a cast reads 2 and writes 4 bytes an element, views are free, ``out=`` and
+    ``copy_`` write once, an in-place add reads and writes, ``index_fill_`` touches what it fills."""
+    x = torch.empty(10, 8, device="meta", dtype=torch.bfloat16)
+    y = torch.empty(10, 8, 8, device="meta")
+    index = torch.zeros(5, dtype=torch.long, device="meta")
+    with _Traffic("meta") as t:
+        x.float()
+        x.t()[None]
+        torch.bmm(y, y, out=torch.empty_like(y))
+        y.add_(1.0)
+        y.copy_(y)
+        y.view(-1).index_fill_(0, index, 0.0)
+    assert +t.bytes == {"aten::_to_copy": 80 * 6, "aten::bmm": 640 * 4 * 3, "aten::add_": 640 * 4 * 2,
+                        "aten::copy_": 640 * 4 * 2, "aten::index_fill_": 5 * 8 + 5 * 4}
+
+
+# Documented bounds (docs/architecture.md, ContraNorm, "Bytes"), bf16, one forward + backward: sequences move
+# at most LXL chunk-buffer passes of B L^2 elements (forward 5: S written, read for the LSEs, read and written
+# as P, read by PV; backward 8: S and dPr written, both read and written by the pair kernel, A and T read by
+# their products; dual 2 more: the pair kernel for delta reads S and dPr) plus BLD passes of B L D elements
+# (operands and outputs of the 6 products and of the 4 row kernels), and at most GLUE_BLD of one [B, L, D]
+# pass in torch ops other than the matmuls (combining the partial LSEs and deltas).  The graph's row chunks
+# re-read the [N, D] operands per chunk, so its bound is the model's total.  The code before the row kernels
+# (f2e1b2e), counted the same way: 41.7 GB of which 22.8 of glue for sequences, 644 (8.1) for the graph.
+LXL = {False: 13, True: 15}
+BLD = 28
+GLUE_BLD = 0.5
+SEQ = (32, 4096, 768)
+GOAL = {"sequences": (SEQ, {}), "sequences+layernorm": (SEQ, dict(ln=True)), "sequences+dual": (SEQ, dict(dual=True)),
+        "graph": ((131072, 256), dict(total_gb=638.5, glue_gb=0.5)),
+        "graph+layernorm": ((131072, 256), dict(ln=True, total_gb=638.5, glue_gb=0.5))}
+
+
+def _on_meta(monkeypatch):
+    """The Triton backend's host code on meta tensors: the launches do nothing, the tiles are the GPU's."""
+    monkeypatch.setattr(K, "_run", lambda *args: None)
+    monkeypatch.setattr(K, "resolve_backend", lambda backend, device: "triton")
+    monkeypatch.setattr(K, "interpreting", lambda: False)
+    monkeypatch.setenv("SSLCORE_POISON", "0")
+
+
+def _meta_graph(n, degree):
+    """A prepared graph of ``n`` nodes with ``degree`` excluded pairs each (E = 10 N random edges: ~21)."""
+    return K.NeighbourGraph(torch.empty(degree * n, dtype=torch.int64, device="meta"), torch.arange(n + 1) * degree, n)
+
+
+@pytest.mark.parametrize("case", GOAL)
+def test_bytes_per_call_at_the_goal_shape(case, monkeypatch):
+    """Everything one call moves (kernels, matmuls, torch glue), counted at the goal shape on meta tensors,
+    stays within the documented bound (the L x L passes plus O(B L D)), and the glue around the kernels
+    within its own: a change that adds an elementwise pass over [B, L, D] in torch fails."""
+    shape, opt = GOAL[case]
+    _on_meta(monkeypatch)
+    h = torch.empty(shape, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    params = [torch.empty(shape[-1], device="meta", requires_grad=True) for _ in range(2 if opt.get("ln") else 0)]
+    kw = dict(layer_norm=(*params, 1e-6) if params else None, dual=opt.get("dual", False))
+    if len(shape) == 2:
+        kw["edge_index"] = _meta_graph(shape[0], 21)
+        total_gb, glue_gb = opt["total_gb"], opt["glue_gb"]
+    else:
+        b, length, d = shape
+        total_gb = 2 * (LXL[kw["dual"]] * b * length * length + BLD * b * length * d) / 1e9
+        glue_gb = 2 * GLUE_BLD * b * length * d / 1e9
+    with K.record_launches() as log, _Traffic("meta") as ops:
+        out = contranorm(h, scale=0.1, **kw)
+        torch.autograd.grad(out, [h, *params], torch.empty_like(out))
+    matmul = sum(v for k, v in ops.bytes.items() if k in MATMULS)
+    glue = sum(ops.bytes.values()) - matmul
+    total = sum(log.kernel_bytes) + matmul + glue
+    rows = (shape[0], shape[1]) if len(shape) == 3 else (1, shape[0])
+    assert log.passes(*rows, shape[-1]) == (6 if len(shape) == 3 else 7)
+    assert {"unit_rows", "combine", "grads", "combine_bwd", "finish"} <= set(log.kernels) and matmul > 0
+    assert glue <= glue_gb * 1e9, f"torch glue moves {glue / 1e9:.3f} GB: {ops.bytes.most_common(6)}"
+    parts = f"kernels {sum(log.kernel_bytes) / 1e9:.2f}, matmuls {matmul / 1e9:.2f}, glue {glue / 1e9:.3f}"
+    assert total <= total_gb * 1e9, f"{total / 1e9:.2f} GB > {total_gb:.2f} ({parts})"
+
+
+@pytest.mark.parametrize("form", ["padded", "dual", "graph"])
+def test_no_host_synchronisation_on_the_triton_driver(form, monkeypatch, no_host_reads):
+    """The Triton backend's host code, run on meta tensors with the launches replaced (the interpreter reads
+    tensors itself), reads no device data in forward and backward: LayerNorm and per-channel scale included."""
+    _on_meta(monkeypatch)
+    shape = (40, 8) if form == "graph" else (3, 20, 8)
+    h = torch.empty(shape, device="meta", requires_grad=True)
+    s, w = (torch.empty(8, device="meta", requires_grad=True) for _ in range(2))
+    kw = dict(scale=s, layer_norm=(w, None, 1e-6), validate=False)
+    if form == "graph":
+        kw["edge_index"] = _meta_graph(40, 3)
+    else:
+        kw.update(key_padding_mask=torch.zeros(3, 20, dtype=torch.bool, device="meta"), dual=form == "dual")
+    with no_host_reads():
+        out = contranorm(h, **kw)
+        torch.autograd.grad(out, [h, s, w], torch.empty_like(out))
 
 
 def _saved_numel(fn):
