@@ -11,7 +11,8 @@
 
 ``fit(images_or_loader)`` learns the centres (a tensor: full-batch Lloyd; a dataset or loader:
 streaming mini-batch k-means); ``encode(images)`` gives ``LongTensor[B, num_patches]``, each
-patch's nearest centre by squared L2 in fp32 through the fused assignment kernel.  A tokenizer
+patch's nearest centre by squared L2 through the fused assignment kernel (fp32 vectors: TF32 products on
+the Triton path, exact on torch; docs/architecture.md, "k-means").  A tokenizer
 is an ``nn.Module`` (centres and statistics are buffers), so ``.to(device)`` moves it, and
 ``save``/:func:`load_tokenizer` keep it in one file.
 """
@@ -170,7 +171,8 @@ class _KMeansTokenizer(_Tokenizer):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """``LongTensor[B, num_patches]``: the nearest centre (squared L2, fp32) of each patch."""
+        """``LongTensor[B, num_patches]``: the nearest centre (squared L2 of fp32 vectors; TF32 products on the
+        Triton path) of each patch."""
         if not bool(self.fitted):
             raise RuntimeError(f"the {self.kind} tokenizer is not fitted: call fit() or load a saved one")
         x = self.patches(images)
