@@ -168,3 +168,15 @@ def test_a_manifest_cannot_name_files_outside_the_run(finished, tmp_path, capsys
     (finished / "notes.txt").unlink()
     assert _pretrain(finished, "--overwrite") == 0
     assert outside.read_text() == "keep"
+
+
+def test_a_lock_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path):
+    """The review's defect 23: a FIFO named like the lock (opening it for writing would block, or fail with
+    EINVAL); the run refuses, names it, and leaves it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    os.mkfifo(out / LOCK_NAME)
+    with pytest.raises(ValueError, match="is not a regular file"):
+        with RunDirectory(out, continuing=False, overwrite=False, enabled=True):
+            pass
+    assert os.path.exists(out / LOCK_NAME) and not (out / LOCK_NAME).is_file()
