@@ -425,7 +425,7 @@ def test_oversmoothing_quick_cli(tmp_path, capsys):
     assert (tmp_path / "oversmoothing.png").stat().st_size > 0
     with pytest.raises(SystemExit):  # a second run never replaces the first's results
         cli_main(["oversmoothing", "--quick", "--out", str(tmp_path)])
-    assert "give --overwrite" in capsys.readouterr().err
+    assert "already exists: choose another path, or pass --overwrite" in capsys.readouterr().err
     assert json.loads((tmp_path / "results.json").read_text()) == results
 
 

@@ -169,7 +169,7 @@ def test_sweep_and_study_tiny_runs_write_their_results(tmp_path, monkeypatch):
     assert "Spearman ρ_s (n = 4)" in text and "| 0.00 | 0.000 ± 0.000 |" in text
     study.sweep_plot(results, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 0
-    with pytest.raises(ValueError, match="--results-out .* exists: give --overwrite"):  # never overwrites
+    with pytest.raises(ValueError, match="--results-out .* already exists: .* --overwrite"):  # never overwrites
         study.sweep(seeds=[0], rates=[0.0, 1.0], out=str(tmp_path / "other"), results_out=str(res))
 
     results = study.study(seeds=[0], epochs=1, ks=[8], limit=128, out=str(tmp_path / "study"), log=lambda _: None)
@@ -190,7 +190,7 @@ def test_cli_records_the_command_and_refuses_to_overwrite(tmp_path, capsys):
     res.write_text("{}")
     with pytest.raises(SystemExit):
         main(["tcas-sweep", "--seeds", "3", "--epochs", "2", "--out", str(tmp_path / "o"), "--results-out", str(res)])
-    assert "give --overwrite" in capsys.readouterr().err and res.read_text() == "{}"
+    assert "already exists: choose another path" in capsys.readouterr().err and res.read_text() == "{}"
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -104,15 +104,15 @@ seeds_arg = ints_arg("--seeds")
 def results_path(out, results_out, overwrite: bool) -> Path:
     """A study's results JSON: ``results_out``, else ``OUT/results.json``; checked before any work: an existing
     file is replaced only with ``overwrite`` and only when it is a study's results (:func:`is_results`), never
-    through a link; its folder is made."""
+    through a link; a missing folder is made when the results are written."""
     option = "--results-out" if results_out else "--out"
     path = Path(results_out) if results_out else Path(out) / "results.json"
-    if not path.parent.exists() and not path.parent.is_symlink():
-        try:
-            path.parent.mkdir(parents=True)
-        except OSError as e:
-            raise OutputError(f"{option} {path}: cannot make its folder: {e.strerror}") from None
-    return check_output(path, option=option, overwrite=overwrite, owned=is_results, what="study results file")
+    if path.parent.is_dir():
+        return check_output(path, option=option, overwrite=overwrite, owned=is_results, what="study results file")
+    above = next(p for p in path.parents if p.exists() or p.is_symlink())  # its folder is made at the end
+    if not above.is_dir():
+        raise OutputError(f"{option} {path}: {str(above)!r} is not a folder")
+    return path
 
 
 def is_results(path: Path) -> bool:
