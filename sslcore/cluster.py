@@ -14,13 +14,12 @@ rate 1 / count), for data that does not fit in memory.  ``backend="faiss"`` runs
 from __future__ import annotations
 
 import copy
-import io
 import math
 import os
 
 import torch
 
-from .files import atomic_write
+from .files import atomic_torch_save
 from .kernels._backend import resolve_backend
 from .kernels.kmeans import kmeans_assign, kmeans_update
 
@@ -511,9 +510,7 @@ class KMeans:
 
     def save(self, path) -> None:
         """Write :meth:`state_dict` to ``path`` atomically and never through a link."""
-        buffer = io.BytesIO()
-        torch.save(self.state_dict(), buffer)
-        atomic_write(path, buffer.getbuffer(), "KMeans state")
+        atomic_torch_save(path, self.state_dict(), "KMeans state")
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "KMeans":

@@ -91,6 +91,17 @@ def atomic_write(path, data: bytes, what: str, *, option: str | None = None) -> 
         raise
 
 
+def atomic_torch_save(path, obj, what: str, *, option: str | None = None) -> None:
+    """``torch.save(obj)`` to ``path`` through :func:`atomic_write` (checkpoints, tokenizers, k-means states)."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getbuffer(), what, option=option)
+
+
 def append_text(path, text: str) -> None:
     """Append ``text`` to ``path`` (created if missing), refusing a link at ``path``."""
     try:
@@ -103,4 +114,5 @@ def append_text(path, text: str) -> None:
         f.write(text)
 
 
-__all__ = ["NOFOLLOW", "OutputError", "TEMP", "append_text", "atomic_write", "check_output", "temp_name"]
+__all__ = ["NOFOLLOW", "OutputError", "TEMP", "append_text", "atomic_torch_save", "atomic_write", "check_output",
+           "temp_name"]

@@ -18,7 +18,6 @@ is an ``nn.Module`` (centres and statistics are buffers), so ``.to(device)`` mov
 """
 from __future__ import annotations
 
-import io
 import os
 from typing import Iterator
 
@@ -29,7 +28,7 @@ from tqdm import tqdm
 
 from .checks import PositiveInt, Probability, check_value
 from .cluster import KMeans
-from .files import atomic_write
+from .files import atomic_torch_save
 from .kernels.kmeans import kmeans_assign
 
 __all__ = ["FeatureTokenizer", "OracleTokenizer", "PixelTokenizer", "RandomTokenizer", "load_tokenizer", "patchify",
@@ -93,9 +92,7 @@ class _Tokenizer(nn.Module):
         (:func:`sslcore.files.atomic_write`; ``option`` names the path in errors)."""
         state = {"format": _FORMAT, "kind": self.kind, "config": self.config(),
                  "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        atomic_write(path, buffer.getbuffer(), "tokenizer", option=option)
+        atomic_torch_save(path, state, "tokenizer", option=option)
 
 
 def is_tokenizer_file(path) -> bool:

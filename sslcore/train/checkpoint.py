@@ -19,13 +19,12 @@ zip container torch writes carries no checksum of its own that ``torch.load`` ve
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from pathlib import Path
 
 import torch
 
-from ..files import atomic_write
+from ..files import atomic_torch_save
 
 FORMAT, VERSION = "sslcore-checkpoint", 4
 KEYS = ("method", "config", "epoch", "model", "optimizer", "generator", "rng")
@@ -70,9 +69,8 @@ def content_digest(obj) -> str:
 
 def save_checkpoint(path: str | os.PathLike, **state) -> None:
     """Write ``state`` (the ``KEYS``) with its checksum to ``path`` atomically (:func:`atomic_write`)."""
-    buffer = io.BytesIO()
-    torch.save({"format": FORMAT, "version": VERSION, "checksum": content_digest(state), **state}, buffer)
-    atomic_write(path, buffer.getbuffer(), "checkpoint")
+    atomic_torch_save(path, {"format": FORMAT, "version": VERSION, "checksum": content_digest(state), **state},
+                      "checkpoint")
 
 
 def load_checkpoint(path: str | os.PathLike, *, method: str | None = None) -> dict:
