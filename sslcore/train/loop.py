@@ -90,27 +90,37 @@ class ProbesInterrupted(TrainingInterrupted):
         self.path, self.epoch, self.step = path, epoch, 0
 
 
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _install(handler) -> dict:
+    """``handler`` for SIGINT and SIGTERM; the handlers it replaced (none outside the main thread, where signal
+    handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, handler) for s in SIGNALS}
+
+
+def _restore(previous: dict) -> None:
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
 @contextlib.contextmanager
 def _stop_now(path: str, epoch: int):
     """While active (the probes: no step to finish), SIGINT or SIGTERM stops at once with :class:`ProbesInterrupted`."""
     def handle(signum, frame):
         raise ProbesInterrupted(path, epoch)
 
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, handle) for s in _StopRequest.SIGNALS}
+    previous = _install(handle)
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        _restore(previous)
 
 
 class _StopRequest:
     """While active: the first SIGINT/SIGTERM sets ``requested``; a second SIGINT raises KeyboardInterrupt."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested, self._previous = False, {}
@@ -123,13 +133,11 @@ class _StopRequest:
             tqdm.write("stopping after this step to save a checkpoint (Ctrl-C again aborts without one)")
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        self._previous = _install(self._handle)
         return self
 
     def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
+        _restore(self._previous)
 
     def any_rank(self, device) -> bool:
         """Whether any rank was asked to stop (all ranks must stop at the same step)."""

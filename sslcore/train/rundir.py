@@ -7,9 +7,10 @@
   and must be a regular file; it is removed when the run ends (a process that opened it just before is
   told so by its inode and tries again).
 * **Manifest.** ``OUT/.sslcore-run.json`` lists every file the runs in the folder wrote (:data:`RUN_FILES`
-  and each TensorBoard event file), recorded before the file is made.  ``--overwrite`` removes only those:
-  a folder holding anything else (a user's notes, another experiment's events, a project's sources) is
-  refused, naming the files, and so is a link where sslcore writes.
+  and each TensorBoard event file), recorded before the file is made (an event file: as soon as TensorBoard's
+  writer has made it; a run killed in between leaves a file the manifest lacks, so the folder is refused).
+  ``--overwrite`` removes only those: a folder holding anything else (a user's notes, another experiment's
+  events, a project's sources) is refused, naming the files, and so is a link where sslcore writes.
 * **The old run survives until the new one has a checkpoint.** ``--overwrite`` moves the previous run's
   files into ``OUT/.sslcore-previous/`` (:meth:`RunDirectory.set_aside_previous`, called once the new run
   has its data and model); they are deleted when the new run has written its first checkpoint
