@@ -119,11 +119,10 @@ def is_results(path: Path) -> bool:
     """Whether ``path`` holds a study's results as :func:`write_results` writes them: a JSON object with the
     study's ``config`` and its ``command`` (the oversmoothing study: its ``vit`` and ``gcn`` tables)."""
     try:
-        results = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+        results = read_results(path)
+    except ValueError:
         return False
-    return (isinstance(results, dict) and isinstance(results.get("config"), dict)
-            and ("command" in results or {"vit", "gcn"} <= results.keys()))
+    return isinstance(results.get("config"), dict) and ("command" in results or {"vit", "gcn"} <= results.keys())
 
 
 def write_results(path: Path, results: dict) -> None:
