@@ -394,3 +394,14 @@ def test_nnclr_neighbour_is_the_true_nearest_and_loss(seed):
 def test_bad_options_are_refused(name, options, match):
     with pytest.raises(ValueError, match=match):
         _build(name, **options)
+
+
+def test_cosine_momentum_schedule_ends_and_midpoint():
+    """BYOL's schedule: tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2."""
+    import math
+
+    from sslcore.methods.momentum import cosine_momentum
+    assert cosine_momentum(0.996, 0.0) == pytest.approx(0.996)
+    assert cosine_momentum(0.996, 1.0) == pytest.approx(1.0)
+    assert cosine_momentum(0.996, 0.25) == pytest.approx(1 - 0.004 * (math.cos(math.pi / 4) + 1) / 2)
+    assert cosine_momentum(0.9, 0.5, final=0.99) == pytest.approx(0.945)

@@ -21,6 +21,8 @@ class SSLMethod(nn.Module):
     ``data_kinds`` lists the ``data.kind`` values the method trains on; ``evaluate(data)`` may add
     method-specific held-out metrics to the run's summary (besides the probes every run gets).
     A (global) batch needs at least ``min_batch_size`` samples, for ``min_batch_reason``.
+    ``progress`` is the fraction of the run's optimizer updates done before this step (0 at the first,
+    set by the trainer; schedules such as BYOL's target momentum read it; 0 outside a training run).
     ``recipe`` names the augmentation ``--augment auto`` gives the method (None: the data's own choice
     for view-invariance methods, e.g. ``simclr``); ``optimizer_defaults`` are keyword arguments for
     the optimizer (e.g. AdamW's betas) where it takes them.
@@ -38,6 +40,7 @@ class SSLMethod(nn.Module):
     def __init__(self, encoder: nn.Module):
         super().__init__()
         self.encoder = encoder
+        self.progress = 0.0
 
     @classmethod
     def create(cls, data, *, encoder: str, **options) -> "SSLMethod":

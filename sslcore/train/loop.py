@@ -409,6 +409,7 @@ def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDire
                     lr = lr_at(update, total_updates, warmup, cfg.peak_lr)
                     for param_group in optimizer.param_groups:
                         param_group["lr"] = lr
+                    model.progress = update / total_updates
                 index, x = next(batches)  # this rank's shard of global batch i
                 index, x = index.to(device, non_blocking=True), to_float(x.to(device, non_blocking=True))
                 views = recipe.views(x, generator, model.n_views, batch=cfg.batch_size, rows=shard)
