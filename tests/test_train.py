@@ -61,6 +61,8 @@ def test_pretrain_writes_metrics_summary_and_checkpoint(tiny_run):
     assert summary["environment"]["torch"] == torch.__version__ and summary["environment"]["timm"]
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps] == [1, 2, 3, 4] and all(r["img_s"] > 0 and r["mem_mib"] > 0 for r in steps)
+    assert len({r["img_s"] for r in steps}) > 1  # each step's own rate, not one value repeated over a flush
+    assert all(r["grad_norm"] > 0 for r in steps)  # on every step, without --clip-grad
     assert yaml.safe_load((out / "config.yaml").read_text()) == PretrainConfig(baselines=True, **TINY).settings()
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["method"] == "simclr" and ckpt["config"]["limit"] == 64

@@ -401,6 +401,7 @@ def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDire
                 perm, losses, first = torch.randperm(n_train, generator=generator), [], 0
             sampler.set_epoch(perm, first)
             batches = iter(batches_of)
+            log.begin_epoch()
             for i in range(first, steps_per_epoch):
                 group_start = i - i % cfg.accumulate
                 group = min(cfg.accumulate, steps_per_epoch - group_start)  # batches summed into this update
@@ -426,10 +427,12 @@ def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDire
                 bar.update()
                 if not last:
                     continue
-                grad_norm = None
+                scaler.unscale_(optimizer)  # the norm of the true gradients (scaler.step does not unscale twice)
                 if cfg.clip_grad is not None:
-                    scaler.unscale_(optimizer)
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                else:
+                    grads = [p.grad for p in model.parameters() if p.grad is not None]
+                    grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)

@@ -2,11 +2,12 @@
 and the environment it ran in.
 
 * ``metrics.jsonl``: one line per epoch (mean loss, lr, time; the probes of ``--eval-every``).
-* ``steps.jsonl``: one line per optimizer step: ``step``, ``epoch``, ``loss``, ``lr``, ``img_s`` (images per
-  second over the last :data:`FLUSH_EVERY` steps), ``mem_mib`` (CUDA: the peak allocated since the last
-  line; CPU: the process's peak resident set), and ``grad_norm`` with ``--clip-grad``.  The losses wait
-  on the device and are read every :data:`FLUSH_EVERY` steps in one transfer, so logging does not
-  synchronise every step.
+* ``steps.jsonl``: one line per optimizer step: ``step``, ``epoch``, ``loss``, ``lr``, ``img_s`` (the step's
+  images over its own time: from the previous step's end, or the epoch's start, to its end; on CUDA timed by
+  events on the stream, so the GPU's time), ``mem_mib`` (CUDA: the peak allocated during the step; CPU: the
+  process's peak resident set so far) and ``grad_norm`` (the global norm of the unscaled gradients, before
+  any clipping).  The losses, norms and events wait on the device and are read every :data:`FLUSH_EVERY`
+  steps in one transfer, so logging does not synchronise every step.
 * ``tensorboard/``: the same scalars as event files, when the ``tensorboard`` package is installed
   (``pip install tensorboard``); without it the run says so once and goes on.
 A resumed run first drops the lines (and event steps) past its checkpoint.  Only rank 0 writes.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import resource
@@ -61,8 +63,9 @@ class RunLog:
     def __init__(self, out: Path, device: torch.device, *, enabled: bool, epoch: int = 0, step: int = 0,
                  tensorboard: bool = True, say=print, record=lambda *names: None):
         self.out, self.device, self.enabled = Path(out), device, enabled
-        self.pending: list[tuple[int, int, torch.Tensor, float, int, torch.Tensor | None]] = []
-        self.t_flush, self.writer, self.epochs = time.perf_counter(), None, []
+        self.pending: list[tuple] = []
+        self.writer, self.epochs = None, []
+        self.begin_epoch()
         if not enabled:
             return
         self.epochs = _keep(self.out / "metrics.jsonl", "epoch", epoch)
@@ -79,40 +82,64 @@ class RunLog:
                 self.writer = SummaryWriter(str(events), purge_step=step + 1 if step else None)
                 record(*(f"{TENSORBOARD_DIR}/{n}" for n in sorted(set(os.listdir(events)) - before)))
 
+    def _mark(self):
+        """A point in time on the device's clock: a recorded CUDA event, or the host's clock on a CPU."""
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def begin_epoch(self) -> None:
+        """Start timing afresh (an epoch's first step is not charged with the probes and checkpoint before it)."""
+        self.t_last = self._mark() if self.enabled else None
+
     def step(self, step: int, epoch: int, loss: torch.Tensor, lr: float, images: int,
              grad_norm: torch.Tensor | None = None) -> None:
         """Record optimizer step ``step`` (``images``: samples it saw, all ranks); written every few steps."""
-        if self.enabled:
-            self.pending.append((step, epoch, loss.detach().float(), lr, images, grad_norm))
-            if len(self.pending) >= FLUSH_EVERY:
-                self.flush()
+        if not self.enabled:
+            return
+        end = self._mark()
+        if self.device.type == "cuda":
+            mem = torch.cuda.max_memory_allocated(self.device) / 2 ** 20  # the allocator's counters: no sync
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        self.pending.append((step, epoch, loss.detach().float(), lr, images, grad_norm, self.t_last, end, mem))
+        self.t_last = end
+        if len(self.pending) >= FLUSH_EVERY:
+            self.flush()
+
+    @staticmethod
+    def _seconds(start, end) -> float:
+        if isinstance(end, float):
+            return end - start
+        return start.elapsed_time(end) / 1000.0
 
     def flush(self) -> None:
         if not self.enabled or not self.pending:
             return
-        losses = torch.stack([p[2] for p in self.pending]).tolist()  # one read of the device per flush
-        clipped = self.pending[0][5] is not None
-        norms = torch.stack([p[5] for p in self.pending]).tolist() if clipped else [None] * len(self.pending)
-        now = time.perf_counter()
-        rate = sum(p[4] for p in self.pending) / max(now - self.t_flush, 1e-9)
         if self.device.type == "cuda":
-            mem = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+            self.pending[-1][7].synchronize()  # the last event done: every event before it too
+        given = [p[5] is not None for p in self.pending]
+        norms = [p[5].float() if p[5] is not None else p[2] for p in self.pending]
+        losses, norms = torch.stack([torch.stack([p[2] for p in self.pending]),
+                                     torch.stack(norms)]).tolist()  # one read of the device per flush
+        norms = [n if g else None for n, g in zip(norms, given)]
         lines = []
-        for (step, epoch, _, lr, _, _), loss, norm in zip(self.pending, losses, norms):
+        for (step, epoch, _, lr, images, _, start, end, mem), loss, norm in zip(self.pending, losses, norms):
+            rate = images / max(self._seconds(start, end), 1e-9)
             row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "img_s": round(rate, 1),
                    "mem_mib": round(mem, 1)}
             if norm is not None:
-                row["grad_norm"] = norm
+                row["grad_norm"] = norm if math.isfinite(norm) else str(norm)  # fp16's skipped steps: "inf"
             lines.append(json.dumps(row) + "\n")
             if self.writer is not None:
                 for key in ("loss", "lr", "img_s", "mem_mib", "grad_norm"):
                     if key in row:
                         self.writer.add_scalar(f"step/{key}", row[key], step)
         append_text(self.out / "steps.jsonl", "".join(lines))
-        self.pending, self.t_flush = [], now
+        self.pending = []
 
     def last_loss(self, epoch: int) -> float | None:
         """The loss ``metrics.jsonl`` recorded for ``epoch`` before this run started (None if it has none)."""
