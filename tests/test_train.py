@@ -358,3 +358,9 @@ def test_benchmark_options_methods_and_errors():
         options_per_method(["simclr"], [method_option("depth=3")])
     with pytest.raises(argparse.ArgumentTypeError, match="known METHOD"):
         method_option("nosuch.depth=3")
+
+
+def test_a_run_no_longer_than_its_warmup_is_warned(tmp_path):
+    """--epochs <= --warmup-epochs: the schedule never reaches its peak nor decays; the user hears it."""
+    with pytest.warns(UserWarning, match=r"--epochs 1 <= --warmup-epochs 3: the learning rate rises"):
+        pretrain(PretrainConfig(out=str(tmp_path / "w"), **{**TINY, "epochs": 1, "limit": 32}))

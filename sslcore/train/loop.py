@@ -40,6 +40,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -279,6 +280,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
     group; every rank returns rank 0's summary.
     """
     t_start = time.perf_counter()
+    if cfg.warmup_epochs and cfg.epochs <= cfg.warmup_epochs:
+        warnings.warn(f"--epochs {cfg.epochs} <= --warmup-epochs {cfg.warmup_epochs}: the learning rate rises for the "
+                      f"whole run (to {cfg.epochs / cfg.warmup_epochs:.2g} x its peak) and never decays; lower "
+                      "--warmup-epochs for a short run", stacklevel=2)
     device = resolve_device(cfg.device)
     created = dist.init_from_env(device.type)
     try:
