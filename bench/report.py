@@ -120,7 +120,7 @@ def _committed_results() -> list[Path]:
 
 
 def readme(files: list[str] | None = None) -> str:
-    """The README's benchmark section: per device, each op's rows from the newest results file that
+    """The benchmark section of docs/benchmarks.md: per device, each op's rows from the newest results file that
     has it (committed files by default), so a run of one family does not hide another's."""
     paths = [Path(f) for f in files] if files else _committed_results()
     newest = {}

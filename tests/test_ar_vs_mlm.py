@@ -1,5 +1,5 @@
 """The AR-vs-MLM study: equalised target budgets, the results file (every seed, the command), the verdicts
-computed from the seeds and the README block and plot rendered from the file (CPU, tiny budget)."""
+computed from the seeds and the results block and plot rendered from the file (CPU, tiny budget)."""
 from __future__ import annotations
 
 import copy

@@ -163,7 +163,7 @@ def verdicts(results: dict) -> list[dict]:
 
 
 def markdown(results: dict) -> str:
-    """The README block: caption (command, budget, target counts, rule), the probe and generation tables
+    """The results block: caption (command, budget, target counts, rule), the probe and generation tables
     (mean ± std over seeds) and the verdicts."""
     cfg, d, plan_ = results["config"], results["data"], results["objectives"]
     seeds, labels = cfg["seeds"], _labels(results)
@@ -207,7 +207,7 @@ def markdown(results: dict) -> str:
             f"point / {GEN_NATS:g} nats and every seed agrees in sign; \"contradicted\" when the same holds against "
             "it; else \"not shown\".")
     return (f"{caption}\n\n{probes}\n\n{gen}\n\n{rule}\n\n{verdict_table}\n\n"
-            "Plot: [docs/results/ar-vs-mlm.png](docs/results/ar-vs-mlm.png).")
+            "Plot: [docs/results/ar-vs-mlm.png](results/ar-vs-mlm.png).")
 
 
 def plot(results: dict, path: Path) -> None:

@@ -7,7 +7,7 @@ final loss and training time, with the random-init encoder and raw pixels as bas
 Runs go to ``OUT/<method>/`` (each a normal pretrain folder: checkpoint, metrics, summary) and
 the table to ``OUT/results.json``; ``OUT`` defaults to ``runs/benchmark-<data>``.  ``-o KEY=VALUE``
 goes to every method that takes ``KEY``; ``-o METHOD.KEY=VALUE`` to that method only.  ``--seeds``
-repeats it per seed into one results file, rendered as the README's benchmark block.
+repeats it per seed into one results file, rendered as the benchmark block of docs/results.md.
 """
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ def main_from_args(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# The benchmark over seeds: the README's table (``sslcore report``).
+# The benchmark over seeds: its table in docs/results.md (``sslcore report``).
 
 CLAIMS = (("simclr-attn", "simclr", "SimCLR-Attn > SimCLR"), ("simsiam-multi", "simsiam", "SimSiam-Multi > SimSiam"))
 NOISE_PTS = 2.0  # about two binomial standard errors at 97 % accuracy on 360 test images
@@ -198,7 +198,7 @@ def _per_method(result: dict, key: str) -> dict[str, list[float]]:
 
 
 def benchmark_markdown(result: dict) -> str:
-    """The README block: per method the held-out linear-probe and k-NN accuracy (mean ± std over seeds),
+    """The results block: per method the held-out linear-probe and k-NN accuracy (mean ± std over seeds),
     training time and temperature, and the papers' claims checked seed by seed."""
     cfg, n = result["config"], len(result["seeds"])
     linear, knn, secs = _per_method(result, "linear"), _per_method(result, "knn"), _per_method(result, "train_time_s")

@@ -261,7 +261,7 @@ def _caption(cfg: dict, command: str, what: str) -> str:
 
 
 def study_markdown(results: dict) -> str:
-    """The README block: per tokenizer and K, TCAS, class-blind TCAS, NMI and the probes; MAE and the
+    """The results block: per tokenizer and K, TCAS, class-blind TCAS, NMI and the probes; MAE and the
     baselines; the verdict on "ClusterMIM (pixel) beats MAE at equal epochs" per K."""
     cfg = results["config"]
     groups = _groups(results["runs"], "tokenizer", "K")
@@ -287,7 +287,7 @@ def study_markdown(results: dict) -> str:
             f"beats MAE in every seed and by more than one binomial standard error of MAE's accuracy on "
             f"{cfg['n_test']} images ({claims[0]['se']:.1f} points) on average, \"contradicted\" the other way "
             f"round, else \"not shown\".\n\n{verdicts}\n\n"
-            "Plot: [docs/results/mim-study.png](docs/results/mim-study.png).")
+            "Plot: [docs/results/mim-study.png](results/mim-study.png).")
 
 
 def study_plot(results: dict, path: Path) -> None:
@@ -387,7 +387,7 @@ def sweep_verdict(r: float, p: float, alpha: float = 0.05) -> str:
 
 
 def sweep_markdown(results: dict) -> str:
-    """The README block: per rate rho, TCAS, class-blind TCAS, NMI and the probes; Spearman's rank
+    """The results block: per rate rho, TCAS, class-blind TCAS, NMI and the probes; Spearman's rank
     correlation of TCAS with each probe over every (rho, seed) run and its verdict."""
     cfg = results["config"]
     groups = _groups(results["runs"], "rate")
@@ -406,7 +406,7 @@ def sweep_markdown(results: dict) -> str:
             f"uniformly (a fixed per-patch table; ρ = 1 is class-blind). It reads the labels: a controlled "
             f"experiment on alignment at constant K and N, not a usable tokenizer.\n\n{table}\n\nSpearman rank "
             f"correlation between TCAS and the probe over every (ρ, seed) run; the verdict needs p < 0.05.\n\n"
-            f"{spear}\n\nPlot: [docs/results/tcas-sweep.png](docs/results/tcas-sweep.png).")
+            f"{spear}\n\nPlot: [docs/results/tcas-sweep.png](results/tcas-sweep.png).")
 
 
 def sweep_plot(results: dict, path: Path) -> None:

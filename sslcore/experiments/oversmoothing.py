@@ -198,7 +198,7 @@ def _markdown_table(runs: list[dict], norms: tuple[str, ...], labels: dict[str, 
 
 
 def markdown(results: dict) -> str:
-    """The README block: the command, the budgets, and per depth the test accuracy (mean ± std over seeds,
+    """The results block: the command, the budgets, and per depth the test accuracy (mean ± std over seeds,
     %) and the last layer's mean pairwise cosine (→ 1 is collapse) of each norm, with the verdict."""
     cfg = results["config"]
     g = cfg["graph"]
@@ -215,7 +215,7 @@ def markdown(results: dict) -> str:
             f"ContraNorm `LN(H − sPH)` in every norm slot:\n\n{vit}\n\n"
             f"GCNs on a stochastic block model ({g['num_blocks']} blocks × {g['block_size']} nodes, p_in {g['p_in']}, "
             f"p_out {g['p_out']}; {cfg['gcn_epochs']} epochs), ContraNorm `LN((1+s)H − sPH)` as the authors' GNN:\n\n"
-            f"{gcn}\n\nPlot: [docs/results/oversmoothing.png](docs/results/oversmoothing.png).")
+            f"{gcn}\n\nPlot: [docs/results/oversmoothing.png](results/oversmoothing.png).")
 
 
 def format_tables(results: dict) -> str:

@@ -1,14 +1,15 @@
-"""``sslcore report``: the README's study tables and the plots, rendered from the committed results files.
+"""``sslcore report``: the study tables of ``docs/results.md`` and the plots, rendered from the committed results files.
 
 Each study writes one JSON file (``docs/results/<study>.json``: every seed's numbers, the budget and
-the command that made it).  Its module renders it: ``markdown(results)`` gives the README block (a
+the command that made it).  Its module renders it: ``markdown(results)`` gives the document's block (a
 caption with the command, budget and temperature; tables of mean +- std over seeds; verdicts
-computed from the seeds), ``plot(results, path)`` the PNG.  In the README each block stands between
-``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``; this command rewrites those blocks and the
-PNGs beside the JSON files, and ``--check`` only says whether the README still matches them (a
-test runs it, so the README's numbers cannot drift from the files).
+computed from the seeds), ``plot(results, path)`` the PNG (its link is relative to ``docs/``).  In a
+document each block stands between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``; this
+command rewrites those blocks (in ``docs/results.md`` and the README) and the PNGs beside the JSON
+files, and ``--check`` only says whether the documents still match them (a test runs it, so their
+numbers cannot drift from the files).
 
-    sslcore report [--check] [--readme README.md] [--results docs/results]
+    sslcore report [--check] [--readme docs/results.md README.md] [--results docs/results]
 """
 from __future__ import annotations
 
@@ -155,7 +156,7 @@ def read_results(path: Path, option: str = "results file") -> dict:
 
 
 def render(name: str, results: dict, path: Path | str = "the results") -> str:
-    """The README block of study ``name``; a results object that lacks what the study writes is a
+    """The results block of study ``name``; a results object that lacks what the study writes is a
     ``ValueError`` naming ``path`` and the key."""
     try:
         return _renderer(name)[0](results).strip()
@@ -189,10 +190,10 @@ def update(readme: str, results_dir: Path) -> tuple[str, list[str]]:
     def one(m: re.Match) -> str:
         name = m["name"]
         if name not in STUDIES:
-            raise ValueError(f"README block results:{name}: no such study (known: {', '.join(STUDIES)})")
+            raise ValueError(f"block results:{name}: no such study (known: {', '.join(STUDIES)})")
         path = results_dir / f"{name}.json"
         if not path.is_file():
-            raise ValueError(f"README block results:{name}: {path} does not exist")
+            raise ValueError(f"block results:{name}: {path} does not exist")
         body = "\n" + render(name, read_results(path), path) + "\n"
         if body != m["body"]:
             changed.append(name)
@@ -201,36 +202,39 @@ def update(readme: str, results_dir: Path) -> tuple[str, list[str]]:
     text = BLOCK.sub(one, readme)
     unclosed = re.search(r"<!-- results:([\w-]+) -->", BLOCK.sub("", readme))
     if unclosed:
-        raise ValueError(f"README block results:{unclosed[1]} is never closed: add <!-- /results:{unclosed[1]} --> "
+        raise ValueError(f"block results:{unclosed[1]} is never closed: add <!-- /results:{unclosed[1]} --> "
                          "after it")
     return text, changed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--readme", default="README.md",
-                   help="the file whose results blocks are rewritten (default: %(default)s)")
+    p.add_argument("--readme", nargs="+", default=["docs/results.md", "README.md"], metavar="FILE",
+                   help="the documents whose results blocks are rewritten (default: %(default)s)")
     p.add_argument("--results", default="docs/results", help="folder of the <study>.json files (default: %(default)s)")
     p.add_argument("--check", action="store_true",
-                   help="write nothing; exit 1 if a README block differs from what its results file renders")
-    p.add_argument("--no-plots", action="store_true", help="rewrite the README only, not the PNGs")
+                   help="write nothing; exit 1 if a document's block differs from what its results file renders")
+    p.add_argument("--no-plots", action="store_true", help="rewrite the documents only, not the PNGs")
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    readme, results_dir = Path(args.readme), Path(args.results)
-    if not readme.is_file():
-        raise ValueError(f"--readme {readme}: no such file")
+    docs, results_dir = [Path(d) for d in args.readme], Path(args.results)
+    for doc in docs:
+        if not doc.is_file():
+            raise ValueError(f"--readme {doc}: no such file")
     if not results_dir.is_dir():
         raise ValueError(f"--results {results_dir}: no such folder")
-    text, changed = update(readme.read_text(), results_dir)
+    updates = [(doc, *update(doc.read_text(), results_dir)) for doc in docs]  # every document checked before any write
     if args.check:
+        stale = [(doc, changed) for doc, _, changed in updates if changed]
+        for doc, changed in stale:
+            print(f"{doc}: out of date with {results_dir} in: {', '.join(changed)} (run `sslcore report`)")
+        if not stale:
+            print(f"{', '.join(map(str, docs))}: every results block matches {results_dir}")
+        return 1 if stale else 0
+    for doc, text, changed in updates:
         if changed:
-            print(f"{readme}: out of date with {results_dir} in: {', '.join(changed)} (run `sslcore report`)")
-            return 1
-        print(f"{readme}: every results block matches {results_dir}")
-        return 0
-    if changed:
-        atomic_write(readme, text.encode(), "README", option="--readme")
-    print(f"{readme}: {'rewrote ' + ', '.join(changed) if changed else 'already up to date'}")
+            atomic_write(doc, text.encode(), "document", option="--readme")
+        print(f"{doc}: {'rewrote ' + ', '.join(changed) if changed else 'already up to date'}")
     if not args.no_plots:
         for name in STUDIES:
             path = results_dir / f"{name}.json"

@@ -255,7 +255,7 @@ def _deltas(values: list[float], digits: int) -> str:
 
 
 def markdown(results: dict) -> str:
-    """The README block: caption (command, budget, temperature, rule), the headline table, the per-target
+    """The results block: caption (command, budget, temperature, rule), the headline table, the per-target
     table and the verdicts, all from the seeds."""
     cfg = results["config"]
     groups = _groups(results)
@@ -305,7 +305,7 @@ def markdown(results: dict) -> str:
             f"Verdicts, paired by seed: *reproduced* when the mean gain is at least {NOISE_PTS:g} points and every "
             f"seed gains, *contradicted* the same the other way, *identical* when every seed's change is 0, else "
             f"*not shown*; the mechanism holds when the distance is lower in every seed.\n\n{verdicts}\n\n"
-            f"Plot: [docs/results/transfer.png](docs/results/transfer.png).")
+            f"Plot: [docs/results/transfer.png](results/transfer.png).")
 
 
 def plot(results: dict, path: Path) -> None:
