@@ -271,6 +271,32 @@ def test_tensorboard_events_or_a_clear_message_without_it(tmp_path, monkeypatch,
     assert not (tmp_path / "none" / "tensorboard").exists() and (tmp_path / "none" / "steps.jsonl").exists()
 
 
+def test_wandb_sink_offline_logs_the_same_scalars_outside_the_run_folder(tmp_path, monkeypatch, no_probes):
+    """``--wandb PROJECT`` in wandb's offline mode: a run file in WANDB_DIR holding the step and epoch scalars and
+    the settings (read from the record bytes: wandb >= 0.20 has no Python reader), nothing of wandb's in the run
+    folder; a bad project name or a missing package is refused before any work."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wb").mkdir()
+    out = tmp_path / "run"
+    pretrain(PretrainConfig(data=SHAPES, epochs=1, batch_size=16, backend="torch", out=str(out), tensorboard=False,
+                            wandb="sslcore-test", seed=123457))
+    files = list((tmp_path / "wb").rglob("run-*.wandb"))
+    assert len(files) == 1
+    record = files[0].read_bytes()
+    for key in (b"step/loss", b"step/img_s", b"step/grad_norm", b"epoch/loss", b"123457"):
+        assert key in record, key
+    assert not any("wandb" in p.name for p in out.rglob("*"))
+    with pytest.raises(ValueError, match="--wandb 'a/b': a Weights & Biases project name"):
+        PretrainConfig(data=SHAPES, wandb="a/b")
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "wandb" else object())
+    with pytest.raises(ValueError, match="the wandb package is not installed"):
+        PretrainConfig(data=SHAPES, wandb="p")
+
+
 def test_config_yaml_replays_a_run_and_resume_restores_its_config(tmp_path, no_probes, capsys):
     first = tmp_path / "first"
     args = ["--data", SHAPES, "--epochs", "1", "--batch-size", "16", "--backend", "torch", "--seed", "3",

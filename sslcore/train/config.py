@@ -9,6 +9,7 @@ epochs may be extended, and where the run happens (device, workers, out, logging
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,7 @@ class PretrainConfig:
     eval_every: NonNegativeInt = 0  # k-NN and linear probes every N epochs (0: only at the end)
     baselines: bool = False  # also probe the random initialisation and raw pixels
     tensorboard: bool = True  # event files in OUT/tensorboard when the tensorboard package is installed
+    wandb: str | None = None  # a Weights & Biases project to log to (wandb's own files, in wandb's folder)
     device: str = "auto"
     backend: Backend = "auto"  # the loss's backend: auto | triton | torch
     out: str | None = None  # default runs/<method>-<data>
@@ -124,6 +126,12 @@ class PretrainConfig:
         if self.batch_size < cls.min_batch_size:
             raise ValueError(f"--batch-size {self.batch_size} is too small for {self.method}: it needs at least "
                              f"{cls.min_batch_size} samples per batch ({cls.min_batch_reason})")
+        if self.wandb is not None:
+            if not self.wandb.strip() or any(c in self.wandb for c in "/\\#?%:"):
+                raise ValueError(f"--wandb {self.wandb!r}: a Weights & Biases project name (no / \\ # ? % :)")
+            if importlib.util.find_spec("wandb") is None:
+                raise ValueError(f"--wandb {self.wandb}: the wandb package is not installed (pip install wandb, "
+                                 "or sslcore[wandb])")
         if self.resume is not None and self.overwrite:
             raise ValueError("--resume continues a run and --overwrite starts a new one: give one")
         device = resolve_device(self.device)

@@ -374,6 +374,7 @@ def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDire
     if main:
         atomic_write(out / "config.yaml", yaml.safe_dump(cfg.settings(), sort_keys=False).encode(), "config")
     log = RunLog(out, device, enabled=main, epoch=start_epoch, step=update, tensorboard=cfg.tensorboard,
+                 wandb=cfg.wandb, settings=cfg.settings(),
                  say=tqdm.write, record=run.record)
 
     def save(epoch, **extra):

@@ -10,6 +10,10 @@ and the environment it ran in.
   steps in one transfer, so logging does not synchronise every step.
 * ``tensorboard/``: the same scalars as event files, when the ``tensorboard`` package is installed
   (``pip install tensorboard``); without it the run says so once and goes on.
+* Weights & Biases (``--wandb PROJECT``; ``pip install wandb``): the same scalars and the run's settings, in a
+  wandb run named after the run folder.  wandb writes its files where it always does (``./wandb`` or
+  ``WANDB_DIR``; ``WANDB_MODE=offline`` to sync later), not in the run folder: they are wandb's, and sslcore
+  never touches them.
 A resumed run first drops the lines (and event steps) past its checkpoint.  Only rank 0 writes.
 """
 from __future__ import annotations
@@ -61,13 +65,16 @@ class RunLog:
     """The run's JSON lines and event files (see the module docstring); a no-op unless ``enabled``."""
 
     def __init__(self, out: Path, device: torch.device, *, enabled: bool, epoch: int = 0, step: int = 0,
-                 tensorboard: bool = True, say=print, record=lambda *names: None):
+                 tensorboard: bool = True, wandb: str | None = None, settings: dict | None = None, say=print,
+                 record=lambda *names: None):
         self.out, self.device, self.enabled = Path(out), device, enabled
         self.pending: list[tuple] = []
-        self.writer, self.epochs = None, []
+        self.writer, self.epochs, self.wandb = None, [], None
         self.begin_epoch()
         if not enabled:
             return
+        if wandb is not None:
+            self.wandb = _wandb_run(wandb, self.out, settings or {})
         self.epochs = _keep(self.out / "metrics.jsonl", "epoch", epoch)
         _keep(self.out / "steps.jsonl", "step", step)
         if tensorboard:
@@ -134,10 +141,13 @@ class RunLog:
             if norm is not None:
                 row["grad_norm"] = norm if math.isfinite(norm) else str(norm)  # fp16's skipped steps: "inf"
             lines.append(json.dumps(row) + "\n")
+            scalars = {f"step/{k}": row[k] for k in ("loss", "lr", "img_s", "mem_mib", "grad_norm")
+                       if isinstance(row.get(k), (int, float))}
             if self.writer is not None:
-                for key in ("loss", "lr", "img_s", "mem_mib", "grad_norm"):
-                    if key in row:
-                        self.writer.add_scalar(f"step/{key}", row[key], step)
+                for key, value in scalars.items():
+                    self.writer.add_scalar(key, value, step)
+            if self.wandb is not None:
+                self.wandb.log(scalars, step=step)
         append_text(self.out / "steps.jsonl", "".join(lines))
         self.pending = []
 
@@ -151,17 +161,30 @@ class RunLog:
             return
         self.flush()
         append_text(self.out / "metrics.jsonl", json.dumps(row) + "\n")
+        scalars = {f"epoch/{k}": v for k, v in row.items() if isinstance(v, (int, float))}
         if self.writer is not None:
-            for key, value in row.items():
-                if key != "epoch" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"epoch/{key}", value, step)
+            for key, value in scalars.items():
+                if key != "epoch/epoch":
+                    self.writer.add_scalar(key, value, step)
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
 
     def close(self) -> None:
         self.flush()
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _wandb_run(project: str, out: Path, settings: dict):
+    """A wandb run in ``project`` named after the run folder, with the run's settings as its config."""
+    import wandb  # PretrainConfig checked that it is installed
+
+    return wandb.init(project=project, name=out.resolve().name, config=settings)
 
 
 def _version(package: str) -> str | None:
