@@ -111,3 +111,14 @@ def test_oversmoothing_tables_names_a_file_that_is_not_its_results(tmp_path, cap
         main(["oversmoothing", "--tables", str(bad)])
     assert e.value.code == 2 and f"--tables {bad} is not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_progress_counts_runs_and_gives_an_eta_after_the_first(capsys, monkeypatch):
+    clock = iter([0.0, 0.0, 60.0, 130.0])
+    monkeypatch.setattr(report.time, "perf_counter", lambda: next(clock))
+    progress = report.Progress("study", 3)
+    for label in ("a", "b", "c"):
+        progress(label)
+    assert capsys.readouterr().err.splitlines() == ["[study] run 1/3: a (0s elapsed)",
+                                                   "[study] run 2/3: b (60s elapsed, ETA 2m)",
+                                                   "[study] run 3/3: c (2m elapsed, ETA 65s)"]

@@ -27,6 +27,7 @@ from ..methods.sequence_base import PROMPTS, prompt_lengths
 from ..train import PretrainConfig, pretrain
 from ..train.evaluate import probe
 from .report import (
+    Progress,
     check_ints,
     markdown_table,
     mean,
@@ -89,8 +90,10 @@ def run(*, data: str = DATA, encoder: str = "transformer-tiny", epochs: int | No
                   weight_decay=0.05, warmup=WARMUP, limit=limit, seeds=list(seeds), eval_samples=eval_samples,
                   prompts=list(PROMPTS), left_to_right=left_to_right, threads=torch.get_num_threads(), quick=quick)
     runs = []
+    progress = Progress("ar-vs-mlm", len(seeds) * len(objectives))
     for seed in seeds:
         for name, p in objectives.items():
+            progress(f"{name}, seed {seed}")
             options = {"eval_samples": eval_samples, "prompts": PROMPTS, "left_to_right": left_to_right}
             s = pretrain(PretrainConfig(method=name, data=data, encoder=encoder, epochs=p["epochs"], limit=limit,
                                         batch_size=batch_size, lr=lr, weight_decay=0.05, seed=seed, device=device,

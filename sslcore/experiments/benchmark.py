@@ -20,7 +20,17 @@ from ..data import data_spec_arg, load_dataset
 from ..dist import is_main_process
 from ..methods import METHODS, get_method, method_options
 from ..train import PretrainConfig, pretrain
-from .report import markdown_table, mean, mean_and_std, mean_std, results_path, save_figure, seeds_arg, write_results
+from .report import (
+    Progress,
+    markdown_table,
+    mean,
+    mean_and_std,
+    mean_std,
+    results_path,
+    save_figure,
+    seeds_arg,
+    write_results,
+)
 
 BUDGET = dict(epochs=20)  # benchmark's default budget (PretrainConfig's defaults otherwise)
 
@@ -65,7 +75,8 @@ def select_methods(names: list[str] | None, data) -> list[str]:
     return names
 
 
-def _train_all(data_spec: str, methods: list[str], out: Path, options: list, train: dict) -> dict[str, dict]:
+def _train_all(data_spec: str, methods: list[str], out: Path, options: list, train: dict,
+               progress=None) -> dict[str, dict]:
     """Pretrain each method into ``out/<method>``; ``train["temperature"]`` (if not None) goes to the methods
     that have one, the others keep their own defaults."""
     per = options_per_method(methods, options)
@@ -74,17 +85,22 @@ def _train_all(data_spec: str, methods: list[str], out: Path, options: list, tra
     configs = {m: PretrainConfig(method=m, data=data_spec, out=str(out / m), options=per[m], baselines=True,
                                  temperature=temperature if "temperature" in method_options(m) else None, **train)
                for m in methods}
-    return {m: pretrain(cfg) for m, cfg in configs.items()}  # all configs checked before the first run
+    progress = progress or Progress("benchmark", len(configs))
+    summaries = {}
+    for m, cfg in configs.items():  # all configs checked before the first run
+        progress(f"{m}, seed {cfg.seed}")
+        summaries[m] = pretrain(cfg)
+    return summaries
 
 
 def run_benchmark(data_spec: str = "digits", methods: list[str] | None = None, *, out: str | None = None,
-                  options: list = (), **train) -> dict:
+                  options: list = (), progress=None, **train) -> dict:
     """Pretrain ``methods`` on ``data_spec`` with the same options; ``{"rows": [...], "baselines": [...]}``."""
     data = load_dataset(data_spec)
     methods = select_methods(methods, data)
     out = Path(out or Path("runs") / f"benchmark-{data.name}")
     train = {**BUDGET, **train}
-    summaries = _train_all(data_spec, methods, out, list(options), train)
+    summaries = _train_all(data_spec, methods, out, list(options), train, progress)
     rows = [{"method": m, "linear": s["probes"]["trained"]["linear"], "knn": s["probes"]["trained"]["knn"],
              "final_loss": s["final_loss"], "train_time_s": s["train_time_s"]} for m, s in summaries.items()]
     first = summaries[methods[0]]
@@ -176,8 +192,9 @@ def run_seeds(data_spec: str = "digits", methods: list[str] | None = None, *, se
     out = Path(out or Path("runs") / f"benchmark-{load_dataset(data_spec).name}")
     path = results_path(out, results_out, overwrite)
     t0 = time.perf_counter()
-    runs = [run_benchmark(data_spec, methods, out=str(out / f"seed-{seed}"), seed=seed, overwrite=overwrite, **kwargs)
-            for seed in seeds]
+    progress = Progress("benchmark", len(seeds) * len(select_methods(methods, load_dataset(data_spec))))
+    runs = [run_benchmark(data_spec, methods, out=str(out / f"seed-{seed}"), seed=seed, overwrite=overwrite,
+                          progress=progress, **kwargs) for seed in seeds]
     result = {"command": command, "data": data_spec, "seeds": seeds,
               "config": runs[0]["config"], "temperatures": runs[0]["temperatures"], "n_train": runs[0]["n_train"],
               "n_test": runs[0]["n_test"], "device": runs[0]["device"], "runs": runs,

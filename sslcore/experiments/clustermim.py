@@ -39,6 +39,7 @@ from ..metrics import tcas, tcas_class_blind, token_class_nmi
 from ..tokenizers import OracleTokenizer, PixelTokenizer, is_tokenizer_file
 from ..train import PretrainConfig, pretrain
 from .report import (
+    Progress,
     check_ints,
     ints_arg,
     markdown_table,
@@ -172,8 +173,10 @@ def study(*, data: str = "digits", seeds: list[int] = (0, 1, 2), epochs: int = 1
     cfg = {**_budget(dataset, data, epochs=epochs, seeds=seeds, limit=limit, threads=threads), "ks": ks,
            "random_k": ks[0]}
     runs = []
+    progress = Progress("mim-study", len(seeds) * (2 + 2 * len(ks)))
     for seed in seeds:
         seed_dir = out_dir / f"seed{seed}"
+        progress(f"mae, seed {seed}")
         mae = _train(cfg, "mae", seed_dir / "mae", seed, overwrite)
         runs.append({"seed": seed, "tokenizer": "mae", "K": None, **mae})
         log(f"seed {seed} mae: linear {mae['linear']:.2%}")
@@ -184,6 +187,7 @@ def study(*, data: str = "digits", seeds: list[int] = (0, 1, 2), epochs: int = 1
             name = f"clustermim-{kind}-{k}"
             tok_path = seed_dir / f"{name}.tokenizer.pt"  # beside the run folder: that holds only the run's files
             tok.save(tok_path)  # fitted once: scored here, loaded by the run
+            progress(f"{name}, seed {seed}")
             run = _train(cfg, "clustermim", seed_dir / name, seed, overwrite, tokenizer=str(tok_path))
             runs.append({"seed": seed, "tokenizer": kind, "K": k, **score_tokenizer(tok, dataset), **run})
             log(f"seed {seed} {name}: TCAS {runs[-1]['tcas']:.3f} (class-blind {runs[-1]['tcas_blind']:.3f}), "
@@ -349,6 +353,7 @@ def sweep(*, data: str = "digits", seeds: list[int] = (0, 1, 2), epochs: int = 1
     cfg = {**_budget(dataset, data, epochs=epochs, seeds=seeds, limit=limit, threads=threads), "K": k,
            "pixel_k": k // n_classes, "n_classes": n_classes, "rates": rates}
     runs = []
+    progress = Progress("tcas-sweep", len(seeds) * len(rates))
     for seed in seeds:
         seed_dir = out_dir / f"seed{seed}"
         pixel = PixelTokenizer(p, k // n_classes, in_chans=dataset.in_chans, seed=seed).fit(to_float(dataset.x_train))
@@ -360,6 +365,7 @@ def sweep(*, data: str = "digits", seeds: list[int] = (0, 1, 2), epochs: int = 1
             tok_path = seed_dir / f"{name}.tokenizer.pt"
             seed_dir.mkdir(parents=True, exist_ok=True)
             train_tok.save(tok_path)
+            progress(f"{name}, seed {seed}")
             run = _train(cfg, "clustermim", seed_dir / name, seed, overwrite, tokenizer=str(tok_path))
             runs.append({"seed": seed, "rate": rate, **score_tokenizer(test_tok, dataset), **run})
             log(f"seed {seed} rate {rate:.3f}: TCAS {runs[-1]['tcas']:.3f} (class-blind "

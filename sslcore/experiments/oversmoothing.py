@@ -35,6 +35,7 @@ from ..metrics import LayerStats
 from ..models.gcn import GCN
 from ..train.loop import lr_at
 from .report import (
+    Progress,
     markdown_table,
     mean,
     mean_and_std,
@@ -115,7 +116,11 @@ def run(*, quick: bool = False, seed: int = 0, vit_scale: float = 0.1, gcn_scale
     results = {"config": cfg, "vit": [], "gcn": []}
     start = time.perf_counter()
 
+    progress = Progress("oversmoothing", 2 * len(cfg["vit_depths"]) * cfg["vit_seeds"]
+                        + 3 * len(cfg["gcn_depths"]) * cfg["gcn_seeds"])
+
     def record(key, depth, norm, s, train):
+        progress(f"{key} depth {depth} {norm}, seed {s}")
         t = time.perf_counter()
         r = train()
         results[key].append({"depth": depth, "norm": norm, "seed": s, **r, "seconds": time.perf_counter() - t})

@@ -18,8 +18,11 @@ import importlib
 import json
 import math
 import re
+import sys
+import time
 from pathlib import Path
 
+from ..dist import is_main_process
 from ..files import OutputError, atomic_write, check_output
 
 # study name -> (module, its markdown renderer, its plot writer)
@@ -52,6 +55,27 @@ def mean_std(values, *, scale: float = 1.0, digits: int = 1) -> str:
     values = list(values)
     m, s = mean_and_std(values, scale=scale)
     return f"{m:.{digits}f}" if len(values) < 2 else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+class Progress:
+    """A study's overall progress: ``progress(label)`` before each of its ``total`` runs prints
+    ``[study] run 3/27: label (12m elapsed, ETA 42m)`` -- the ETA is the mean time per finished run times the
+    runs left -- to stderr, on the main process only."""
+
+    def __init__(self, study: str, total: int):
+        self.study, self.total, self.done, self.t0 = study, total, 0, time.perf_counter()
+
+    def __call__(self, label: str) -> None:
+        elapsed = time.perf_counter() - self.t0
+        eta = f", ETA {_duration(elapsed / self.done * (self.total - self.done))}" if self.done else ""
+        self.done += 1
+        if is_main_process():
+            print(f"[{self.study}] run {self.done}/{self.total}: {label} ({_duration(elapsed)} elapsed{eta})",
+                  file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f}s" if seconds < 90 else f"{seconds / 60:.0f}m" if seconds < 5400 else f"{seconds / 3600:.1f}h"
 
 
 def seed_verdict(deltas: list[float], threshold: float,

@@ -40,6 +40,7 @@ from ..methods.arcl import Views, max_pair_distance
 from ..train import PretrainConfig, load_encoder, pretrain
 from ..train.evaluate import build_model, fit_linear_probe, linear_probe
 from .report import (
+    Progress,
     check_ints,
     ints_arg,
     markdown_table,
@@ -166,7 +167,9 @@ def run(data: str = DATA, *, views=VIEWS, seeds=SEEDS, epochs: int = EPOCHS, bat
     targets = render_targets(source, generator)
     metric_views_x = source.build_recipe(RECIPE).views(to_float(source.x_test), generator, metric_views)
     runs, baselines = [], []
+    progress = Progress("transfer", len(configs))
     for (key, s), cfg in configs.items():
+        progress(f"{key}, seed {s}")
         summary = pretrain(cfg)
         device = summary["device"]
         model = load_encoder(Path(cfg.out) / "checkpoint.pt", source)[0]
