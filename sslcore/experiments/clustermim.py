@@ -431,7 +431,8 @@ def sweep_plot(results: dict, path: Path) -> None:
     a.legend()
     rates = [rate for (rate,), _ in groups]
     for key, label in (("tcas", "TCAS"), ("tcas_blind", "class-blind TCAS")):
-        b.plot(rates, [mean(r[key] for r in rs) for _, rs in groups], "o-", label=label)
+        line, = b.plot(rates, [mean(r[key] for r in rs) for _, rs in groups], "o-", label=f"{label} (mean)")
+        b.scatter([r["rate"] for r in runs], [r[key] for r in runs], s=14, alpha=0.45, color=line.get_color())
     b.set(title="alignment knob", xlabel="ρ (class part replaced)", ylabel="TCAS")
     b.legend()
     for ax in (a, b):

@@ -243,8 +243,8 @@ def format_tables(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    """Seed-mean accuracy and last-layer effective rank against depth, and effective rank per layer of
-    the deepest models."""
+    """Accuracy and last-layer effective rank against depth (the seed mean as a line, every seed as a point),
+    and effective rank per layer of the deepest models (seed mean)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -255,8 +255,11 @@ def plot(results: dict, path: Path) -> None:
         depths = sorted({d for d, _ in by})
         for norm in dict.fromkeys(n for _, n in by):
             mine = [by[d, norm] for d in depths]
-            row[0].plot(depths, [r["accuracy"] for r in mine], "o-", label=LABELS[norm])
-            row[1].plot(depths, [r["layers"][-1]["effective_rank"] for r in mine], "o-", label=LABELS[norm])
+            seeds = [r for r in results[key] if r["norm"] == norm]  # every seed as a point: the spread
+            for ax, value in ((row[0], lambda r: r["accuracy"]), (row[1], lambda r: r["layers"][-1]["effective_rank"])):
+                line, = ax.plot(depths, [value(r) for r in mine], "o-", label=f"{LABELS[norm]} (mean)")
+                ax.scatter([r["depth"] for r in seeds], [value(r) for r in seeds], s=14, alpha=0.45,
+                           color=line.get_color())
             layers = mine[-1]["layers"]
             row[2].plot(range(1, len(layers) + 1), [s["effective_rank"] for s in layers], label=LABELS[norm])
         row[0].set(title=f"{title}: test accuracy", xlabel="depth", ylabel="accuracy", xscale="log", ylim=(0, 1))
