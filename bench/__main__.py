@@ -1,5 +1,6 @@
 """``python -m bench [infonce|contranorm|kmeans|all] [--quick | --goal] [--plot] [--json-dir DIR]``,
-``python -m bench readme [FILE ...]``, ``python -m bench gpu (--out DIR | --resume DIR) [--dry-run] [--rehearse]``.
+``python -m bench data`` (image decoding per worker), ``python -m bench readme [FILE ...]``,
+``python -m bench gpu (--out DIR | --resume DIR) [--dry-run] [--rehearse]``.
 
 Runs this machine's rows of each family (GPU rows where CUDA exists, CPU rows otherwise), appends
 them to ``<json-dir>/<YYYYMMDD-HHMMSS>-<device>.jsonl`` and prints the markdown table.  ``gpu`` is
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         from bench import gpu
         sys.exit(gpu.main(argv[1:]))
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
-    parser.add_argument("what", nargs="?", default="all", choices=[*FAMILIES, "all", "readme"])
+    parser.add_argument("what", nargs="?", default="all", choices=[*FAMILIES, "all", "readme", "data"])
     parser.add_argument("files", nargs="*", help="readme: results files to render (default: the newest "
                                                  "committed file per device)")
     grid = parser.add_mutually_exclusive_group()
@@ -76,6 +77,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.files:
         parser.error("only 'readme' takes files")
+    if args.what == "data":  # the image-folder decoders, images/s per worker (bench/data.py)
+        from bench import data
+        rows = data.rows(args.quick)
+        path = (args.json_dir / args.file if args.file
+                else report.results_path(args.json_dir, environment()["device"], datetime.now()))
+        for row in rows:
+            report.append_jsonl(path, row)
+        print(f"\n{report.header(rows)}\n\n{report.markdown(rows)}\n\nwrote {path}")
+        return
     if args.world_size:
         if args.what != "infonce" or args.goal:
             parser.error("--world-size goes with infonce (and --quick at most)")

@@ -12,7 +12,8 @@ from bench.harness import slug
 RESULTS = Path(__file__).parent / "results"
 NUMBERS = {"median ms": "median_ms", "peak extra MiB": "peak_extra_mib", "TFLOP/s": "tflops",
            "% bf16 peak": "frac_bf16_peak"}
-OPTIONAL = (("passes", "passes"), ("saved MiB", "saved_mib"), ("compile s", "compile_s"))  # columns where counted
+OPTIONAL = (("passes", "passes"), ("saved MiB", "saved_mib"), ("compile s", "compile_s"),
+            ("img/s per worker", "img_s"))  # columns where counted
 
 
 def results_path(json_dir: Path, device: str, when: datetime) -> Path:

@@ -287,3 +287,14 @@ def test_every_row_names_its_stack_and_commit(tmp_path):
     given = subprocess.run([sys.executable, "-c", code], cwd=copy, capture_output=True, text=True,
                            env={**env, "PYTHONPATH": str(copy), "SSLCORE_COMMIT": "abc123def456"})
     assert json.loads(given.stdout)["commit"] == "abc123def456"
+
+
+def test_bench_data_rows_per_decoder(tmp_path, capsys):
+    """``python -m bench data --quick``: a row per format, size and decoder, images/s per worker in the table."""
+    from bench.__main__ import main
+    main(["data", "--quick", "--json-dir", str(tmp_path), "--file", "data.jsonl"])
+    rows = report.load_jsonl(tmp_path / "data.jsonl")
+    assert {(r["shape"]["format"].split()[0], r["shape"]["size"], r["impl"]) for r in rows} == {
+        (f, s, d) for f in ("jpeg", "png") for s in (32, 224) for d in ("auto", "torchvision", "pillow")}
+    assert all(r["status"] == "ok" and r["img_s"] > 0 and r["op"] == "imagefolder decode" for r in rows)
+    assert "| img/s per worker |" in capsys.readouterr().out

@@ -263,17 +263,51 @@ def test_cifar_protocol_stand_ins_take_only_what_numpy_writes(cifar10_dir, paylo
         load_dataset(f"cifar10:{root}")
 
 
-def test_imagefolder_16_bit_png_keeps_its_range(tmp_path):
+@pytest.mark.parametrize("decoder", ["torchvision", "pillow"])
+def test_imagefolder_16_bit_png_keeps_its_range(tmp_path, decoder):
     """Pillow's I;16 -> RGB clipped at 255: a full-range ramp decoded almost all white (mean 254.5, 7 values)."""
     from sslcore.data.imagefolder import decode
 
     ramp = np.linspace(0, 65535, 1600).reshape(40, 40).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "ramp.png")
     assert Image.open(tmp_path / "ramp.png").mode == "I;16"
-    img = decode(tmp_path / "ramp.png", 40)
+    img = decode(tmp_path / "ramp.png", 40, decoder)
     assert img.dtype == torch.uint8 and torch.equal(img[0], img[2])
     assert abs(img.float().mean().item() - 127.5) < 1 and img.unique().numel() > 200
     assert torch.equal(img[0], torch.from_numpy(np.rint(ramp / 257).astype(np.uint8)))
+
+
+@pytest.mark.parametrize("fmt, mode", [("PNG", "RGB"), ("PNG", "RGBA"), ("PNG", "L"), ("PNG", "P"), ("JPEG", "RGB"),
+                                       ("WEBP", "RGB"), ("GIF", "P")])
+def test_imagefolder_decoders_agree(tmp_path, fmt, mode):
+    """torchvision.io and Pillow give the same pixels (lossless formats exactly; JPEG within the IDCT's rounding:
+    the two libjpeg-turbo builds may differ by a level or two), and auto is one of them."""
+    from sslcore.data.imagefolder import decode
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray((rng.random((23, 31, 3)) * 255).astype(np.uint8))
+    img = rgb.convert(mode) if mode != "P" else rgb.quantize(64)
+    path = tmp_path / f"x.{fmt.lower()}"
+    img.save(path, fmt, **({"quality": 95} if fmt == "JPEG" else {"lossless": True} if fmt == "WEBP" else {}))
+    tv, pil, auto = (decode(path, 23, d) for d in ("torchvision", "pillow", "auto"))
+    assert tv.shape == pil.shape == (3, 23, 23) and tv.dtype == pil.dtype == torch.uint8
+    tol = 2 if fmt == "JPEG" else 0
+    assert (tv.int() - pil.int()).abs().max() <= tol, (fmt, mode)
+    assert torch.equal(auto, tv)  # a small JPEG: no draft to gain, so torchvision
+
+
+def test_imagefolder_auto_takes_the_jpeg_draft_for_large_jpegs(tmp_path, monkeypatch):
+    from sslcore.data import imagefolder
+
+    Image.new("RGB", (200, 160), (10, 200, 30)).save(tmp_path / "big.jpg")
+    used = []
+    monkeypatch.setattr(imagefolder, "_torchvision",
+                        lambda path: used.append("tv") or torch.zeros(3, 8, 8, dtype=torch.uint8))
+    imagefolder.decode(tmp_path / "big.jpg", 32)  # 160 >= 2 x 32: Pillow's draft
+    imagefolder.decode(tmp_path / "big.jpg", 96)  # 160 < 2 x 96: torchvision
+    assert used == ["tv"]
+    with pytest.raises(ValueError, match="imagefolder setting decoder must be one of auto, torchvision, pillow"):
+        load_dataset(f"imagefolder:{tmp_path},decoder=nvjpeg")
 
 
 def test_imagefolder_decompression_bomb_names_the_file(tmp_path):
@@ -306,7 +340,7 @@ def test_imagefolder_layout_errors_say_what_is_wrong(tmp_path):
     (flat / "b").symlink_to(flat / "a")
     with pytest.raises(ValueError, match="class folders a and b are the same folder"):
         load_dataset(f"imagefolder:{flat}")
-    with pytest.raises(ValueError, match="unknown imagefolder setting 'bogus'.*settings: size, crop, seed"):
+    with pytest.raises(ValueError, match="unknown imagefolder setting 'bogus'.*settings: size, crop, seed, decoder"):
         load_dataset(f"imagefolder:{flat},bogus=3")
     with pytest.raises(ValueError, match="unknown imagefolder setting 'bogus'"):
         load_dataset(f"imagefolder:{flat},bogus=3,size=8")

@@ -109,6 +109,7 @@ class FolderData(_Images):
     y_test: torch.Tensor
     size: int
     crop: int
+    decoder: str = "auto"
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
 
@@ -121,7 +122,8 @@ class FolderData(_Images):
         return len(self.files_train)
 
     def items(self, split: str, limit: int | None = None) -> imagefolder.FolderItems:
-        return imagefolder.FolderItems((self.files_train if split == "train" else self.files_test)[:limit], self.size)
+        files = (self.files_train if split == "train" else self.files_test)[:limit]
+        return imagefolder.FolderItems(files, self.size, self.decoder)
 
     def _resident(self, split: str) -> torch.Tensor:
         items = self.items(split)
@@ -162,7 +164,8 @@ def _cifar(name: str) -> Callable[[str], ImageData]:
 
 def _imagefolder(spec: str) -> FolderData:
     files_train, y_train, files_test, y_test, settings = imagefolder.load(spec)
-    return FolderData("imagefolder", files_train, y_train, files_test, y_test, settings["size"], settings["crop"])
+    return FolderData("imagefolder", files_train, y_train, files_test, y_test, settings["size"], settings["crop"],
+                      settings["decoder"])
 
 
 DATASETS: dict[str, Callable[[str], ImageData]] = {"digits": _digits, "shapes": _shapes, "cifar10": _cifar("cifar10"),
