@@ -93,6 +93,8 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
         "(0: at the end only)")
     opt("--baselines", action=argparse.BooleanOptionalAction, help="also probe the random initialisation and raw "
         "pixels")
+    opt("--sklearn-probes", action="store_true", help="also scikit-learn's linear and k-NN probes (CPU, up to "
+        "100,000 training samples; the torch probes are the reported ones)")
     opt("--tensorboard", action=argparse.BooleanOptionalAction, help="event files in OUT/tensorboard when "
         "tensorboard is installed")
     opt("--device", type=device_arg, help="auto (cuda if available), cpu, cuda, cuda:1, mps")
@@ -153,15 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COLUMNS = (("linear", "linear probe"), ("knn", "k-NN"), ("linear_top1", "torch lin@1"), ("knn_top1", "kNN200@1"),
-           ("knn_top5", "kNN200@5"))
+COLUMNS = (("linear", "linear@1"), ("linear_top5", "linear@5"), ("knn", "kNN200@1"), ("knn_top5", "kNN200@5"),
+           ("sklearn_linear", "skl. linear"), ("sklearn_knn", "skl. kNN20"))
 
 
 def _table(rows: list[tuple[str, dict]]) -> str:
-    """Probe accuracies: scikit-learn's linear/k-NN (the studies'), then the torch probes (top-1/top-5)."""
+    """Probe accuracies: the reported torch probes (linear L-BFGS and InstDisc's k-NN, top-1/top-5), then
+    scikit-learn's where asked for (``--sklearn-probes``)."""
     width = max(len("features"), *(len(name) for name, _ in rows)) + 2
-    lines = [f"{'features':<{width}}" + "".join(f"{title:>13}" for _, title in COLUMNS)]
-    lines += [f"{name:<{width}}" + "".join(f"{r[key]:>13.2%}" if key in r else f"{'-':>13}" for key, _ in COLUMNS)
+    columns = [(key, title) for key, title in COLUMNS if any(key in r for _, r in rows)]
+    lines = [f"{'features':<{width}}" + "".join(f"{title:>13}" for _, title in columns)]
+    lines += [f"{name:<{width}}" + "".join(f"{r[key]:>13.2%}" if key in r else f"{'-':>13}" for key, _ in columns)
               for name, r in rows]
     return "\n".join(lines)
 

@@ -55,7 +55,7 @@ def test_pretrain_writes_metrics_summary_and_checkpoint(tiny_run):
     assert all(set(r) == {"epoch", "loss", "lr", "time"} and math.isfinite(r["loss"]) for r in rows)
     assert json.loads((out / "summary.json").read_text()) == summary
     for name in ("trained", "random_init", "raw_pixels"):
-        assert set(summary["probes"][name]) == {"linear", "knn", "linear_top1", "linear_top5", "knn_top1", "knn_top5"}
+        assert set(summary["probes"][name]) == {"linear", "knn", "linear_top5", "knn_top5"}  # scikit-learn's: opt-in
         assert all(0.0 <= v <= 1.0 for v in summary["probes"][name].values())
     assert summary["augment"] == "digits" and summary["peak_lr"] == summary["base_lr"] * 32 / 256
     assert summary["environment"]["torch"] == torch.__version__ and summary["environment"]["timm"]
@@ -290,6 +290,19 @@ def test_torch_probes_match_their_definitions():
     t, labels = torch.from_numpy(x).float(), torch.from_numpy(y)
     sk = linear_probe(x[:200], y[:200], x[200:], y[200:])
     assert linear_classifier(t[:200], labels[:200], t[200:], labels[200:])["linear_top1"] == pytest.approx(sk, abs=0.02)
+
+
+def test_one_probe_family_is_reported_and_scikit_learns_is_opt_in():
+    """``probe`` reports the torch family under ``linear``/``knn`` (top-1; ``*_top5`` beside them); scikit-learn's
+    come only when asked, under their own names, and agree with the torch linear probe within a couple of points."""
+    from sslcore.train.evaluate import probe
+
+    data = load_dataset("digits")
+    reported = probe(data, None)
+    assert set(reported) == {"linear", "knn", "linear_top5", "knn_top5"}
+    both = probe(data, None, sklearn=True)
+    assert set(both) == set(reported) | {"sklearn_linear", "sklearn_knn"}
+    assert both["linear"] == reported["linear"] and abs(both["linear"] - both["sklearn_linear"]) < 0.03
 
 
 def test_digits_split_and_augment_are_deterministic():

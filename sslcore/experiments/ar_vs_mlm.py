@@ -33,6 +33,7 @@ from .report import (
     mean,
     mean_and_std,
     mean_std,
+    probe_words,
     results_path,
     save_figure,
     seed_verdict,
@@ -85,7 +86,7 @@ def run(*, data: str = DATA, encoder: str = "transformer-tiny", epochs: int | No
     wall, cpu = time.perf_counter(), time.process_time()
     tokens = load_dataset(data)
     objectives = plan(tokens, epochs, equalise, encoder=encoder, batch_size=batch_size, limit=limit)
-    histogram = probe(tokens, None, sklearn=True)
+    histogram = probe(tokens, None)
     config = dict(data=data, encoder=encoder, epochs=epochs, equalise=equalise, batch_size=batch_size, lr=lr,
                   weight_decay=0.05, warmup=WARMUP, limit=limit, seeds=list(seeds), eval_samples=eval_samples,
                   prompts=list(PROMPTS), left_to_right=left_to_right, threads=torch.get_num_threads(), quick=quick)
@@ -108,7 +109,7 @@ def run(*, data: str = DATA, encoder: str = "transformer-tiny", epochs: int | No
             "data": {"name": tokens.name, "n_train": tokens.n_train, "n_test": len(tokens.y_test),
                      "seq_len": tokens.seq_len, "vocab_size": tokens.vocab_size, "mask_ratio": tokens.mask_ratio},
             "objectives": objectives, "histogram": {"linear": histogram["linear"], "knn": histogram["knn"]},
-            "runs": runs, "wall_seconds": round(time.perf_counter() - wall, 1),
+            "runs": runs, "probe_family": "torch", "wall_seconds": round(time.perf_counter() - wall, 1),
             "cpu_seconds": round(time.process_time() - cpu, 1)}
 
 
@@ -180,7 +181,8 @@ def markdown(results: dict) -> str:
                f"{cfg['batch_size']}, AdamW lr {cfg['lr']:g}·batch/256, weight decay {cfg['weight_decay']:g}; {equal}: "
                f"{budget}. No temperature (softmax cross-entropy over the vocabulary). "
                f"{results['cpu_seconds'] / 60:.1f} CPU-minutes ({cfg['threads']} thread(s)). "
-               "Mean ± std over seeds. Probes: held-out accuracy (%) of the frozen mean-pooled features; "
+               f"Mean ± std over seeds. Probes ({probe_words(results)}): held-out accuracy (%) of the frozen "
+               "mean-pooled features; "
                "init: the same model untrained. Generation: held-out loss of the continuation (nats/token) after a "
                "prompt of the first 25/50/75 % of the tokens; masked models predict the masked suffix in one pass "
                "(gen) or left to right (l2r); train loss: the objective's own loss in its last epoch (a held-out gen "

@@ -26,6 +26,7 @@ from .report import (
     mean,
     mean_and_std,
     mean_std,
+    probe_words,
     results_path,
     save_figure,
     seeds_arg,
@@ -195,7 +196,7 @@ def run_seeds(data_spec: str = "digits", methods: list[str] | None = None, *, se
     progress = Progress("benchmark", len(seeds) * len(select_methods(methods, load_dataset(data_spec))))
     runs = [run_benchmark(data_spec, methods, out=str(out / f"seed-{seed}"), seed=seed, overwrite=overwrite,
                           progress=progress, **kwargs) for seed in seeds]
-    result = {"command": command, "data": data_spec, "seeds": seeds,
+    result = {"command": command, "data": data_spec, "seeds": seeds, "probe_family": "torch",
               "config": runs[0]["config"], "temperatures": runs[0]["temperatures"], "n_train": runs[0]["n_train"],
               "n_test": runs[0]["n_test"], "device": runs[0]["device"], "runs": runs,
               "seconds": round(time.perf_counter() - t0, 1), "results_file": str(path)}
@@ -237,7 +238,7 @@ def benchmark_markdown(result: dict) -> str:
                f"held-out images), {cfg['epochs']} epochs of batch {cfg['batch_size']}, base lr {cfg['lr']:g} "
                f"per 256, encoder `{cfg['encoder']}` (MAE and ClusterMIM: a ViT on 2×2 patches), each method at "
                f"its own temperature τ; {n} seeds ({', '.join(map(str, result['seeds']))}), mean ± std. Linear "
-               f"probe and k-NN on the frozen features.")
+               f"probe and k-NN on the frozen features: {probe_words(result)}.")
     out = f"{caption}\n\n{table}"
     if claims:
         out += (f"\n\nThe papers' claims, linear probe, the new method minus its base in the same seed (points); "

@@ -46,6 +46,7 @@ from .report import (
     mean,
     mean_and_std,
     mean_std,
+    probe_words,
     results_path,
     save_figure,
     write_results,
@@ -192,7 +193,7 @@ def study(*, data: str = "digits", seeds: list[int] = (0, 1, 2), epochs: int = 1
             runs.append({"seed": seed, "tokenizer": kind, "K": k, **score_tokenizer(tok, dataset), **run})
             log(f"seed {seed} {name}: TCAS {runs[-1]['tcas']:.3f} (class-blind {runs[-1]['tcas_blind']:.3f}), "
                 f"linear {run['linear']:.2%}")
-    results = {"study": "mim-study", "command": command, "config": cfg, "runs": runs}
+    results = {"study": "mim-study", "command": command, "config": cfg, "runs": runs, "probe_family": "torch"}
     return _finish(results, results_file, t0, c0)
 
 
@@ -247,7 +248,7 @@ def study_claims(results: dict) -> list[dict]:
     return claims
 
 
-def _caption(cfg: dict, command: str, what: str) -> str:
+def _caption(cfg: dict, command: str, what: str, probes: str) -> str:
     enc = cfg["encoder"]
     return (f"`{command}`: {what} on {cfg['data']} ({cfg['n_train']} training / {cfg['n_test']} held-out images), "
             f"{cfg['epochs']} epochs per run, {len(cfg['seeds'])} seeds ({', '.join(map(str, cfg['seeds']))}; "
@@ -261,7 +262,7 @@ def _caption(cfg: dict, command: str, what: str) -> str:
             f"has one. Cells: mean ± std over seeds. TCAS (lower = more class-aligned) on the "
             f"{cfg['n_test']} held-out images; class-blind TCAS: the exact expected TCAS of tokens dealt at random "
             f"with the same counts, at the same K and N (TCAS is biased low by about K/N, so compare tokenizers only "
-            f"at equal K). Probes: scikit-learn linear and k-NN on frozen mean-pooled features, held-out accuracy (%).")
+            f"at equal K). Probes: {probes}, on frozen mean-pooled features, held-out accuracy (%).")
 
 
 def study_markdown(results: dict) -> str:
@@ -285,7 +286,7 @@ def study_markdown(results: dict) -> str:
         [[f"ClusterMIM ({c['tokenizer']}, K = {c['K']}) > MAE",
           f"{c['mean']:+.1f} ({', '.join(f'{d:+.1f}' for d in c['deltas'])})",
           c["verdict"]] for c in claims], "lrl")
-    return (_caption(cfg, results["command"], "MAE and ClusterMIM per tokenizer") +
+    return (_caption(cfg, results["command"], "MAE and ClusterMIM per tokenizer", probe_words(results)) +
             f" The feature tokenizer clusters the patch tokens of the same seed's MAE encoder (DINO cannot be "
             f"downloaded here).\n\n{table}\n\nThe paper's claim, at equal epochs: \"reproduced\" when ClusterMIM "
             f"beats MAE in every seed and by more than one binomial standard error of MAE's accuracy on "
@@ -370,7 +371,7 @@ def sweep(*, data: str = "digits", seeds: list[int] = (0, 1, 2), epochs: int = 1
             runs.append({"seed": seed, "rate": rate, **score_tokenizer(test_tok, dataset), **run})
             log(f"seed {seed} rate {rate:.3f}: TCAS {runs[-1]['tcas']:.3f} (class-blind "
                 f"{runs[-1]['tcas_blind']:.3f}), linear {run['linear']:.2%}")
-    results = {"study": "tcas-sweep", "command": command, "config": cfg, "runs": runs}
+    results = {"study": "tcas-sweep", "command": command, "config": cfg, "runs": runs, "probe_family": "torch"}
     return _finish(results, results_file, t0, c0)
 
 
@@ -406,7 +407,8 @@ def sweep_markdown(results: dict) -> str:
         r, p = spearman([x["tcas"] for x in runs], [x[key] for x in runs])
         corr.append([f"TCAS vs {name}", f"{r:+.2f}", f"{p:.2g}", sweep_verdict(r, p)])
     spear = markdown_table(["over all runs", f"Spearman ρ_s (n = {len(runs)})", "p", "verdict"], corr, "lrrl")
-    return (_caption(cfg, results["command"], f"ClusterMIM on oracle tokenizers at K = {cfg['K']}") +
+    return (_caption(cfg, results["command"], f"ClusterMIM on oracle tokenizers at K = {cfg['K']}",
+                     probe_words(results)) +
             f"\n\nOracle tokenizer: token = (class, pixel cluster), {cfg['n_classes']} classes × {cfg['pixel_k']} "
             f"pixel k-means clusters; each patch's class part is replaced, with probability ρ, by a class drawn "
             f"uniformly (a fixed per-patch table; ρ = 1 is class-blind). It reads the labels: a controlled "

@@ -150,6 +150,16 @@ def is_results(path: Path) -> bool:
     return isinstance(results.get("config"), dict) and ("command" in results or {"vit", "gcn"} <= results.keys())
 
 
+PROBE_WORDS = {"torch": "sslcore's probes (logistic regression by L-BFGS; InstDisc's weighted k-NN, k = 200)",
+               "scikit-learn": "scikit-learn's probes (logistic regression; distance-weighted k-NN, k = 20)"}
+
+
+def probe_words(results: dict) -> str:
+    """Which probe family a results file's ``linear``/``knn`` come from: ``probe_family`` where the study recorded
+    it (``torch`` since 2026-12-07), else scikit-learn's (every earlier file)."""
+    return PROBE_WORDS[results.get("probe_family", "scikit-learn")]
+
+
 def write_results(path: Path, results: dict) -> None:
     """Write a study's results JSON to ``path`` (its folder made), atomically: an interrupted write leaves the
     old file or none, never a half-written one; never through a link."""

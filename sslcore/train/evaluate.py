@@ -1,15 +1,15 @@
-"""Frozen-feature evaluation: features in one pass over a split, then two families of probes.
+"""Frozen-feature evaluation: features in one pass over a split, then the probes.
 
-* **The field's probes, in torch on the run's device** (every run, and ``--eval-every`` during one):
-  the weighted k-NN of InstDisc as solo-learn and lightly report it (cosine similarity to every
-  training feature, the ``k = 200`` nearest vote with weight ``exp(s / 0.07)``, top-1 and top-5), and
-  multinomial logistic regression on standardised features by full-batch L-BFGS (scikit-learn's
-  objective, on the GPU: the same numbers every run, nothing to tune).  Keys ``knn_top1``, ``knn_top5``,
-  ``linear_top1``, ``linear_top5``.
-* **The README studies' probes, scikit-learn on the CPU** (float64, deterministic, no
-  hyperparameters to tune): logistic regression on standardised features and a distance-weighted
-  k-NN (k = 20, cosine).  Keys ``linear`` and ``knn``; computed while the training split has at most
-  :data:`SKLEARN_MAX_TRAIN` samples, where they take seconds to minutes.
+* **The reported probes, in torch on the run's device** (every run, ``--eval-every`` during one, the
+  studies): the weighted k-NN of InstDisc as solo-learn and lightly report it (cosine similarity to every
+  training feature, the ``k = 200`` nearest vote with weight ``exp(s / 0.07)``), and multinomial logistic
+  regression on standardised features by full-batch L-BFGS (scikit-learn's objective, on the GPU: the
+  same numbers every run, nothing to tune, any size).  Keys ``linear`` and ``knn`` (top-1),
+  ``linear_top5`` and ``knn_top5``.
+* **scikit-learn's, opt-in** (``sklearn=True``, ``--sklearn-probes``; float64 on the CPU, up to
+  :data:`SKLEARN_MAX_TRAIN` training samples): logistic regression on standardised features and a
+  distance-weighted k-NN (k = 20, cosine).  Keys ``sklearn_linear`` and ``sklearn_knn``.  Study results
+  written before 2026-12-07 hold these under ``linear``/``knn`` (``probe_family`` says which).
 """
 from __future__ import annotations
 
@@ -130,18 +130,21 @@ def linear_classifier(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torc
 
 
 def probe(data, encoder: nn.Module | None, *, device: torch.device | None = None, workers: int = 0,
-          batch_size: int = 512, sklearn: bool | None = None) -> dict[str, float]:
+          batch_size: int = 512, sklearn: bool = False) -> dict[str, float]:
     """Held-out accuracies of ``encoder``'s frozen features (``None``: the raw features), extracted in batches of
-    ``batch_size``: the torch k-NN and linear probes always, scikit-learn's ``linear`` and ``knn`` when
-    ``sklearn`` (default: while the training split has at most :data:`SKLEARN_MAX_TRAIN` samples)."""
+    ``batch_size``: the reported torch probes (``linear``, ``knn`` and their top-5), and scikit-learn's
+    (``sklearn_linear``, ``sklearn_knn``) when ``sklearn`` and the training split has at most
+    :data:`SKLEARN_MAX_TRAIN` samples."""
     f_train, f_test = (extract_features(data, split, encoder, device=device, workers=workers, batch_size=batch_size)
                        for split in ("train", "test"))
-    out = {**weighted_knn(f_train, data.y_train, f_test, data.y_test),
-           **linear_classifier(f_train, data.y_train, f_test, data.y_test)}
-    if sklearn if sklearn is not None else len(f_train) <= SKLEARN_MAX_TRAIN:
+    knn = weighted_knn(f_train, data.y_train, f_test, data.y_test)
+    lin = linear_classifier(f_train, data.y_train, f_test, data.y_test)
+    out = {"linear": lin["linear_top1"], "knn": knn["knn_top1"], "linear_top5": lin["linear_top5"],
+           "knn_top5": knn["knn_top5"]}
+    if sklearn and len(f_train) <= SKLEARN_MAX_TRAIN:
         a, b = f_train.double().cpu().numpy(), f_test.double().cpu().numpy()
         y_train, y_test = data.y_train.numpy(), data.y_test.numpy()
-        out = {"linear": linear_probe(a, y_train, b, y_test), "knn": knn_accuracy(a, y_train, b, y_test), **out}
+        out.update(sklearn_linear=linear_probe(a, y_train, b, y_test), sklearn_knn=knn_accuracy(a, y_train, b, y_test))
     return out
 
 

@@ -387,6 +387,7 @@ def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDire
     amp = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     # features in batches of the images a training step encodes on a rank: a size known to fit
     probing = dict(device=device, workers=workers, batch_size=cfg.batch_size // world * model.n_views)
+    final_probing = dict(probing, sklearn=cfg.sklearn_probes)
     sampler = ShardBatchSampler(n_train, cfg.batch_size, world=world, rank=rank)
     batches_of = loader(data.items("train", cfg.limit), sampler, workers=workers, device=device)
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch + first_step,
@@ -461,7 +462,7 @@ def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDire
                 raise _diverged(cfg, epoch, f"its mean loss is {row['loss']}")
             final_loss = row["loss"]
             if main and cfg.eval_every and epoch % cfg.eval_every == 0:
-                row.update(probe(data, model, sklearn=False, **probing))
+                row.update(probe(data, model, **probing))
             log.epoch(row, update)  # before the checkpoint: a resume drops lines past its epoch
             save(epoch)
             if epoch < cfg.epochs and stop.any_rank(device):
@@ -480,12 +481,12 @@ def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDire
     summary = None
     if main:
         with _stop_now(str(ckpt_path), cfg.epochs):
-            probes = {"trained": probe(data, model, **probing)}
+            probes = {"trained": probe(data, model, **final_probing)}
             if cfg.baselines:
                 random_model = build_model(config, data).to(device)
                 random_model.load_state_dict(init_state)
-                probes["random_init"] = probe(data, random_model, **probing)
-                probes["raw_pixels"] = probe(data, None, **probing)
+                probes["random_init"] = probe(data, random_model, **final_probing)
+                probes["raw_pixels"] = probe(data, None, **final_probing)
             model.eval()
             method_eval = model.evaluate(data)
         summary = {"method": cfg.method, "data": cfg.data, "encoder": cfg.encoder,
