@@ -226,7 +226,7 @@ def test_dino_resume_equals_an_uninterrupted_run(tmp_path, interrupted):
 # ---------------------------------------------------------------------------------------------
 # gloo, 2 and 3 ranks: the loss module in a plain DDP loop, and the trainer.
 
-N, D = 3, 6  # rows per rank, input width of the toy student
+M, D = 6, 5  # rows of the global batch (3 or 2 per rank), input width of the toy student
 
 
 def _ddp_loss_steps(seed, steps=3):
@@ -241,11 +241,12 @@ def _ddp_loss_steps(seed, steps=3):
     model = nn.parallel.DistributedDataParallel(student) if world > 1 else student
     loss_fn = DINOLoss(K, teacher_temp=0.07, warmup_teacher_temp_epochs=5).double()
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
-    mine = slice(rank * N, (rank + 1) * N) if world > 1 else slice(None)
+    rows = M // world
+    mine = slice(rank * rows, (rank + 1) * rows)
     out = []
     for epoch in range(steps):
-        x = torch.randn(4, 3 * N, D, generator=g, dtype=torch.float64)  # 4 views of the global batch of 3N
-        teacher = [3 * torch.randn(3 * N, K, generator=g, dtype=torch.float64)[mine] for _ in range(2)]
+        x = torch.randn(4, M, D, generator=g, dtype=torch.float64)  # 4 views of the global batch
+        teacher = [3 * torch.randn(M, K, generator=g, dtype=torch.float64)[mine] for _ in range(2)]
         opt.zero_grad()
         loss = loss_fn(teacher, list(model(x[:, mine]).unbind(0)), epoch=epoch)
         loss.backward()
