@@ -223,6 +223,27 @@ def test_dino_resume_equals_an_uninterrupted_run(tmp_path, interrupted):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.gpu
+def test_dino_step_on_cuda_in_bf16_without_host_synchronisation(seed):
+    """The method's loss and backward under autocast, with any host read an error; the loss in fp32, the
+    centre finite and moved."""
+    model = _method(local_crops=6, out_dim=4096).cuda()
+    views = build_recipe("dino", image_size=8, flips=False).views(load_dataset("digits").x_train[:64].cuda(),
+                                                                 torch.Generator().manual_seed(seed), model.n_views)
+    model.progress = 0.3
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.loss(views, epoch=2)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert torch.isfinite(model.criterion.center).all() and model.criterion.center.abs().sum() > 0
+    assert model.head.last_layer.weight.grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # gloo, 2 and 3 ranks: the loss module in a plain DDP loop, and the trainer.
 
