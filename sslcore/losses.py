@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import dist
-from .checks import Backend, NonNegative, NonNegativeInt, Temperature, check_value
+from .checks import Backend, NonNegative, NonNegativeInt, PositiveInt, Probability, Temperature, check_value
 from .functional import GATHER_MODES, dcl, infonce_pairs, mises_fisher_weights, nt_xent
 from .kernels import lse_similarity
 from .kernels._backend import check_finite, unit_rows, validating
@@ -231,6 +231,95 @@ class DCLWLoss(DCLLoss):
         self.sigma = sigma
 
 
+class DINOLoss(nn.Module):
+    """DINO's self-distillation cross-entropy (lightly's ``DINOLoss``; Caron et al. 2021, docs/methods.md):
+    ``forward(teacher_out, student_out, teacher_temp=None, epoch=None)`` on lists of views ``[B, output_dim]``,
+
+    ``L = 1/(n B) sum_b sum_{t, s != t} -softmax((T_t - c) / tau_t) . log_softmax(S_s / tau_s)``
+
+    over the pairs of teacher view ``t`` and student view ``s`` with ``s != t`` (the same view index: global
+    crops come first in both lists), ``n`` their number.  ``tau_t`` is ``teacher_temp`` if given, else at
+    ``epoch`` (from 0) the linear warm-up from ``warmup_teacher_temp`` to ``teacher_temp`` over
+    ``warmup_teacher_temp_epochs`` epochs (``torch.linspace``, as lightly and the authors), then
+    ``teacher_temp``.  After the loss the centre (a buffer ``[1, 1, output_dim]``) moves:
+    ``c <- m c + (1 - m) mean(T)``, the mean over the teacher views and the batch, averaged over ranks when
+    torch.distributed runs (the loss itself is per sample: DDP's gradient average needs no gather).  A batch
+    mean holding NaN or Inf leaves the centre as it is (checked on the device, without a host read).
+    """
+
+    def __init__(self, output_dim: int = 65536, warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.04,
+                 warmup_teacher_temp_epochs: int = 30, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 center_mode: str = "mean"):
+        super().__init__()
+        self.output_dim = check_value("output_dim", output_dim, PositiveInt)
+        self.warmup_teacher_temp = check_value("warmup_teacher_temp", warmup_teacher_temp, Temperature)
+        self.teacher_temp = check_value("teacher_temp", teacher_temp, Temperature)
+        self.warmup_teacher_temp_epochs = check_value("warmup_teacher_temp_epochs", warmup_teacher_temp_epochs,
+                                                      NonNegativeInt)
+        self.student_temp = check_value("student_temp", student_temp, Temperature)
+        self.center_momentum = check_value("center_momentum", center_momentum, Probability)
+        if center_mode != "mean":
+            raise ValueError(f"center_mode must be 'mean' (the only mode, as lightly's), got {center_mode!r}")
+        self.register_buffer("center", torch.zeros(1, 1, self.output_dim))
+
+    def teacher_temperature(self, epoch: int | None = None) -> float:
+        """``tau_t`` at ``epoch`` (from 0): ``linspace(warmup_teacher_temp, teacher_temp, E)[epoch]`` while
+        ``epoch < E`` (``E = warmup_teacher_temp_epochs``), then ``teacher_temp``; ``teacher_temp`` if None."""
+        e = self.warmup_teacher_temp_epochs
+        if epoch is None or epoch >= e:
+            return self.teacher_temp
+        if epoch < 0:
+            raise ValueError(f"epoch counts from 0, got {epoch}")
+        return float(torch.linspace(self.warmup_teacher_temp, self.teacher_temp, e, dtype=torch.float64)[epoch])
+
+    def _check(self, name: str, views) -> list[torch.Tensor]:
+        if not isinstance(views, (list, tuple)) or not views:
+            raise TypeError(f"{name} must be a non-empty list of tensors [B, output_dim], got {type(views).__name__}")
+        for i, v in enumerate(views):
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"{name}[{i}] must be a tensor, got {type(v).__name__}")
+            if v.dim() != 2 or v.shape[1] != self.output_dim or v.shape != views[0].shape:
+                raise ValueError(f"{name}[{i}] must be [B, {self.output_dim}] like {name}[0] "
+                                 f"{tuple(views[0].shape)}, got {tuple(v.shape)}")
+        return list(views)
+
+    def forward(self, teacher_out: list[torch.Tensor], student_out: list[torch.Tensor],
+                teacher_temp: float | None = None, epoch: int | None = None) -> torch.Tensor:
+        teacher, student = self._check("teacher_out", teacher_out), self._check("student_out", student_out)
+        if teacher[0].shape[0] != student[0].shape[0] or teacher[0].shape[0] == 0:
+            raise ValueError(f"teacher_out and student_out need the same, non-zero batch size, got "
+                             f"{teacher[0].shape[0]} and {student[0].shape[0]}")
+        n_pairs = len(teacher) * len(student) - min(len(teacher), len(student))
+        if n_pairs == 0:
+            raise ValueError(f"DINOLoss needs a teacher view and a student view with different indices; got "
+                             f"{len(teacher)} teacher and {len(student)} student view(s)")
+        tau_t = self.teacher_temperature(epoch) if teacher_temp is None else check_value(
+            "teacher_temp", teacher_temp, Temperature)
+        _check_values(**{f"teacher_out[{i}]": v for i, v in enumerate(teacher)},
+                      **{f"student_out[{i}]": v for i, v in enumerate(student)})
+        wide = torch.promote_types(teacher[0].dtype, torch.float32)
+        center = self.center[0].to(wide)
+        p = [torch.softmax((t.to(wide) - center) / tau_t, dim=-1) for t in teacher]
+        log_q = [torch.log_softmax(s.to(wide) / self.student_temp, dim=-1) for s in student]
+        # sum over all (t, s) pairs, then take out the same-index ones: one pass over each view, no T x S loop
+        total = (torch.stack(p).sum(0) * torch.stack(log_q).sum(0)).sum()
+        total = total - sum((pi * qi).sum() for pi, qi in zip(p, log_q))
+        self.update_center(teacher)
+        return -total / (n_pairs * teacher[0].shape[0])
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: list[torch.Tensor]) -> None:
+        """``c <- m c + (1 - m) mean(teacher_out)`` over views and batch (and ranks), unless that mean is not
+        finite."""
+        batch_center = torch.stack([t.detach().to(self.center.dtype).sum(0) for t in teacher_out]).sum(0)
+        batch_center = batch_center / (len(teacher_out) * teacher_out[0].shape[0])
+        if dist.world_size() > 1:
+            torch.distributed.all_reduce(batch_center)
+            batch_center = batch_center / dist.world_size()
+        new = self.center * self.center_momentum + batch_center * (1.0 - self.center_momentum)
+        self.center.copy_(torch.where(torch.isfinite(batch_center).all(), new, self.center))
+
+
 class NegativeCosineSimilarity(nn.Module):
     """``-mean cos(x0, x1)`` along ``dim`` (SimSiam's, BYOL's loss), as lightly's."""
 
@@ -247,4 +336,4 @@ class NegativeCosineSimilarity(nn.Module):
         return -nn.functional.cosine_similarity(x0, x1, self.dim, self.eps).mean()
 
 
-__all__ = ["DCLLoss", "DCLWLoss", "InfoNCELoss", "NTXentLoss", "NegativeCosineSimilarity"]
+__all__ = ["DCLLoss", "DCLWLoss", "DINOLoss", "InfoNCELoss", "NTXentLoss", "NegativeCosineSimilarity"]

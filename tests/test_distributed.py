@@ -135,7 +135,7 @@ STEP_METHODS = {
     "moco-symmetric": {"queue_size": 72, "symmetric": True},
     "simsiam": {}, "arcl": {}, "arcl-penalty": {"mode": "penalty"}, "arcl-moco": {"base": "moco", "queue_size": 72},
     "simclr-attn": {}, "simclr-attn-alignment": {"weighting": "alignment"}, "simsiam-multi": {"mix_epoch": 1},
-    "nnclr": {"queue_size": 36},
+    "nnclr": {"queue_size": 36}, "dino": {"local_crops": 2, "out_dim": 64},
 }
 STEP_BATCH = 12  # images: 6 per rank at 2 ranks, 4 at 3
 

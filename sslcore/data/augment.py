@@ -24,7 +24,7 @@ from torchvision.transforms.v2.functional import rgb_to_grayscale
 # RGB -> YIQ and back: a hue shift by angle h is a rotation by h in the (I, Q) plane.
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _RGB = torch.linalg.inv(_YIQ)
-RECIPES = ("simclr", "byol", "mae", "light", "shifts", "digits", "none")
+RECIPES = ("simclr", "byol", "dino", "mae", "light", "shifts", "digits", "none")
 AUGMENT_CHOICES = ("auto",) + RECIPES
 
 
@@ -346,7 +346,7 @@ class RGBAugment(Compose):
 class MultiCrop:
     """Multi-crop (SwAV): ``global_views`` crops at ``global_size`` and ``local_views`` smaller crops at
     ``local_size``, each followed by ``then`` (e.g. jitter and blur).  ``views(x, generator)`` returns the
-    list, global crops first.  A library building block: no sslcore method consumes local crops yet."""
+    list, global crops first.  A library building block; the trainer's multi-crop is the ``dino`` recipe."""
 
     def __init__(self, global_size: int, local_size: int, *, global_views: int = 2, local_views: int = 6,
                  global_scale: tuple[float, float] = (0.14, 1.0), local_scale: tuple[float, float] = (0.05, 0.14),
@@ -361,18 +361,22 @@ class MultiCrop:
 
 class Recipe:
     """The views of one step: view ``i`` is ``pipelines[i % len(pipelines)]`` (BYOL's two views differ),
-    then ``normalize``.  ``views(x, generator, n, batch=, rows=)``: parameters are drawn for ``batch``
-    images (the global batch) and ``rows`` of them (this rank's shard) applied to ``x``."""
+    or with ``repeat_last`` ``pipelines[min(i, len - 1)]`` (multi-crop: the last pipeline makes every view
+    past the others, DINO's local crops), then ``normalize``.  ``views(x, generator, n, batch=, rows=)``:
+    parameters are drawn for ``batch`` images (the global batch) and ``rows`` of them (this rank's shard)
+    applied to ``x``."""
 
-    def __init__(self, name: str, pipelines: Sequence[Augment], normalize: Augment | None = None):
+    def __init__(self, name: str, pipelines: Sequence[Augment], normalize: Augment | None = None, *,
+                 repeat_last: bool = False):
         self.name, self.pipelines, self.normalize = name, list(pipelines), normalize
+        self.repeat_last = repeat_last
 
     def views(self, x: torch.Tensor, generator: torch.Generator, n: int, *, batch: int | None = None,
               rows: slice | None = None) -> list[torch.Tensor]:
         batch, rows = batch or len(x), rows or slice(None)
         out = []
         for i in range(n):
-            pipe = self.pipelines[i % len(self.pipelines)]
+            pipe = self.pipelines[min(i, len(self.pipelines) - 1) if self.repeat_last else i % len(self.pipelines)]
             params = {k: v[rows].to(x.device, non_blocking=True)
                       for k, v in pipe.sample(batch, x.shape[1:], generator).items()}
             view = pipe.apply(x, params)
@@ -383,6 +387,17 @@ class Recipe:
 def _byol_view(flip_p: float, blur_p: float, solarize_p: float, side: int) -> Compose:
     return Compose(RandomResizedCrop((0.08, 1.0), flip_p=flip_p), ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8),
                    Grayscale(0.2), GaussianBlur(blur_p, kernel_fraction=23 / 224), Solarize(solarize_p))
+
+
+def _dino_view(scale: tuple[float, float], size: int, flip_p: float, blur_p: float, solarize_p: float) -> Compose:
+    return Compose(RandomResizedCrop(scale, size=size, flip_p=flip_p), ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8),
+                   Grayscale(0.2), GaussianBlur(blur_p, kernel_fraction=23 / 224), Solarize(solarize_p))
+
+
+def dino_local_size(image_size: int) -> int:
+    """The side of DINO's local crops for images of side ``image_size``: 96/224 of it (the authors' 96 px at
+    224), at least 4 px."""
+    return max(4, round(image_size * 96 / 224))
 
 
 def build_recipe(name: str, *, image_size: int, flips: bool = True, own: Augment | None = None,
@@ -396,6 +411,9 @@ def build_recipe(name: str, *, image_size: int, flips: bool = True, own: Augment
       and at 32 px and below s = 0.5 without blur, as the authors' CIFAR-10 recipe.
     * ``byol`` (Grill et al. 2020): crop 8-100 %, flip, jitter 0.4/0.4/0.2/0.1 (p 0.8), grey (p 0.2),
       blur p 1.0 / 0.1 and solarize p 0.0 / 0.2 in view 1 / view 2.
+    * ``dino`` (Caron et al. 2021), multi-crop: two global crops of area 40-100 % at the image's side, BYOL's
+      ops on each (blur p 1.0 / 0.1, solarize p 0 / 0.2), then any further views as local crops of area
+      5-40 % at :func:`dino_local_size` (blur p 0.5); the view count is the method's ``n_views``.
     * ``mae`` (He et al. 2022): crop of area 20-100 % and flip only.
     * ``light``: :class:`RGBAugment` (crop 20-100 %, flip, jitter 0.4/0.4/0.4/0.1, grey; no blur).
     * ``shifts``: ``light``, then the domain shifts of :func:`shift_ops` (edge map, stripes, inversion, noise;
@@ -414,6 +432,11 @@ def build_recipe(name: str, *, image_size: int, flips: bool = True, own: Augment
         pipelines = [Compose(*ops)]
     elif name == "byol":
         pipelines = [_byol_view(flip_p, 1.0, 0.0, image_size), _byol_view(flip_p, 0.1, 0.2, image_size)]
+    elif name == "dino":
+        local = _dino_view((0.05, 0.4), dino_local_size(image_size), flip_p, 0.5, 0.0)
+        pipelines = [_dino_view((0.4, 1.0), image_size, flip_p, 1.0, 0.0),
+                     _dino_view((0.4, 1.0), image_size, flip_p, 0.1, 0.2), local]
+        return Recipe(name, pipelines, Normalize(mean, std) if mean is not None else None, repeat_last=True)
     elif name == "mae":
         pipelines = [RandomResizedCrop((0.2, 1.0), flip_p=flip_p)]
     elif name in ("light", "shifts"):
@@ -432,4 +455,4 @@ def build_recipe(name: str, *, image_size: int, flips: bool = True, own: Augment
 
 __all__ = ["AUGMENT_CHOICES", "RECIPES", "Augment", "ColorJitter", "Compose", "EdgeMap", "GaussianBlur",
            "GaussianNoise", "Grayscale", "Identity", "Invert", "MultiCrop", "Normalize", "RGBAugment",
-           "RandomResizedCrop", "Recipe", "Solarize", "StripeOverlay", "build_recipe", "shift_ops"]
+           "RandomResizedCrop", "Recipe", "Solarize", "StripeOverlay", "build_recipe", "dino_local_size", "shift_ops"]

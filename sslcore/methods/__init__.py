@@ -13,6 +13,7 @@ from .arcl import ArCL
 from .base import SSLMethod
 from .clustermim import ClusterMIM
 from .dear import DEAR
+from .dino import DINO
 from .mae import MAE
 from .mlm import MLM
 from .moco import MoCo
@@ -26,6 +27,7 @@ from .vlm import VLM
 METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR, "mae": MAE, "clustermim": ClusterMIM}
 METHODS.update({"moco": MoCo, "simsiam": SimSiam, "arcl": ArCL, "simclr-attn": SimCLRAttn,  # contrastive (MPCL, ArCL)
                 "simsiam-multi": SimSiamMulti, "nnclr": NNCLR})
+METHODS.update({"dino": DINO})  # baselines (issue 22)
 METHODS.update({"ar": AR, "mlm": MLM, "dear": DEAR, "vlm": VLM})  # token sequences (sequence_base.py)
 
 # Options the trainer passes to every method; a method whose constructor lacks one just does not get it.
@@ -74,6 +76,6 @@ def create_model(method: str, data, *, encoder: str, **options) -> SSLMethod:
     return get_method(method).create(data, encoder=encoder, **check_options(method, options))
 
 
-__all__ = ["AR", "COMMON_OPTIONS", "ClusterMIM", "DEAR", "MAE", "METHODS", "MLM", "ArCL", "MoCo", "NNCLR",
+__all__ = ["AR", "COMMON_OPTIONS", "ClusterMIM", "DEAR", "DINO", "MAE", "METHODS", "MLM", "ArCL", "MoCo", "NNCLR",
            "SSLMethod", "SimCLR", "SimCLRAttn", "SimSiam", "SimSiamMulti", "VLM", "check_options", "create_model",
            "get_method", "method_options", "option_parameters"]
