@@ -138,6 +138,21 @@ def _reseed(x, labels, dist, sums, counts):
     return sums, counts, move.sum()
 
 
+def _potentials(x: torch.Tensor, sq_norms: torch.Tensor, best: torch.Tensor, candidates: torch.Tensor):
+    """``sum_i min(best_i, |x_i - c_t|^2)`` for each candidate ``c_t`` (float64 [T]): one pass over ``x`` in
+    row chunks, distances by the expansion ``|x|^2 + |c|^2 - 2 x.c`` in the candidates' dtype (the centres':
+    fp32, fp64 for fp64 points; ``sq_norms`` = ``|x|^2`` in it; clamped at 0), as scikit-learn computes them,
+    summed in float64.  fp16/bf16 points are cast one chunk at a time."""
+    cc = (candidates * candidates).sum(1)
+    pot = torch.zeros(candidates.shape[0], dtype=torch.float64, device=x.device)
+    step = _row_chunk(x)
+    for i in range(0, x.shape[0], step):
+        rows = slice(i, i + step)
+        dist = torch.addmm(sq_norms[rows, None] + cc, x[rows].to(candidates.dtype), candidates.T, alpha=-2)
+        pot += torch.minimum(dist.clamp_min(0), best[rows, None].to(dist.dtype)).sum(0, dtype=torch.float64)
+    return pot
+
+
 def _is_tensor_out(x) -> bool:
     """Whether results for input ``x`` are torch tensors (torch in) or numpy arrays (anything else)."""
     return isinstance(x, torch.Tensor)
@@ -360,11 +375,13 @@ class KMeans:
         centre uniform; then ``2 + int(ln K)`` candidates drawn with probability proportional to the squared
         distance ``D_i`` to the nearest centre so far (inverse CDF of a float64 cumulative sum), and the
         candidate whose addition gives the lowest potential ``sum_i min(D_i, |x_i - c|^2)`` kept.  Per centre:
-        one pass over X for the candidates' potentials (:meth:`_potentials`) and one assignment against the
+        one pass over X for the candidates' potentials (:func:`_potentials`) and one assignment against the
         kept centre (its direct-difference distances update ``D``); all on the device, no host read."""
         k, (n, d) = self.n_clusters, x.shape
-        trials = 2 + int(math.log(k))
-        centers = torch.empty(k, d, device=x.device, dtype=_master_dtype(x.dtype))
+        trials, dtype = 2 + int(math.log(k)), _master_dtype(x.dtype)
+        step = _row_chunk(x)
+        sq_norms = torch.cat([(x[i:i + step].to(dtype) ** 2).sum(1) for i in range(0, n, step)])  # once
+        centers = torch.empty(k, d, device=x.device, dtype=dtype)
         centers[:1] = x.index_select(0, torch.randint(n, (1,), generator=g, device=x.device))
         best = self._assign(x, centers[:1])[1].double()
         for j in range(1, k):
@@ -374,26 +391,11 @@ class KMeans:
             cdf = torch.cumsum(weight, 0)
             u = torch.rand(trials, generator=g, device=x.device, dtype=torch.float64) * cdf[-1]
             candidates = torch.searchsorted(cdf, u).clamp_max(n - 1)
-            pot = self._potentials(x, best, x.index_select(0, candidates))
+            pot = _potentials(x, sq_norms, best, x.index_select(0, candidates).to(dtype))
             pick = candidates.index_select(0, torch.argmin(pot).reshape(1))  # not [0-dim]: that reads the host
             centers[j:j + 1] = x.index_select(0, pick)
             best = torch.minimum(best, self._assign(x, centers[j:j + 1])[1].double())
         return centers
-
-    @staticmethod
-    def _potentials(x: torch.Tensor, best: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """``sum_i min(best_i, |x_i - c_t|^2)`` for each candidate ``c_t`` (float64 [T]): one pass over ``x``
-        in row chunks, distances by the expansion ``|x|^2 + |c|^2 - 2 x.c`` in the centres' dtype (fp32,
-        fp64 for fp64 points; clamped at 0), as scikit-learn computes them."""
-        c = candidates.to(_master_dtype(x.dtype))
-        cc = (c * c).sum(1)
-        pot = torch.zeros(c.shape[0], dtype=torch.float64, device=x.device)
-        step = _row_chunk(x)
-        for i in range(0, x.shape[0], step):
-            xc = x[i:i + step].to(c.dtype)
-            dist = torch.addmm(((xc * xc).sum(1, keepdim=True) + cc), xc, c.T, alpha=-2).clamp_min(0)
-            pot += torch.minimum(dist.double(), best[i:i + step, None]).sum(0)
-        return pot
 
     def _update(self, x, labels, dist, centers):
         """One M-step on the device: the means of the clusters, every cluster left empty re-seeded first
