@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 import warnings
 
@@ -153,6 +154,11 @@ def _potentials(x: torch.Tensor, sq_norms: torch.Tensor, best: torch.Tensor, can
     return pot
 
 
+def _is_int(v) -> bool:
+    """An integer (Python or numpy: ``numbers.Integral``), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _is_tensor_out(x) -> bool:
     """Whether results for input ``x`` are torch tensors (torch in) or numpy arrays (anything else)."""
     return isinstance(x, torch.Tensor)
@@ -222,7 +228,7 @@ class KMeans:
     def _check_params(self):
         """A ``ValueError`` naming the first bad parameter."""
         n_clusters, init = self.n_clusters, self.init
-        if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
+        if not _is_int(n_clusters) or n_clusters < 1:
             raise ValueError(f"n_clusters must be an integer >= 1, got {n_clusters!r}")
         if isinstance(init, str):
             if init not in _INITS:
@@ -231,19 +237,19 @@ class KMeans:
             init = _as_points(init, "init")
             if init.shape[0] != n_clusters:
                 raise ValueError(f"init has {init.shape[0]} centres but n_clusters={n_clusters}")
-        if self.n_init != "auto" and (isinstance(self.n_init, bool) or not isinstance(self.n_init, int)
-                                      or self.n_init < 1):
+        if not (isinstance(self.n_init, str) and self.n_init == "auto") and (not _is_int(self.n_init)
+                                                                             or self.n_init < 1):
             raise ValueError(f"n_init must be 'auto' or an integer >= 1, got {self.n_init!r}")
-        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or self.max_iter < 1:
+        if not _is_int(self.max_iter) or self.max_iter < 1:
             raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
-        if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not math.isfinite(self.tol) \
+        if isinstance(self.tol, bool) or not isinstance(self.tol, numbers.Real) or not math.isfinite(self.tol) \
                 or self.tol < 0:
             raise ValueError(f"tol must be a finite number >= 0, got {self.tol!r}")
         rs = self.random_state
-        if rs is not None and (isinstance(rs, bool) or not isinstance(rs, int) or not 0 <= rs < 2 ** 63):
+        if rs is not None and (not _is_int(rs) or not 0 <= rs < 2 ** 63):
             raise ValueError(f"random_state must be None or an integer in [0, 2**63), got {rs!r}")
         bs = self.batch_size
-        if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 1):
+        if bs is not None and (not _is_int(bs) or bs < 1):
             raise ValueError(f"batch_size must be None or an integer >= 1, got {bs!r}")
         if self.backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
@@ -298,6 +304,11 @@ class KMeans:
     # Helpers.
 
     @property
+    def _k(self) -> int:
+        """``n_clusters`` as a Python int (a numpy integer, e.g. from a grid search, is accepted as given)."""
+        return int(self.n_clusters)
+
+    @property
     def _kernel_backend(self) -> str:
         return "auto" if self.backend == "faiss" else self.backend
 
@@ -316,7 +327,7 @@ class KMeans:
         """``random_state``, or for ``None`` a fresh seed from torch's default (CPU) generator."""
         if self.random_state is None:
             return int(torch.randint(2 ** 31 - 1, (1,)).tolist()[0])
-        return self.random_state
+        return int(self.random_state)
 
     @staticmethod
     def _new_generator(device, seed: int) -> torch.Generator:
@@ -327,13 +338,13 @@ class KMeans:
     def _n_runs(self) -> int:
         """Initialisations per fit: ``n_init``, with scikit-learn's ``"auto"`` rule; one for given centres."""
         if not isinstance(self.init, str):
-            if self.n_init not in ("auto", 1):
+            if not (isinstance(self.n_init, str) or self.n_init == 1):
                 warnings.warn(f"explicit initial centres passed: performing one initialisation in KMeans instead "
                               f"of n_init={self.n_init}", RuntimeWarning, stacklevel=3)
             return 1
-        if self.n_init == "auto":
+        if isinstance(self.n_init, str):  # "auto"
             return 10 if self.init == "random" else 1
-        return self.n_init
+        return int(self.n_init)
 
     def _check_k(self, n: int, name: str = "x"):
         if self.n_clusters > n:
@@ -360,7 +371,7 @@ class KMeans:
     def _init_centers(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """Initial centres [K, D] on ``x``'s device in the centres' dtype, with no host read: the given
         array, K distinct points (``"random"``), or greedy k-means++ (:meth:`_kmeans_plusplus`)."""
-        k, n, dtype = self.n_clusters, x.shape[0], _master_dtype(x.dtype)
+        k, n, dtype = self._k, x.shape[0], _master_dtype(x.dtype)
         if not isinstance(self.init, str):
             init = torch.as_tensor(self.init)
             if init.shape[1] != x.shape[1]:
@@ -377,7 +388,7 @@ class KMeans:
         candidate whose addition gives the lowest potential ``sum_i min(D_i, |x_i - c|^2)`` kept.  Per centre:
         one pass over X for the candidates' potentials (:func:`_potentials`) and one assignment against the
         kept centre (its direct-difference distances update ``D``); all on the device, no host read."""
-        k, (n, d) = self.n_clusters, x.shape
+        k, (n, d) = self._k, x.shape
         trials, dtype = 2 + int(math.log(k)), _master_dtype(x.dtype)
         step = _row_chunk(x)
         sq_norms = torch.cat([(x[i:i + step].to(dtype) ** 2).sum(1) for i in range(0, n, step)])  # once
@@ -400,7 +411,7 @@ class KMeans:
     def _update(self, x, labels, dist, centers):
         """One M-step on the device: the means of the clusters, every cluster left empty re-seeded first
         (:func:`_reseed`: the farthest points are moved into them).  Returns (centres, clusters re-seeded)."""
-        sums, counts = kmeans_update(x, labels, self.n_clusters, validate=False)
+        sums, counts = kmeans_update(x, labels, self._k, validate=False)
         sums, counts, moves = _reseed(x, labels, dist, sums.double(), counts)
         means = sums / counts.clamp_min(1)[:, None].double()
         return torch.where(counts[:, None] > 0, means, centers.double()).to(centers.dtype), moves
@@ -409,7 +420,7 @@ class KMeans:
         """Lloyd iterations with every quantity on the device.  The host reads whether the run is still
         going once every ``check_every`` iterations, and the history once at the end: an iteration after
         the stop only computes (its result is discarded), so results equal those of a check per iteration."""
-        k = self.n_clusters
+        k = self._k
         labels, dist = self._assign(x, centers)
         inertia = self._inertia(x, centers, labels, dist)
         zero = torch.zeros((), dtype=torch.int64, device=x.device)
@@ -493,7 +504,7 @@ class KMeans:
         self.inertia_ = inertia
         self.n_iter_ = n_iter
         self.inertia_history_ = history
-        self.counts_ = _counts(labels, self.n_clusters)
+        self.counts_ = _counts(labels, self._k)
         self.n_reseeded_ = reseeded
         return self
 
@@ -510,7 +521,7 @@ class KMeans:
         best = None
         for r in range(self._n_runs()):
             init = self._init_centers(x, g)
-            km = faiss.Kmeans(x.shape[1], self.n_clusters, niter=self.max_iter, seed=(seed + r) % 2 ** 31,
+            km = faiss.Kmeans(x.shape[1], self._k, niter=int(self.max_iter), seed=(seed + r) % 2 ** 31,
                               verbose=False, min_points_per_centroid=1, max_points_per_centroid=max(256, x.shape[0]))
             km.train(xn, init_centroids=np.ascontiguousarray(init.detach().float().cpu().numpy()))
             centers = torch.from_numpy(np.array(km.centroids, copy=True)).to(device=x.device, dtype=x.dtype)
@@ -520,7 +531,7 @@ class KMeans:
                 best = (centers, labels, inertia, [float(v) for v in np.asarray(km.obj)])
         self.cluster_centers_, self.labels_, self.inertia_, self.inertia_history_ = best
         self.n_iter_ = self.max_iter
-        self.counts_ = torch.bincount(self.labels_, minlength=self.n_clusters)
+        self.counts_ = torch.bincount(self.labels_, minlength=self._k)
         return self
 
     def _fit_minibatch(self, x):
@@ -528,10 +539,10 @@ class KMeans:
         g = self._new_generator(x.device, self._seed())
         self._generator = g
         # initialise on a random subset of 3 * batch_size points (scikit-learn's init_size), at least K
-        m = min(n, max(3 * bs, self.n_clusters))
+        m = min(n, max(3 * bs, self._k))
         sub = x[torch.randperm(n, generator=g, device=x.device)[:m]]
         self.cluster_centers_ = self._init_centers(sub, g)
-        self.counts_ = torch.zeros(self.n_clusters, dtype=torch.int64, device=x.device)
+        self.counts_ = torch.zeros(self._k, dtype=torch.int64, device=x.device)
         for _ in range(self.max_iter):
             perm = torch.randperm(n, generator=g, device=x.device)
             for i in range(0, n, bs):
@@ -548,7 +559,7 @@ class KMeans:
         i.e. each point moves its centre with learning rate 1 / (running count)."""
         centers = self.cluster_centers_
         labels, _ = self._assign(xb, centers)
-        sums, b = kmeans_update(xb, labels, self.n_clusters)
+        sums, b = kmeans_update(xb, labels, self._k)
         hit = b > 0
         old = self.counts_.double()
         new_counts = self.counts_ + b
@@ -574,13 +585,13 @@ class KMeans:
             self._generator = self._new_generator(x.device, self._seed())
             self.n_features_in_ = x.shape[1]
             self.cluster_centers_ = self._init_centers(x, self._generator)
-            self.counts_ = torch.zeros(self.n_clusters, dtype=torch.int64, device=x.device)
+            self.counts_ = torch.zeros(self._k, dtype=torch.int64, device=x.device)
         else:
             self._check_dim(x)
             self.cluster_centers_, self.counts_ = _tensor(self.cluster_centers_), _tensor(self.counts_)
             x = x.to(self.cluster_centers_.device)
             if self.counts_ is None:  # fitted by fit() with full batches: its counts become the prior
-                self.counts_ = torch.zeros(self.n_clusters, dtype=torch.int64, device=x.device)
+                self.counts_ = torch.zeros(self._k, dtype=torch.int64, device=x.device)
         self._minibatch_step(x)
         labels, _ = self._assign(x, self.cluster_centers_)
         self.labels_ = labels
@@ -628,11 +639,13 @@ class KMeans:
         self._check_fitted()
         init = self.init if isinstance(self.init, str) else torch.as_tensor(self.init).detach().cpu()
         counts = _tensor(self.counts_)
+        n_init = self.n_init if isinstance(self.n_init, str) else int(self.n_init)
         return {
             "format": _FORMAT,
-            "config": {"n_clusters": self.n_clusters, "n_init": self.n_init, "max_iter": self.max_iter,
-                       "tol": self.tol, "random_state": self.random_state, "batch_size": self.batch_size,
-                       "backend": self.backend},
+            "config": {"n_clusters": self._k, "n_init": n_init, "max_iter": int(self.max_iter), "tol": float(self.tol),
+                       "random_state": None if self.random_state is None else int(self.random_state),
+                       "batch_size": None if self.batch_size is None else int(self.batch_size),
+                       "backend": self.backend},  # Python numbers: torch.load(weights_only=True) refuses numpy
             "init": init,
             "cluster_centers": _tensor(self.cluster_centers_).detach().cpu(),
             "counts": None if counts is None else counts.detach().cpu(),

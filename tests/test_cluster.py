@@ -406,8 +406,20 @@ def test_scikit_learn_pipeline_and_grid_search():
     x = blobs(n_per=30, k=3, d=4, seed=6)[0].double().numpy()
     p = pipeline.make_pipeline(preprocessing.StandardScaler(), KMeans(3, random_state=0, backend="torch"))
     assert p.fit_predict(x).shape == (90,) and p.transform(x).shape == (90, 3) and p.score(x) < 0
-    search = model_selection.GridSearchCV(KMeans(random_state=0, backend="torch"), {"n_clusters": [1, 3]}, cv=3)
+    grid = {"n_clusters": np.array([1, 3])}  # numpy integers, as a grid search often passes them
+    search = model_selection.GridSearchCV(KMeans(random_state=0, backend="torch"), grid, cv=3)
     assert search.fit(x).best_params_ == {"n_clusters": 3}  # score: minus the inertia on held-out rows
+
+
+def test_numpy_integer_parameters_fit_and_save(tmp_path):
+    x = noisy(n=50, d=3).numpy()
+    km = KMeans(np.int64(3), n_init=np.int64(2), max_iter=np.int64(4), tol=np.float32(0.0),
+                random_state=np.int64(1), batch_size=None, backend="torch").fit(x)
+    assert km.cluster_centers_.shape == (3, 3) and km.n_iter_ <= 4
+    km.save(tmp_path / "km.pt")
+    back = KMeans.load(tmp_path / "km.pt")
+    assert (back.n_clusters, back.n_init, back.max_iter, back.random_state) == (3, 2, 4, 1)
+    np.testing.assert_array_equal(back.predict(x), km.labels_)
 
 
 def test_n_init_follows_scikit_learns_auto_rule(monkeypatch):
