@@ -246,8 +246,8 @@ class KMeans:
                 or self.tol < 0:
             raise ValueError(f"tol must be a finite number >= 0, got {self.tol!r}")
         rs = self.random_state
-        if rs is not None and (not _is_int(rs) or not 0 <= rs < 2 ** 63):
-            raise ValueError(f"random_state must be None or an integer in [0, 2**63), got {rs!r}")
+        if rs is not None and (not _is_int(rs) or not -2 ** 63 <= rs < 2 ** 64):  # torch.Generator's seeds
+            raise ValueError(f"random_state must be None or an integer in [-2**63, 2**64), got {rs!r}")
         bs = self.batch_size
         if bs is not None and (not _is_int(bs) or bs < 1):
             raise ValueError(f"batch_size must be None or an integer >= 1, got {bs!r}")

@@ -392,7 +392,9 @@ def test_scikit_learn_api_numpy_in_numpy_out():
     with pytest.raises(TypeError, match="random_state"):
         KMeans(3, seed=0)
     with pytest.raises(ValueError, match="random_state"):
-        KMeans(3, random_state=-1)
+        KMeans(3, random_state=2 ** 64)
+    with pytest.raises(ValueError, match="random_state"):
+        KMeans(3, random_state=1.5)
     with pytest.raises(ValueError, match="n_init"):
         KMeans(3, n_init="many")
     with pytest.raises(ValueError, match="sample_weight"):
