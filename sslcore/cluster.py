@@ -1,21 +1,25 @@
-"""k-means on the fused assignment / update kernels (``sslcore.kernels.kmeans``).
+"""k-means on the fused assignment / update kernels (``sslcore.kernels.kmeans``), with scikit-learn's API.
 
-:class:`KMeans` runs k-means++ initialisation and Lloyd iterations on the data's device, in the
-data's dtype (fp16/bf16 points keep fp32 centres, cast once per assignment): every
-nearest-centroid query goes through :func:`~sslcore.kernels.kmeans.kmeans_assign` (no N x K matrix
-on the Triton path) and every centroid update through :func:`~sslcore.kernels.kmeans.kmeans_update`
-(deterministic segment sums); the inertia, empty-cluster re-seeding and the convergence test stay
-on the device, read by the host once every ``check_every`` iterations (docs/architecture.md,
-"k-means").  ``partial_fit``
-streams mini-batches with scikit-learn ``MiniBatchKMeans`` semantics (per-centre counts, learning
-rate 1 / count), for data that does not fit in memory.  ``backend="faiss"`` runs ``faiss.Kmeans``
-(CPU) from the same initial centres, for comparison.
+:class:`KMeans` runs greedy k-means++ initialisation (scikit-learn's: ``2 + int(ln K)`` candidates per
+centre, the one that lowers the potential most kept) and Lloyd iterations on the data's device, in the
+data's dtype (fp16/bf16 points keep fp32 centres, cast once per assignment): every nearest-centroid query
+goes through :func:`~sslcore.kernels.kmeans.kmeans_assign` (no N x K matrix on the Triton path) and every
+centroid update through :func:`~sslcore.kernels.kmeans.kmeans_update` (deterministic segment sums); the
+initialisation, the inertia, empty-cluster re-seeding and the convergence test stay on the device, read
+by the host once every ``check_every`` iterations (docs/architecture.md, "k-means").  Names and methods
+are scikit-learn's (``fit``, ``predict``, ``fit_predict``, ``transform``, ``score``, ``get_params`` /
+``set_params``, so ``sklearn.base.clone`` works); numpy in, numpy out.  ``partial_fit`` streams
+mini-batches with scikit-learn ``MiniBatchKMeans`` semantics (per-centre counts, learning rate
+1 / count), for data that does not fit in memory.  ``backend="faiss"`` runs ``faiss.Kmeans`` (CPU) from
+the same initial centres, for comparison.
 """
 from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
+import warnings
 
 import torch
 
@@ -27,7 +31,8 @@ __all__ = ["KMeans"]
 
 _INITS = ("k-means++", "random")
 _BACKENDS = ("auto", "triton", "torch", "faiss")
-_FORMAT = 1
+_PARAMS = ("n_clusters", "init", "n_init", "max_iter", "tol", "random_state", "batch_size", "backend")
+_FORMAT = 2  # 1: config["seed"], now config["random_state"] (load reads both)
 _STATE_KEYS = ("format", "config", "init", "cluster_centers", "counts", "inertia", "n_iter", "n_steps",
                "inertia_history")
 
@@ -134,41 +139,96 @@ def _reseed(x, labels, dist, sums, counts):
     return sums, counts, move.sum()
 
 
-class KMeans:
-    """k-means clustering on the fused kernels.
+def _potentials(x: torch.Tensor, sq_norms: torch.Tensor, best: torch.Tensor, candidates: torch.Tensor):
+    """``sum_i min(best_i, |x_i - c_t|^2)`` for each candidate ``c_t`` (float64 [T]): one pass over ``x`` in
+    row chunks, distances by the expansion ``|x|^2 + |c|^2 - 2 x.c`` in the candidates' dtype (the centres':
+    fp32, fp64 for fp64 points; ``sq_norms`` = ``|x|^2`` in it; clamped at 0), as scikit-learn computes them,
+    summed in float64.  fp16/bf16 points are cast one chunk at a time."""
+    cc = (candidates * candidates).sum(1)
+    pot = torch.zeros(candidates.shape[0], dtype=torch.float64, device=x.device)
+    step = _row_chunk(x)
+    for i in range(0, x.shape[0], step):
+        rows = slice(i, i + step)
+        dist = torch.addmm(sq_norms[rows, None] + cc, x[rows].to(candidates.dtype), candidates.T, alpha=-2)
+        pot += torch.minimum(dist.clamp_min(0), best[rows, None].to(dist.dtype)).sum(0, dtype=torch.float64)
+    return pot
 
-    Parameters
+
+def _is_int(v) -> bool:
+    """An integer (Python or numpy: ``numbers.Integral``), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_tensor_out(x) -> bool:
+    """Whether results for input ``x`` are torch tensors (torch in) or numpy arrays (anything else)."""
+    return isinstance(x, torch.Tensor)
+
+
+def _tensor(v):
+    """A fitted attribute as a tensor (numpy arrays are wrapped without a copy); ``None`` stays ``None``."""
+    return None if v is None else torch.as_tensor(v)
+
+
+def _out(t: torch.Tensor, as_tensor: bool):
+    """``t`` as given to a torch caller, as a numpy array (on the CPU) to anyone else."""
+    return t if as_tensor else t.detach().cpu().numpy()
+
+
+class KMeans:
+    """k-means clustering on the fused kernels, with scikit-learn's names and behaviour.
+
+    Parameters (scikit-learn's, in its order; the last two are sslcore's)
     ----------
     n_clusters: number of centres K (>= 1, at most the number of points fitted).
-    init: ``"k-means++"`` (default), ``"random"`` (K distinct points), or a [K, D] tensor/array of
-        initial centres.
+    init: ``"k-means++"`` (default: greedy k-means++ as scikit-learn's, ``2 + int(ln K)`` candidates per
+        centre), ``"random"`` (K distinct points), or a [K, D] tensor/array of initial centres.
+    n_init: runs from different initialisations; the lowest inertia wins.  ``"auto"`` (default): 1 for
+        ``"k-means++"`` and an array, 10 for ``"random"`` (scikit-learn's rule); an array always runs once.
     max_iter: Lloyd iterations per run (with ``batch_size``: passes over the data).
     tol: stop when the squared centre shift, summed over centres, is at most ``tol`` times the
         mean per-feature variance of the data (scikit-learn's convention), or when no label changes.
-    n_init: runs from different seeded initialisations; the lowest inertia wins.
-    seed: seeds a ``torch.Generator`` on the data's device; same seed and data -> same result.
+    random_state: ``None`` (a seed drawn from torch's default generator at each fit, so
+        ``torch.manual_seed`` makes it repeatable) or an integer seeding a ``torch.Generator`` on the
+        data's device: same seed, data and device -> same result.  (Was ``seed=``: that name now raises.)
     batch_size: ``None`` -> full-batch Lloyd; an integer -> ``fit`` runs mini-batch k-means
         (``max_iter`` shuffled passes of ``partial_fit`` steps).
     backend: ``"auto"``/``"triton"``/``"torch"`` go to the kernels; ``"faiss"`` runs ``faiss.Kmeans``
         on CPU from this class's initial centres (for comparison).
 
     Attributes after fitting: ``cluster_centers_`` [K, D] (fp32 for fp16/bf16/fp32 points, fp64 for fp64),
-    ``labels_`` [N], ``inertia_`` (sum of squared distances, float64), ``n_iter_``, ``inertia_history_``
-    (inertia after the initial assignment and after each Lloyd iteration; non-increasing), ``counts_``
-    (points per centre; for ``partial_fit`` the running per-centre counts), ``n_reseeded_`` (empty
-    clusters re-seeded).
+    ``labels_`` [N], ``inertia_`` (sum of squared distances, a float), ``n_iter_``, ``n_features_in_``,
+    ``inertia_history_`` (inertia after the initial assignment and after each Lloyd iteration;
+    non-increasing), ``counts_`` (points per centre; for ``partial_fit`` the running per-centre counts),
+    ``n_reseeded_`` (empty clusters re-seeded).  Arrays are torch tensors on the data's device when the
+    data came as a tensor, numpy arrays otherwise; ``predict``, ``transform`` and ``fit_predict`` follow
+    their input the same way.
 
-    A full-batch fit keeps its Lloyd iterations on the device: the host reads whether the run has
-    stopped once every ``check_every`` iterations (a class attribute, 5) and the inertia history once
-    at the end, so a run that stops at iteration ``t`` computes up to ``check_every - 1`` more
-    iterations whose results are discarded; what it returns is what a check per iteration returns.
+    A full-batch fit keeps its initialisation and Lloyd iterations on the device: the host reads whether
+    the run has stopped once every ``check_every`` iterations (a class attribute, 5) and the inertia
+    history once at the end, so a run that stops at iteration ``t`` computes up to ``check_every - 1``
+    more iterations whose results are discarded; what it returns is what a check per iteration returns.
     """
 
     check_every = 5
 
-    def __init__(self, n_clusters: int, *, init="k-means++", max_iter: int = 100, tol: float = 1e-4,
-                 n_init: int = 1, seed: int = 0, batch_size: int | None = None, backend: str = "auto"):
-        if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
+    def __init__(self, n_clusters: int = 8, *, init="k-means++", n_init="auto", max_iter: int = 300,
+                 tol: float = 1e-4, random_state: int | None = None, batch_size: int | None = None,
+                 backend: str = "auto", **renamed):
+        if renamed:
+            name = next(iter(renamed))
+            if name == "seed":
+                raise TypeError("KMeans takes random_state= (scikit-learn's name), not seed=")
+            raise TypeError(f"KMeans got an unexpected keyword argument {name!r}")
+        # stored as given (sklearn.base.clone checks the identity of each parameter), checked at once
+        self.n_clusters, self.init, self.n_init, self.max_iter = n_clusters, init, n_init, max_iter
+        self.tol, self.random_state, self.batch_size, self.backend = tol, random_state, batch_size, backend
+        self._check_params()
+        self._reset()
+
+    def _check_params(self):
+        """A ``ValueError`` naming the first bad parameter."""
+        n_clusters, init = self.n_clusters, self.init
+        if not _is_int(n_clusters) or n_clusters < 1:
             raise ValueError(f"n_clusters must be an integer >= 1, got {n_clusters!r}")
         if isinstance(init, str):
             if init not in _INITS:
@@ -177,28 +237,56 @@ class KMeans:
             init = _as_points(init, "init")
             if init.shape[0] != n_clusters:
                 raise ValueError(f"init has {init.shape[0]} centres but n_clusters={n_clusters}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
-        if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
-            raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-        if isinstance(n_init, bool) or not isinstance(n_init, int) or n_init < 1:
-            raise ValueError(f"n_init must be an integer >= 1, got {n_init!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size < 1):
-            raise ValueError(f"batch_size must be None or an integer >= 1, got {batch_size!r}")
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-        self.n_clusters = n_clusters
-        self.init = init
-        self.max_iter = max_iter
-        self.tol = float(tol)
-        self.n_init = n_init
-        self.seed = seed
-        self.batch_size = batch_size
-        self.backend = backend
-        self._reset()
+        if not (isinstance(self.n_init, str) and self.n_init == "auto") and (not _is_int(self.n_init)
+                                                                             or self.n_init < 1):
+            raise ValueError(f"n_init must be 'auto' or an integer >= 1, got {self.n_init!r}")
+        if not _is_int(self.max_iter) or self.max_iter < 1:
+            raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
+        if isinstance(self.tol, bool) or not isinstance(self.tol, numbers.Real) or not math.isfinite(self.tol) \
+                or self.tol < 0:
+            raise ValueError(f"tol must be a finite number >= 0, got {self.tol!r}")
+        rs = self.random_state
+        if rs is not None and (not _is_int(rs) or not -2 ** 63 <= rs < 2 ** 64):  # torch.Generator's seeds
+            raise ValueError(f"random_state must be None or an integer in [-2**63, 2**64), got {rs!r}")
+        bs = self.batch_size
+        if bs is not None and (not _is_int(bs) or bs < 1):
+            raise ValueError(f"batch_size must be None or an integer >= 1, got {bs!r}")
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
+
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor's parameters by name (scikit-learn's estimator protocol; ``deep`` is ignored:
+        no parameter is an estimator)."""
+        return {name: getattr(self, name) for name in _PARAMS}
+
+    def set_params(self, **params) -> "KMeans":
+        """Set constructor parameters by name; returns ``self``.  An unknown name or a bad value raises
+        ``ValueError`` and leaves every parameter as it was.  The fitted state is kept (as scikit-learn)."""
+        for name in params:
+            if name not in _PARAMS:
+                hint = " (use random_state)" if name == "seed" else ""
+                raise ValueError(f"invalid parameter {name!r} for KMeans{hint}; valid parameters: {', '.join(_PARAMS)}")
+        old = self.get_params()
+        self.__dict__.update(params)
+        try:
+            self._check_params()
+        except ValueError:
+            self.__dict__.update(old)
+            raise
+        return self
+
+    def __sklearn_tags__(self):
+        """scikit-learn's estimator tags (a clusterer and transformer on dense float arrays), which its
+        pipelines and ``check_is_fitted`` ask for; only scikit-learn calls this, so it imports it here."""
+        from sklearn.utils import Tags, TargetTags, TransformerTags
+
+        tags = Tags(estimator_type="clusterer", target_tags=TargetTags(required=False),
+                    transformer_tags=TransformerTags(preserves_dtype=["float64", "float32"]))
+        tags.input_tags.sparse = False
+        return tags
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return self.cluster_centers_ is not None
 
     def _reset(self):
         self.cluster_centers_ = None
@@ -209,10 +297,16 @@ class KMeans:
         self.counts_ = None
         self.n_steps_ = 0
         self.n_reseeded_ = 0
+        self.n_features_in_ = None
         self._generator = None
 
     # -----------------------------------------------------------------------------------------
     # Helpers.
+
+    @property
+    def _k(self) -> int:
+        """``n_clusters`` as a Python int (a numpy integer, e.g. from a grid search, is accepted as given)."""
+        return int(self.n_clusters)
 
     @property
     def _kernel_backend(self) -> str:
@@ -229,10 +323,28 @@ class KMeans:
         direct = x.is_cuda and x.dtype != torch.float64 and resolve_backend(self._kernel_backend, x.device) == "triton"
         return dist.sum(dtype=torch.float64) if direct else _exact_inertia(x, centers, labels)
 
-    def _new_generator(self, device) -> torch.Generator:
+    def _seed(self) -> int:
+        """``random_state``, or for ``None`` a fresh seed from torch's default (CPU) generator."""
+        if self.random_state is None:
+            return int(torch.randint(2 ** 31 - 1, (1,)).tolist()[0])
+        return int(self.random_state)
+
+    @staticmethod
+    def _new_generator(device, seed: int) -> torch.Generator:
         g = torch.Generator(device=device)
-        g.manual_seed(self.seed)
+        g.manual_seed(seed)
         return g
+
+    def _n_runs(self) -> int:
+        """Initialisations per fit: ``n_init``, with scikit-learn's ``"auto"`` rule; one for given centres."""
+        if not isinstance(self.init, str):
+            if not (isinstance(self.n_init, str) or self.n_init == 1):
+                warnings.warn(f"explicit initial centres passed: performing one initialisation in KMeans instead "
+                              f"of n_init={self.n_init}", RuntimeWarning, stacklevel=3)
+            return 1
+        if isinstance(self.n_init, str):  # "auto"
+            return 10 if self.init == "random" else 1
+        return int(self.n_init)
 
     def _check_k(self, n: int, name: str = "x"):
         if self.n_clusters > n:
@@ -240,46 +352,66 @@ class KMeans:
 
     def _check_fitted(self):
         if self.cluster_centers_ is None:
-            raise ValueError("this KMeans is not fitted yet: call fit(x) or partial_fit(x) before predict")
+            raise ValueError("this KMeans is not fitted yet: call fit(x) or partial_fit(x) first")
 
     def _check_dim(self, x, name="x"):
         d = self.cluster_centers_.shape[1]
         if x.shape[1] != d:
             raise ValueError(f"{name} has dimension {x.shape[1]} but the centres have dimension {d}")
 
+    def _points_for_centres(self, x) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """``(points, centres, tensor out?)`` for a query on the fitted centres: checked, on their device."""
+        self._check_fitted()
+        as_tensor = _is_tensor_out(x)
+        x = _as_points(x)
+        self._check_dim(x)
+        centers = _tensor(self.cluster_centers_)
+        return x.to(centers.device), centers, as_tensor
+
     def _init_centers(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Initial centres [K, D] on ``x``'s device in the centres' dtype (k-means++ via running-min
-        distances, with no host read)."""
-        k, n, dtype = self.n_clusters, x.shape[0], _master_dtype(x.dtype)
-        if isinstance(self.init, torch.Tensor):
-            if self.init.shape[1] != x.shape[1]:
-                raise ValueError(f"init has dimension {self.init.shape[1]} but x has {x.shape[1]}")
-            return self.init.to(device=x.device, dtype=dtype).clone()
+        """Initial centres [K, D] on ``x``'s device in the centres' dtype, with no host read: the given
+        array, K distinct points (``"random"``), or greedy k-means++ (:meth:`_kmeans_plusplus`)."""
+        k, n, dtype = self._k, x.shape[0], _master_dtype(x.dtype)
+        if not isinstance(self.init, str):
+            init = torch.as_tensor(self.init)
+            if init.shape[1] != x.shape[1]:
+                raise ValueError(f"init has dimension {init.shape[1]} but x has {x.shape[1]}")
+            return init.to(device=x.device, dtype=dtype).clone()
         if self.init == "random":
-            idx = torch.randperm(n, generator=g, device=x.device)[:k]
-            return x[idx].to(dtype)
-        # k-means++: first centre uniform, then each next centre drawn with probability proportional
-        # to the squared distance to the nearest centre chosen so far (kept as a running minimum).
-        centers = torch.empty(k, x.shape[1], device=x.device, dtype=dtype)
-        first = torch.randint(n, (1,), generator=g, device=x.device)
-        centers[:1] = x.index_select(0, first)
-        _, best = self._assign(x, centers[:1])
-        best = best.double()
+            return x[torch.randperm(n, generator=g, device=x.device)[:k]].to(dtype)
+        return self._kmeans_plusplus(x, g)
+
+    def _kmeans_plusplus(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Greedy k-means++ (Arthur & Vassilvitskii 2007; scikit-learn's ``_kmeans_plusplus``): the first
+        centre uniform; then ``2 + int(ln K)`` candidates drawn with probability proportional to the squared
+        distance ``D_i`` to the nearest centre so far (inverse CDF of a float64 cumulative sum), and the
+        candidate whose addition gives the lowest potential ``sum_i min(D_i, |x_i - c|^2)`` kept.  Per centre:
+        one pass over X for the candidates' potentials (:func:`_potentials`) and one assignment against the
+        kept centre (its direct-difference distances update ``D``); all on the device, no host read."""
+        k, (n, d) = self._k, x.shape
+        trials, dtype = 2 + int(math.log(k)), _master_dtype(x.dtype)
+        step = _row_chunk(x)
+        sq_norms = torch.cat([(x[i:i + step].to(dtype) ** 2).sum(1) for i in range(0, n, step)])  # once
+        centers = torch.empty(k, d, device=x.device, dtype=dtype)
+        centers[:1] = x.index_select(0, torch.randint(n, (1,), generator=g, device=x.device))
+        best = self._assign(x, centers[:1])[1].double()
         for j in range(1, k):
+            # every point on a chosen centre (a zero or non-finite total): draw uniformly
             total = best.sum()
-            # every point on a chosen centre: a uniform draw
-            weight = torch.where((total > 0) & torch.isfinite(total), best / total, 1.0)
-            # torch.multinomial(weight, 1)'s own draw (argmax of weight / Exp(1) noise), without its host checks
-            idx = torch.argmax(weight / torch.empty_like(weight).exponential_(1, generator=g)).reshape(1)
-            centers[j:j + 1] = x.index_select(0, idx)
-            _, d = self._assign(x, centers[j:j + 1])
-            best = torch.minimum(best, d.double())
+            weight = torch.where((total > 0) & torch.isfinite(total), best, 1.0)
+            cdf = torch.cumsum(weight, 0)
+            u = torch.rand(trials, generator=g, device=x.device, dtype=torch.float64) * cdf[-1]
+            candidates = torch.searchsorted(cdf, u).clamp_max(n - 1)
+            pot = _potentials(x, sq_norms, best, x.index_select(0, candidates).to(dtype))
+            pick = candidates.index_select(0, torch.argmin(pot).reshape(1))  # not [0-dim]: that reads the host
+            centers[j:j + 1] = x.index_select(0, pick)
+            best = torch.minimum(best, self._assign(x, centers[j:j + 1])[1].double())
         return centers
 
     def _update(self, x, labels, dist, centers):
         """One M-step on the device: the means of the clusters, every cluster left empty re-seeded first
         (:func:`_reseed`: the farthest points are moved into them).  Returns (centres, clusters re-seeded)."""
-        sums, counts = kmeans_update(x, labels, self.n_clusters, validate=False)
+        sums, counts = kmeans_update(x, labels, self._k, validate=False)
         sums, counts, moves = _reseed(x, labels, dist, sums.double(), counts)
         means = sums / counts.clamp_min(1)[:, None].double()
         return torch.where(counts[:, None] > 0, means, centers.double()).to(centers.dtype), moves
@@ -288,7 +420,7 @@ class KMeans:
         """Lloyd iterations with every quantity on the device.  The host reads whether the run is still
         going once every ``check_every`` iterations, and the history once at the end: an iteration after
         the stop only computes (its result is discarded), so results equal those of a check per iteration."""
-        k = self.n_clusters
+        k = self._k
         labels, dist = self._assign(x, centers)
         inertia = self._inertia(x, centers, labels, dist)
         zero = torch.zeros((), dtype=torch.int64, device=x.device)
@@ -335,22 +467,34 @@ class KMeans:
         self.__dict__.update(trial.__dict__)
         return self
 
-    def fit(self, x, y=None):
-        """Cluster ``x`` [N, D]; returns ``self``.  A fit that fails leaves the estimator as it was."""
+    def _publish(self, as_tensor: bool):
+        """Fitted arrays as the caller's kind: tensors stay, numpy callers get numpy arrays (CPU)."""
+        for name in ("cluster_centers_", "labels_", "counts_"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, _out(_tensor(value), as_tensor))
+
+    def fit(self, x, y=None, sample_weight=None):
+        """Cluster ``x`` [N, D]; returns ``self``.  A fit that fails leaves the estimator as it was.
+        ``y`` is ignored (scikit-learn's signature); ``sample_weight`` must be ``None`` (not supported)."""
+        if sample_weight is not None:
+            raise ValueError("sample_weight is not supported by sslcore's KMeans: pass None")
+        as_tensor = _is_tensor_out(x)
         x = _as_points(x)
         self._check_k(x.shape[0])
-        return self._atomically(lambda trial: trial._fit(x))
+        return self._atomically(lambda trial: trial._fit(x)._publish(as_tensor))
 
     def _fit(self, x):
         self._reset()
+        self.n_features_in_ = x.shape[1]
         if self.backend == "faiss":
             return self._fit_faiss(x)
         if self.batch_size is not None:
             return self._fit_minibatch(x)
-        g = self._new_generator(x.device)
+        g = self._new_generator(x.device, self._seed())
         tol_abs = self._tol_abs(x)
         best = None
-        for _ in range(self.n_init):
+        for _ in range(self._n_runs()):
             run = self._lloyd(x, self._init_centers(x, g), tol_abs)
             if best is None or run[2] < best[2]:
                 best = run
@@ -360,7 +504,7 @@ class KMeans:
         self.inertia_ = inertia
         self.n_iter_ = n_iter
         self.inertia_history_ = history
-        self.counts_ = _counts(labels, self.n_clusters)
+        self.counts_ = _counts(labels, self._k)
         self.n_reseeded_ = reseeded
         return self
 
@@ -371,13 +515,14 @@ class KMeans:
             raise ImportError("backend='faiss' needs the faiss package (pip install faiss-cpu)") from e
         import numpy as np
 
-        g = self._new_generator(x.device)
+        seed = self._seed()
+        g = self._new_generator(x.device, seed)
         xn = np.ascontiguousarray(x.detach().float().cpu().numpy())
         best = None
-        for r in range(self.n_init):
+        for r in range(self._n_runs()):
             init = self._init_centers(x, g)
-            km = faiss.Kmeans(x.shape[1], self.n_clusters, niter=self.max_iter, seed=self.seed + r, verbose=False,
-                              min_points_per_centroid=1, max_points_per_centroid=max(256, x.shape[0]))
+            km = faiss.Kmeans(x.shape[1], self._k, niter=int(self.max_iter), seed=(seed + r) % 2 ** 31,
+                              verbose=False, min_points_per_centroid=1, max_points_per_centroid=max(256, x.shape[0]))
             km.train(xn, init_centroids=np.ascontiguousarray(init.detach().float().cpu().numpy()))
             centers = torch.from_numpy(np.array(km.centroids, copy=True)).to(device=x.device, dtype=x.dtype)
             labels, _ = self._assign(x, centers)
@@ -386,18 +531,18 @@ class KMeans:
                 best = (centers, labels, inertia, [float(v) for v in np.asarray(km.obj)])
         self.cluster_centers_, self.labels_, self.inertia_, self.inertia_history_ = best
         self.n_iter_ = self.max_iter
-        self.counts_ = torch.bincount(self.labels_, minlength=self.n_clusters)
+        self.counts_ = torch.bincount(self.labels_, minlength=self._k)
         return self
 
     def _fit_minibatch(self, x):
         n, bs = x.shape[0], self.batch_size
-        g = self._new_generator(x.device)
+        g = self._new_generator(x.device, self._seed())
         self._generator = g
         # initialise on a random subset of 3 * batch_size points (scikit-learn's init_size), at least K
-        m = min(n, max(3 * bs, self.n_clusters))
+        m = min(n, max(3 * bs, self._k))
         sub = x[torch.randperm(n, generator=g, device=x.device)[:m]]
         self.cluster_centers_ = self._init_centers(sub, g)
-        self.counts_ = torch.zeros(self.n_clusters, dtype=torch.int64, device=x.device)
+        self.counts_ = torch.zeros(self._k, dtype=torch.int64, device=x.device)
         for _ in range(self.max_iter):
             perm = torch.randperm(n, generator=g, device=x.device)
             for i in range(0, n, bs):
@@ -414,7 +559,7 @@ class KMeans:
         i.e. each point moves its centre with learning rate 1 / (running count)."""
         centers = self.cluster_centers_
         labels, _ = self._assign(xb, centers)
-        sums, b = kmeans_update(xb, labels, self.n_clusters)
+        sums, b = kmeans_update(xb, labels, self._k)
         hit = b > 0
         old = self.counts_.double()
         new_counts = self.counts_ + b
@@ -430,41 +575,61 @@ class KMeans:
         so it must hold at least ``n_clusters`` points); returns ``self``.  ``labels_`` and
         ``inertia_`` then describe this batch against the updated centres.  A step that fails
         leaves the estimator as it was."""
+        as_tensor = _is_tensor_out(x)
         x = _as_points(x)
-        return self._atomically(lambda trial: trial._partial_fit(x))
+        return self._atomically(lambda trial: trial._partial_fit(x)._publish(as_tensor))
 
     def _partial_fit(self, x):
         if self.cluster_centers_ is None:
             self._check_k(x.shape[0])
-            self._generator = self._new_generator(x.device)
+            self._generator = self._new_generator(x.device, self._seed())
+            self.n_features_in_ = x.shape[1]
             self.cluster_centers_ = self._init_centers(x, self._generator)
-            self.counts_ = torch.zeros(self.n_clusters, dtype=torch.int64, device=x.device)
+            self.counts_ = torch.zeros(self._k, dtype=torch.int64, device=x.device)
         else:
             self._check_dim(x)
+            self.cluster_centers_, self.counts_ = _tensor(self.cluster_centers_), _tensor(self.counts_)
             x = x.to(self.cluster_centers_.device)
             if self.counts_ is None:  # fitted by fit() with full batches: its counts become the prior
-                self.counts_ = torch.zeros(self.n_clusters, dtype=torch.int64, device=x.device)
+                self.counts_ = torch.zeros(self._k, dtype=torch.int64, device=x.device)
         self._minibatch_step(x)
         labels, _ = self._assign(x, self.cluster_centers_)
         self.labels_ = labels
         self.inertia_ = float(_exact_inertia(x, self.cluster_centers_, labels))
+        return self
 
-    def predict(self, x) -> torch.Tensor:
+    def predict(self, x):
         """Index of the nearest centre (int64 [N]) of each row of ``x``."""
-        self._check_fitted()
-        x = _as_points(x)
-        self._check_dim(x)
-        return self._assign(x.to(self.cluster_centers_.device), self.cluster_centers_)[0]
+        x, centers, as_tensor = self._points_for_centres(x)
+        return _out(self._assign(x, centers)[0], as_tensor)
 
-    def fit_predict(self, x, y=None) -> torch.Tensor:
-        return self.fit(x).labels_
+    def fit_predict(self, x, y=None, sample_weight=None):
+        """``fit(x).labels_``."""
+        return self.fit(x, sample_weight=sample_weight).labels_
 
-    def transform_distances(self, x) -> torch.Tensor:
-        """Squared distance (fp32 [N]) of each row of ``x`` to its nearest centre."""
-        self._check_fitted()
-        x = _as_points(x)
-        self._check_dim(x)
-        return self._assign(x.to(self.cluster_centers_.device), self.cluster_centers_)[1]
+    def transform(self, x):
+        """Euclidean distances (not squared, as scikit-learn's) of each row of ``x`` to every centre: [N, K]
+        in the centres' dtype, computed per row chunk (``torch.cdist``; no copy of ``x`` in that dtype)."""
+        x, centers, as_tensor = self._points_for_centres(x)
+        step = _row_chunk(x)
+        out = torch.cat([torch.cdist(x[i:i + step].to(centers.dtype), centers) for i in range(0, x.shape[0], step)])
+        return _out(out, as_tensor)
+
+    def fit_transform(self, x, y=None, sample_weight=None):
+        """``fit(x).transform(x)``."""
+        return self.fit(x, sample_weight=sample_weight).transform(x)
+
+    def score(self, x, y=None) -> float:
+        """Minus the inertia of ``x`` against the fitted centres (scikit-learn's: higher is better); one host
+        read for the value."""
+        x, centers, _ = self._points_for_centres(x)
+        labels, _ = self._assign(x, centers)
+        return -_to_host(_exact_inertia(x, centers, labels))
+
+    def transform_distances(self, x):
+        """Squared distance (fp32 [N]; fp64 for fp64 points) of each row of ``x`` to its nearest centre."""
+        x, centers, as_tensor = self._points_for_centres(x)
+        return _out(self._assign(x, centers)[1], as_tensor)
 
     # -----------------------------------------------------------------------------------------
     # Persistence.
@@ -472,15 +637,18 @@ class KMeans:
     def state_dict(self) -> dict:
         """Configuration and fitted state (tensors on CPU; ``labels_`` is not stored)."""
         self._check_fitted()
-        init = self.init if isinstance(self.init, str) else self.init.detach().cpu()
+        init = self.init if isinstance(self.init, str) else torch.as_tensor(self.init).detach().cpu()
+        counts = _tensor(self.counts_)
+        n_init = self.n_init if isinstance(self.n_init, str) else int(self.n_init)
         return {
             "format": _FORMAT,
-            "config": {"n_clusters": self.n_clusters, "max_iter": self.max_iter, "tol": self.tol,
-                       "n_init": self.n_init, "seed": self.seed, "batch_size": self.batch_size,
-                       "backend": self.backend},
+            "config": {"n_clusters": self._k, "n_init": n_init, "max_iter": int(self.max_iter), "tol": float(self.tol),
+                       "random_state": None if self.random_state is None else int(self.random_state),
+                       "batch_size": None if self.batch_size is None else int(self.batch_size),
+                       "backend": self.backend},  # Python numbers: torch.load(weights_only=True) refuses numpy
             "init": init,
-            "cluster_centers": self.cluster_centers_.detach().cpu(),
-            "counts": None if self.counts_ is None else self.counts_.detach().cpu(),
+            "cluster_centers": _tensor(self.cluster_centers_).detach().cpu(),
+            "counts": None if counts is None else counts.detach().cpu(),
             "inertia": self.inertia_,
             "n_iter": self.n_iter_,
             "n_steps": self.n_steps_,
@@ -488,7 +656,8 @@ class KMeans:
         }
 
     def load_state_dict(self, state: dict):
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        """Adopt a :meth:`state_dict`'s fitted state (as tensors)."""
+        if not isinstance(state, dict) or state.get("format") not in (1, _FORMAT):
             raise ValueError("not a KMeans state dict (missing or unknown 'format')")
         missing = [k for k in _STATE_KEYS if k not in state]
         if missing:
@@ -501,6 +670,7 @@ class KMeans:
             raise ValueError(f"state has {centers.shape[0]} centres but n_clusters={self.n_clusters}")
         self._reset()
         self.cluster_centers_ = centers
+        self.n_features_in_ = centers.shape[1]
         self.counts_ = state["counts"]
         self.inertia_ = state["inertia"]
         self.n_iter_ = state["n_iter"]
@@ -514,8 +684,9 @@ class KMeans:
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "KMeans":
-        """A fitted :class:`KMeans` from a file written by :meth:`save` (``torch.load(weights_only=True)``);
-        a ``ValueError`` naming the file when it is missing, unreadable or not a whole KMeans state."""
+        """A fitted :class:`KMeans` from a file written by :meth:`save` (``torch.load(weights_only=True)``;
+        format-1 files, with ``seed`` for ``random_state``, load too); a ``ValueError`` naming the file when
+        it is missing, unreadable or not a whole KMeans state."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise ValueError(f"KMeans file {path!r} does not exist")
@@ -525,13 +696,17 @@ class KMeans:
             raise ValueError(f"KMeans file {path!r} is corrupted or not a torch file: {e}") from None
         if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or "init" not in state:
             raise ValueError(f"{path!r} does not hold a KMeans state dict (written by KMeans.save)")
+        config = dict(state["config"])
+        if state.get("format") == 1 and "seed" in config:
+            config["random_state"] = config.pop("seed")
         try:
-            km = cls(**state["config"], init=state["init"])
+            km = cls(**config, init=state["init"])
             return km.load_state_dict(state)
         except (TypeError, ValueError) as e:
             raise ValueError(f"KMeans file {path!r} holds an unusable state: {e}") from None
 
     def __repr__(self):
-        return (f"KMeans(n_clusters={self.n_clusters}, init={self.init if isinstance(self.init, str) else 'array'!r}, "
-                f"max_iter={self.max_iter}, tol={self.tol}, n_init={self.n_init}, seed={self.seed}, "
+        init = self.init if isinstance(self.init, str) else "array"
+        return (f"KMeans(n_clusters={self.n_clusters}, init={init!r}, n_init={self.n_init!r}, "
+                f"max_iter={self.max_iter}, tol={self.tol}, random_state={self.random_state}, "
                 f"batch_size={self.batch_size}, backend={self.backend!r})")

@@ -147,7 +147,7 @@ class _KMeansTokenizer(_Tokenizer):
 
     def _fit(self, data, progress: bool) -> None:
         self._prepare(data)
-        km = KMeans(self.n_clusters, max_iter=self.max_iter, seed=self.seed, backend=self.backend)
+        km = KMeans(self.n_clusters, max_iter=self.max_iter, random_state=self.seed, backend=self.backend)
         desc = f"{self.kind} tokenizer"
         if isinstance(data, torch.Tensor):
             chunks = [self.patches(x).flatten(0, 1) for x in tqdm(_batches(data, self.batch_size), desc=desc,

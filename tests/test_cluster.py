@@ -3,8 +3,10 @@
 Without a GPU the kernels run through the Triton interpreter (tests/conftest.py), so sizes stay
 small: a few hundred points, K <= 8, D <= 16.
 """
+import contextlib
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -28,7 +30,7 @@ def noisy(n=300, d=6, seed=1):
 
 def test_lloyd_monotone():
     x = noisy()
-    km = KMeans(6, max_iter=15, tol=0.0, seed=3).fit(x)
+    km = KMeans(6, max_iter=15, tol=0.0, random_state=3).fit(x)
     h = km.inertia_history_
     assert len(h) == km.n_iter_ + 1 >= 3
     assert all(b <= a for a, b in zip(h, h[1:])), h
@@ -103,7 +105,7 @@ def test_fit_reads_the_host_once_every_few_iterations(monkeypatch, backend, data
     real, calls = cluster._to_host, []
     monkeypatch.setattr(cluster, "_to_host", lambda t: calls.append(t.numel()) or real(t))
     with _CountHostReads() as mode:
-        km = KMeans(6, max_iter=max_iter, tol=0.0, seed=0, backend=backend).fit(x)
+        km = KMeans(6, max_iter=max_iter, tol=0.0, random_state=0, backend=backend).fit(x)
     assert mode.reads == []
     every = KMeans.check_every
     # the input check; a check at each multiple of check_every below max_iter until the one after the stop
@@ -111,7 +113,7 @@ def test_fit_reads_the_host_once_every_few_iterations(monkeypatch, backend, data
     assert len(calls) <= 1 + min(math.ceil((km.n_iter_ + 1) / every), (max_iter - 1) // every) + 1, calls
     assert len(calls) < km.n_iter_ if data == "noisy" else km.n_iter_ < max_iter, (calls, km.n_iter_)
     monkeypatch.setattr(KMeans, "check_every", 1)
-    each = KMeans(6, max_iter=max_iter, tol=0.0, seed=0, backend=backend).fit(x)
+    each = KMeans(6, max_iter=max_iter, tol=0.0, random_state=0, backend=backend).fit(x)
     assert torch.equal(each.cluster_centers_, km.cluster_centers_) and torch.equal(each.labels_, km.labels_)
     assert (each.n_iter_, each.inertia_history_, each.n_reseeded_) == (km.n_iter_, km.inertia_history_,
                                                                        km.n_reseeded_)
@@ -119,19 +121,19 @@ def test_fit_reads_the_host_once_every_few_iterations(monkeypatch, backend, data
 
 def test_same_seed_same_result():
     x = noisy(n=200, d=5)
-    a = KMeans(5, seed=7, max_iter=5).fit(x)
-    b = KMeans(5, seed=7, max_iter=5).fit(x)
+    a = KMeans(5, random_state=7, max_iter=5).fit(x)
+    b = KMeans(5, random_state=7, max_iter=5).fit(x)
     assert torch.equal(a.cluster_centers_, b.cluster_centers_)
     assert torch.equal(a.labels_, b.labels_)
     assert a.inertia_ == b.inertia_
-    c = KMeans(5, seed=8, max_iter=5).fit(x)
+    c = KMeans(5, random_state=8, max_iter=5).fit(x)
     assert not torch.equal(a.cluster_centers_, c.cluster_centers_)
 
 
 def test_n_init_keeps_best():
     x = noisy(n=150, d=4)
-    runs = [KMeans(4, seed=11, max_iter=5, n_init=1).fit(x).inertia_]
-    best = KMeans(4, seed=11, max_iter=5, n_init=2).fit(x)
+    runs = [KMeans(4, random_state=11, max_iter=5, n_init=1).fit(x).inertia_]
+    best = KMeans(4, random_state=11, max_iter=5, n_init=2).fit(x)
     assert best.inertia_ <= runs[0] + 1e-9
 
 
@@ -164,7 +166,7 @@ def test_partial_fit_converges_on_blobs():
     x, y, centers = blobs(n_per=80, k=4, d=6, seed=2)
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
     x, y = x[perm], y[perm]
-    km = KMeans(4, seed=0)
+    km = KMeans(4, random_state=0)
     for _ in range(2):
         for i in range(0, x.shape[0], 64):
             km.partial_fit(x[i:i + 64])
@@ -189,14 +191,14 @@ def test_partial_fit_count_update_rule():
 
 def test_minibatch_fit():
     x, y, _ = blobs(n_per=50, k=3, d=4, seed=4)
-    km = KMeans(3, batch_size=50, max_iter=2, seed=1).fit(x)
+    km = KMeans(3, batch_size=50, max_iter=2, random_state=1).fit(x)
     from sklearn.metrics import adjusted_rand_score
     assert adjusted_rand_score(y.numpy(), km.labels_.numpy()) > 0.99
 
 
 def test_save_load_roundtrip(tmp_path):
     x, _, _ = blobs(n_per=30, k=3, d=5)
-    km = KMeans(3, max_iter=5, seed=2).fit(x)
+    km = KMeans(3, max_iter=5, random_state=2).fit(x)
     path = tmp_path / "km.pt"
     km.save(path)
     assert [p.name for p in tmp_path.iterdir()] == ["km.pt"]  # no temp file left behind
@@ -205,7 +207,7 @@ def test_save_load_roundtrip(tmp_path):
     assert back.inertia_ == km.inertia_ and back.n_iter_ == km.n_iter_
     assert back.inertia_history_ == km.inertia_history_
     assert torch.equal(back.predict(x), km.predict(x))
-    assert back.n_clusters == 3 and back.seed == 2 and back.max_iter == 5
+    assert back.n_clusters == 3 and back.random_state == 2 and back.max_iter == 5
     # a streamed model keeps its counts and can continue
     s = KMeans(3).partial_fit(x)
     s.save(path)
@@ -249,6 +251,211 @@ def test_bad_input():
         KMeans(2, backend="cuda")
     with pytest.raises(ValueError, match="batch_size"):
         KMeans(2, batch_size=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy k-means++ and scikit-learn's behaviour.
+
+
+def kmeans_plusplus_ref(x: np.ndarray, k: int, seed: int, trials: int | None = None) -> np.ndarray:
+    """Greedy k-means++ in float64 numpy, transcribed from scikit-learn's ``_kmeans_plusplus`` (1.9:
+    ``2 + int(log k)`` candidates by ``searchsorted`` of the cumulative squared distances, the one with
+    the lowest potential kept), drawing its random numbers from a CPU ``torch.Generator`` in KMeans's order
+    (one ``randint`` for the first centre, then ``rand(trials)`` per centre) so the centres must agree.
+    ``trials=1``: plain k-means++."""
+    g = torch.Generator().manual_seed(seed)
+    n, trials = x.shape[0], trials or 2 + int(np.log(k))
+    first = int(torch.randint(n, (1,), generator=g)[0])
+    centers, closest = [x[first]], ((x - x[first]) ** 2).sum(1)
+    for _ in range(1, k):
+        u = torch.rand(trials, generator=g, dtype=torch.float64).numpy() * closest.sum()
+        ids = np.minimum(np.searchsorted(np.cumsum(closest), u), n - 1)
+        dist = np.minimum(closest, ((x[None, :, :] - x[ids][:, None, :]) ** 2).sum(-1))  # [trials, n]
+        best = int(np.argmin(dist.sum(1)))
+        centers.append(x[ids[best]])
+        closest = dist[best]
+    return np.stack(centers)
+
+
+@pytest.mark.parametrize("dtype,backend", [(torch.float64, "torch"), (torch.float32, "torch"),
+                                           (torch.bfloat16, "torch"), (torch.float32, "triton")])
+def test_greedy_kmeans_plusplus_matches_a_transcription_of_scikit_learn(dtype, backend):
+    x = noisy(n=203, d=5, seed=4).to(dtype)
+    for k, seed in ((7, 0), (11, 5))[: 2 if backend == "torch" else 1]:  # 3 and 4 candidates per centre
+        km = KMeans(k, random_state=seed, backend=backend)
+        got = km._init_centers(x, km._new_generator(x.device, seed))
+        want = kmeans_plusplus_ref(x.double().numpy(), k, seed)
+        assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        np.testing.assert_array_equal(got.double().numpy(), want)
+    # the reference is greedy: its potential is below plain k-means++'s (one candidate) on average
+    pots = {t: [] for t in (1, 3)}
+    for seed in range(20):
+        for t in pots:
+            c = kmeans_plusplus_ref(x.double().numpy(), 7, seed, t)
+            pots[t].append(((x.double().numpy()[:, None] - c[None]) ** 2).sum(-1).min(1).sum())
+    assert np.mean(pots[3]) < 0.95 * np.mean(pots[1]), {t: np.mean(v) for t, v in pots.items()}
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch and scikit-learn on one thread: their thread pools fight on a shared, loaded CPU (a 400-point
+    fit took 0.5 s instead of 0.02 s)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpoolctl.threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_inertia_within_one_percent_of_scikit_learn_on_blobs():
+    """The issue's bar (#23 §2): 8-blob mixtures (``make_blobs``, 16-d as the review's), ``n_init=1`` on both
+    sides, the same seed number: sslcore's inertia within 1 % of scikit-learn's in >= 95 of 100 seeds
+    (measured: 98; scikit-learn itself, seeded differently, also 98).  The bar can fail: random
+    initialisation, same Lloyd, meets it in about 13 of 100 seeds."""
+    sklearn_cluster = pytest.importorskip("sklearn.cluster")
+    make_blobs = pytest.importorskip("sklearn.datasets").make_blobs
+    within, worse, random_within = 0, [], 0
+    with one_thread():
+        for seed in range(100):
+            x, _ = make_blobs(n_samples=400, centers=8, n_features=16, random_state=seed)
+            ref = sklearn_cluster.KMeans(8, n_init=1, random_state=seed).fit(x).inertia_
+            ours = KMeans(8, n_init=1, random_state=seed, backend="torch").fit(x).inertia_
+            within += ours <= 1.01 * ref
+            if ours > 1.01 * ref:
+                worse.append((seed, round(ours / ref, 3)))
+            if seed < 20:
+                random_init = KMeans(8, init="random", n_init=1, random_state=seed, backend="torch").fit(x)
+                random_within += random_init.inertia_ <= 1.01 * ref
+    assert within >= 95, worse
+    assert random_within < 19, random_within  # below the bar's 95 %: the comparison discriminates
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_fit_within_one_percent_of_scikit_learn(dtype):
+    """The bar on CUDA through the Triton kernel (bf16 points keep fp32 centres; fp32 multiplies in TF32):
+    20 blob mixtures, >= 19 within 1 % of scikit-learn's inertia, measured on the points as given to it."""
+    sklearn_cluster = pytest.importorskip("sklearn.cluster")
+    make_blobs = pytest.importorskip("sklearn.datasets").make_blobs
+    within = 0
+    for seed in range(20):
+        x, _ = make_blobs(n_samples=4000, centers=8, n_features=16, random_state=seed)
+        xd = torch.from_numpy(x).to("cuda", dtype)
+        ref = sklearn_cluster.KMeans(8, n_init=1, random_state=seed).fit(xd.double().cpu().numpy()).inertia_
+        km = KMeans(8, n_init=1, random_state=seed, backend="triton").fit(xd)
+        assert km.cluster_centers_.device.type == "cuda" and km.cluster_centers_.dtype == torch.float32
+        within += km.inertia_ <= 1.01 * ref
+    assert within >= 19, within
+
+
+def test_scikit_learn_api_numpy_in_numpy_out():
+    sklearn_base = pytest.importorskip("sklearn.base")
+    x, _, _ = blobs(n_per=30, k=3, d=4, seed=5)
+    xn = x.double().numpy()
+    km = KMeans(3, random_state=0, backend="torch")
+    assert km.fit(xn) is km
+    assert isinstance(km.cluster_centers_, np.ndarray) and km.cluster_centers_.dtype == np.float64
+    assert isinstance(km.labels_, np.ndarray) and km.labels_.shape == (90,) and km.n_features_in_ == 4
+    assert isinstance(km.counts_, np.ndarray) and isinstance(km.inertia_, float)
+    labels = km.predict(xn)
+    np.testing.assert_array_equal(labels, km.labels_)
+    dist = km.transform(xn)  # Euclidean, not squared, as scikit-learn's
+    want = np.sqrt(((xn[:, None, :] - km.cluster_centers_[None]) ** 2).sum(-1))
+    assert isinstance(dist, np.ndarray) and dist.shape == (90, 3)
+    np.testing.assert_allclose(dist, want, rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(dist.argmin(1), labels)
+    assert km.score(xn) == pytest.approx(-km.inertia_, rel=1e-12)
+    assert km.score(xn[:10]) == pytest.approx(-(dist[:10].min(1) ** 2).sum(), rel=1e-9)
+    np.testing.assert_allclose(km.fit_transform(xn), dist, rtol=1e-12)
+    np.testing.assert_array_equal(km.fit_predict(xn), labels)
+    # torch in, torch out (also from a model fitted on numpy)
+    assert isinstance(km.predict(x), torch.Tensor) and isinstance(km.transform(x), torch.Tensor)
+    kt = KMeans(3, random_state=0, backend="torch").fit(x)
+    assert all(isinstance(v, torch.Tensor) for v in (kt.cluster_centers_, kt.labels_, kt.counts_))
+    assert kt.cluster_centers_.dtype == torch.float32 and isinstance(kt.predict(xn), np.ndarray)
+    # partial_fit follows its input too, and continues from numpy state
+    s = KMeans(3, random_state=1, backend="torch").partial_fit(xn).partial_fit(xn)
+    assert isinstance(s.cluster_centers_, np.ndarray) and int(s.counts_.sum()) == 180
+    # clone: same parameters, not fitted; get_params / set_params
+    c = sklearn_base.clone(km)
+    assert c.get_params() == km.get_params() and c.cluster_centers_ is None
+    assert km.get_params()["random_state"] == 0 and km.get_params()["n_init"] == "auto"
+    assert km.set_params(n_clusters=2, max_iter=10) is km and (km.n_clusters, km.max_iter) == (2, 10)
+    with pytest.raises(ValueError, match="invalid parameter 'seed'.*random_state"):
+        km.set_params(seed=1)
+    with pytest.raises(ValueError, match="max_iter"):
+        km.set_params(n_clusters=4, max_iter=0)
+    assert (km.n_clusters, km.max_iter) == (2, 10)  # a refused set_params changes nothing
+    with pytest.raises(TypeError, match="random_state"):
+        KMeans(3, seed=0)
+    with pytest.raises(ValueError, match="random_state"):
+        KMeans(3, random_state=2 ** 64)
+    with pytest.raises(ValueError, match="random_state"):
+        KMeans(3, random_state=1.5)
+    with pytest.raises(ValueError, match="n_init"):
+        KMeans(3, n_init="many")
+    with pytest.raises(ValueError, match="sample_weight"):
+        KMeans(3).fit(xn, sample_weight=np.ones(90))
+
+
+def test_scikit_learn_pipeline_and_grid_search():
+    pipeline = pytest.importorskip("sklearn.pipeline")
+    preprocessing = pytest.importorskip("sklearn.preprocessing")
+    model_selection = pytest.importorskip("sklearn.model_selection")
+    x = blobs(n_per=30, k=3, d=4, seed=6)[0].double().numpy()
+    p = pipeline.make_pipeline(preprocessing.StandardScaler(), KMeans(3, random_state=0, backend="torch"))
+    assert p.fit_predict(x).shape == (90,) and p.transform(x).shape == (90, 3) and p.score(x) < 0
+    grid = {"n_clusters": np.array([1, 3])}  # numpy integers, as a grid search often passes them
+    search = model_selection.GridSearchCV(KMeans(random_state=0, backend="torch"), grid, cv=3)
+    assert search.fit(x).best_params_ == {"n_clusters": 3}  # score: minus the inertia on held-out rows
+
+
+def test_numpy_integer_parameters_fit_and_save(tmp_path):
+    x = noisy(n=50, d=3).numpy()
+    km = KMeans(np.int64(3), n_init=np.int64(2), max_iter=np.int64(4), tol=np.float32(0.0),
+                random_state=np.int64(1), batch_size=None, backend="torch").fit(x)
+    assert km.cluster_centers_.shape == (3, 3) and km.n_iter_ <= 4
+    km.save(tmp_path / "km.pt")
+    back = KMeans.load(tmp_path / "km.pt")
+    assert (back.n_clusters, back.n_init, back.max_iter, back.random_state) == (3, 2, 4, 1)
+    np.testing.assert_array_equal(back.predict(x), km.labels_)
+
+
+def test_n_init_follows_scikit_learns_auto_rule(monkeypatch):
+    x = noisy(n=60, d=3)
+    runs = []
+    real = KMeans._init_centers
+    monkeypatch.setattr(KMeans, "_init_centers", lambda self, *a: runs.append(1) or real(self, *a))
+    for init, n_init, expected in (("k-means++", "auto", 1), ("random", "auto", 10), ("k-means++", 3, 3)):
+        runs.clear()
+        KMeans(3, init=init, n_init=n_init, max_iter=2, random_state=0, backend="torch").fit(x)
+        assert len(runs) == expected, (init, n_init)
+    runs.clear()
+    with pytest.warns(RuntimeWarning, match="one initialisation"):
+        KMeans(3, init=x[:3].clone(), n_init=3, max_iter=2, backend="torch").fit(x)
+    assert len(runs) == 1
+
+
+def test_random_state_none_follows_torch_manual_seed():
+    x = noisy(n=80, d=3)
+    torch.manual_seed(123)
+    a = KMeans(4, max_iter=3, backend="torch").fit(x).cluster_centers_
+    torch.manual_seed(123)
+    b = KMeans(4, max_iter=3, backend="torch").fit(x).cluster_centers_
+    assert torch.equal(a, b)
+
+
+def test_loads_a_format_1_file_with_seed(tmp_path):
+    x = noisy(n=40, d=3)
+    state = KMeans(3, random_state=4, max_iter=3, backend="torch").fit(x).state_dict()
+    config = dict(state["config"])
+    config["seed"], config["n_init"] = config.pop("random_state"), 1  # format 1: seed, an integer n_init
+    torch.save({**state, "format": 1, "config": config}, tmp_path / "old.pt")
+    back = KMeans.load(tmp_path / "old.pt")
+    assert back.random_state == 4 and torch.equal(back.cluster_centers_, state["cluster_centers"])
 
 
 # ---------------------------------------------------------------------------------------------
