@@ -995,8 +995,9 @@ def _graph_rows(num_nodes, esize):
 
 def _graph_tile(num_nodes, d, esize):
     """Rows of a graph's backward tiles: the largest power of two (at least 16) whose N_BUFFERS square tiles and
-    the two fp32 [N, D] accumulators (dV, dQ) fit in CHUNK_BYTES; at most N."""
-    room = (CHUNK_BYTES - 2 * 4 * num_nodes * d) // (N_BUFFERS * esize)
+    the two fp32 [N, D] accumulators (dV, dQ) fit in CHUNK_BYTES, the tiles at least a quarter of it (a large
+    graph's accumulators, O(N D) like its input, do not shrink them further); at most N."""
+    room = max(CHUNK_BYTES - 2 * 4 * num_nodes * d, CHUNK_BYTES // 4) // (N_BUFFERS * esize)
     tile = 16
     while (2 * tile) ** 2 <= room:
         tile *= 2
