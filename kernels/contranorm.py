@@ -1,23 +1,28 @@
 """ContraNorm's update ``H - s * softmax(H_hat H_hat^T / tau) H`` (and the LayerNorm after it) without an L x L matrix.
 
 The attention part, ``Y = softmax(scale * Q Q^T) V`` with ``Q = H_hat`` (rows L2-normalised) and
-``V = H``, runs over *chunks*: a few whole sequences of a batch [B, L, D], or a block of R rows of a
-graph [N, D] against all N nodes.  Each matrix product is one cuBLAS call over the chunk; every
-elementwise step (masks, the softmax, its gradient) is one fused Triton kernel that works in place,
-so a chunk needs at most three L x L (R x N) buffers and nothing of them is kept for backward.  With
-``P = softmax(scale S)`` (masked pairs 0) and ``G = dL/dY``, per chunk c:
+``V = H``, runs over *chunks*: a few whole sequences of a batch [B, L, D]; for a graph [N, D], forward
+a block of R rows against all N nodes, backward a *tile pair*, row blocks I <= J of a graph's nodes.
+Each matrix product is one cuBLAS call over the chunk; every elementwise step (masks, the softmax, its
+gradient) is one fused Triton kernel that works in place, so a chunk needs at most three buffers and
+nothing of them is kept for backward.  With ``P = softmax(scale S)`` (masked pairs 0) and ``G = dL/dY``,
+per chunk c:
 
     forward    S = Q_c Q^T;   P  (dual: W = P + P^T);   Y_c = P V
-    backward   S = Q_c Q^T;   dPr = G_c V^T;   (row chunks of a graph: dPc = V_c G^T)
+    backward   S = Q_c Q^T;   dPr = G_c V^T;
                A_ij = P_ji (dual: W_ij),   T_ij = scale [P_ij (dP_ij - delta_i) + P_ji (dP_ji - delta_j)];
                dV_c += A G;   dQ_c = T Q
 
-where ``dP_ij = dPr_ij`` and ``dP_ji = dPr_ji``, read from the transposed tile where the chunk is whole
-sequences (one program per tile pair (I, J), (J, I): T is symmetric) and ``dPc_ij`` in a graph's row
-chunks (dual: both ``dPr_ij + dPr_ji``), and ``delta_i = sum_j P_ij dP_ij`` (``= G_i . Y_i`` without
-dual).  S is symmetric, so ``P_ji = exp(scale S_ij - LSE_j)`` comes from the same element as ``P_ij``.
-Forward + backward: **6 L x L x D matmul passes** on sequences (2 + 4), 7 on a graph's row chunks,
-with no S recomputed per output chunk.
+where ``dP_ij = dPr_ij`` and ``dP_ji = dPr_ji`` is read from the transposed tile (one program per tile
+pair (I, J), (J, I) of the chunk's sequences: T is symmetric; dual: both ``dPr_ij + dPr_ji``), and
+``delta_i = sum_j P_ij dP_ij`` (``= G_i . Y_i`` without dual).  S is symmetric, so
+``P_ji = exp(scale S_ij - LSE_j)`` comes from the same element as ``P_ij``.  A graph's tile pair computes
+``S_IJ = Q_I Q_J^T`` once for both tiles, ``dP_IJ = G_I V_J^T`` and ``dP_JI^T = V_I G_J^T`` (so ``dP_ji`` is
+an element at [i, j] too), one kernel turns them into ``A``, ``T`` and ``P_IJ``, and the products add
+``dV_I += A G_J``, ``dQ_I += T Q_J`` and, off the diagonal, ``dV_J += P_IJ^T G_I``, ``dQ_J += T^T Q_I``
+into fp32 accumulators.  Forward + backward: **6 L x L x D matmul passes** on sequences (2 + 4),
+``5.5 + 1.5 sum_I R_I^2 / N^2`` on a graph (5.55 at N = 131,072 in tiles of 4096), with no S recomputed
+per output chunk.
 
 Around the chunks, four row kernels (each a whole row of D per program, fp32 arithmetic, input-dtype
 memory) do the rest: ``Q = H_hat`` and the reciprocal norms; ``H - s Y`` (``identity``:
@@ -516,22 +521,38 @@ if HAS_TRITON:
         tl.store(S + offs, p.to(S.dtype.element_ty), mask=inb)
 
     @triton.jit
-    def _grads_kernel(S, DPR, DPC, LSE, DELTA, VALID, R, C, CP, row0, scale2, scale,
-                      HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        """A graph's row chunks, in place: ``S <- A = P_cr``, ``DPR <- T`` from ``dPr``, ``dPc`` (module docstring)."""
-        pid_c, pid_r, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        offs, inb, keep, stat_r, stat_c, rmask, cmask = _tile(b, pid_r, pid_c, R, C, CP, row0, VALID, HAS_VALID,
-                                                               BLOCK_R, BLOCK_C)
-        s, keep = _logits(S, offs, inb, keep, scale2)
-        d_r = tl.load(DELTA + stat_r, mask=rmask, other=0.0)
-        d_c = tl.load(DELTA + stat_c, mask=cmask, other=0.0)
-        p_rc = tl.where(keep, tl.exp2(s - _lse2(LSE, stat_r, rmask)[:, None]), 0.0)
-        p_cr = tl.where(keep, tl.exp2(s - _lse2(LSE, stat_c, cmask)[None, :]), 0.0)
-        dpr = tl.load(DPR + offs, mask=inb, other=0.0).to(tl.float32)
-        dpc = tl.load(DPC + offs, mask=inb, other=0.0).to(tl.float32)
-        t = tl.where(keep, p_rc * (dpr - d_r[:, None]) + p_cr * (dpc - d_c[None, :]), 0.0)
+    def _tile_grads_kernel(S, DPA, DPB, LSE, DELTA, rows, cols, CP, row0, col0, scale2, scale,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """A graph's tile (I, J): rows ``row0 + r``, columns ``col0 + c``, ``DPA = dP_IJ`` and ``DPB = (dP_JI)^T``
+        (both indexed [i, j]).  In place: ``S <- P_ji`` (A of rows I), ``DPA <- T_ij`` (T of both, T is symmetric),
+        ``DPB <- P_ij`` (A of rows J, transposed)."""
+        pid_c, pid_r = tl.program_id(0), tl.program_id(1)
+        r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        inb = (r < rows)[:, None] & (c < CP)[None, :]
+        offs = r.to(tl.int64)[:, None] * CP + c[None, :]
+        s, keep = _logits(S, offs, inb, (r < rows)[:, None] & (c < cols)[None, :], scale2)
+        p_rc = tl.where(keep, tl.exp2(s - _lse2(LSE, row0 + r, r < rows)[:, None]), 0.0)
+        p_cr = tl.where(keep, tl.exp2(s - _lse2(LSE, col0 + c, c < cols)[None, :]), 0.0)
+        d_r = tl.load(DELTA + row0 + r, mask=r < rows, other=0.0)[:, None]
+        d_c = tl.load(DELTA + col0 + c, mask=c < cols, other=0.0)[None, :]
+        dpa = tl.load(DPA + offs, mask=inb, other=0.0).to(tl.float32)
+        dpb = tl.load(DPB + offs, mask=inb, other=0.0).to(tl.float32)
+        t = tl.where(keep, p_rc * (dpa - d_r) + p_cr * (dpb - d_c), 0.0) * scale
         tl.store(S + offs, p_cr.to(S.dtype.element_ty), mask=inb)
-        tl.store(DPR + offs, (t * scale).to(DPR.dtype.element_ty), mask=inb)
+        tl.store(DPA + offs, t.to(DPA.dtype.element_ty), mask=inb)
+        tl.store(DPB + offs, p_rc.to(DPB.dtype.element_ty), mask=inb)
+
+    @triton.jit
+    def _mask_tile_kernel(S, KEYS, n_keys, n, row0, col0, cols, CP, BLOCK: tl.constexpr):
+        """``S_ij = -inf`` for the excluded pairs ``KEYS = i * n + j`` (the keys of rows I) whose j lies in the
+        tile's columns ``col0 .. col0 + cols``."""
+        k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        key = tl.load(KEYS + k, mask=k < n_keys, other=0)
+        i = key // n - row0
+        j = key % n - col0
+        minus_inf = tl.full([BLOCK], float("-inf"), tl.float32).to(S.dtype.element_ty)
+        tl.store(S + i * CP + j, minus_inf, mask=(k < n_keys) & (j >= 0) & (j < cols))
 
     @triton.jit
     def _pair(S, DPR, LSE, VALID, b, pid_r, pid_c, C, CP, scale2, HAS_VALID: tl.constexpr, BLOCK: tl.constexpr):
@@ -607,6 +628,7 @@ if HAS_TRITON:
 # thread ("pair": square tiles and their mirrors, ~70 registers: 7 programs an SM); tests/test_compile.py
 # compiles them for sm_80/sm_90a.
 TILES = {"lse": (32, 256, 4), "probs": (32, 256, 4), "grads": (32, 128, 4), "pair": (32, 32, 4)}
+MASK_TILE = (1024, 4)  # (keys, num_warps) per program of the graph's -inf scatter
 INTERP_TILE = (16, 16)  # under the interpreter: small, so test shapes span several tiles
 # Row kernels: all of D in one tile (up to MAX_ROW_D; wider rows run the torch row stages, whose registers
 # would spill), ROW_ELEMS elements per program of 8 warps (8 a thread: 16-byte bf16 vectors); the backward's
@@ -660,9 +682,16 @@ def record_launches():
 
 
 def _bmm(a, b, out, add=False):
-    """``out = a @ b`` (``add``: ``out += a @ b``, cuBLAS reading ``out`` as its C), batched, logged."""
+    """``out = a @ b`` (``add``: ``out += a @ b``, cuBLAS reading ``out`` as its C), batched, logged.  An fp32
+    ``out`` with half-precision ``a``, ``b`` (add only) is cuBLAS's fp32 C and output (``out_dtype``); the CPU,
+    which has no such kernel, multiplies fp32 copies."""
     for log in _LOGS:
         log.matmuls.append(2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2])
+    if out.dtype != a.dtype:
+        assert add, "a product of mixed dtypes only accumulates"
+        if out.device.type == "cpu":
+            return out.baddbmm_(a.to(out.dtype), b.to(out.dtype))
+        return torch.baddbmm(out, a, b, out_dtype=out.dtype, out=out)
     return out.baddbmm_(a, b) if add else torch.bmm(a, b, out=out)
 
 
@@ -672,10 +701,11 @@ def _span(t):
 
 
 def _launch(kernel, name, grid, args, meta, num_warps, moved):
-    """Launch ``kernel`` and log ``name`` with the bytes of ``moved`` (the tensors it reads, then writes)."""
+    """Launch ``kernel`` and log ``name`` with the bytes of ``moved`` (the tensors it reads, then writes; an int:
+    bytes of scattered accesses)."""
     for log in _LOGS:
         log.kernels.append(name)
-        log.kernel_bytes.append(sum(_span(t) for t in moved if t is not None))
+        log.kernel_bytes.append(sum(t if isinstance(t, int) else _span(t) for t in moved if t is not None))
     _run(kernel, grid, args, meta, num_warps)
 
 
@@ -742,10 +772,10 @@ class _TritonRows:
         return out, mean, rstd
 
     @staticmethod
-    def combine_bwd(go, h, y, valid, s, s_vec, identity, w, ln, mean, rstd, want_delta, want_ds, want_dln):
+    def combine_bwd(go, h, y, valid, s, s_vec, identity, w, ln, mean, rstd, want_delta, want_ds, want_dln, acc):
         m, d = h.numel() // h.shape[-1], h.shape[-1]
         g = new_output(h.shape, device=h.device, dtype=h.dtype)
-        dacc = new_output(h.shape, device=h.device, dtype=h.dtype)
+        dacc = new_output(h.shape, device=h.device, dtype=acc)
         delta = new_output(h.shape[:-1], device=h.device, dtype=torch.float32) if want_delta else None
         bm, bd, warps = _row_tile(d)
         n_blocks = cdiv(m, bm)
@@ -766,12 +796,12 @@ class _TritonRows:
         return g, dacc, delta, *sums
 
     @staticmethod
-    def finish(dacc, dq, h, r):
+    def finish(dacc, dq, h, r, out):
         m, d = h.numel() // h.shape[-1], h.shape[-1]
         bm, bd, warps = _row_tile(d)
-        _launch(_finish_kernel, "finish", (cdiv(m, bm),), (dacc, dq, h, r, dacc, m, d), dict(BLOCK_M=bm, BLOCK_D=bd),
-                warps, (dacc, dq, h, r, dacc))
-        return dacc
+        _launch(_finish_kernel, "finish", (cdiv(m, bm),), (dacc, dq, h, r, out, m, d), dict(BLOCK_M=bm, BLOCK_D=bd),
+                warps, (dacc, dq, h, r, out))
+        return out
 
 
 class _TorchRows:
@@ -806,7 +836,8 @@ class _TorchRows:
         return out.to(h.dtype), mean, rstd
 
     @classmethod
-    def combine_bwd(cls, go, h, y, valid, s, s_vec, identity, w, ln, mean, rstd, want_delta, want_ds, want_dln):
+    def combine_bwd(cls, go, h, y, valid, s, s_vec, identity, w, ln, mean, rstd, want_delta, want_ds, want_dln,
+                    acc):
         wide = _wide(h)
         go, x, yw = go.to(wide), h.to(wide), y.to(wide)
         sv = s if s_vec is None else s_vec.to(wide)
@@ -826,13 +857,13 @@ class _TorchRows:
         if want_ds:
             sums[0] = torch.where(keep, du * (x - yw) if identity else -du * yw, 0.0).sum(rows)
         delta = (g.to(wide) * yw).sum(-1) if want_delta else None
-        return g, dacc.to(h.dtype), delta, *sums
+        return g, dacc.to(acc), delta, *sums
 
     @staticmethod
-    def finish(dacc, dq, h, r):
+    def finish(dacc, dq, h, r, out):
         wide = _wide(h)
         q, dq = h.to(wide) * r[..., None], dq.to(wide)
-        return dacc.copy_(dacc.to(wide) + r[..., None] * (dq - q * (q * dq).sum(-1, keepdim=True)))
+        return out.copy_(dacc.to(wide) + r[..., None] * (dq - q * (q * dq).sum(-1, keepdim=True)))
 
 
 class _TritonStages:
@@ -867,18 +898,26 @@ class _TritonStages:
         return part.sum(-1)
 
     @staticmethod
-    def grads(s, dpr, dpc, lse, delta, valid, row0, scale, dual):
-        b, rows, cols = s.shape
+    def grads(s, dpr, lse, delta, valid, scale, dual):
+        cols = s.shape[2]
         v, has_valid = _valid_arg(valid, s)
-        if dpc is None:  # whole sequences: dP^T is dPr's mirror tile
-            _pair_launch(_pair_grads_kernel, "grads", s, (s, dpr, lse, delta, v, cols, s.stride(1), scale * LOG2E,
-                                                          scale), dict(DUAL=dual, HAS_VALID=has_valid),
-                         (s, dpr, lse, delta, valid, s, dpr))
-        else:
-            assert not dual, "dual runs on whole sequences only"
-            _chunk_launch(_grads_kernel, "grads", s, (s, dpr, dpc, lse, delta, v, rows, cols, s.stride(1), row0,
-                                                      scale * LOG2E, scale), dict(HAS_VALID=has_valid),
-                          (s, dpr, dpc, lse, delta, valid, s, dpr))
+        _pair_launch(_pair_grads_kernel, "grads", s, (s, dpr, lse, delta, v, cols, s.stride(1), scale * LOG2E, scale),
+                     dict(DUAL=dual, HAS_VALID=has_valid), (s, dpr, lse, delta, valid, s, dpr))
+
+    @staticmethod
+    def mask_tile(s, keys, n, row0, col0):
+        block, warps = (64, 1) if interpreting() else MASK_TILE
+        _launch(_mask_tile_kernel, "mask", (max(1, cdiv(keys.numel(), block)),),
+                (s, keys, keys.numel(), n, row0, col0, s.shape[2], s.stride(1)), dict(BLOCK=block), warps,
+                (keys, keys.numel() * s.element_size()))  # each key writes at most one element
+
+    @staticmethod
+    def tile_grads(s, dpa, dpb, lse, delta, row0, col0, scale):
+        _, rows, cols = s.shape
+        stats = (lse[row0:row0 + rows], lse[col0:col0 + cols], delta[row0:row0 + rows], delta[col0:col0 + cols])
+        _chunk_launch(_tile_grads_kernel, "grads", s, (s, dpa, dpb, lse, delta, rows, cols, s.stride(1), row0,
+                                                           col0, scale * LOG2E, scale), {},
+                      (s, dpa, dpb, *stats, s, dpa, dpb))
 
 
 class _TorchStages:
@@ -915,12 +954,11 @@ class _TorchStages:
         return (cls._p(x, lse[:, :, None]) * (dpr + dpr.transpose(1, 2))).sum(-1)
 
     @classmethod
-    def grads(cls, s, dpr, dpc, lse, delta, valid, row0, scale, dual):
-        x = cls._logits(s, valid, row0, scale)
-        rows = slice(row0, row0 + s.shape[1])
-        p_rc, p_cr = cls._p(x, lse[:, rows, None]), cls._p(x, lse[:, None, :])
-        d_r, d_c = delta[:, rows, None], delta[:, None, :]
-        dpc = dpr.transpose(1, 2) if dpc is None else dpc
+    def grads(cls, s, dpr, lse, delta, valid, scale, dual):
+        x = cls._logits(s, valid, 0, scale)
+        p_rc, p_cr = cls._p(x, lse[:, :, None]), cls._p(x, lse[:, None, :])
+        d_r, d_c = delta[:, :, None], delta[:, None, :]
+        dpc = dpr.transpose(1, 2)
         if dual:
             dp = dpr + dpc
             a, t = p_rc + p_cr, p_rc * (dp - d_r) + p_cr * (dp - d_c)
@@ -929,14 +967,41 @@ class _TorchStages:
         s.copy_(a)
         dpr.copy_(t * scale)
 
+    @staticmethod
+    def mask_tile(s, keys, n, row0, col0):
+        i, j = keys // n - row0, keys % n - col0
+        flat = torch.where((j >= 0) & (j < s.shape[2]), i * s.stride(1) + j, s.shape[1] * s.stride(1))  # else: scratch
+        torch.as_strided(s, (s.shape[1] * s.stride(1) + 1,), (1,)).index_fill_(0, flat, float("-inf"))
+
+    @classmethod
+    def tile_grads(cls, s, dpa, dpb, lse, delta, row0, col0, scale):
+        rows, cols = slice(row0, row0 + s.shape[1]), slice(col0, col0 + s.shape[2])
+        x = s.to(_wide(s)) * scale
+        p_rc, p_cr = cls._p(x, lse[rows, None]), cls._p(x, lse[None, cols])
+        t = p_rc * (dpa - delta[rows, None]) + p_cr * (dpb - delta[None, cols])
+        s.copy_(p_cr)
+        dpa.copy_(t * scale)
+        dpb.copy_(p_rc)
+
 
 # ---------------------------------------------------------------------------------------------
 # The driver (one for both backends): row stages around the chunked attention.
 
 
 def _graph_rows(num_nodes, esize):
-    """Rows of a graph per chunk: as many as CHUNK_BYTES holds (at least one)."""
-    return max(1, CHUNK_BYTES // (N_BUFFERS * num_nodes * esize))
+    """Rows of a graph per forward chunk (its one buffer, S): as many as CHUNK_BYTES holds (at least one)."""
+    return max(1, CHUNK_BYTES // (num_nodes * esize))
+
+
+def _graph_tile(num_nodes, d, esize):
+    """Rows of a graph's backward tiles: the largest power of two (at least 16) whose N_BUFFERS square tiles and
+    the two fp32 [N, D] accumulators (dV, dQ) fit in CHUNK_BYTES, the tiles at least a quarter of it (a large
+    graph's accumulators, O(N D) like its input, do not shrink them further); at most N."""
+    room = max(CHUNK_BYTES - 2 * 4 * num_nodes * d, CHUNK_BYTES // 4) // (N_BUFFERS * esize)
+    tile = 16
+    while (2 * tile) ** 2 <= room:
+        tile *= 2
+    return min(tile, num_nodes)
 
 
 def _chunks(bsz, length, graph_rows, esize):
@@ -948,11 +1013,13 @@ def _chunks(bsz, length, graph_rows, esize):
     return [(b0, min(b0 + step, bsz), 0, length) for b0 in range(0, bsz, step)]
 
 
-def _buffer(b, rows, cols, like):
+def _buffer(b, rows, cols, like, spare=0):
     """A [b, rows, cols] chunk buffer whose rows start 16 elements apart (a view of a padded
-    allocation): every kernel load and store is then a 16-byte vector, whatever L is."""
-    pad = -cols % 16
-    return torch.empty(b, rows, cols + pad, device=like.device, dtype=like.dtype)[..., :cols]
+    allocation): every kernel load and store is then a 16-byte vector, whatever L is.  ``spare``
+    elements more follow it (a scratch target for scattered writes)."""
+    cp = cols + -cols % 16
+    flat = torch.empty(b * rows * cp + spare, device=like.device, dtype=like.dtype)
+    return flat.as_strided((b, rows, cols), (rows * cp, cp, 1))
 
 
 def _similarity(q, i, chunk, keys, key_bounds):
@@ -988,25 +1055,55 @@ def _attend(q, v, valid, keys, rowptr, graph_rows, scale, dual, st):
         lse[b0:b1, r0:r1] = st.lse(s, vb, r0, scale)
         st.probs(s, lse[b0:b1], vb, r0, scale, dual)  # dual: whole sequences, so every LSE_j is known
         _bmm(s, v[b0:b1], out=y[b0:b1, r0:r1])
+        del s  # freed before the next chunk's buffer is allocated: one buffer at a time
     return y, lse
 
 
-def _attend_bwd(q, v, g, lse, delta, dacc, valid, keys, rowptr, graph_rows, scale, dual, st):
-    """``dQ`` for the upstream gradient ``g`` of Y; ``dV`` is added to ``dacc`` (see the module docstring)."""
-    key_bounds = _key_bounds(rowptr, graph_rows) if graph_rows else []
+def _attend_bwd(q, v, g, lse, delta, dacc, valid, scale, dual, st):
+    """``dQ`` for the upstream gradient ``g`` of Y over chunks of whole sequences; ``dV`` is added to ``dacc``
+    (see the module docstring)."""
     bsz, length, _ = q.shape
     dq = new_output(q.shape, device=q.device, dtype=q.dtype)
-    for i, chunk in enumerate(_chunks(bsz, length, graph_rows, q.element_size())):
-        b0, b1, r0, r1 = chunk
-        s = _similarity(q, i, chunk, keys, key_bounds)
-        dpr = _bmm(g[b0:b1, r0:r1], v[b0:b1].transpose(1, 2), out=_buffer(b1 - b0, r1 - r0, length, g))
-        dpc = None if r1 - r0 == length else _bmm(v[b0:b1, r0:r1], g[b0:b1].transpose(1, 2),
-                                                  out=_buffer(b1 - b0, r1 - r0, length, g))
+    for i, chunk in enumerate(_chunks(bsz, length, 0, q.element_size())):
+        b0, b1, _, _ = chunk
+        s = _similarity(q, i, chunk, None, [])
+        dpr = _bmm(g[b0:b1], v[b0:b1].transpose(1, 2), out=_buffer(b1 - b0, length, length, g))
         vb = valid[b0:b1] if valid is not None else None
-        d = st.dual_delta(s, dpr, lse[b0:b1], vb, scale) if dual else delta[b0:b1]  # dual: whole sequences
-        st.grads(s, dpr, dpc, lse[b0:b1], d, vb, r0, scale, dual)
-        _bmm(s, g[b0:b1], out=dacc[b0:b1, r0:r1], add=True)
-        _bmm(dpr, q[b0:b1], out=dq[b0:b1, r0:r1])
+        d = st.dual_delta(s, dpr, lse[b0:b1], vb, scale) if dual else delta[b0:b1]
+        st.grads(s, dpr, lse[b0:b1], d, vb, scale, dual)
+        _bmm(s, g[b0:b1], out=dacc[b0:b1], add=True)
+        _bmm(dpr, q[b0:b1], out=dq[b0:b1])
+        del s, dpr
+    return dq
+
+
+def _attend_bwd_graph(q, v, g, lse, delta, dacc, keys, rowptr, tile, scale, st):
+    """A graph's ``dQ`` (fp32, as ``dacc``) over tile pairs (I, J), I <= J, of ``tile`` rows; ``dV`` is added to
+    ``dacc``.  Per pair: ``S = Q_I Q_J^T`` (its excluded pairs -inf), ``dP_IJ = G_I V_J^T``,
+    ``dP_JI^T = V_I G_J^T``, the tile kernel, then ``dV_I += A G_J``, ``dQ_I += T Q_J`` and, off the diagonal,
+    the mirrors ``dV_J += (P_IJ)^T G_I``, ``dQ_J += T^T Q_I``: no output row is complete before the last pair,
+    so dV and dQ accumulate in fp32."""
+    n = q.shape[1]
+    bounds = _key_bounds(rowptr, tile)
+    dq = torch.zeros(q.shape, device=q.device, dtype=dacc.dtype)
+    starts = range(0, n, tile)
+    for a, i0 in enumerate(starts):
+        rows = slice(i0, min(i0 + tile, n))
+        k = keys[bounds[a]:bounds[a + 1]]  # the keys of rows I (sorted by row)
+        for j0 in starts[a:]:
+            cols = slice(j0, min(j0 + tile, n))
+            shape = (1, rows.stop - i0, cols.stop - j0)
+            s = _bmm(q[:, rows], q[:, cols].transpose(1, 2), out=_buffer(*shape, q, spare=1))
+            st.mask_tile(s, k, n, i0, j0)
+            dpa = _bmm(g[:, rows], v[:, cols].transpose(1, 2), out=_buffer(*shape, g))
+            dpb = _bmm(v[:, rows], g[:, cols].transpose(1, 2), out=_buffer(*shape, g))
+            st.tile_grads(s, dpa, dpb, lse[0], delta[0], i0, j0, scale)
+            _bmm(s, g[:, cols], out=dacc[:, rows], add=True)
+            _bmm(dpa, q[:, cols], out=dq[:, rows], add=True)
+            if j0 != i0:
+                _bmm(dpb.transpose(1, 2), g[:, rows], out=dacc[:, cols], add=True)
+                _bmm(dpa.transpose(1, 2), q[:, rows], out=dq[:, cols], add=True)
+            del s, dpa, dpb
     return dq
 
 
@@ -1042,11 +1139,15 @@ def _backward(go: torch.Tensor, h: torch.Tensor, q: torch.Tensor, r: torch.Tenso
               ln: bool, use_triton: bool, want_ds: bool,
               want_dln: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dH, ds, dw, db)`` for the upstream gradient ``go`` of the output (ds, dw, db empty unless wanted)."""
-    rows = _rows(use_triton, h.shape[-1])
+    rows, st = _rows(use_triton, h.shape[-1]), _stages(use_triton)
     g, dacc, delta, ds, dw, db = rows.combine_bwd(go, h, y, valid, s, s_vec, identity, ln_w, ln, mean, rstd,
-                                                  not dual, want_ds, want_dln)
-    dq = _attend_bwd(q, h, g, lse, delta, dacc, valid, keys, rowptr, graph_rows, scale, dual, _stages(use_triton))
-    return rows.finish(dacc, dq, h, r), ds, dw, db
+                                                  not dual, want_ds, want_dln, _wide(h) if graph_rows else h.dtype)
+    if graph_rows:
+        tile = _graph_tile(h.shape[1], h.shape[2], h.element_size())
+        dq = _attend_bwd_graph(q, h, g, lse, delta, dacc, keys, rowptr, tile, scale, st)
+    else:
+        dq = _attend_bwd(q, h, g, lse, delta, dacc, valid, scale, dual, st)
+    return rows.finish(dacc, dq, h, r, g), ds, dw, db  # g is spent: it takes dH
 
 
 @_backward.register_fake
@@ -1138,18 +1239,19 @@ def contranorm(h: torch.Tensor, *, scale, temperature: float = 1.0, dual: bool =
 
 def aot_specs(dtype: str = "bf16", d: int = 0, cc: int = 90):
     """Every kernel variant as a :class:`KernelSpec` (tests/test_compile.py): the chunk kernels with the launch
-    arguments of a padded, masked batch of sequences (L = 197, rows padded to 208), of L = 4096 unmasked and of
-    a graph chunk (N = 131,072); the row kernels at D = 197, 768 and MAX_ROW_D, without options and with all
-    of them.  ``d`` is not used (the matmuls are cuBLAS calls; the row kernels list their own D)."""
+    arguments of a padded, masked batch of sequences (L = 197, rows padded to 208), of L = 4096 unmasked, of
+    a graph's forward chunk (N = 131,072) and of its backward tiles (a full one and a ragged one); the row
+    kernels at D = 197, 768 and MAX_ROW_D, without options and with all of them.  ``d`` is not used (the
+    matmuls are cuBLAS calls; the row kernels list their own D)."""
     buf = torch.empty(16, dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
-    f32, i8 = torch.empty(16), torch.empty(16, dtype=torch.int8)
+    f32, i8, i64 = torch.empty(16), torch.empty(16, dtype=torch.int8), torch.empty(16, dtype=torch.int64)
     specs = []
 
     def add(label, fn, args, flags, warps):
         specs.append(KernelSpec(f"contranorm_{label}", fn, args, flags, warps, 1, mma=False))
 
     shapes = {"seq-L197": (197, 197, 208, 0, i8), "seq-L4096": (4096, 4096, 4096, 0, None),
-              "graph": (640, 131072, 131072, 1280, None)}
+              "graph": (1536, 131072, 131072, 3072, None)}
     for where, (rows, cols, cp, row0, valid) in shapes.items():
         has_valid = valid is not None
         valid = valid if has_valid else buf
@@ -1160,13 +1262,18 @@ def aot_specs(dtype: str = "bf16", d: int = 0, cc: int = 90):
                                                                             BLOCK_C=bc), warps)
         probs = dict(S=buf, LSE=f32, VALID=valid, **dims, scale2=1.44)
         br, bc, warps = TILES["probs"]
-        if where == "graph":  # row chunks, not dual: dPc is a product
+        if where == "graph":  # forward row chunks (not dual), backward tile pairs
             add(f"probs[{where}]", _probs_kernel, probs, dict(DUAL=False, HAS_VALID=False, BLOCK_R=br, BLOCK_C=bc),
                 warps)
             br, bc, warps = TILES["grads"]
-            add(f"grads[{where}]", _grads_kernel, dict(S=buf, DPR=buf, DPC=buf, LSE=f32, DELTA=f32, VALID=buf,
-                                                       **dims, scale2=1.44, scale=1.0),
-                dict(HAS_VALID=False, BLOCK_R=br, BLOCK_C=bc), warps)
+            for tag, (tr, tc, tcp) in {"": (4096, 4096, 4096), "-ragged": (4096, 1001, 1008)}.items():
+                add(f"grads{tag}[{where}]", _tile_grads_kernel,
+                    dict(S=buf, DPA=buf, DPB=buf, LSE=f32, DELTA=f32, rows=tr, cols=tc, CP=tcp, row0=8192,
+                         col0=126976, scale2=1.44, scale=1.0), dict(BLOCK_R=br, BLOCK_C=bc), warps)
+            block, warps = MASK_TILE
+            add(f"mask_tile[{where}]", _mask_tile_kernel, dict(S=buf, KEYS=i64, n_keys=86016, n=cols, row0=8192,
+                                                                col0=126976, cols=4096, CP=4096), dict(BLOCK=block),
+                warps)
             continue
         bt, _, pair_warps = TILES["pair"]
         pair = dict(S=buf, DPR=buf, LSE=f32, VALID=valid, C=cols, CP=cp)
