@@ -5,9 +5,10 @@ With ``s_ij = q_i . k_j / tau`` (rows L2-normalised by default) the loss of row 
     l_i = -w_i * mean_{p in P(i)} s_ip  +  LSE_i,      LSE_i = log sum_{j in N(i)} exp(s_ij)
 
 where ``N(i)`` is every key but ``i`` itself in the self-similarity (SimCLR) form, and every key
-in the query/key (MoCo, CLIP) form.  The alignment term is a gather, O(M.m.D), done in torch; the
-uniformity term ``LSE`` is the Triton kernel: tiles of S built in registers, a running max/sum
-per row (flash-attention style), only the fp32 vector of LSEs stored.
+in the query/key (MoCo, CLIP) form.  The alignment term is a gather, O(M.m.D): in the self form a row
+kernel each way that also normalises the rows (forward) and takes the gradient through the normalisation
+(backward), elsewhere torch ops.  The uniformity term ``LSE`` is the Triton kernel: tiles of S built in
+registers, a running max/sum per row (flash-attention style), only the fp32 vector of LSEs stored.
 
 Its gradient is message passing (docs/methods.md, "The gradient as message passing").  With upstream weights ``g_i`` and
 ``P_ij = exp(s_ij - LSE_i)``:
@@ -366,6 +367,85 @@ if HAS_TRITON:
         out_ptrs = OUT + rows.to(tl.int64)[:, None] * stride_o + do[None, :]
         tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=rmask[:, None] & domask[None, :])
 
+    @triton.jit
+    def _unit_gather(Z, rows, mask, dd, stride, eps):
+        """Rows ``rows`` of Z in fp32 and ``1 / max(|z|, eps)`` each, the norm taken after dividing by the row's
+        largest magnitude (no overflow for any finite input); masked rows read as zeros."""
+        z = tl.load(Z + rows.to(tl.int64)[:, None] * stride + dd[None, :], mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(z), 1)
+        amax = tl.where(amax > 0, amax, 1.0)
+        zs = z / amax[:, None]
+        return z, 1.0 / tl.maximum(tl.sqrt(tl.sum(zs * zs, 1)) * amax, eps)
+
+    @triton.jit
+    def _rows_fwd_kernel(Z, ZN, R, ALIGN, IDX, M, D, stride_z, half, n_pos, eps,
+                         DEFAULT_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """``ZN = z R`` with ``R = 1 / max(|z|, eps)`` per row, and ``ALIGN_i = mean_{p in P(i)} zhat_i . zhat_p``
+        in fp32 from the unrounded unit rows: ``P(i) = {(i + half) mod M}`` (DEFAULT_POS), else row i of
+        IDX [M, n_pos] (-1 pads; a duplicate counts twice).  ZN is [M, D] contiguous."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        dd = tl.arange(0, BLOCK_D)
+        dmask = (dd < D)[None, :]
+        z, r = _unit_gather(Z, rows, rmask[:, None] & dmask, dd, stride_z, eps)
+        zn = z * r[:, None]
+        tl.store(ZN + rows.to(tl.int64)[:, None] * D + dd[None, :], zn.to(ZN.dtype.element_ty),
+                 mask=rmask[:, None] & dmask)
+        tl.store(R + rows, r, mask=rmask)
+        if DEFAULT_POS:
+            zp, rp = _unit_gather(Z, (rows + half) % M, rmask[:, None] & dmask, dd, stride_z, eps)
+            align = tl.sum(zn * zp, 1) * rp
+        else:
+            acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+            cnt = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for t in range(0, n_pos):
+                p = tl.load(IDX + rows.to(tl.int64) * n_pos + t, mask=rmask, other=-1)
+                valid = p >= 0
+                zp, rp = _unit_gather(Z, tl.maximum(p, 0), valid[:, None] & dmask, dd, stride_z, eps)
+                acc += tl.sum(zn * zp, 1) * rp
+                cnt += valid.to(tl.float32)
+            align = acc / tl.maximum(cnt, 1.0)
+        tl.store(ALIGN + rows, align, mask=rmask)
+
+    @triton.jit
+    def _rows_bwd_kernel(ZN, R, DZN, C, IDX, T_OFF, T_SRC, DZ, M, D, stride_g, half, n_pos,
+                         DEFAULT_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """``DZ_i = R_i (v_i - zhat_i (zhat_i . v_i))``, the gradient through the normalisation, of
+        ``v_i = DZN_i + C_i sum_{p in P(i)} zhat_p + sum_{k: i in P(k)} C_k zhat_k`` (the alignment's messages,
+        ``C_k = dL/dALIGN_k / |P(k)|``).  DEFAULT_POS: ``P`` pairs i with (i + half) mod M both ways, so
+        ``v_i = DZN_i + (C_i + C_p) zhat_p``; else the rows of IDX and, for the second sum, the sources
+        ``T_SRC[T_OFF[i] .. T_OFF[i + 1]]`` naming row i (IDX transposed).  ZN, DZ [M, D] contiguous."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        dd = tl.arange(0, BLOCK_D)
+        dmask = (dd < D)[None, :]
+        mask = rmask[:, None] & dmask
+        offs = rows.to(tl.int64)[:, None] * D + dd[None, :]
+        zn = tl.load(ZN + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(DZN + rows.to(tl.int64)[:, None] * stride_g + dd[None, :], mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(C + rows, mask=rmask, other=0.0)
+        if DEFAULT_POS:
+            p = (rows + half) % M
+            zp = tl.load(ZN + p.to(tl.int64)[:, None] * D + dd[None, :], mask=mask, other=0.0).to(tl.float32)
+            v += (c + tl.load(C + p, mask=rmask, other=0.0))[:, None] * zp
+        else:
+            for t in range(0, n_pos):
+                p = tl.load(IDX + rows.to(tl.int64) * n_pos + t, mask=rmask, other=-1)
+                zp = tl.load(ZN + tl.maximum(p, 0).to(tl.int64)[:, None] * D + dd[None, :],
+                             mask=(p >= 0)[:, None] & dmask, other=0.0).to(tl.float32)
+                v += c[:, None] * zp
+            lo = tl.load(T_OFF + rows, mask=rmask, other=0)
+            n_in = tl.load(T_OFF + rows + 1, mask=rmask, other=0) - lo
+            for t in range(0, tl.max(n_in, 0)):
+                valid = t < n_in
+                k = tl.load(T_SRC + lo + t, mask=valid, other=0)
+                zk = tl.load(ZN + k.to(tl.int64)[:, None] * D + dd[None, :], mask=valid[:, None] & dmask,
+                             other=0.0).to(tl.float32)
+                v += tl.load(C + k, mask=valid, other=0.0)[:, None] * zk
+        r = tl.load(R + rows, mask=rmask, other=0.0)
+        dz = r[:, None] * (v - zn * tl.sum(zn * v, 1)[:, None])
+        tl.store(DZ + offs, dz.to(DZ.dtype.element_ty), mask=mask)
+
 
 # Autotune configs: (BLOCK_M, BLOCK_N, num_warps, num_stages).  BLOCK_M = 128 over two warpgroups
 # (8 warps), S tiles 64 or 128 wide.  tests/test_compile.py compiles every config, as launched, for
@@ -469,6 +549,18 @@ def aot_specs(dtype: str = "bf16", d: int = 128, cc: int = 90):
     for bm, bn, warps, stages in BWD_CONFIGS:
         specs.append(KernelSpec(f"infonce_lse_bwd[{bm}x{bn}w{warps}s{stages}]", _lse_bwd_kernel, bwd_args,
                                 dict(bwd_common, BLOCK_M=bm, BLOCK_N=bn), warps, stages, mma=True))
+    i64 = torch.empty(16, dtype=torch.int64)
+    for dim in (d, MAX_ROW_D) if d == 768 else (d,):  # the widest row tile once, beside the bench's widths
+        bm, bd, warps = _row_tile(dim)
+        for default in (True, False):  # the two-view pairing; positives [M, 2] by index (transposed backward)
+            tag, idx, n_pos = (f"[D{dim}]", t, 0) if default else (f"-index[D{dim}]", i64, 2)
+            meta = dict(DEFAULT_POS=default, BLOCK_M=bm, BLOCK_D=bd)
+            specs.append(KernelSpec(f"infonce_rows_fwd{tag}", _rows_fwd_kernel,
+                                    dict(Z=t, ZN=t, R=f32, ALIGN=f32, IDX=idx, M=m, D=dim, stride_z=dim, half=m // 2,
+                                         n_pos=n_pos, eps=1e-12), meta, warps, 1, mma=False))
+            specs.append(KernelSpec(f"infonce_rows_bwd{tag}", _rows_bwd_kernel,
+                                    dict(ZN=t, R=f32, DZN=t, C=f32, IDX=idx, T_OFF=idx, T_SRC=idx, DZ=t, M=m, D=dim,
+                                         stride_g=dim, half=m // 2, n_pos=n_pos), meta, warps, 1, mma=False))
     return specs
 
 
@@ -553,6 +645,62 @@ def _lse_bwd_launch(a, b, c, row, col, scale, exclude_self, row_offset=0):
     return _lse_bwd_op(a, b, c, lse_r, g_r, lse_c, g_c, scale, exclude_self, row_offset)
 
 
+# Row kernels (the normalisation and the alignment term, each way): all of D in one tile up to MAX_ROW_D (wider
+# rows take the torch path), ROW_ELEMS elements per program of 4 warps (16 a thread: two 16-byte bf16 vectors).
+# tests/test_compile.py compiles them (8 warps made ptxas spill in one fp32 backward on Triton 3.6; 4,096
+# elements, 32 rows at D = 128, fail to compile there).
+ROW_ELEMS, MAX_ROW_D = 2048, 4096
+
+
+def _row_tile(d: int):
+    """``(BLOCK_M, BLOCK_D, num_warps)`` of the row kernels for rows of ``d`` values."""
+    bd = max(16, next_pow2(d))
+    return (4, bd, 1) if interpreting() else (max(1, ROW_ELEMS // bd), bd, 4)
+
+
+def _run_rows(kernel, grid, args, meta, num_warps):
+    """A row kernel's launch, unpipelined (tests replace it to count bytes on meta tensors at the goal shape)."""
+    kernel[grid](*args, num_warps=num_warps, num_stages=1, **meta)
+
+
+@torch.library.custom_op("sslcore::infonce_rows_fwd", mutates_args=())
+def _rows_fwd_launch(z: torch.Tensor, idx: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                    torch.Tensor]:
+    """``(zhat, 1/|z|, align)`` of :func:`_rows_fwd_kernel`; ``idx`` [M, m] or None (the two-view pairing)."""
+    m, d = z.shape
+    zn = new_output((m, d), device=z.device, dtype=z.dtype)
+    r, align = (new_output((m,), device=z.device, dtype=torch.float32) for _ in range(2))
+    bm, bd, warps = _row_tile(d)
+    args = (z, zn, r, align, z if idx is None else idx, m, d, z.stride(0), m // 2,
+            0 if idx is None else idx.shape[1], eps)
+    _run_rows(_rows_fwd_kernel, (cdiv(m, bm),), args, dict(DEFAULT_POS=idx is None, BLOCK_M=bm, BLOCK_D=bd), warps)
+    return zn, r, align
+
+
+@_rows_fwd_launch.register_fake
+def _(z, idx, eps):
+    r = z.new_empty(z.shape[0], dtype=torch.float32)
+    return torch.empty_like(z, memory_format=torch.contiguous_format), r, torch.empty_like(r)
+
+
+@torch.library.custom_op("sslcore::infonce_rows_bwd", mutates_args=())
+def _rows_bwd_launch(zn: torch.Tensor, r: torch.Tensor, dzn: torch.Tensor, c: torch.Tensor,
+                     idx: torch.Tensor | None, t_off: torch.Tensor | None, t_src: torch.Tensor | None) -> torch.Tensor:
+    """``dz`` of :func:`_rows_bwd_kernel`; ``idx``, ``t_off``, ``t_src`` None for the two-view pairing."""
+    m, d = zn.shape
+    dz = new_output((m, d), device=zn.device, dtype=zn.dtype)
+    bm, bd, warps = _row_tile(d)
+    pos = (zn, zn, zn) if idx is None else (idx, t_off, t_src)
+    args = (zn, r, dzn, c, *pos, dz, m, d, dzn.stride(0), m // 2, 0 if idx is None else idx.shape[1])
+    _run_rows(_rows_bwd_kernel, (cdiv(m, bm),), args, dict(DEFAULT_POS=idx is None, BLOCK_M=bm, BLOCK_D=bd), warps)
+    return dz
+
+
+@_rows_bwd_launch.register_fake
+def _(zn, r, dzn, c, idx, t_off, t_src):
+    return torch.empty_like(zn)
+
+
 # ---------------------------------------------------------------------------------------------
 # Autograd Functions over the launches.
 
@@ -609,6 +757,34 @@ class _CrossLSE(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dk = _lse_bwd_launch(k, q, q, col, row, ctx.scale, ctx.excl, -ctx.off)
         return dq, dk, None, None, None, None
+
+
+class _SelfRows(torch.autograd.Function):
+    """``(zhat, align)`` of the self form in one row kernel each way: the unit rows and ``align_i =
+    mean_{p in P(i)} zhat_i . zhat_p`` (``idx`` [M, m], -1 pads, or None for the two-view pairing).
+    Backward: the alignment's messages added to ``dL/dzhat`` and the result taken through the normalisation,
+    ``dz = (dzhat - zhat (zhat . dzhat)) / |z|``, in one pass; nothing in fp32 of [M, D]."""
+
+    @staticmethod
+    def forward(ctx, z, idx):
+        zn, r, align = _rows_fwd_launch(_contig(z), idx, 1e-12)
+        ctx.save_for_backward(zn, r, idx)
+        return zn, align
+
+    @staticmethod
+    def backward(ctx, dzn, dalign):
+        zn, r, idx = ctx.saved_tensors
+        dalign = dalign.float()
+        if idx is None:
+            return _rows_bwd_launch(zn, r, _contig(dzn), dalign.contiguous(), None, None, None), None
+        m, n_pos = idx.shape
+        valid = idx >= 0
+        c = (dalign / valid.sum(1)).contiguous()
+        # IDX transposed without a host read: the (row -> positive) entries sorted by positive, padding last.
+        dest = torch.where(valid, idx, m).reshape(-1)
+        order = torch.argsort(dest, stable=True)
+        t_off = torch.searchsorted(dest[order], torch.arange(m + 1, device=idx.device, dtype=dest.dtype))
+        return _rows_bwd_launch(zn, r, _contig(dzn), c, idx, t_off, order // n_pos), None
 
 
 def lse_similarity(a: torch.Tensor, b: torch.Tensor | None = None, *, scale: float, cols: bool = False,
@@ -716,20 +892,31 @@ def _class_sums(k, labels):
     return sums[row_seg], (offsets[1:] - offsets[:-1])[row_seg]
 
 
+def _fused_rows(z, backend):
+    """Whether the self form's normalisation and alignment run as the row kernels (:class:`_SelfRows`): the
+    Triton backend, a kernel dtype, all of D in one row tile."""
+    return (z.dtype != torch.float64 and z.shape[1] <= MAX_ROW_D
+            and resolve_backend(backend, z.device) == "triton")
+
+
 def infonce_terms(z, keys=None, *, temperature, pos_index=None, labels=None, weight=None, normalize=True,
                   symmetric=False, self_offset=None, backend="auto"):
     """InfoNCE's two terms per row, ``(alignment, uniformity)``, fp32 (fp64 for fp64): the loss of row i
     is ``uniformity_i - alignment_i``.  Same arguments as :func:`infonce` (unchecked: it checks them)."""
+    wide = torch.promote_types(z.dtype, torch.float32)
+    w = 1.0 if weight is None else weight.to(wide)
+    if keys is None and labels is None and normalize and _fused_rows(z, backend):
+        idx = None if pos_index is None else pos_index.reshape(len(z), -1).contiguous()
+        qn, align = _SelfRows.apply(z, idx)
+        unif = lse_similarity(qn, scale=1.0 / temperature, unit_norm=True, backend=backend)
+        return align / temperature * w, unif
     qn = unit_rows(z) if normalize else z
     if keys is None:
         kn = qn
     else:
         kn = unit_rows(keys) if normalize else keys
-    wide = torch.promote_types(z.dtype, torch.float32)
     self_form, off = keys is None or self_offset is not None, self_offset or 0
-    align = _alignment(qn.to(wide), kn.to(wide), pos_index, labels, self_form, off) / temperature
-    w = 1.0 if weight is None else weight.to(wide)
-    align = align * w
+    align = _alignment(qn.to(wide), kn.to(wide), pos_index, labels, self_form, off) / temperature * w
     scale = 1.0 / temperature
     if keys is None:
         unif = lse_similarity(qn, scale=scale, unit_norm=normalize, backend=backend)

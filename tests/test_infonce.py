@@ -516,14 +516,129 @@ def test_no_host_synchronisation(seed, backend, form, no_host_reads):
         infonce(*args, **{**kw, "validate": True})
 
 
-def test_custom_op_registration():
-    for op in (torch.ops.sslcore.infonce_lse_fwd, torch.ops.sslcore.infonce_lse_bwd):
-        torch.library.opcheck(op, _opcheck_args(op), test_utils=("test_schema", "test_faketensor"))
+@pytest.mark.parametrize("op", ["infonce_lse_fwd", "infonce_lse_bwd", "infonce_rows_fwd", "infonce_rows_bwd",
+                                "infonce_rows_bwd-index"])
+def test_custom_op_registration(op):
+    op, args = _opcheck_args(op)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
-def _opcheck_args(op):
+def _opcheck_args(name):
+    op = getattr(torch.ops.sslcore, name.split("-")[0])
     a, b = torch.randn(10, 8), torch.randn(12, 8)
-    if op is torch.ops.sslcore.infonce_lse_fwd:
-        return (a, b, 2.0, False)
+    if name == "infonce_lse_fwd":
+        return op, (a, b, 2.0, False)
+    if name == "infonce_rows_fwd":
+        return op, (a, None, 1e-12)
+    r, c = torch.rand(10), torch.randn(10)
+    if name == "infonce_rows_bwd":
+        return op, (a, r, b[:10], c, None, None, None)
+    if name == "infonce_rows_bwd-index":
+        idx = torch.tensor([[1], [0], [3], [2], [5], [4], [7], [6], [9], [8]])
+        return op, (a, r, b[:10], c, idx, torch.arange(11), idx.reshape(-1))
     lse, g = torch.randn(10), torch.rand(10)
-    return (a, b, b, lse, g, None, None, 2.0, False)
+    return op, (a, b, b, lse, g, None, None, 2.0, False)
+
+
+def _rows_ref(z, idx):
+    """The row kernels' definition in float64: unit rows (F.normalize) and ``mean_{p in P(i)} zhat_i . zhat_p``
+    by a plain loop over the positives (-1 pads); ``idx=None`` is the two-view pairing."""
+    zn = F.normalize(z, dim=1, eps=1e-12)
+    m = len(z)
+    idx = ((torch.arange(m) + m // 2) % m)[:, None] if idx is None else idx.cpu().long()
+    align = []
+    for i in range(m):
+        ps = [p for p in idx[i].tolist() if p >= 0]
+        align.append(sum((zn[i] * zn[p]).sum() for p in ps) / len(ps))
+    return zn, torch.stack(align)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", ["pairs", "pos_index", "pos_index-int32"])
+@pytest.mark.parametrize("n,d", [(19, 37), (27, 100)])
+def test_row_kernels_against_float64(seed, dtype, form, n, d):
+    """The fused normalisation + alignment (forward) and its backward (the alignment's messages to both ends
+    of each pair, through the normalisation), on their own: outputs and gradients for random upstream
+    gradients against autograd of the float64 definition.  Positives: the pairing; [M, 3] with padding and
+    a duplicate (int64, int32).  Odd M and D, several row tiles; outputs NaN-poisoned."""
+    m = 2 * n
+    z = _leaf((m, d), dtype, scale=3.0)
+    idx = None
+    if form != "pairs":
+        idx = torch.stack([(torch.arange(m) + 1) % m, (torch.arange(m) + 5) % m, torch.arange(m) % 4 - 1], 1)
+        idx[3] = torch.tensor([7, 7, -1])  # a duplicate counts twice
+        idx = idx.to(torch.int32 if form.endswith("int32") else torch.int64).to(_dev())
+    zn, align = K._SelfRows.apply(z, idx)
+    dzn, dalign = torch.randn(m, d, device=_dev()).to(dtype), torch.randn(m, device=_dev())
+    dz, = torch.autograd.grad((zn.float() * dzn.float()).sum() + (align * dalign).sum(), z)
+    zr = z.detach().double().requires_grad_(True)
+    zn_ref, align_ref = _rows_ref(zr, idx)
+    dz_ref, = torch.autograd.grad((zn_ref * dzn.double()).sum() + (align_ref * dalign.double()).sum(), zr)
+    assert zn.dtype == dtype and align.dtype == torch.float32 and dz.dtype == dtype
+    _close(zn, zn_ref, dtype, "unit rows")
+    _close(align, align_ref, dtype, "alignment")
+    _close(dz, dz_ref, dtype, "gradient")
+
+
+def test_row_kernels_are_the_triton_path(monkeypatch, seed):
+    """infonce's self form on the Triton backend launches the row kernels (and the torch path does not)."""
+    launched = []
+    run = K._run_rows
+    monkeypatch.setattr(K, "_run_rows", lambda kernel, *a: launched.append(kernel.fn.__name__) or run(kernel, *a))
+    z = _leaf((2 * 9, 20), torch.float32)
+    torch.autograd.grad(infonce(z, temperature=0.3, backend="triton"), z)
+    assert launched == ["_rows_fwd_kernel", "_rows_bwd_kernel"]
+    torch.autograd.grad(infonce(z, temperature=0.3, backend="torch"), z)
+    assert len(launched) == 2
+
+
+# Bytes.  One NT-Xent forward + backward at the goal shape (M = 65,536, D = 256, bf16) on meta tensors, the
+# launches replaced by a recorder: each Triton launch counted by the tensors it declares (every distinct
+# tensor argument once, plus the rows a row kernel gathers: each row's positives, and in the backward the rows
+# naming it), every torch op by the dispatch mode of tests/test_contranorm.py (custom ops opened up).
+# Model (docs/architecture.md, InfoNCE, "Bytes"): ROW_PASSES passes over [M, D] in bf16 -- forward: the row
+# kernel reads z and its positives' rows, writes zhat; the LSE kernel reads zhat; backward: the LSE kernel
+# reads zhat and writes dzhat, the row kernel reads zhat, the positives' zhat and dzhat and writes dz -- plus
+# O(M) vectors, and GLUE_BYTES_PER_ROW of torch ops per row (8 times that with positives by index: the
+# transpose's sort).  Now 0.345 GB per call (glue 6.8 MB); [M, 2] positives 0.50 GB (glue 23 MB).  Before the
+# row kernels (unit_rows, the gather and the fp32 casts in torch), counted the same way: 3.52 GB, of which
+# 3.41 GB torch glue; [M, 2] positives 3.92 GB (3.82).
+ROW_PASSES = {"pairs": 10, "pos_index": 14}
+GLUE_BYTES_PER_ROW = 128
+GOAL_M, GOAL_D = 65536, 256
+
+
+@pytest.mark.parametrize("form", ["pairs", "pos_index"])
+def test_bytes_per_call_at_the_goal_shape(form, monkeypatch):
+    from test_contranorm import _Traffic
+    moved = []
+
+    def record(tensors, gathered=0):
+        seen = {id(t): t for t in tensors if isinstance(t, torch.Tensor)}
+        moved.append(sum(t.numel() * t.element_size() for t in seen.values()) + gathered)
+
+    def rows(kernel, grid, args, meta, warps):
+        z, n_pos = args[0], args[-1] if kernel is K._rows_bwd_kernel else args[-2]
+        per_row = GOAL_D * z.element_size()
+        record(args, per_row * GOAL_M * (max(n_pos, 1) if meta["DEFAULT_POS"] else
+                                         (n_pos if kernel is K._rows_fwd_kernel else 2 * n_pos)))
+
+    monkeypatch.setattr(K, "_run_rows", rows)
+    monkeypatch.setattr(K, "_launch", lambda kernel, tuned, r, c, n, args, meta: record(args))
+    monkeypatch.setattr(K, "resolve_backend", lambda backend, device: "triton")
+    monkeypatch.setattr(K, "interpreting", lambda: False)
+    monkeypatch.setenv("SSLCORE_POISON", "0")
+    z = torch.empty(GOAL_M, GOAL_D, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    kw = {}
+    if form == "pos_index":
+        kw["pos_index"] = torch.empty(GOAL_M, 2, device="meta", dtype=torch.int64)
+    with _Traffic("meta") as ops:
+        loss = infonce(z, temperature=0.5, validate=False, **kw)
+        torch.autograd.grad(loss, z)
+    glue, kernels = sum(ops.bytes.values()), sum(moved)
+    md = GOAL_M * GOAL_D * z.element_size()
+    assert len(moved) == 4, moved
+    assert glue <= GLUE_BYTES_PER_ROW * GOAL_M * (8 if form == "pos_index" else 1), \
+        f"torch glue moves {glue / 1e6:.1f} MB: {ops.bytes.most_common(6)}"
+    assert kernels <= ROW_PASSES[form] * md + 256 * GOAL_M, f"kernels move {kernels / 1e9:.3f} GB"
+    print(f"{form}: kernels {kernels / 1e9:.3f} GB, glue {glue / 1e6:.2f} MB; by op {ops.bytes.most_common(4)}")
