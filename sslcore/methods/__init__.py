@@ -11,11 +11,13 @@ from ..checks import check_value
 from .ar import AR
 from .arcl import ArCL
 from .base import SSLMethod
+from .byol import BYOL
 from .clustermim import ClusterMIM
 from .dear import DEAR
 from .mae import MAE
 from .mlm import MLM
 from .moco import MoCo
+from .mocov3 import MoCoV3
 from .nnclr import NNCLR
 from .simclr import SimCLR
 from .simclr_attn import SimCLRAttn
@@ -26,6 +28,7 @@ from .vlm import VLM
 METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR, "mae": MAE, "clustermim": ClusterMIM}
 METHODS.update({"moco": MoCo, "simsiam": SimSiam, "arcl": ArCL, "simclr-attn": SimCLRAttn,  # contrastive (MPCL, ArCL)
                 "simsiam-multi": SimSiamMulti, "nnclr": NNCLR})
+METHODS.update({"byol": BYOL, "mocov3": MoCoV3})  # issue 22's baselines (momentum targets)
 METHODS.update({"ar": AR, "mlm": MLM, "dear": DEAR, "vlm": VLM})  # token sequences (sequence_base.py)
 
 # Options the trainer passes to every method; a method whose constructor lacks one just does not get it.
@@ -77,3 +80,4 @@ def create_model(method: str, data, *, encoder: str, **options) -> SSLMethod:
 __all__ = ["AR", "COMMON_OPTIONS", "ClusterMIM", "DEAR", "MAE", "METHODS", "MLM", "ArCL", "MoCo", "NNCLR",
            "SSLMethod", "SimCLR", "SimCLRAttn", "SimSiam", "SimSiamMulti", "VLM", "check_options", "create_model",
            "get_method", "method_options", "option_parameters"]
+__all__ += ["BYOL", "MoCoV3"]  # issue 22
