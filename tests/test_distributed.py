@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import sslcore.dist
-from sslcore import DCLLoss, DCLWLoss, InfoNCELoss, NTXentLoss
+from sslcore import DCLLoss, DCLWLoss, InfoNCELoss, NegativeCosineSimilarity, NTXentLoss
 from sslcore.data import load_dataset
 from sslcore.functional import infonce_messages, supcon
 from sslcore.methods import METHODS, method_options
@@ -52,12 +52,14 @@ LOSSES = {  # name -> gather mode -> (out0, out1, sample ids) -> loss
     "moco": lambda g: lambda a, b, ids: InfoNCELoss(0.2, memory_bank_size=(30, D), gather_distributed=g,
                                                      backend="torch")(a, b),
     "clip": lambda g: lambda a, b, ids: InfoNCELoss(0.2, symmetric=True, gather_distributed=g, backend="torch")(a, b),
+    "mocov3": lambda g: lambda a, b, ids: InfoNCELoss(1.0, gather_distributed=g, backend="torch")(a, b),  # no queue
+    "byol": lambda g: lambda a, b, ids: NegativeCosineSimilarity()(a, b),  # a local mean: nothing to gather
     "dcl": lambda g: lambda a, b, ids: DCLLoss(0.2, gather_distributed=g, backend="torch")(a, b),
     "dclw": lambda g: lambda a, b, ids: DCLWLoss(0.2, gather_distributed=g, backend="torch")(a, b),
     "supcon": lambda g: lambda a, b, ids: supcon(torch.cat([a, b]), _labels(ids), temperature=0.3,
                                                  gather_distributed=g, backend="torch"),
 }
-RING = ("ntxent", "moco", "clip", "dcl", "dclw")  # the losses with a ring mode
+RING = ("ntxent", "moco", "clip", "mocov3", "dcl", "dclw")  # the losses with a ring mode
 
 
 def _inputs(seed, world):
@@ -135,7 +137,8 @@ STEP_METHODS = {
     "moco-symmetric": {"queue_size": 72, "symmetric": True},
     "simsiam": {}, "arcl": {}, "arcl-penalty": {"mode": "penalty"}, "arcl-moco": {"base": "moco", "queue_size": 72},
     "simclr-attn": {}, "simclr-attn-alignment": {"weighting": "alignment"}, "simsiam-multi": {"mix_epoch": 1},
-    "nnclr": {"queue_size": 36}, "dino": {"local_crops": 2, "out_dim": 64},
+    "nnclr": {"queue_size": 36}, "dino": {"local_crops": 2, "out_dim": 64}, "byol": {}, "mocov3": {},
+    "mocov3-ring": {"gather_distributed": "ring"},
 }
 STEP_BATCH = 12  # images: 6 per rank at 2 ranks, 4 at 3
 
@@ -236,6 +239,28 @@ def test_ddp_pretrain_matches_single_process_and_only_rank0_writes(distributed_r
                                        msg=lambda e: f"{key}, {world} ranks: {e}")
 
 
+# issue 22's EMA-target methods: SyncBatchNorm in both networks, MoCo v3's keys gathered.  SGD, not AdamW: BYOL's
+# projector.3.bias has an identically zero gradient (the predictor's BatchNorm removes a shift), and AdamW turns
+# its float rounding noise (which differs with the reduction order) into steps of size lr.
+TARGETS = ("byol", "mocov3")
+TARGET_RUN = dict(RUN, optimizer="sgd")
+
+
+def test_ddp_pretrain_of_momentum_target_methods_matches_single_process(distributed_runs, tmp_path):
+    for method in TARGETS:
+        single = pretrain(PretrainConfig(out=str(tmp_path / method), method=method, **TARGET_RUN))
+        one_model = torch.load(tmp_path / method / "checkpoint.pt", weights_only=True)["model"]
+        for world, (_, results) in distributed_runs.items():
+            summary = results[0]["momentum_targets"][method]
+            assert summary["world_size"] == world
+            assert summary["final_loss"] == pytest.approx(single["final_loss"], rel=1e-4), (method, world)
+            ddp_model = torch.load(f"{results[0]['trainer_out']}-{method}/checkpoint.pt", weights_only=True)["model"]
+            assert any(k.startswith("target_") for k in ddp_model)
+            for key, value in one_model.items():
+                torch.testing.assert_close(ddp_model[key], value, rtol=1e-3, atol=1e-4,
+                                           msg=lambda e: f"{method}: {key}, {world} ranks: {e}")
+
+
 # ---------------------------------------------------------------------------------------------
 # One spawn per world size.
 
@@ -249,6 +274,8 @@ def _worker(rank, world, port, seed, out, results):
         except ValueError as e:
             mine["batch_error"] = str(e)
         mine["summary"] = pretrain(PretrainConfig(out=out, **RUN))
+        mine["momentum_targets"] = {m: pretrain(PretrainConfig(out=f"{out}-{m}", method=m, **TARGET_RUN))
+                                    for m in TARGETS}
         mine["trainer_out"] = Path(out)
         results[rank] = mine
     finally:

@@ -1,6 +1,6 @@
-"""The contrastive methods of issue 5 (MoCo, SimSiam, ArCL, SimCLR-Attn, SimSiam-Multi, NNCLR): each
-objective against its definition computed by hand, their state (queues, momentum encoders,
-memories), training steps and option checks.  Tiny CNNs on 8x8 inputs, torch loss backend."""
+"""The contrastive methods of issue 5 (MoCo, SimSiam, ArCL, SimCLR-Attn, SimSiam-Multi, NNCLR) and issue 22's
+BYOL and MoCo v3: each objective against its definition computed by hand, their state (queues, momentum
+encoders, memories), training steps and option checks.  Tiny CNNs on 8x8 inputs, torch loss backend."""
 from __future__ import annotations
 
 import itertools
@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from sslcore.kernels import infonce_ref
 from sslcore.methods import METHODS, create_model, method_options
 from sslcore.methods.arcl import max_pair_distance, worst_pair
-from sslcore.methods.simsiam import SimSiam
 from sslcore.methods.simsiam_multi import SimSiamMulti
 from sslcore.models import SmallCNN
 
@@ -31,7 +30,7 @@ def _build(name, **options):
     cls = METHODS[name]
     if cls is SimSiamMulti:
         return cls(_encoder(), N_TRAIN, **options)
-    if cls is not SimSiam:
+    if "temperature" in method_options(name):
         options = {"temperature": TAU, "backend": "torch", **options}
     return cls(_encoder(), **options)
 
@@ -53,10 +52,11 @@ def _neg_cos(p, t):
 # ---------------------------------------------------------------------------------------------
 # Every method: trains (loss finite and decreasing), gradients reach the encoder.
 
+HEADS = {"proj_hidden": 32, "proj_dim": 16}  # BYOL, MoCo v3: the default heads scale a 16-wide CNN to 2 outputs
 SMALL_QUEUE = {"queue_size": 2 * B, "momentum": 0.9}  # MoCo on 40 samples: few stale copies of a sample's keys
 CASES = {"moco": SMALL_QUEUE, "moco-symmetric": {"symmetric": True, **SMALL_QUEUE}, "simsiam": {}, "arcl": {},
          "arcl-penalty": {"mode": "penalty"}, "arcl-moco": {"base": "moco", **SMALL_QUEUE}, "simclr-attn": {},
-         "simsiam-multi": {"mix_epoch": 2}, "nnclr": {"queue_size": 2 * B}}
+         "simsiam-multi": {"mix_epoch": 2}, "nnclr": {"queue_size": 2 * B}, **{m: HEADS for m in ("byol", "mocov3")}}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -95,7 +95,9 @@ def test_registry_options_and_create():
 
 @pytest.mark.parametrize("name, state", [("moco", ("queue", "queue_ptr", "key_encoder.0.weight")),
                                          ("nnclr", ("support", "support_ptr", "support_len")),
-                                         ("simsiam-multi", ("memory",))])
+                                         ("simsiam-multi", ("memory",)),
+                                         ("byol", ("target_encoder.0.weight", "target_projector.3.bias")),
+                                         ("mocov3", ("target_encoder.0.weight", "target_projector.4.running_mean"))])
 def test_method_state_is_in_the_state_dict(name, state, seed):
     """Queues, pointers, momentum encoders and memories are buffers/submodules: a checkpoint restores them."""
     model = _build(name)
@@ -168,6 +170,117 @@ def test_moco_queue_not_divisible_by_batch_is_refused():
     with pytest.raises(ValueError, match=r"queue_size \(40\) must be divisible by the batch size \(16\)"):
         model.loss(_views())
     assert torch.equal(model.queue, before) and int(model.queue_ptr) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# BYOL and MoCo v3: the EMA target on the cosine schedule, each loss against the authors' formula.
+
+
+def _perturbed_target(model):
+    """Target networks that differ from the online ones; (online, target) parameters before the step."""
+    with torch.no_grad():
+        for p in itertools.chain(model.target_encoder.parameters(), model.target_projector.parameters()):
+            p.add_(torch.randn_like(p))
+    online = [p.detach().clone() for p in itertools.chain(model.encoder.parameters(), model.projector.parameters())]
+    target = [p.detach().clone() for p in itertools.chain(model.target_encoder.parameters(),
+                                                          model.target_projector.parameters())]
+    return online, target
+
+
+def _check_ema(model, online, target, base, progress):
+    m = 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2  # BYOL's tau_k, written out
+    after = list(itertools.chain(model.target_encoder.parameters(), model.target_projector.parameters()))
+    assert len(after) == len(online)
+    for before, theta, now in zip(target, online, after):
+        torch.testing.assert_close(now, m * before + (1 - m) * theta)
+        assert not now.requires_grad
+
+
+def _grads(loss, params):
+    return torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def test_byol_target_schedule_and_loss_are_the_authors(seed):
+    model = _build("byol", **HEADS).double()
+    model.progress = 0.3
+    online, target = _perturbed_target(model)
+    x0, x1 = (x.double() for x in _views())
+    loss = model.loss([x0, x1])
+    _check_ema(model, online, target, 0.996, 0.3)
+
+    def regression(p, t):  # the authors' 2 - 2 cos(p, t) per sample, float64
+        p, t = p.double(), t.double()
+        return 2 - 2 * (p * t).sum(1) / (p.norm(dim=1) * t.norm(dim=1))
+    with torch.no_grad():
+        t0, t1 = (model.target_projector(model.target_encoder(x)) for x in (x0, x1))
+    p0, p1 = (model.predictor(model.projector(model.encoder(x))) for x in (x0, x1))  # each view on its own
+    expected = regression(p0, t1).mean() + regression(p1, t0).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    params = [*model.encoder.parameters(), *model.projector.parameters(), *model.predictor.parameters()]
+    for g, want in zip(_grads(loss, params), _grads(expected, params)):  # the targets carry no gradient
+        torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-12)
+    model.eval()
+    frozen = [p.clone() for p in model.target_encoder.parameters()]
+    model.loss([v.double() for v in _views()])
+    assert all(torch.equal(a, b) for a, b in zip(frozen, model.target_encoder.parameters()))  # eval: no EMA
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mocov3_target_schedule_and_loss_are_the_authors(seed, backend):
+    tau = 0.3  # not 0.5: the authors' factor 2 tau must show
+    model = _build("mocov3", backend=backend, temperature=tau, **HEADS)
+    assert model.base_momentum == 0.99
+    model.progress = 0.7
+    online, target = _perturbed_target(model)
+    x0, x1 = _views(n=13)
+    loss = model.loss([x0, x1])
+    _check_ema(model, online, target, 0.99, 0.7)
+
+    def ctr(q, k):  # facebookresearch/moco-v3: CrossEntropyLoss(q k^T / T, arange) * 2T, float64
+        q, k = F.normalize(q.double(), dim=1), F.normalize(k.double(), dim=1)
+        return F.cross_entropy(q @ k.T / tau, torch.arange(len(q))) * (2 * tau)
+    with torch.no_grad():
+        k0, k1 = (model.target_projector(model.target_encoder(x)) for x in (x0, x1))
+    q0, q1 = (model.predictor(model.projector(model.encoder(x))) for x in (x0, x1))
+    expected = ctr(q0, k1) + ctr(q1, k0)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    params = [*model.encoder.parameters(), *model.projector.parameters(), *model.predictor.parameters()]
+    for g, want in zip(_grads(loss, params), _grads(expected, params)):  # float32 loss vs float64 formula
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("spec, vit", [("vit_tiny_patch16_224:img_size=16,patch_size=4,depth=1", True),
+                                       ("resnet18", False)])
+def test_mocov3_and_byol_train_a_timm_vit_and_resnet(spec, vit, seed):
+    """The authors' per-encoder defaults (tau, projector depth, widths) and one optimizer step each."""
+    from sslcore.models import create_encoder
+    data = SimpleNamespace(in_chans=3, image_shape=(3, 16, 16))
+    for name in ("mocov3", "byol"):
+        model = create_model(name, data, encoder=spec, backend="torch")
+        width = model.encoder.num_features  # 192 (ViT-Ti), 512 (ResNet-18)
+        linears = [m for m in model.projector if isinstance(m, torch.nn.Linear)]
+        if name == "mocov3":
+            ref = 768 if vit else 2048  # ViT-B's and ResNet-50's widths, for the paper's 4096 -> 256 heads
+            assert model.temperature == (0.2 if vit else 1.0) and len(linears) == (3 if vit else 2)
+            assert isinstance(model.predictor[-1], torch.nn.BatchNorm1d) == vit  # as the authors' code
+        else:
+            ref = 2048
+            assert len(linears) == 2 and model.base_momentum == 0.996
+        assert [m.out_features for m in linears][-2:] == [4096 * width // ref, 256 * width // ref]
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.rand(4, 3, 16, 16)
+        loss = model.loss([x, x.flip(3)])
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.encoder.parameters()
+                   if p.requires_grad)
+        assert all(p.grad is None for p in model.target_encoder.parameters())
+        before = [p.clone() for p in model.target_encoder.parameters()]
+        opt.step()
+        model.progress = 0.5
+        model.loss([x, x.flip(3)])
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.target_encoder.parameters()))
+        assert create_encoder(spec, in_chans=3).num_features == width
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,6 +503,10 @@ def test_nnclr_neighbour_is_the_true_nearest_and_loss(seed):
     ("nnclr", {"queue_size": -4}, "queue_size"),
     ("simsiam-multi", {"mix_epoch": 0}, "mix_epoch"),
     ("simsiam-multi", {"mix": 1.0}, "mix"),
+    ("byol", {"momentum": 1.0}, "momentum"),
+    ("mocov3", {"momentum": -0.1}, "momentum"),
+    ("mocov3", {"temperature": 0.0}, "temperature"),
+    ("mocov3", {"proj_layers": 1}, "proj_layers"),
 ])
 def test_bad_options_are_refused(name, options, match):
     with pytest.raises(ValueError, match=match):

@@ -377,3 +377,26 @@ def test_a_run_no_longer_than_its_warmup_is_warned(tmp_path):
     """--epochs <= --warmup-epochs: the schedule never reaches its peak nor decays; the user hears it."""
     with pytest.warns(UserWarning, match=r"--epochs 1 <= --warmup-epochs 3: the learning rate rises"):
         pretrain(PretrainConfig(out=str(tmp_path / "w"), **{**TINY, "epochs": 1, "limit": 32}))
+
+
+@pytest.mark.parametrize("method", ["byol", "mocov3"])
+def test_momentum_target_methods_train_from_the_cli_and_resume_bit_identically(method, tmp_path, interrupted, capsys):
+    """BYOL and MoCo v3 (issue 22) train from ``sslcore pretrain`` with their defaults (the ``byol`` recipe); a run
+    killed after epoch 1 and resumed equals the uninterrupted one: the EMA target networks (and their BatchNorm
+    statistics) come back from the checkpoint, the momentum schedule's progress from the update count."""
+    args = ["pretrain", "--method", method, "--epochs", "2", "--batch-size", "32", "--limit", "64",
+            "--backend", "torch"]
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    assert f"{method} on digits: 2 epochs" in capsys.readouterr().out
+    full = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    cut = dict(TINY, method=method, out=str(tmp_path / "cut"))
+    interrupted(lambda: pretrain(PretrainConfig(**cut)))
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["epoch"] == 1
+    pretrain(PretrainConfig(**cut, resume=""))
+    resumed = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["model"]
+    targets = [k for k in full["model"] if k.startswith("target_")]
+    assert targets and any(not torch.equal(full["model"][k], full["model"][k.replace("target_", "")])
+                           for k in targets if k.endswith("weight"))  # the target lags the online networks
+    for key, value in full["model"].items():
+        assert torch.equal(resumed[key], value), key
+    assert json.loads((tmp_path / "full" / "summary.json").read_text())["augment"] == "byol"

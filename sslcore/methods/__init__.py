@@ -11,12 +11,14 @@ from ..checks import check_value
 from .ar import AR
 from .arcl import ArCL
 from .base import SSLMethod
+from .byol import BYOL
 from .clustermim import ClusterMIM
 from .dear import DEAR
 from .dino import DINO
 from .mae import MAE
 from .mlm import MLM
 from .moco import MoCo
+from .mocov3 import MoCoV3
 from .nnclr import NNCLR
 from .simclr import SimCLR
 from .simclr_attn import SimCLRAttn
@@ -27,7 +29,7 @@ from .vlm import VLM
 METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR, "mae": MAE, "clustermim": ClusterMIM}
 METHODS.update({"moco": MoCo, "simsiam": SimSiam, "arcl": ArCL, "simclr-attn": SimCLRAttn,  # contrastive (MPCL, ArCL)
                 "simsiam-multi": SimSiamMulti, "nnclr": NNCLR})
-METHODS.update({"dino": DINO})  # baselines (issue 22)
+METHODS.update({"dino": DINO, "byol": BYOL, "mocov3": MoCoV3})  # baselines (issue 22)
 METHODS.update({"ar": AR, "mlm": MLM, "dear": DEAR, "vlm": VLM})  # token sequences (sequence_base.py)
 
 # Options the trainer passes to every method; a method whose constructor lacks one just does not get it.
@@ -79,3 +81,4 @@ def create_model(method: str, data, *, encoder: str, **options) -> SSLMethod:
 __all__ = ["AR", "COMMON_OPTIONS", "ClusterMIM", "DEAR", "DINO", "MAE", "METHODS", "MLM", "ArCL", "MoCo", "NNCLR",
            "SSLMethod", "SimCLR", "SimCLRAttn", "SimSiam", "SimSiamMulti", "VLM", "check_options", "create_model",
            "get_method", "method_options", "option_parameters"]
+__all__ += ["BYOL", "MoCoV3"]  # issue 22

@@ -18,3 +18,23 @@ def simsiam_projector(dim_in: int, dim_hidden: int, dim_out: int) -> nn.Sequenti
 def prediction_mlp(dim: int, dim_hidden: int) -> nn.Sequential:
     """SimSiam's predictor: a bottleneck Linear-BN-ReLU-Linear from ``dim`` back to ``dim``."""
     return projection_mlp(dim, dim_hidden, dim)
+
+
+def mocov3_mlp(layers: int, dim_in: int, dim_hidden: int, dim_out: int, last_bn: bool = True) -> nn.Sequential:
+    """MoCo v3's heads: ``layers`` Linear layers without bias, BN-ReLU after each hidden one, and after the
+    last a BatchNorm without affine where ``last_bn``."""
+    dims = [dim_in] + [dim_hidden] * (layers - 1) + [dim_out]
+    mods = []
+    for i, (a, b) in enumerate(zip(dims, dims[1:])):
+        mods.append(nn.Linear(a, b, bias=False))
+        if i < layers - 1:
+            mods += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+        elif last_bn:
+            mods.append(nn.BatchNorm1d(b, affine=False))
+    return nn.Sequential(*mods)
+
+
+def paper_widths(width: int, reference: int, hidden: int = 4096, out: int = 256) -> tuple[int, int]:
+    """A head's (hidden, output) widths at the paper's ratios to its encoder: ``hidden`` and ``out`` were
+    chosen for a ``reference``-wide encoder (ResNet-50: 2048, ViT-B: 768); scaled to ``width``, at least 1."""
+    return max(1, round(hidden * width / reference)), max(1, round(out * width / reference))

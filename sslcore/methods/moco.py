@@ -14,6 +14,7 @@ from ..functional import GatherMode, infonce_pairs
 from ..losses import ring_write
 from .base import SSLMethod
 from .heads import projection_mlp
+from .momentum import ema_update
 
 
 class MoCo(SSLMethod):
@@ -59,9 +60,8 @@ class MoCo(SSLMethod):
     @torch.no_grad()
     def momentum_update(self) -> None:
         """``theta' <- m theta' + (1 - m) theta`` for every parameter of the key encoder and projector."""
-        for online, target in ((self.encoder, self.key_encoder), (self.projector, self.key_projector)):
-            for p, p_key in zip(online.parameters(), target.parameters()):
-                p_key.mul_(self.momentum).add_(p.detach(), alpha=1.0 - self.momentum)
+        ema_update(self.key_encoder, self.encoder, self.momentum)
+        ema_update(self.key_projector, self.projector, self.momentum)
 
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> torch.Tensor:
