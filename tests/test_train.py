@@ -399,4 +399,6 @@ def test_momentum_target_methods_train_from_the_cli_and_resume_bit_identically(m
                            for k in targets if k.endswith("weight"))  # the target lags the online networks
     for key, value in full["model"].items():
         assert torch.equal(resumed[key], value), key
-    assert json.loads((tmp_path / "full" / "summary.json").read_text())["augment"] == "byol"
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert summary["augment"] == "byol"
+    assert summary["temperature"] == (1.0 if method == "mocov3" else None)  # MoCo v3's own, by encoder type (CNN)

@@ -392,8 +392,10 @@ def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDire
     batches_of = loader(data.items("train", cfg.limit), sampler, workers=workers, device=device)
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch + first_step,
                desc=f"{cfg.method}/{data.name}", unit="step", dynamic_ncols=True, disable=not main)
+    # the temperature the loss uses: the config's, or one the method resolved itself (MoCo v3: by encoder type)
+    temperature = cfg.temperature if cfg.temperature is not None else getattr(model, "temperature", None)
     if main:
-        tau = f"temperature {cfg.temperature:g}, " if cfg.temperature is not None else ""
+        tau = f"temperature {temperature:g}, " if temperature is not None else ""
         tqdm.write(f"{cfg.method}: {tau}augment {recipe_name}, {cfg.optimizer} at lr {cfg.peak_lr:g} (--lr "
                    f"{cfg.lr:g} x {cfg.effective_batch}/256), {PRECISION_NAMES[amp_dtype]}, {workers} data workers")
     final_loss = None
@@ -491,7 +493,7 @@ def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDire
             method_eval = model.evaluate(data)
         summary = {"method": cfg.method, "data": cfg.data, "encoder": cfg.encoder,
                    "encoder_class": type(model.encoder).__name__, "raw_features": data.raw_name, "epochs": cfg.epochs,
-                   "temperature": cfg.temperature, "augment": recipe_name, "optimizer": cfg.optimizer,
+                   "temperature": temperature, "augment": recipe_name, "optimizer": cfg.optimizer,
                    "base_lr": cfg.lr, "peak_lr": cfg.peak_lr, "effective_batch": cfg.effective_batch,
                    "precision": PRECISION_NAMES[amp_dtype], "workers": workers, "final_loss": final_loss,
                    "n_train": len(data.y_train), "n_test": len(data.y_test), "device": str(device), "world_size": world,
