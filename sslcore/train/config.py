@@ -74,6 +74,7 @@ class PretrainConfig:
     workers: NonNegativeInt | None = None  # data-loading processes per rank; None: 0 in memory, up to 8 on disk
     eval_every: NonNegativeInt = 0  # k-NN and linear probes every N epochs (0: only at the end)
     baselines: bool = False  # also probe the random initialisation and raw pixels
+    online_linear: bool | None = None  # the online linear head (train/online.py); None: on for image data
     tensorboard: bool = True  # event files in OUT/tensorboard when the tensorboard package is installed
     device: str = "auto"
     backend: Backend = "auto"  # the loss's backend: auto | triton | torch
