@@ -323,8 +323,8 @@ def test_digits_split_and_augment_are_deterministic():
 
 
 def test_online_linear_head_leaves_the_backbone_untouched(tmp_path):
-    """Its step reads detached eval-mode features: the backbone's gradients, BatchNorm statistics and the
-    global RNG are as they were, and a run with the head trains the same weights as one without."""
+    """Its step reads detached eval-mode features: the backbone's gradients, BatchNorm statistics, modes and the
+    global RNG are as they were."""
     from sslcore.train.online import online_head
 
     data = load_dataset("digits")
@@ -335,14 +335,18 @@ def test_online_linear_head_leaves_the_backbone_untouched(tmp_path):
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     rng = torch.get_rng_state()
+    model.projector.eval()  # a submodule's own mode is kept too
     head = online_head(None, model, data, torch.device("cpu"))
     head.step(model, x, data.y_train[:32], progress=0.0)
+    head.epoch_metrics(model, data, device=torch.device("cpu"))  # the test split's pass
     assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
     assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
-    assert torch.equal(torch.get_rng_state(), rng) and model.training
+    assert torch.equal(torch.get_rng_state(), rng) and model.training and not model.projector.training
     assert head.head[1].weight.abs().sum() > 0  # the head itself learned
     assert online_head(False, model, data, torch.device("cpu")) is None
 
+
+def test_a_run_with_the_online_linear_head_trains_the_same_weights(tmp_path):
     tiny = dict(TINY, method="mae")  # MAE draws its masks from torch's global RNG: the head must not
     runs = {flag: pretrain(PretrainConfig(out=str(tmp_path / str(flag)), online_linear=flag, **tiny))
             for flag in (True, False)}
@@ -350,6 +354,10 @@ def test_online_linear_head_leaves_the_backbone_untouched(tmp_path):
     assert "online_linear" not in without and "online_linear_top1" not in _read_metrics(tmp_path / "False")[0]
     assert all(torch.equal(with_head["model"][k], v) for k, v in without["model"].items())
     assert runs[True]["final_loss"] == runs[False]["final_loss"]
+    with pytest.raises(CheckpointError, match="no usable online linear head state; resume it with online_linear: "
+                                              "false"):  # a checkpoint without the head is not continued with one
+        pretrain(PretrainConfig(out=str(tmp_path / "more"), resume=str(tmp_path / "False" / "checkpoint.pt"),
+                                **dict(tiny, epochs=3)))
 
 
 def test_online_linear_head_learns_separable_features():

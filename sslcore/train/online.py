@@ -4,12 +4,12 @@ frozen features of each batch's first view and its labels, so a run reports a li
 Per training batch: ``f = model(view0)`` in eval mode without autograd (the probes' features: BatchNorm's
 running statistics, no dropout, no random draw), then one SGD step (momentum 0.9, no weight decay, lr
 ``0.1 x (1 + cos(pi progress)) / 2``) on ``cross_entropy(W bn(f) + b, y)``, ``bn`` a BatchNorm without
-affine parameters (synchronised across ranks).  The backbone's parameters,
-gradients, BatchNorm statistics and random state are untouched, so a run with the head trains the same
-weights as one without it.  Under DDP each rank steps on its shard and the head's gradients are averaged
-over ranks (the global batch's gradient).  Cost: one forward of a batch per step without autograd, about a
-sixth of a two-view step (an estimate: forward ~ 1/3 of forward + backward), plus a pass over the test split
-at each epoch's end.  docs/architecture.md, "Evaluation".
+affine parameters (synchronised across ranks).  The backbone's parameters, gradients, modes, BatchNorm
+statistics and random state are untouched, so a run with the head trains the same weights as one without.
+Under DDP each rank steps on its shard and the head's gradients are averaged over ranks (the global
+batch's gradient).  Cost: one forward of a batch per step without autograd, about a sixth of a two-view
+step (an estimate: forward ~ 1/3 of forward + backward), plus a pass over the test split at each epoch's
+end.  docs/architecture.md, "Evaluation".
 """
 from __future__ import annotations
 
@@ -26,6 +26,20 @@ from .evaluate import extract_features
 
 MOMENTUM = 0.9
 LR = 0.1
+
+
+@contextlib.contextmanager
+def untouched(model: nn.Module):
+    """``model`` in eval mode; afterwards every submodule's mode and torch's CPU RNG are as they were (a loader
+    draws its seed from that RNG)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 class OnlineLinear:
@@ -47,13 +61,9 @@ class OnlineLinear:
 
     @torch.no_grad()
     def features(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``model(x)`` in eval mode (float32, no autograd); the model's mode is put back."""
-        was_training = model.training
-        model.eval()
-        try:
+        """``model(x)`` in eval mode (float32, no autograd)."""
+        with untouched(model):
             return model(x).float().flatten(1)
-        finally:
-            model.train(was_training)
 
     def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float,
              amp=contextlib.nullcontext()) -> None:
@@ -87,7 +97,7 @@ class OnlineLinear:
         self.seen.zero_()
         row = {"online_linear_train_top1": hits / max(seen, 1)}
         if model is not None:
-            with torch.random.fork_rng(devices=[]):  # the loader draws a seed from torch's RNG: not the run's
+            with untouched(model):
                 f_test = extract_features(data, "test", model, **probing)
             self.head.eval()
             with torch.no_grad():
@@ -121,6 +131,6 @@ def online_head(enabled: bool | None, model: nn.Module, data, device: torch.devi
     if enabled is False or (enabled is None and data.kind != "image") or labels is None or not len(labels):
         return None
     classes = int(max(labels.max(), data.y_test.max())) + 1
-    with torch.random.fork_rng(devices=[]):  # the loader draws a seed from torch's RNG: not the run's
+    with untouched(model):
         num_features = extract_features(data, "test", model, device=device, batch_size=1, limit=1).shape[1]
     return OnlineLinear(num_features, classes, device)
