@@ -18,6 +18,7 @@ from .methods import METHODS
 from .train import PretrainConfig, TrainingInterrupted, build_config, evaluate_checkpoint, pretrain, resolve_device
 from .train.config import FIELDS, cli_domain
 from .train.export import export_backbone
+from .train.protocols import DEFAULTS, PROTOCOLS, check_protocol_args, evaluate_protocol, results_path
 
 _DEFAULTS = PretrainConfig()
 
@@ -127,6 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probe on this dataset instead (transfer; default: the checkpoint's)")
     e.add_argument("--workers", type=setting("workers"), default=0,
                    help="data-loading processes (default: %(default)s)")
+    e.add_argument("--protocol", choices=PROTOCOLS, default="probe",
+                   help="probe: the k-NN and L-BFGS linear probes on frozen features (fast); linear: the standard "
+                   "linear evaluation (frozen backbone, crops and flips, SGD, cosine); finetune: the whole network "
+                   "with a linear head (AdamW, cosine); docs/architecture.md, Evaluation (default: %(default)s)")
+    lin, fin = DEFAULTS["linear"], DEFAULTS["finetune"]
+    e.add_argument("--epochs", type=setting("epochs"), help=f"linear/finetune epochs (default: {lin[0]})")
+    e.add_argument("--lr", type=float, help=f"linear: SGD's lr (default: {lin[1]}); finetune: AdamW's lr per 256 "
+                   f"images (default: {fin[1]})")
+    e.add_argument("--batch-size", type=setting("batch_size"), help=f"linear/finetune batch (default: {lin[2]})")
+    e.add_argument("--weight-decay", type=float, help=f"linear (default: {lin[3]}), finetune (default: {fin[3]})")
+    e.add_argument("--seed", type=setting("seed"), default=0, help="linear/finetune: data order, crops, dropout "
+                   "(default: %(default)s)")
+    e.add_argument("--overwrite", action="store_true", help="replace the run folder's eval-PROTOCOL.json")
     x = sub.add_parser("export", help="a checkpoint's backbone as safetensors with timm's key names")
     x.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by pretrain")
     x.add_argument("--out", required=True, help="the .safetensors file to write")
@@ -227,7 +241,18 @@ def main(argv: list[str] | None = None) -> int:
             r = export_backbone(args.checkpoint, args.out, overwrite=args.overwrite)
             print(f"wrote {args.out}: {r['architecture']} ({r['format']}), {r['tensors']} tensors, "
                   f"{r['parameters']:,} parameters; load it with:\n{r['snippet']}")
+        elif args.protocol != "probe":
+            r = evaluate_protocol(args.checkpoint, args.protocol, epochs=args.epochs, lr=args.lr,
+                                  batch_size=args.batch_size, weight_decay=args.weight_decay, data=args.data,
+                                  device=resolve_device(args.device), workers=args.workers, seed=args.seed,
+                                  overwrite=args.overwrite, progress=True)
+            print(f"{r['method']} on {r['data']} (trained on {r['trained_on']}), epoch {r['epoch']}, --protocol "
+                  f"{r['protocol']}: {r['epochs']} epochs, {r['optimizer']} at lr {r['peak_lr']:g}; top-1 "
+                  f"{r['top1']:.2%}, top-5 {r['top5']:.2%} ({r['n_test']} test images); wrote "
+                  f"{results_path(args.checkpoint, r['protocol'], args.data)}")
         else:
+            check_protocol_args("probe", epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                weight_decay=args.weight_decay)
             r = evaluate_checkpoint(args.checkpoint, device=resolve_device(args.device), data=args.data,
                                     workers=args.workers)
             print(f"{r['method']} on {r['data']} (trained on {r['trained_on']}), epoch {r['epoch']}; "

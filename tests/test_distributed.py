@@ -223,7 +223,8 @@ RUN = dict(epochs=1, batch_size=30, limit=60, backend="torch", overwrite=True)  
 
 def test_ddp_pretrain_matches_single_process_and_only_rank0_writes(distributed_runs, tmp_path):
     single = pretrain(PretrainConfig(out=str(tmp_path), **RUN))
-    one_model = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    one_ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    one_model, one_head = one_ckpt["model"], one_ckpt["online_linear"]["head"]
     for world, (_, results) in distributed_runs.items():
         out = results[0]["trainer_out"]
         assert f"multiple of the number of processes ({world})" in results[0]["batch_error"]
@@ -233,7 +234,12 @@ def test_ddp_pretrain_matches_single_process_and_only_rank0_writes(distributed_r
                                                           "metrics.jsonl", "steps.jsonl", "summary.json", "tensorboard"]
         # same data order, views and (synchronised) batch statistics: the same losses up to float reordering
         assert summary["final_loss"] == pytest.approx(single["final_loss"], rel=1e-4)
-        ddp_model = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+        ddp_ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+        ddp_model = ddp_ckpt["model"]
+        # the online linear head: each rank's shard, gradients averaged, BatchNorm synchronised
+        for key, value in one_head.items():
+            torch.testing.assert_close(ddp_ckpt["online_linear"]["head"][key], value, rtol=1e-3, atol=1e-4,
+                                       msg=lambda e: f"online head {key}, {world} ranks: {e}")
         for key, value in one_model.items():
             torch.testing.assert_close(ddp_model[key], value, rtol=1e-3, atol=1e-4,
                                        msg=lambda e: f"{key}, {world} ranks: {e}")

@@ -41,6 +41,26 @@ def _read_metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _without_time(rows):
+    return [{k: v for k, v in r.items() if k != "time"} for r in rows]
+
+
+def _assert_same_online_head(a, b):
+    """Two checkpoints' online linear heads (weights, BatchNorm statistics, momentum buffers) are equal."""
+    flat_a, flat_b = (torch.cat([t.double() for t in _tensors(c["online_linear"])]) for c in (a, b))
+    assert torch.equal(flat_a, flat_b)
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        return [obj.flatten()]
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj, key=str) for t in _tensors(obj[k])]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One uninterrupted 2-epoch run, shared by the tests that only read its outputs."""
@@ -52,7 +72,9 @@ def test_pretrain_writes_metrics_summary_and_checkpoint(tiny_run):
     out, summary = tiny_run
     rows = _read_metrics(out)
     assert [r["epoch"] for r in rows] == [1, 2]
-    assert all(set(r) == {"epoch", "loss", "lr", "time"} and math.isfinite(r["loss"]) for r in rows)
+    online = {"online_linear_train_top1", "online_linear_top1"}  # on by default for image data
+    assert all(set(r) == {"epoch", "loss", "lr", "time", *online} and math.isfinite(r["loss"]) for r in rows)
+    assert all(0.0 <= r[k] <= 1.0 for r in rows for k in online)
     assert json.loads((out / "summary.json").read_text()) == summary
     for name in ("trained", "random_init", "raw_pixels"):
         assert set(summary["probes"][name]) == {"linear", "knn", "linear_top5", "knn_top5"}  # scikit-learn's: opt-in
@@ -79,7 +101,8 @@ def test_resume_after_interruption_is_bit_identical(tiny_run, tmp_path, interrup
     assert resumed["epoch"] == 2
     for key, value in full["model"].items():
         assert torch.equal(resumed["model"][key], value), key
-    assert [r["loss"] for r in _read_metrics(tmp_path)] == [r["loss"] for r in _read_metrics(full_out)]
+    assert _without_time(_read_metrics(tmp_path)) == _without_time(_read_metrics(full_out))
+    _assert_same_online_head(resumed, full)
 
 
 def test_resume_restores_the_global_rng_for_random_masks(tmp_path, interrupted):
@@ -122,7 +145,8 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_identically(at_step, tiny_ru
     resumed, full = load_checkpoint(tmp_path / "checkpoint.pt"), load_checkpoint(full_out / "checkpoint.pt")
     for key, value in full["model"].items():
         assert torch.equal(resumed["model"][key], value), key
-    assert [r["loss"] for r in _read_metrics(tmp_path)] == [r["loss"] for r in _read_metrics(full_out)]
+    assert _without_time(_read_metrics(tmp_path)) == _without_time(_read_metrics(full_out))
+    _assert_same_online_head(resumed, full)
 
 
 def test_stop_request_puts_back_an_ignored_sigint():
@@ -311,6 +335,59 @@ def test_digits_split_and_augment_are_deterministic():
     assert np.bincount(data.y_test.numpy()).min() >= 35  # stratified
     views = [data.augment(data.x_train[:16], torch.Generator().manual_seed(1)) for _ in range(2)]
     assert torch.equal(views[0], views[1]) and not torch.equal(views[0], data.x_train[:16])
+
+
+def test_online_linear_head_leaves_the_backbone_untouched(tmp_path):
+    """Its step reads detached eval-mode features: the backbone's gradients, BatchNorm statistics, modes and the
+    global RNG are as they were."""
+    from sslcore.train.online import online_head
+
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    model = METHODS["simclr"].create(data, encoder="smallcnn", backend="torch")
+    x = data.model_input(data.x_train[:32])
+    model.loss([x, x.flip(-1)]).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    rng = torch.get_rng_state()
+    model.projector.eval()  # a submodule's own mode is kept too
+    head = online_head(None, model, data, torch.device("cpu"))
+    head.step(model, x, data.y_train[:32], progress=0.0)
+    head.epoch_metrics(model, data, device=torch.device("cpu"))  # the test split's pass
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+    assert torch.equal(torch.get_rng_state(), rng) and model.training and not model.projector.training
+    assert head.head[1].weight.abs().sum() > 0  # the head itself learned
+    assert online_head(False, model, data, torch.device("cpu")) is None
+
+
+def test_a_run_with_the_online_linear_head_trains_the_same_weights(tmp_path):
+    tiny = dict(TINY, method="mae")  # MAE draws its masks from torch's global RNG: the head must not
+    runs = {flag: pretrain(PretrainConfig(out=str(tmp_path / str(flag)), online_linear=flag, **tiny))
+            for flag in (True, False)}
+    with_head, without = (load_checkpoint(tmp_path / str(flag) / "checkpoint.pt") for flag in (True, False))
+    assert "online_linear" not in without and "online_linear_top1" not in _read_metrics(tmp_path / "False")[0]
+    assert all(torch.equal(with_head["model"][k], v) for k, v in without["model"].items())
+    assert runs[True]["final_loss"] == runs[False]["final_loss"]
+    with pytest.raises(CheckpointError, match="no usable online linear head state; resume it with online_linear: "
+                                              "false"):  # a checkpoint without the head is not continued with one
+        pretrain(PretrainConfig(out=str(tmp_path / "more"), resume=str(tmp_path / "False" / "checkpoint.pt"),
+                                **dict(tiny, epochs=3)))
+
+
+def test_online_linear_head_learns_separable_features():
+    """On features that separate the classes, the head's held-out accuracy climbs far above chance."""
+    from sslcore.train.online import OnlineLinear
+
+    data = load_dataset("digits")
+    model = torch.nn.Flatten()  # raw pixels: a linear probe gets ~95% on digits
+    head = OnlineLinear(64, 10, torch.device("cpu"))
+    x, y = data.model_input(data.x_train), data.y_train
+    for epoch in range(5):
+        for i in range(0, len(x) - 63, 64):
+            head.step(model, x[i:i + 64], y[i:i + 64], progress=epoch / 5)
+    row = head.epoch_metrics(model, data, device=torch.device("cpu"))
+    assert row["online_linear_top1"] > 0.85 and row["online_linear_train_top1"] > 0.8
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():

@@ -76,6 +76,7 @@ class PretrainConfig:
     eval_every: NonNegativeInt = 0  # k-NN and linear probes every N epochs (0: only at the end)
     baselines: bool = False  # also probe the random initialisation and raw pixels
     sklearn_probes: bool = False  # also scikit-learn's linear and k-NN probes (CPU, up to 100,000 samples)
+    online_linear: bool | None = None  # the online linear head (train/online.py); None: on for image data
     tensorboard: bool = True  # event files in OUT/tensorboard when the tensorboard package is installed
     wandb: str | None = None  # a Weights & Biases project to log to (wandb's own files, in wandb's folder)
     device: str = "auto"

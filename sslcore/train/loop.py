@@ -57,6 +57,7 @@ from ..methods import get_method, method_options
 from .checkpoint import CheckpointError, check_optimizer_state, check_state_dict, load_checkpoint, save_checkpoint
 from .config import RUN_KEYS, PretrainConfig, resolve_device, resolve_precision
 from .evaluate import build_model, probe
+from .online import online_head
 from .rundir import RunDirectory
 from .tracking import RunLog, environment
 
@@ -350,6 +351,8 @@ def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDire
     config = dataclasses.asdict(cfg)
     model, step_loss = build_training_model(config, data, device)
     init_state = {k: v.clone() for k, v in model.state_dict().items()} if cfg.baselines else None
+    online = online_head(cfg.online_linear, model, data, device)
+    labels = data.y_train.to(device) if online else None
     optimizer = build_optimizer(cfg, model)
     amp_dtype = resolve_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -359,6 +362,8 @@ def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDire
     if ckpt is not None:
         start_epoch, position = _resume_state(cfg, ckpt, model, optimizer, scaler, generator, steps_per_epoch,
                                               n_train)
+        if online:
+            online.load_state_dict(ckpt.get("online_linear"), cfg.resume)
     ddp = step_loss if isinstance(step_loss, nn.parallel.DistributedDataParallel) else None
     forward = torch.compile(step_loss) if cfg.compile else step_loss
     shard = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
@@ -381,7 +386,8 @@ def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDire
         if main:
             save_checkpoint(ckpt_path, method=cfg.method, config=config, epoch=epoch, model=model.state_dict(),
                             optimizer=optimizer.state_dict(), generator=generator.get_state(),
-                            rng=global_rng_state(device), scaler=scaler.state_dict(), **extra)
+                            rng=global_rng_state(device), scaler=scaler.state_dict(),
+                            **({"online_linear": online.state_dict()} if online else {}), **extra)
             run.committed()  # the previous run (--overwrite) is gone only now
 
     amp = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
@@ -432,6 +438,8 @@ def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDire
                             raise _diverged(cfg, epoch, f"the weights hold NaN or Inf at step {i + 1}") from e
                         raise
                     scaler.scale(loss / group).backward()
+                if online:  # its own optimizer, on detached features: the backbone's step is untouched
+                    online.step(model, views[0], labels[index], update / total_updates, amp=amp)
                 losses.append(loss.detach().float())
                 bar.update()
                 if not last:
@@ -463,6 +471,8 @@ def _run(cfg: PretrainConfig, device: torch.device, t_start: float, run: RunDire
             if not math.isfinite(row["loss"]):
                 raise _diverged(cfg, epoch, f"its mean loss is {row['loss']}")
             final_loss = row["loss"]
+            if online:
+                row.update(online.epoch_metrics(*((model, data) if main else ()), **probing))
             if main and cfg.eval_every and epoch % cfg.eval_every == 0:
                 row.update(probe(data, model, **probing))
             log.epoch(row, update)  # before the checkpoint: a resume drops lines past its epoch
