@@ -2,8 +2,9 @@
 from . import cluster, functional, kernels, layers, metrics
 from .cluster import KMeans
 from .layers import ContraNorm, DContraNorm
-from .losses import DCLLoss, DCLWLoss, InfoNCELoss, NegativeCosineSimilarity, NTXentLoss
+from .losses import BarlowTwinsLoss, DCLLoss, DCLWLoss, InfoNCELoss, NegativeCosineSimilarity, NTXentLoss, VICRegLoss
 
 __version__ = "0.1.0"
 __all__ = ["cluster", "functional", "kernels", "layers", "metrics", "KMeans", "ContraNorm", "DContraNorm", "NTXentLoss",
-           "InfoNCELoss", "DCLLoss", "DCLWLoss", "NegativeCosineSimilarity", "__version__"]
+           "InfoNCELoss", "DCLLoss", "DCLWLoss", "NegativeCosineSimilarity",
+           "BarlowTwinsLoss", "VICRegLoss", "__version__"]
