@@ -1,7 +1,8 @@
-"""Contrastive loss modules over the fused InfoNCE op, with lightly's names, signatures and semantics:
-``NTXentLoss`` (with or without a memory bank), ``InfoNCELoss`` (MoCo/CLIP), ``DCLLoss``, ``DCLWLoss``,
-``NegativeCosineSimilarity``; ``forward(out0, out1)``.  ``gather_distributed`` is lightly's convention
-(each rank its own rows against every rank's keys; :mod:`sslcore.dist`), or ``"ring"``.
+"""Loss modules with lightly's names, signatures and semantics, ``forward(out0, out1)``: the contrastive ones over
+the fused InfoNCE op, ``NTXentLoss`` (with or without a memory bank), ``InfoNCELoss`` (MoCo/CLIP), ``DCLLoss``,
+``DCLWLoss``; and ``NegativeCosineSimilarity``, ``BarlowTwinsLoss``, ``VICRegLoss``.  ``gather_distributed`` is
+lightly's convention (each rank its own rows against every rank's keys; :mod:`sslcore.dist`), or ``"ring"``;
+Barlow Twins' and VICReg's statistics are the global batch's (docs/methods.md).
 """
 from __future__ import annotations
 
@@ -336,4 +337,103 @@ class NegativeCosineSimilarity(nn.Module):
         return -nn.functional.cosine_similarity(x0, x1, self.dim, self.eps).mean()
 
 
-__all__ = ["DCLLoss", "DCLWLoss", "DINOLoss", "InfoNCELoss", "NTXentLoss", "NegativeCosineSimilarity"]
+def _check_pair(out0, out1, least: int, why: str, world: int = 1) -> None:
+    """Both ``[N, D]`` tensors of one shape with ``N * world >= least`` rows (``why`` says what needs them)."""
+    for name, t in (("out0", out0), ("out1", out1)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if out0.shape != out1.shape:
+        raise ValueError(f"out0 and out1 must have the same shape, got {tuple(out0.shape)} and {tuple(out1.shape)}")
+    if out0.dim() != 2:
+        raise ValueError(f"out0 and out1 must be [N, D], got shape {tuple(out0.shape)}")
+    if out0.shape[0] * world < least:
+        raise ValueError(f"out0 and out1 hold {out0.shape[0] * world} sample(s) in all; {why}")
+
+
+def _off_diagonal(m: torch.Tensor) -> torch.Tensor:
+    """The d(d-1) off-diagonal entries of a square ``[d, d]`` matrix (a view, no copy)."""
+    d = m.shape[0]
+    return m.flatten()[1:].view(d - 1, d + 1)[:, :-1]
+
+
+class BarlowTwinsLoss(nn.Module):
+    """Barlow Twins' redundancy reduction (lightly's ``BarlowTwinsLoss``; Zbontar et al. 2021)::
+
+        C = BN(out0)^T BN(out1) / N,    L = sum_i (1 - C_ii)^2 + lambda_param sum_{i != j} C_ij^2
+
+    ``BN`` standardises each feature over the batch (mean 0, biased variance 1, eps 1e-5, no affine), in
+    float32 or wider with autocast off.  With ``gather_distributed`` the batch is the global one, as the
+    authors': the means, the variances and C are sums all-reduced over ranks and divided by the global N,
+    every rank returns the same loss, and the all-reduce's backward sums over ranks, so DDP's gradient
+    average is the one-process gradient.  (lightly normalises each rank's batch alone and averages the
+    ranks' C: not the one-process loss; docs/methods.md.)
+    """
+
+    def __init__(self, lambda_param: NonNegative = 5e-3, gather_distributed: bool = False):
+        super().__init__()
+        self.lambda_param = check_value("lambda_param", lambda_param, NonNegative)
+        self.gather_distributed = check_value("gather_distributed", gather_distributed, bool)
+
+    def _sum(self, x: torch.Tensor) -> torch.Tensor:
+        return dist.all_reduce_sum(x) if self.gather_distributed else x
+
+    def _standardise(self, z: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        centred = z - self._sum(z.sum(0)) / n
+        return centred * torch.rsqrt(self._sum(centred.square().sum(0)) / n + 1e-5)
+
+    def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+        world = dist.world_size() if self.gather_distributed else 1
+        _check_pair(out0, out1, 2, "BatchNorm over the batch needs at least 2", world)
+        _check_values(out0=out0, out1=out1)
+        wide = torch.promote_types(out0.dtype, torch.float32)
+        with torch.autocast(out0.device.type, enabled=False):
+            a, b = out0.to(wide), out1.to(wide)
+            n = self._sum(a.new_tensor(float(a.shape[0])))  # the global N, without a host read
+            c = self._sum(self._standardise(a, n).T @ self._standardise(b, n)) / n
+            return (torch.diagonal(c) - 1).square().sum() + self.lambda_param * _off_diagonal(c).square().sum()
+
+
+class VICRegLoss(nn.Module):
+    """VICReg (lightly's ``VICRegLoss``; Bardes et al. 2022) on ``[N, D]`` embeddings::
+
+        L = lambda_param MSE(out0, out1) + mu_param (v(out0) + v(out1)) / 2 + nu_param (c(out0) + c(out1))
+        v(Z) = mean_j relu(1 - sqrt(Var(z_j) + eps)),   c(Z) = sum_{i != j} Cov(Z)_ij^2 / D
+
+    (unbiased variance and covariance), in float32 or wider with autocast off.  With ``gather_distributed``, as
+    lightly's: the invariance term is this rank's rows' mean, the variance and covariance the gathered global
+    batch's (the gather's backward sums over ranks), so the ranks' losses average to the one-process loss.
+    """
+
+    def __init__(self, lambda_param: NonNegative = 25.0, mu_param: NonNegative = 25.0, nu_param: NonNegative = 1.0,
+                 gather_distributed: bool = False, eps: NonNegative = 1e-4):
+        super().__init__()
+        self.lambda_param = check_value("lambda_param", lambda_param, NonNegative)
+        self.mu_param = check_value("mu_param", mu_param, NonNegative)
+        self.nu_param = check_value("nu_param", nu_param, NonNegative)
+        self.gather_distributed = check_value("gather_distributed", gather_distributed, bool)
+        self.eps = check_value("eps", eps, NonNegative)
+
+    def _variance_covariance(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``v(z)`` and ``c(z)`` from one covariance matrix (its diagonal is the variance)."""
+        centred = z - z.mean(0)
+        cov = centred.T @ centred / (z.shape[0] - 1)
+        std = torch.sqrt(torch.diagonal(cov) + self.eps)
+        return torch.relu(1 - std).mean(), _off_diagonal(cov).square().sum() / z.shape[1]
+
+    def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+        world = dist.world_size() if self.gather_distributed else 1
+        _check_pair(out0, out1, 2, "the variance over the batch needs at least 2", world)
+        _check_values(out0=out0, out1=out1)
+        wide = torch.promote_types(out0.dtype, torch.float32)
+        with torch.autocast(out0.device.type, enabled=False):
+            a, b = out0.to(wide), out1.to(wide)
+            invariance = nn.functional.mse_loss(a, b)
+            if self.gather_distributed:
+                a, b = dist.gather(a), dist.gather(b)
+            (var_a, cov_a), (var_b, cov_b) = self._variance_covariance(a), self._variance_covariance(b)
+            return (self.lambda_param * invariance + self.mu_param * 0.5 * (var_a + var_b)
+                    + self.nu_param * (cov_a + cov_b))
+
+
+__all__ = ["BarlowTwinsLoss", "DCLLoss", "DCLWLoss", "DINOLoss", "InfoNCELoss", "NTXentLoss",
+           "NegativeCosineSimilarity", "VICRegLoss"]

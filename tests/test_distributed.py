@@ -19,7 +19,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import sslcore.dist
-from sslcore import DCLLoss, DCLWLoss, InfoNCELoss, NegativeCosineSimilarity, NTXentLoss
+import sslcore.train.loop as loop
+from sslcore import BarlowTwinsLoss, DCLLoss, DCLWLoss, InfoNCELoss, NegativeCosineSimilarity, NTXentLoss, VICRegLoss
 from sslcore.data import load_dataset
 from sslcore.functional import infonce_messages, supcon
 from sslcore.methods import METHODS, method_options
@@ -56,6 +57,8 @@ LOSSES = {  # name -> gather mode -> (out0, out1, sample ids) -> loss
     "byol": lambda g: lambda a, b, ids: NegativeCosineSimilarity()(a, b),  # a local mean: nothing to gather
     "dcl": lambda g: lambda a, b, ids: DCLLoss(0.2, gather_distributed=g, backend="torch")(a, b),
     "dclw": lambda g: lambda a, b, ids: DCLWLoss(0.2, gather_distributed=g, backend="torch")(a, b),
+    "barlowtwins": lambda g: lambda a, b, ids: BarlowTwinsLoss(0.3, gather_distributed=g)(a, b),
+    "vicreg": lambda g: lambda a, b, ids: VICRegLoss(2.0, 3.0, 0.5, gather_distributed=g)(0.5 * a, b),
     "supcon": lambda g: lambda a, b, ids: supcon(torch.cat([a, b]), _labels(ids), temperature=0.3,
                                                  gather_distributed=g, backend="torch"),
 }
@@ -139,6 +142,7 @@ STEP_METHODS = {
     "simclr-attn": {}, "simclr-attn-alignment": {"weighting": "alignment"}, "simsiam-multi": {"mix_epoch": 1},
     "nnclr": {"queue_size": 36}, "dino": {"local_crops": 2, "out_dim": 64}, "byol": {}, "mocov3": {},
     "mocov3-ring": {"gather_distributed": "ring"},
+    "barlowtwins": {}, "vicreg": {},
 }
 STEP_BATCH = 12  # images: 6 per rank at 2 ranks, 4 at 3
 
@@ -219,6 +223,7 @@ def test_plain_ddp_loop_equals_one_process(distributed_runs):
 # The trainer.
 
 RUN = dict(epochs=1, batch_size=30, limit=60, backend="torch", overwrite=True)  # 2 steps; 30 = 2 x 15 = 3 x 10
+TRAINER_METHODS = ("barlowtwins", "vicreg")  # losses of global batch statistics, not of each rank's rows
 
 
 def test_ddp_pretrain_matches_single_process_and_only_rank0_writes(distributed_runs, tmp_path):
@@ -267,6 +272,34 @@ def test_ddp_pretrain_of_momentum_target_methods_matches_single_process(distribu
                                            msg=lambda e: f"{method}: {key}, {world} ranks: {e}")
 
 
+def _no_probes(data, encoder, **kw):
+    return {"linear": 0.0, "knn": 0.0}
+
+
+def test_ddp_pretrain_of_batch_statistics_methods_matches_single_process(distributed_runs, tmp_path, monkeypatch):
+    """Barlow Twins' cross-correlation and VICReg's variance/covariance over the global batch: the trainer's
+    losses and weights under DDP are the single process's (probes stubbed: the SimCLR run covers them).
+    VICReg's expander biases sit right before a BatchNorm: their gradient is 0 but for round-off, which AdamW
+    scales to steps of about lr, so they are held to that bound, not to the others' tolerance."""
+    monkeypatch.setattr(loop, "probe", _no_probes)
+    peak_lr = PretrainConfig(**RUN).peak_lr
+    for method in TRAINER_METHODS:
+        single = pretrain(PretrainConfig(out=str(tmp_path / method), method=method, **RUN))
+        one_model = torch.load(tmp_path / method / "checkpoint.pt", weights_only=True)["model"]
+        for world, (_, results) in distributed_runs.items():
+            summaries = [results[r][method] for r in range(world)]
+            assert all(s == summaries[0] for s in summaries) and summaries[0]["world_size"] == world
+            assert summaries[0]["final_loss"] == pytest.approx(single["final_loss"], rel=1e-4), (method, world)
+            ddp_model = torch.load(results[0]["trainer_out"].with_name(f"run-{method}") / "checkpoint.pt",
+                                   weights_only=True)["model"]
+            for key, value in one_model.items():
+                if method == "vicreg" and key in ("projector.0.bias", "projector.3.bias"):
+                    assert (ddp_model[key] - value).abs().max() <= 2 * 2 * peak_lr, (method, key, world)
+                    continue
+                torch.testing.assert_close(ddp_model[key], value, rtol=1e-3, atol=1e-4,
+                                           msg=lambda e: f"{method}: {key}, {world} ranks: {e}")
+
+
 # ---------------------------------------------------------------------------------------------
 # One spawn per world size.
 
@@ -282,6 +315,9 @@ def _worker(rank, world, port, seed, out, results):
         mine["summary"] = pretrain(PretrainConfig(out=out, **RUN))
         mine["momentum_targets"] = {m: pretrain(PretrainConfig(out=f"{out}-{m}", method=m, **TARGET_RUN))
                                     for m in TARGETS}
+        loop.probe = _no_probes
+        for method in TRAINER_METHODS:
+            mine[method] = pretrain(PretrainConfig(out=f"{out}-{method}", method=method, **RUN))
         mine["trainer_out"] = Path(out)
         results[rank] = mine
     finally:

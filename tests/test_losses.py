@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sslcore
-from sslcore import DCLLoss, DCLWLoss, InfoNCELoss, NegativeCosineSimilarity, NTXentLoss
+from sslcore import BarlowTwinsLoss, DCLLoss, DCLWLoss, InfoNCELoss, NegativeCosineSimilarity, NTXentLoss, VICRegLoss
 
 lightly_loss = pytest.importorskip("lightly.loss")
 BACKENDS = ["torch", "triton"]
@@ -117,6 +117,62 @@ def test_negative_cosine_similarity_is_lightlys(seed):
     _both(NegativeCosineSimilarity(), lightly_loss.NegativeCosineSimilarity(), *_pair(), rtol=1e-6, atol=1e-7)
 
 
+# ---------------------------------------------------------------------------------------------
+# Barlow Twins and VICReg: lightly's values and gradients, and the authors' formulas written out here.
+
+def _barlow_twins_authors(z1, z2, lambd):
+    """facebookresearch/barlowtwins, main.py: a non-affine BatchNorm1d (biased variance, eps 1e-5) on each
+    view, c = bn(z1)^T bn(z2) / N, sum of (c_ii - 1)^2 plus lambd times the sum of c_ij^2 off the diagonal."""
+    def bn(z):
+        return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5)
+    c = torch.einsum("ni,nj->ij", bn(z1), bn(z2)) / z1.shape[0]
+    eye = torch.eye(c.shape[0], dtype=torch.bool)
+    return ((c[eye] - 1) ** 2).sum() + lambd * (c[~eye] ** 2).sum()
+
+
+def _vicreg_authors(x, y, sim=25.0, std=25.0, cov=1.0):
+    """facebookresearch/vicreg, main_vicreg.py: MSE, the hinge on the std (unbiased variance + 1e-4) averaged
+    over both views, the squared off-diagonal covariances (unbiased) over the feature count, summed over views."""
+    d = x.shape[1]
+    eye = torch.eye(d, dtype=torch.bool)
+    hinge = sum(torch.relu(1 - torch.sqrt(v.var(0) + 1e-4)).mean() for v in (x, y)) / 2
+    decorrelate = sum((torch.cov(v.T)[~eye] ** 2).sum() / d for v in (x, y))
+    return sim * ((x - y) ** 2).mean() + std * hinge + cov * decorrelate
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lambda_param", [5e-3, 0.3])
+def test_barlow_twins_is_lightlys_and_the_authors(seed, dtype, lambda_param):
+    a, b = _pair(19, 24, dtype)
+    _both(BarlowTwinsLoss(lambda_param), lightly_loss.BarlowTwinsLoss(lambda_param), a, b, **TOL[dtype])
+    _both(BarlowTwinsLoss(lambda_param), lambda x, y: _barlow_twins_authors(x.double(), y.double(), lambda_param),
+          a, b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("params", [{}, dict(lambda_param=1.0, mu_param=10.0, nu_param=3.0)])
+def test_vicreg_is_lightlys_and_the_authors(seed, dtype, params):
+    a, b = _pair(19, 24, dtype)
+    a[:, :5] *= 0.2  # some features below the std hinge, some above
+    _both(VICRegLoss(**params), lightly_loss.VICRegLoss(**params), a, b, **TOL[dtype])
+    coeffs = [params.get(k, d) for k, d in (("lambda_param", 25.0), ("mu_param", 25.0), ("nu_param", 1.0))]
+    _both(VICRegLoss(**params), lambda x, y: _vicreg_authors(x.double(), y.double(), *coeffs), a, b, **TOL[dtype])
+
+
+def test_barlow_twins_and_vicreg_at_points_worked_by_hand():
+    """Columns of a Hadamard matrix: mean 0, biased variance 1, orthogonal.  Barlow Twins: C = I / (1 + 1e-5)
+    for equal views, -I / (1 + 1e-5) for opposite ones (4 per diagonal entry).  VICReg: equal views with std
+    sqrt(4/3) > 1 and no covariance cost nothing; constant views pay the hinge 1 - sqrt(1e-4) = 0.99."""
+    z = torch.tensor([[1.0, 1, 1], [-1, 1, -1], [1, -1, -1], [-1, -1, 1]], dtype=torch.float64)
+    shrink = 1 / (1 + 1e-5)
+    assert BarlowTwinsLoss()(z, z).item() == pytest.approx(3 * (1 - shrink) ** 2, abs=1e-15)
+    assert BarlowTwinsLoss()(z, -z).item() == pytest.approx(3 * (1 + shrink) ** 2, rel=1e-12)
+    assert VICRegLoss()(z, z).item() == 0.0
+    flat = torch.ones(4, 3, dtype=torch.float64)
+    assert VICRegLoss()(flat, flat).item() == pytest.approx(25 * 0.99, rel=1e-12)
+    assert VICRegLoss()(flat, flat + 1).item() == pytest.approx(25 + 25 * 0.99, rel=1e-12)
+
+
 @pytest.mark.parametrize("make", [lambda: NTXentLoss(0.2, memory_bank_size=12),
                                   lambda: InfoNCELoss(0.2, memory_bank_size=12)])
 def test_a_used_memory_bank_loads_into_a_fresh_module(seed, make):
@@ -134,7 +190,8 @@ def test_a_used_memory_bank_loads_into_a_fresh_module(seed, make):
 
 
 def test_lightly_names_are_exported():
-    assert {"NTXentLoss", "DCLLoss", "DCLWLoss", "NegativeCosineSimilarity", "InfoNCELoss"} <= set(sslcore.__all__)
+    assert {"NTXentLoss", "DCLLoss", "DCLWLoss", "NegativeCosineSimilarity", "InfoNCELoss", "BarlowTwinsLoss",
+            "VICRegLoss"} <= set(sslcore.__all__)
 
 
 @pytest.mark.parametrize("call,exc,match", [
@@ -158,6 +215,16 @@ def test_lightly_names_are_exported():
     (lambda: NegativeCosineSimilarity()(torch.full((4, 8), float("nan")), torch.randn(4, 8)), ValueError,
      "x0 contains NaN or Inf"),
     (lambda: NegativeCosineSimilarity()(torch.randn(4, 8), [[0.0] * 8] * 4), TypeError, "x1 must be a tensor"),
+    (lambda: BarlowTwinsLoss(lambda_param=-1), ValueError, "lambda_param must be a number >= 0"),
+    (lambda: BarlowTwinsLoss(gather_distributed="ring"), ValueError, "gather_distributed"),
+    (lambda: BarlowTwinsLoss()(*_pair(1, 8)), ValueError, "hold 1 sample.*BatchNorm over the batch needs at least 2"),
+    (lambda: BarlowTwinsLoss()(torch.randn(4, 8), torch.randn(4, 6)), ValueError, "the same shape"),
+    (lambda: BarlowTwinsLoss()(torch.full((4, 8), float("inf")), torch.randn(4, 8)), ValueError, "out0 contains NaN"),
+    (lambda: VICRegLoss(mu_param=float("nan")), ValueError, "mu_param must be"),
+    (lambda: VICRegLoss(eps=-1e-4), ValueError, "eps must be"),
+    (lambda: VICRegLoss()(*_pair(1, 8)), ValueError, "the variance over the batch needs at least 2"),
+    (lambda: VICRegLoss()(torch.randn(4, 2, 8), torch.randn(4, 2, 8)), ValueError, r"must be \[N, D\]"),
+    (lambda: VICRegLoss()(torch.randn(4, 8), "b"), TypeError, "out1 must be a tensor"),
 ])
 def test_bad_arguments(call, exc, match):
     with pytest.raises(exc, match=match):

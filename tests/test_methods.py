@@ -56,7 +56,8 @@ HEADS = {"proj_hidden": 32, "proj_dim": 16}  # BYOL, MoCo v3: the default heads 
 SMALL_QUEUE = {"queue_size": 2 * B, "momentum": 0.9}  # MoCo on 40 samples: few stale copies of a sample's keys
 CASES = {"moco": SMALL_QUEUE, "moco-symmetric": {"symmetric": True, **SMALL_QUEUE}, "simsiam": {}, "arcl": {},
          "arcl-penalty": {"mode": "penalty"}, "arcl-moco": {"base": "moco", **SMALL_QUEUE}, "simclr-attn": {},
-         "simsiam-multi": {"mix_epoch": 2}, "nnclr": {"queue_size": 2 * B}, **{m: HEADS for m in ("byol", "mocov3")}}
+         "simsiam-multi": {"mix_epoch": 2}, "nnclr": {"queue_size": 2 * B}, **{m: HEADS for m in ("byol", "mocov3")},
+         "barlowtwins": {}, "vicreg": {}}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -488,6 +489,33 @@ def test_nnclr_neighbour_is_the_true_nearest_and_loss(seed):
 
 
 # ---------------------------------------------------------------------------------------------
+# Barlow Twins and VICReg (issue 22): the authors' heads, scaled, and each view's own BatchNorm pass.
+
+@pytest.mark.parametrize("name, bias, lambdas", [("barlowtwins", False, (0.0051,)),
+                                                 ("vicreg", True, (25.0, 25.0, 1.0))])
+def test_redundancy_reduction_heads_defaults_and_loss(name, bias, lambdas, seed):
+    """The authors' 2048 -> 8192-8192-8192 as a ratio (4x the encoder's features, here 4 x 16), Linear-BN-ReLU
+    twice then a Linear without bias (Barlow Twins' hidden Linears without bias, VICReg's with); their
+    coefficients; BYOL's views; and the loss on each view's own pass through the networks, in training mode."""
+    model = _build(name)
+    assert model.encoder.num_features == 16 and model.recipe == "byol"
+    linears = [m for m in model.projector if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(16, 64), (64, 64), (64, 64)]
+    assert [m.bias is not None for m in linears] == [bias, bias, False]
+    assert [type(m).__name__ for m in model.projector][:3] == ["Linear", "BatchNorm1d", "ReLU"]
+    coeffs = ("lambda_param",) if name == "barlowtwins" else ("lambda_param", "mu_param", "nu_param")
+    assert tuple(getattr(model.criterion, k) for k in coeffs) == lambdas
+    assert method_options(name)["gather_distributed"] is False
+    wide = _build(name, proj_hidden=24, proj_dim=40)
+    assert [m.out_features for m in wide.projector if isinstance(m, torch.nn.Linear)] == [24, 24, 40]
+    views = _views()
+    z = [model.projector(model.encoder(v)) for v in views]
+    torch.testing.assert_close(model.loss(views), model.criterion(*z))
+    together = model.criterion(*model.projector(model.encoder(torch.cat(views))).chunk(2))
+    assert not torch.allclose(together, model.loss(views))  # one pass of both views would mix their statistics
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad options: ValueError naming the option, at construction.
 
 
@@ -507,6 +535,10 @@ def test_nnclr_neighbour_is_the_true_nearest_and_loss(seed):
     ("mocov3", {"momentum": -0.1}, "momentum"),
     ("mocov3", {"temperature": 0.0}, "temperature"),
     ("mocov3", {"proj_layers": 1}, "proj_layers"),
+    ("barlowtwins", {"lambda_param": -0.1}, "lambda_param"),
+    ("barlowtwins", {"proj_dim": 0}, "proj_dim"),
+    ("vicreg", {"nu_param": float("inf")}, "nu_param"),
+    ("vicreg", {"proj_hidden": 1.5}, "proj_hidden"),
 ])
 def test_bad_options_are_refused(name, options, match):
     with pytest.raises(ValueError, match=match):

@@ -14,7 +14,17 @@ import pytest
 import torch
 
 import sslcore.functional as F
-from sslcore import ContraNorm, DCLLoss, DCLWLoss, DContraNorm, InfoNCELoss, NegativeCosineSimilarity, NTXentLoss
+from sslcore import (
+    BarlowTwinsLoss,
+    ContraNorm,
+    DCLLoss,
+    DCLWLoss,
+    DContraNorm,
+    InfoNCELoss,
+    NegativeCosineSimilarity,
+    NTXentLoss,
+    VICRegLoss,
+)
 from sslcore.kernels import contranorm, infonce, kmeans_assign, lse_similarity, nearest_cosine, prepare_graph
 from sslcore.losses import ring_write
 
@@ -41,6 +51,8 @@ CASES = {
     "DCLLoss": lambda be: (DCLLoss(backend=be), [_rows(N, D), _rows(N, D)]),
     "DCLWLoss": lambda be: (DCLWLoss(backend=be), [_rows(N, D), _rows(N, D)]),
     "NegativeCosineSimilarity": lambda be: (NegativeCosineSimilarity(), [_rows(N, D), _rows(N, D)]),
+    "BarlowTwinsLoss": lambda be: (BarlowTwinsLoss(), [_rows(N, D), _rows(N, D)]),
+    "VICRegLoss": lambda be: (VICRegLoss(), [0.3 * _rows(N, D), _rows(N, D)]),
     "nt_xent": lambda be: (lambda a, b: F.nt_xent(a, b, temperature=0.3, backend=be), [_rows(N, D), _rows(N, D)]),
     "nt_xent-weight": lambda be: (lambda a, b, w: F.nt_xent(a, b, weight=w, backend=be),
                                   [_rows(N, D), _rows(N, D), torch.rand(N) + 0.5]),

@@ -117,6 +117,30 @@ def test_resume_restores_the_global_rng_for_random_masks(tmp_path, interrupted):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("method", ["barlowtwins", "vicreg"])
+def test_redundancy_reduction_methods_train_from_the_cli_and_resume_bit_identically(method, tmp_path, interrupted,
+                                                                                      capsys, monkeypatch):
+    """Barlow Twins and VICReg from the CLI on digits (BYOL's views, their defaults) and shapes; a run killed after
+    epoch 1 resumes to the uninterrupted run's weights and BatchNorm statistics, bit for bit.  (Probes stubbed:
+    they are the same for every method and tested above.)"""
+    monkeypatch.setattr(loop, "probe", lambda data, encoder, **kw: {"linear": 0.0, "knn": 0.0})
+    tiny = dict(TINY, method=method)
+    assert main(["pretrain", "--method", method, "--epochs", "2", "--batch-size", "32", "--limit", "64",
+                 "--backend", "torch", "--out", str(tmp_path / "full")]) == 0
+    assert f"{method} on digits: 2 epochs" in capsys.readouterr().out
+    full = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    assert full["config"]["augment"] == "auto" and math.isfinite(_read_metrics(tmp_path / "full")[-1]["loss"])
+    interrupted(lambda: pretrain(PretrainConfig(out=str(tmp_path / "cut"), **tiny)))
+    pretrain(PretrainConfig(out=str(tmp_path / "cut"), resume="", **tiny))
+    resumed = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert resumed["epoch"] == 2 and resumed["model"].keys() == full["model"].keys()
+    for key, value in full["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    assert main(["pretrain", "--method", method, "--data", "shapes:noisy,n=64,test=40,size=16", "--epochs", "1",
+                 "--batch-size", "32", "--backend", "torch", "--out", str(tmp_path / "shapes")]) == 0
+
+
+
 @pytest.mark.parametrize("at_step", [1, 2])  # inside epoch 1; at epoch 1's last step (2 steps per epoch)
 def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_identically(at_step, tiny_run, tmp_path, monkeypatch):
     full_out, _ = tiny_run

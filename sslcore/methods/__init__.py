@@ -10,6 +10,7 @@ import inspect
 from ..checks import check_value
 from .ar import AR
 from .arcl import ArCL
+from .barlowtwins import BarlowTwins
 from .base import SSLMethod
 from .byol import BYOL
 from .clustermim import ClusterMIM
@@ -24,12 +25,14 @@ from .simclr import SimCLR
 from .simclr_attn import SimCLRAttn
 from .simsiam import SimSiam
 from .simsiam_multi import SimSiamMulti
+from .vicreg import VICReg
 from .vlm import VLM
 
 METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR, "mae": MAE, "clustermim": ClusterMIM}
 METHODS.update({"moco": MoCo, "simsiam": SimSiam, "arcl": ArCL, "simclr-attn": SimCLRAttn,  # contrastive (MPCL, ArCL)
                 "simsiam-multi": SimSiamMulti, "nnclr": NNCLR})
 METHODS.update({"dino": DINO, "byol": BYOL, "mocov3": MoCoV3})  # baselines (issue 22)
+METHODS.update({"barlowtwins": BarlowTwins, "vicreg": VICReg})  # redundancy reduction (issue 22)
 METHODS.update({"ar": AR, "mlm": MLM, "dear": DEAR, "vlm": VLM})  # token sequences (sequence_base.py)
 
 # Options the trainer passes to every method; a method whose constructor lacks one just does not get it.
@@ -78,7 +81,7 @@ def create_model(method: str, data, *, encoder: str, **options) -> SSLMethod:
     return get_method(method).create(data, encoder=encoder, **check_options(method, options))
 
 
-__all__ = ["AR", "COMMON_OPTIONS", "ClusterMIM", "DEAR", "DINO", "MAE", "METHODS", "MLM", "ArCL", "MoCo", "NNCLR",
-           "SSLMethod", "SimCLR", "SimCLRAttn", "SimSiam", "SimSiamMulti", "VLM", "check_options", "create_model",
-           "get_method", "method_options", "option_parameters"]
-__all__ += ["BYOL", "MoCoV3"]  # issue 22
+__all__ = ["AR", "BarlowTwins", "COMMON_OPTIONS", "ClusterMIM", "DEAR", "MAE", "METHODS", "MLM", "ArCL", "MoCo",
+           "NNCLR", "SSLMethod", "SimCLR", "SimCLRAttn", "SimSiam", "SimSiamMulti", "VICReg", "VLM", "check_options",
+           "create_model", "get_method", "method_options", "option_parameters"]
+__all__ += ["BYOL", "DINO", "MoCoV3"]  # issue 22

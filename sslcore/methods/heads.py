@@ -38,3 +38,12 @@ def paper_widths(width: int, reference: int, hidden: int = 4096, out: int = 256)
     """A head's (hidden, output) widths at the paper's ratios to its encoder: ``hidden`` and ``out`` were
     chosen for a ``reference``-wide encoder (ResNet-50: 2048, ViT-B: 768); scaled to ``width``, at least 1."""
     return max(1, round(hidden * width / reference)), max(1, round(out * width / reference))
+
+
+def expander_mlp(dim_in: int, dim_hidden: int, dim_out: int, *, bias: bool) -> nn.Sequential:
+    """Barlow Twins' projector and VICReg's expander: (Linear-BN-ReLU) x 2, then a Linear without bias;
+    ``bias``: whether the first two Linear layers have one (VICReg's do, Barlow Twins' do not)."""
+    layers = []
+    for width_in in (dim_in, dim_hidden):
+        layers += [nn.Linear(width_in, dim_hidden, bias=bias), nn.BatchNorm1d(dim_hidden), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, nn.Linear(dim_hidden, dim_out, bias=False))
