@@ -554,3 +554,31 @@ def test_cosine_momentum_schedule_ends_and_midpoint():
     assert cosine_momentum(0.996, 1.0) == pytest.approx(1.0)
     assert cosine_momentum(0.996, 0.25) == pytest.approx(1 - 0.004 * (math.cos(math.pi / 4) + 1) / 2)
     assert cosine_momentum(0.9, 0.5, final=0.99) == pytest.approx(0.945)
+
+
+def test_heads_are_sized_from_the_encoder_width_and_moco_queue_from_the_data():
+    """The papers' head shapes from the encoder's width (SimCLR/MoCo v2: width -> 128, NNCLR: -> 256, SimSiam:
+    width, width, predictor width/4) for encoders >= 256 wide; sslcore's digits-sized heads below; MoCo v2's
+    65,536-key queue and 0.999 momentum on data of >= 50,000 samples, 1,024 and 0.99 on the small sets."""
+    from types import SimpleNamespace
+
+    from sslcore.methods import create_model
+    from sslcore.methods.heads import SMALL_WIDTH
+
+    def widths(module):
+        return [m.out_features for m in module if isinstance(m, torch.nn.Linear)]
+
+    small = SimpleNamespace(n_train=1437, in_chans=1, image_shape=(1, 8, 8), kind="image")
+    large = SimpleNamespace(n_train=50_000, in_chans=3, image_shape=(3, 32, 32), kind="image")
+    wide = "resnet18:small"  # 512 features
+    assert SMALL_WIDTH <= 512
+    assert widths(create_model("simclr", large, encoder=wide).projector) == [512, 128]
+    assert widths(create_model("nnclr", large, encoder=wide).projector) == [512, 256]
+    s = create_model("simsiam", large, encoder=wide)
+    assert widths(s.projector) == [512, 512] and widths(s.predictor) == [128, 512]
+    assert widths(create_model("simclr", small, encoder="smallcnn").projector) == [256, 64]
+    assert widths(create_model("simclr", large, encoder=wide, proj_dim=32).projector) == [512, 32]  # given wins
+    m = create_model("moco", large, encoder=wide)
+    assert m.queue.shape == (65536, 128) and m.momentum == 0.999
+    m = create_model("moco", small, encoder="smallcnn", queue_size=512)
+    assert m.queue.shape == (512, 64) and m.momentum == 0.99

@@ -61,7 +61,7 @@ class ArCL(SSLMethod):
     def __init__(self, encoder: nn.Module, *, views: Views = 4, base: Literal[BASES] = "simclr",
                  mode: Literal[MODES] = "worst_pair", penalty: NonNegative = 1.0,
                  temperature: Temperature | None = None,
-                 proj_hidden: Width = 256, proj_dim: Width = 64, queue_size: QueueSize | None = None,
+                 proj_hidden: Width | None = None, proj_dim: Width | None = None, queue_size: QueueSize | None = None,
                  momentum: UnitInterval | None = None, symmetric: bool | None = None,
                  gather_distributed: GatherMode = False, backend: Backend = "auto"):
         if not isinstance(views, int) or isinstance(views, bool) or views < 2:

@@ -3,6 +3,16 @@ from __future__ import annotations
 
 from torch import nn
 
+SMALL_WIDTH = 256  # encoders narrower than this (sslcore's digits-sized CNNs) keep the small heads below
+
+
+def sized_head(width: int, given: tuple, small: tuple, paper: tuple) -> tuple:
+    """A head's widths: each one ``given`` (not None) as given, else the paper's shapes ``paper`` (computed
+    from the encoder's feature ``width``) for encoders at least :data:`SMALL_WIDTH` wide, and the digits-sized
+    ``small`` below (docs/methods.md, "Heads")."""
+    defaults = small if width < SMALL_WIDTH else paper
+    return tuple(d if g is None else g for g, d in zip(given, defaults))
+
 
 def projection_mlp(dim_in: int, dim_hidden: int, dim_out: int) -> nn.Sequential:
     """SimCLR's projector (also MoCo v2's, NNCLR's): Linear-BN-ReLU-Linear."""

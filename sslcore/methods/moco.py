@@ -13,8 +13,10 @@ from ..checks import Backend, QueueSize, Temperature, UnitInterval, Width
 from ..functional import GatherMode, infonce_pairs
 from ..losses import ring_write
 from .base import SSLMethod
-from .heads import projection_mlp
+from .heads import projection_mlp, sized_head
 from .momentum import ema_update
+
+LARGE_DATA = 50_000  # training samples from which MoCo keeps the paper's queue and momentum
 
 
 class MoCo(SSLMethod):
@@ -35,8 +37,8 @@ class MoCo(SSLMethod):
     name = "moco"
     min_batch_size, min_batch_reason = 2, "the projectors' BatchNorm needs 2 samples, the keys come from one view"
 
-    def __init__(self, encoder: nn.Module, *, temperature: Temperature = 0.2, proj_hidden: Width = 256,
-                 proj_dim: Width = 64, queue_size: QueueSize = 1024, momentum: UnitInterval = 0.99,
+    def __init__(self, encoder: nn.Module, *, temperature: Temperature = 0.2, proj_hidden: Width | None = None,
+                 proj_dim: Width | None = None, queue_size: QueueSize = 1024, momentum: UnitInterval = 0.99,
                  symmetric: bool = False, gather_distributed: GatherMode = False, backend: Backend = "auto"):
         if not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size <= 0:
             raise ValueError(f"queue_size must be a positive integer, got {queue_size!r}")
@@ -45,13 +47,23 @@ class MoCo(SSLMethod):
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         super().__init__(encoder)
-        self.projector = projection_mlp(encoder.num_features, proj_hidden, proj_dim)
+        width = encoder.num_features  # MoCo v2's head: hidden = the encoder's width, 128 out
+        proj_hidden, proj_dim = sized_head(width, (proj_hidden, proj_dim), (256, 64), (width, 128))
+        self.projector = projection_mlp(width, proj_hidden, proj_dim)
         self.key_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         self.key_projector = copy.deepcopy(self.projector).requires_grad_(False)
         self.temperature, self.momentum, self.symmetric = temperature, float(momentum), symmetric
         self.gather_distributed, self.backend = gather_distributed, backend
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @classmethod
+    def create(cls, data, *, encoder: str, **options) -> "MoCo":
+        """Queue and momentum sized for the data: MoCo v2's 65,536 keys and 0.999 on data of at least
+        :data:`LARGE_DATA` training samples (CIFAR, ImageNet), 1,024 and 0.99 on the bundled small sets."""
+        large = data.n_train >= LARGE_DATA
+        options = {"queue_size": 65536 if large else 1024, "momentum": 0.999 if large else 0.99, **options}
+        return super().create(data, encoder=encoder, **options)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Query projections ``g(f(x))`` (with gradient)."""

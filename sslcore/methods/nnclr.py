@@ -11,7 +11,7 @@ from ..functional import GatherMode, infonce, nt_xent
 from ..kernels import nearest_cosine
 from ..losses import ring_write
 from .base import SSLMethod
-from .heads import projection_mlp
+from .heads import projection_mlp, sized_head
 
 
 class NNCLR(SSLMethod):
@@ -35,15 +35,17 @@ class NNCLR(SSLMethod):
     name = "nnclr"
     min_batch_size, min_batch_reason = 2, "its first step is SimCLR's, whose negatives are the other samples"
 
-    def __init__(self, encoder: nn.Module, *, temperature: Temperature = 0.5, proj_hidden: Width = 256,
-                 proj_dim: Width = 64, queue_size: QueueSize = 1024, gather_distributed: GatherMode = False,
+    def __init__(self, encoder: nn.Module, *, temperature: Temperature = 0.5, proj_hidden: Width | None = None,
+                 proj_dim: Width | None = None, queue_size: QueueSize = 1024, gather_distributed: GatherMode = False,
                  backend: Backend = "auto"):
         if not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size <= 0:
             raise ValueError(f"queue_size must be a positive integer, got {queue_size!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         super().__init__(encoder)
-        self.projector = projection_mlp(encoder.num_features, proj_hidden, proj_dim)
+        width = encoder.num_features  # NNCLR's head: hidden = the encoder's width, 256 out
+        proj_hidden, proj_dim = sized_head(width, (proj_hidden, proj_dim), (256, 64), (width, 256))
+        self.projector = projection_mlp(width, proj_hidden, proj_dim)
         self.temperature, self.gather_distributed, self.backend = temperature, gather_distributed, backend
         self.register_buffer("support", torch.zeros(queue_size, proj_dim))
         self.register_buffer("support_ptr", torch.zeros((), dtype=torch.long))

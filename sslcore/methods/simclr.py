@@ -8,7 +8,7 @@ from ..checks import Backend, Temperature, Width
 from ..functional import GatherMode
 from ..losses import NTXentLoss
 from .base import SSLMethod
-from .heads import projection_mlp
+from .heads import projection_mlp, sized_head
 
 
 class SimCLR(SSLMethod):
@@ -18,10 +18,12 @@ class SimCLR(SSLMethod):
     name = "simclr"
     min_batch_size, min_batch_reason = 2, "NT-Xent's negatives are the other samples of the batch"
 
-    def __init__(self, encoder: nn.Module, *, temperature: Temperature = 0.5, proj_hidden: Width = 256,
-                 proj_dim: Width = 64, gather_distributed: GatherMode = False, backend: Backend = "auto"):
+    def __init__(self, encoder: nn.Module, *, temperature: Temperature = 0.5, proj_hidden: Width | None = None,
+                 proj_dim: Width | None = None, gather_distributed: GatherMode = False, backend: Backend = "auto"):
         super().__init__(encoder)
-        self.projector = projection_mlp(encoder.num_features, proj_hidden, proj_dim)
+        width = encoder.num_features  # the paper's head: hidden = the encoder's width, 128 out
+        proj_hidden, proj_dim = sized_head(width, (proj_hidden, proj_dim), (256, 64), (width, 128))
+        self.projector = projection_mlp(width, proj_hidden, proj_dim)
         self.criterion = NTXentLoss(temperature=temperature, gather_distributed=gather_distributed, backend=backend)
 
     def loss(self, views, *, index=None, epoch=None) -> torch.Tensor:

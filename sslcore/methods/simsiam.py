@@ -7,7 +7,7 @@ from torch import nn
 
 from ..checks import Width
 from .base import SSLMethod
-from .heads import prediction_mlp, simsiam_projector
+from .heads import prediction_mlp, simsiam_projector, sized_head
 
 
 class SimSiam(SSLMethod):
@@ -22,10 +22,15 @@ class SimSiam(SSLMethod):
 
     name = "simsiam"
 
-    def __init__(self, encoder: nn.Module, *, proj_hidden: Width = 256, proj_dim: Width = 64, pred_hidden: Width = 32):
+    def __init__(self, encoder: nn.Module, *, proj_hidden: Width | None = None, proj_dim: Width | None = None,
+                 pred_hidden: Width | None = None):
         super().__init__(encoder)
-        self.projector = simsiam_projector(encoder.num_features, proj_hidden, proj_dim)
+        width = encoder.num_features  # SimSiam's heads: projector width = the encoder's, predictor bottleneck 1/4
+        proj_hidden, proj_dim, pred_hidden = sized_head(width, (proj_hidden, proj_dim, pred_hidden), (256, 64, 32),
+                                                        (width, width, max(1, width // 4)))
+        self.projector = simsiam_projector(width, proj_hidden, proj_dim)
         self.predictor = prediction_mlp(proj_dim, pred_hidden)
+        self.proj_dim = proj_dim
 
     def targets(self, z0: torch.Tensor, z1: torch.Tensor, index, epoch) -> tuple[torch.Tensor, torch.Tensor]:
         """The (detached) targets of the two views: their projections."""

@@ -29,7 +29,7 @@ class SimSiamMulti(SimSiam):
     name = "simsiam-multi"
 
     def __init__(self, encoder: nn.Module, n_train: int, *, mix_epoch: PositiveInt = 52, mix: UnitInterval = 0.5,
-                 proj_hidden: Width = 256, proj_dim: Width = 64, pred_hidden: Width = 32,
+                 proj_hidden: Width | None = None, proj_dim: Width | None = None, pred_hidden: Width | None = None,
                  gather_distributed: bool = False):
         if not isinstance(n_train, int) or n_train <= 0:
             raise ValueError(f"n_train must be a positive integer, got {n_train!r}")
@@ -39,7 +39,7 @@ class SimSiamMulti(SimSiam):
             raise ValueError(f"mix must lie in [0, 1), got {mix!r}")
         super().__init__(encoder, proj_hidden=proj_hidden, proj_dim=proj_dim, pred_hidden=pred_hidden)
         self.mix_epoch, self.mix, self.gather_distributed = mix_epoch, float(mix), gather_distributed
-        self.register_buffer("memory", torch.zeros(n_train, proj_dim))
+        self.register_buffer("memory", torch.zeros(n_train, self.proj_dim))
 
     @classmethod
     def create(cls, data, *, encoder: str, **options) -> "SimSiamMulti":
