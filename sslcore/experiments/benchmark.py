@@ -114,7 +114,7 @@ def benchmark_table(result: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import device_arg, setting  # the pretrain parser's checks (cli imports this module first)
+    from ..train.config import device_arg, setting
 
     d = " (default: %(default)s)"
     p.add_argument("--data", type=data_spec_arg, default="digits", help="dataset" + d)
