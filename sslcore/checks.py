@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import math
 import types
 import typing
 from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
-from .kernels import BACKENDS
+# sslcore.kernels' backends, spelled out so that the CLI's parser need not import the kernels (torch, triton);
+# tests/test_cli.py keeps the two equal.
+BACKENDS = ("auto", "triton", "torch")
 
 
 @dataclass(frozen=True)
@@ -161,11 +164,18 @@ def cli_type(annotation):
     return parse
 
 
+def suggest(word: str, choices) -> str:
+    """``"; did you mean 'x'?"`` naming the choices closest to the unknown ``word`` (difflib), or ``""``."""
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+
+
 def check_temperature(temperature, name: str = "temperature") -> float:
     """A loss temperature: a finite number >= ``MIN_TEMPERATURE``."""
     return check_value(name, temperature, Temperature)
 
 
-__all__ = ["MAX_LAYERS", "MAX_QUEUE", "MAX_WIDTH", "MIN_TEMPERATURE", "Backend", "Fraction", "LayerCount",
+__all__ = ["BACKENDS", "MAX_LAYERS", "MAX_QUEUE", "MAX_WIDTH", "MIN_TEMPERATURE", "Backend", "Fraction", "LayerCount",
            "NonNegative", "NonNegativeInt", "PositiveInt", "Probability", "QueueSize", "Range", "Seed", "Temperature",
-           "UnitInterval", "Width", "check_temperature", "check_value", "cli_type", "describe", "parse_literal"]
+           "UnitInterval", "Width", "check_temperature", "check_value", "cli_type", "describe", "parse_literal",
+           "suggest"]

@@ -1,40 +1,66 @@
 """``sslcore`` command line: ``pretrain`` (train + probe), ``eval`` (probe a checkpoint), ``export`` (the
 backbone as safetensors), the studies (``benchmark``, ``transfer``, ``oversmoothing``, ``mim-study``,
 ``tcas-sweep``, ``ar-vs-mlm``), ``report`` (the README's study tables from the committed results) and the tokenizer
-tools (``tokenize``, ``tcas``)."""
+tools (``tokenize``, ``tcas``).
+
+Nothing here imports torch before the arguments are parsed: a subcommand's arguments are added when it is
+parsed (the studies' modules are imported then), and the work's modules are imported after parsing, so help and
+usage errors are quick.  Unknown commands, options, methods and data names get a "did you mean".
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import shlex
 import sys
 
-from .checks import cli_type, parse_literal
-from .data import DATASETS, data_spec_arg
-from .data.augment import AUGMENT_CHOICES
-from .dist import is_main_process
-from .experiments import ar_vs_mlm, benchmark, clustermim, oversmoothing, report, transfer
-from .kernels import BACKENDS
-from .methods import METHODS
-from .train import PretrainConfig, TrainingInterrupted, build_config, evaluate_checkpoint, pretrain, resolve_device
-from .train.config import FIELDS, cli_domain
-from .train.export import export_backbone
-from .train.protocols import DEFAULTS, PROTOCOLS, check_protocol_args, evaluate_protocol, results_path
-
-_DEFAULTS = PretrainConfig()
+from .checks import BACKENDS, parse_literal, suggest
+from .data import AUGMENT_CHOICES, DATA_NAMES, data_spec_arg
+from .methods import COMMON_OPTIONS, METHODS, TOKENIZER_HELP, check_options
+from .methods.options import OPTIONS
+from .train.config import DEFAULTS, FIELDS, PROTOCOL_DEFAULTS, PROTOCOLS, cli_domain, device_arg, setting
 
 
-def setting(field: str):
-    """argparse ``type=`` for the ``PretrainConfig`` field ``field``: its annotated domain."""
-    return cli_type(cli_domain(field))
+class Parser(argparse.ArgumentParser):
+    """argparse with "did you mean" for an unknown choice or option (Python 3.11 has no ``suggest_on_error``),
+    whose arguments may be added on first use: ``populate(parser)`` runs before it first parses."""
+
+    def __init__(self, *args, populate=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.populate = populate
+
+    def _check_value(self, action, value):
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as e:
+            raise argparse.ArgumentError(action, e.message + suggest(str(value), action.choices)) from None
+
+    def _populated(self) -> Parser:
+        if self.populate is not None:
+            populate, self.populate = self.populate, None
+            populate(self)
+        return self
+
+    def parse_known_args(self, args=None, namespace=None):
+        return self._populated()._parse_with_hints(args, namespace)
+
+    def _parse_with_hints(self, args, namespace):
+        args, extras = super().parse_known_args(args, namespace)
+        unknown = [a.partition("=")[0] for a in extras if a.startswith("--")]
+        if unknown and self._subparsers is None:  # the top level hands its subcommand's leftovers back up
+            self.error(f"unrecognized arguments: {' '.join(extras)}{suggest(unknown[0], self._option_string_actions)}")
+        return args, extras
+
+    def format_help(self) -> str:
+        return super(Parser, self._populated()).format_help()
+
+    def format_usage(self) -> str:
+        return super(Parser, self._populated()).format_usage()
 
 
-def device_arg(text: str) -> str:
-    """argparse ``type=`` for ``--device``: a device this machine has (or ``auto``)."""
-    try:
-        resolve_device(text)
-    except ValueError as e:  # argparse names the flag itself
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--device ")) from None
-    return text
+def _study(module: str, function: str = "add_arguments"):
+    """``populate`` for a study's subcommand: its module's ``function(parser)`` (imported when it is parsed)."""
+    return lambda p: getattr(importlib.import_module(f".experiments.{module}", __package__), function)(p)
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -60,12 +86,12 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     ``--config``, the resumed checkpoint or :class:`PretrainConfig`'s defaults (shown in the help)."""
     def opt(*flags, field=None, help="", **kwargs):
         field = field or flags[0].lstrip("-").replace("-", "_")
-        default = getattr(_DEFAULTS, field) if field in FIELDS else None
+        default = DEFAULTS.get(field) if field in FIELDS else None
         shown = "" if default is None or kwargs.get("action") == "store_true" else f" (default: {default})"
         p.add_argument(*flags, default=argparse.SUPPRESS, help=help + shown, **kwargs)
 
     opt("--method", choices=sorted(METHODS), help="SSL method")
-    opt("--data", type=data_spec_arg, help=f"dataset: {', '.join(DATASETS)} (NAME:PATH or NAME:SPEC)")
+    opt("--data", type=data_spec_arg, help=f"dataset: {', '.join(DATA_NAMES)} (NAME:PATH or NAME:SPEC)")
     opt("--encoder", "--backbone", help="smallcnn or a timm model name[:small][,KEY=VALUE] (small: 3x3 stem for "
         "ResNets)")
     opt("--epochs", type=setting("epochs"), help="training epochs")
@@ -94,13 +120,16 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
         "(0: at the end only)")
     opt("--baselines", action=argparse.BooleanOptionalAction, help="also probe the random initialisation and raw "
         "pixels")
+    opt("--online-linear", action=argparse.BooleanOptionalAction, help="the online linear head on detached "
+        "features, its accuracy each epoch (default: on for labelled image data)")
+    opt("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project (pip install wandb)")
     opt("--sklearn-probes", action="store_true", help="also scikit-learn's linear and k-NN probes (CPU, up to "
         "100,000 training samples; the torch probes are the reported ones)")
     opt("--tensorboard", action=argparse.BooleanOptionalAction, help="event files in OUT/tensorboard when "
         "tensorboard is installed")
     opt("--device", type=device_arg, help="auto (cuda if available), cpu, cuda, cuda:1, mps")
     opt("--backend", choices=BACKENDS, help="the loss's kernel backend")
-    opt("--tokenizer", help="clustermim's targets (same as -o tokenizer=...): " + clustermim.TOKENIZER_HELP)
+    opt("--tokenizer", help="clustermim's targets (same as -o tokenizer=...): " + TOKENIZER_HELP)
     opt("--option", "-o", type=_option, action="append", metavar="KEY=VALUE",
         help="a method option, e.g. -o proj_dim=128 (repeatable; unknown keys list the valid ones)")
     opt("--out", help="output folder (default: runs/<method>-<data>)")
@@ -113,7 +142,7 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``sslcore`` argument parser with every command (``sslcore --help``)."""
-    parser = argparse.ArgumentParser(prog="sslcore", description=__doc__)
+    parser = Parser(prog="sslcore", description=__doc__.partition("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="self-supervised pretraining, then linear/k-NN probes",
@@ -132,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probe: the k-NN and L-BFGS linear probes on frozen features (fast); linear: the standard "
                    "linear evaluation (frozen backbone, crops and flips, SGD, cosine); finetune: the whole network "
                    "with a linear head (AdamW, cosine); docs/architecture.md, Evaluation (default: %(default)s)")
-    lin, fin = DEFAULTS["linear"], DEFAULTS["finetune"]
+    lin, fin = PROTOCOL_DEFAULTS["linear"], PROTOCOL_DEFAULTS["finetune"]
     e.add_argument("--epochs", type=setting("epochs"), help=f"linear/finetune epochs (default: {lin[0]})")
     e.add_argument("--lr", type=float, help=f"linear: SGD's lr (default: {lin[1]}); finetune: AdamW's lr per 256 "
                    f"images (default: {fin[1]})")
@@ -145,27 +174,26 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by pretrain")
     x.add_argument("--out", required=True, help="the .safetensors file to write")
     x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    b = sub.add_parser("benchmark", help="every method on one dataset and budget: one table of probe accuracy, time")
-    benchmark.add_arguments(b)
-    tr = sub.add_parser("transfer", help="ArCL vs SimCLR under domain shift: shapes targets inside the augmentation "
-                        "family, probe accuracy and worst-pair distance over seeds")
-    transfer.add_arguments(tr)
-
-    o = sub.add_parser("oversmoothing", help="ContraNorm vs LayerNorm with depth: ViTs on digits, GCNs on an SBM")
-    oversmoothing.add_arguments(o)
-
-    k = sub.add_parser("tokenize", help="fit an image tokenizer (k-means) and save it to one file")
-    clustermim.add_tokenize_arguments(k)
-    t = sub.add_parser("tcas", help="TCAS and NMI(token, class) of image tokenizers (training-free)")
-    clustermim.add_tcas_arguments(t)
-    m = sub.add_parser("mim-study", help="ClusterMIM per tokenizer vs MAE: TCAS, NMI and probe accuracy")
-    clustermim.add_study_arguments(m)
-    w = sub.add_parser("tcas-sweep", help="ClusterMIM on oracle tokenizers of controlled alignment: TCAS vs probe")
-    clustermim.add_sweep_arguments(w)
-    a = sub.add_parser("ar-vs-mlm", help="ar, mlm, dear and vlm on one budget: probe accuracy and generation loss")
-    ar_vs_mlm.add_arguments(a)
-    r = sub.add_parser("report", help="rewrite the README's study tables and the plots from docs/results/*.json")
-    report.add_arguments(r)
+    studies = (("benchmark", "every method on one dataset and budget: one table of probe accuracy, time", "benchmark",
+                "add_arguments"),
+               ("transfer", "ArCL vs SimCLR under domain shift: shapes targets inside the augmentation family, probe "
+                "accuracy and worst-pair distance over seeds", "transfer", "add_arguments"),
+               ("oversmoothing", "ContraNorm vs LayerNorm with depth: ViTs on digits, GCNs on an SBM", "oversmoothing",
+                "add_arguments"),
+               ("tokenize", "fit an image tokenizer (k-means) and save it to one file", "clustermim",
+                "add_tokenize_arguments"),
+               ("tcas", "TCAS and NMI(token, class) of image tokenizers (training-free)", "clustermim",
+                "add_tcas_arguments"),
+               ("mim-study", "ClusterMIM per tokenizer vs MAE: TCAS, NMI and probe accuracy", "clustermim",
+                "add_study_arguments"),
+               ("tcas-sweep", "ClusterMIM on oracle tokenizers of controlled alignment: TCAS vs probe", "clustermim",
+                "add_sweep_arguments"),
+               ("ar-vs-mlm", "ar, mlm, dear and vlm on one budget: probe accuracy and generation loss", "ar_vs_mlm",
+                "add_arguments"),
+               ("report", "rewrite the study tables (docs/results.md) and plots from docs/results/*.json", "report",
+                "add_arguments"))
+    for name, help, module, function in studies:
+        sub.add_parser(name, help=help, populate=_study(module, function))
     return parser
 
 
@@ -190,6 +218,14 @@ def _pretrain(args: argparse.Namespace) -> int:
     pairs = getattr(args, "option", []) + ([("tokenizer", args.tokenizer)] if hasattr(args, "tokenizer") else [])
     if pairs:
         given["options"] = _options(pairs)
+        method = given.get("method", None if "config" in args or "resume" in args else DEFAULTS["method"])
+        if method in OPTIONS:  # the method's options checked before anything heavy is imported
+            check_options(method, {k: v for k, v in given["options"].items() if k not in COMMON_OPTIONS},
+                          OPTIONS[method])
+    from .dist import is_main_process
+    from .train.config import build_config
+    from .train.loop import pretrain
+
     cfg = build_config(given, config_file=getattr(args, "config", None))
     s = pretrain(cfg)
     if not is_main_process():  # torchrun: rank 0 reports
@@ -217,53 +253,61 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.command_line = shlex.join(["sslcore", *argv])  # recorded in the studies' results files
     try:
-        if args.command == "pretrain":
-            return _pretrain(args)
-        if args.command == "benchmark":
-            benchmark.main_from_args(args)
-        elif args.command == "transfer":
-            transfer.main_from_args(args)
-        elif args.command == "oversmoothing":
-            oversmoothing.main_from_args(args)
-        elif args.command == "tokenize":
-            clustermim.tokenize_from_args(args)
-        elif args.command == "tcas":
-            clustermim.tcas_from_args(args)
-        elif args.command == "mim-study":
-            clustermim.study_from_args(args)
-        elif args.command == "tcas-sweep":
-            clustermim.sweep_from_args(args)
-        elif args.command == "ar-vs-mlm":
-            ar_vs_mlm.main_from_args(args)
-        elif args.command == "report":
-            return report.main_from_args(args)
-        elif args.command == "export":
-            r = export_backbone(args.checkpoint, args.out, overwrite=args.overwrite)
-            print(f"wrote {args.out}: {r['architecture']} ({r['format']}), {r['tensors']} tensors, "
-                  f"{r['parameters']:,} parameters; load it with:\n{r['snippet']}")
-        elif args.protocol != "probe":
-            r = evaluate_protocol(args.checkpoint, args.protocol, epochs=args.epochs, lr=args.lr,
-                                  batch_size=args.batch_size, weight_decay=args.weight_decay, data=args.data,
-                                  device=resolve_device(args.device), workers=args.workers, seed=args.seed,
-                                  overwrite=args.overwrite, progress=True)
-            print(f"{r['method']} on {r['data']} (trained on {r['trained_on']}), epoch {r['epoch']}, --protocol "
-                  f"{r['protocol']}: {r['epochs']} epochs, {r['optimizer']} at lr {r['peak_lr']:g}; top-1 "
-                  f"{r['top1']:.2%}, top-5 {r['top5']:.2%} ({r['n_test']} test images); wrote "
-                  f"{results_path(args.checkpoint, r['protocol'], args.data)}")
-        else:
-            check_protocol_args("probe", epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                                weight_decay=args.weight_decay)
-            r = evaluate_checkpoint(args.checkpoint, device=resolve_device(args.device), data=args.data,
-                                    workers=args.workers)
-            print(f"{r['method']} on {r['data']} (trained on {r['trained_on']}), epoch {r['epoch']}; "
-                  f"held-out accuracy ({r['n_test']} test images):")
-            print(_table([(f"{r['method']} ({r['encoder']})", r)]))
+        return _run(args)
     except ValueError as e:  # bad options, run folders and checkpoints (CheckpointError is a ValueError)
         parser.exit(2, f"sslcore {args.command}: error: {e}\n")
     except (FloatingPointError, OSError) as e:  # a diverged run; a full disk, a vanished file
         parser.exit(1, f"sslcore {args.command}: error: {e}\n")
-    except TrainingInterrupted as e:
+    except KeyboardInterrupt as e:
+        from .train.loop import TrainingInterrupted
+
+        if not isinstance(e, TrainingInterrupted):
+            raise
         hint = f"; continue with --resume {e.path}" if args.command == "pretrain" else ""
         print(f"\nsslcore {args.command}: {e}{hint}", file=sys.stderr)
         return 130
+
+
+_STUDIES = {"benchmark": ("benchmark", "main_from_args"), "transfer": ("transfer", "main_from_args"),
+            "oversmoothing": ("oversmoothing", "main_from_args"), "tokenize": ("clustermim", "tokenize_from_args"),
+            "tcas": ("clustermim", "tcas_from_args"), "mim-study": ("clustermim", "study_from_args"),
+            "tcas-sweep": ("clustermim", "sweep_from_args"), "ar-vs-mlm": ("ar_vs_mlm", "main_from_args"),
+            "report": ("report", "main_from_args")}
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The parsed command's work (its modules imported here, after parsing)."""
+    if args.command == "pretrain":
+        return _pretrain(args)
+    if args.command in _STUDIES:
+        module, function = _STUDIES[args.command]
+        code = getattr(importlib.import_module(f".experiments.{module}", __package__), function)(args)
+        return code if args.command == "report" else 0
+    if args.command == "export":
+        from .train.export import export_backbone
+
+        r = export_backbone(args.checkpoint, args.out, overwrite=args.overwrite)
+        print(f"wrote {args.out}: {r['architecture']} ({r['format']}), {r['tensors']} tensors, "
+              f"{r['parameters']:,} parameters; load it with:\n{r['snippet']}")
+        return 0
+    from .train.config import resolve_device
+    from .train.evaluate import evaluate_checkpoint
+    from .train.protocols import check_protocol_args, evaluate_protocol, results_path
+
+    if args.protocol != "probe":
+        r = evaluate_protocol(args.checkpoint, args.protocol, epochs=args.epochs, lr=args.lr,
+                              batch_size=args.batch_size, weight_decay=args.weight_decay, data=args.data,
+                              device=resolve_device(args.device), workers=args.workers, seed=args.seed,
+                              overwrite=args.overwrite, progress=True)
+        print(f"{r['method']} on {r['data']} (trained on {r['trained_on']}), epoch {r['epoch']}, --protocol "
+              f"{r['protocol']}: {r['epochs']} epochs, {r['optimizer']} at lr {r['peak_lr']:g}; top-1 "
+              f"{r['top1']:.2%}, top-5 {r['top5']:.2%} ({r['n_test']} test images); wrote "
+              f"{results_path(args.checkpoint, r['protocol'], args.data)}")
+        return 0
+    check_protocol_args("probe", epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                        weight_decay=args.weight_decay)
+    r = evaluate_checkpoint(args.checkpoint, device=resolve_device(args.device), data=args.data, workers=args.workers)
+    print(f"{r['method']} on {r['data']} (trained on {r['trained_on']}), epoch {r['epoch']}; "
+          f"held-out accuracy ({r['n_test']} test images):")
+    print(_table([(f"{r['method']} ({r['encoder']})", r)]))
     return 0

@@ -204,5 +204,10 @@ def infonce_messages(z: torch.Tensor, *, temperature: float = 0.5, pos_index: to
     return loss, g_align, g_unif
 
 
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """Stored images as float in [0, 1]: uint8 is divided by 255; float and token (integer) data pass unchanged."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
+
+
 __all__ = ["GATHER_MODES", "GatherMode", "dcl", "infonce", "infonce_messages", "infonce_pairs", "lse_similarity",
-           "mises_fisher_weights", "nt_xent", "supcon"]
+           "mises_fisher_weights", "nt_xent", "supcon", "to_float"]

@@ -9,8 +9,6 @@ code: docs/methods.md.
 """
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
 import math
 import sys
 from functools import partial
@@ -221,40 +219,8 @@ def register_timm_models() -> None:
             register_model(fn)
 
 
-class _RegisterAfterImport(importlib.abc.Loader):
-    """timm's own loader, then :func:`register_timm_models` once timm's package has executed."""
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module):
-        self.loader.exec_module(module)
-        register_timm_models()
-
-    def __getattr__(self, name):  # get_resource_reader, is_package, ...: timm's loader answers
-        return getattr(self.loader, name)
-
-
-class _TimmImportHook(importlib.abc.MetaPathFinder):
-    """A one-shot finder: when ``import timm`` first happens, hand back timm's spec with its loader wrapped."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "timm":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec("timm")
-        if spec is not None and spec.loader is not None:
-            spec.loader = _RegisterAfterImport(spec.loader)
-        return spec
-
-
-if "timm" in sys.modules:
+if "timm" in sys.modules:  # imported after timm (sslcore._imports registers the models when timm comes later)
     register_timm_models()
-else:
-    sys.meta_path.insert(0, _TimmImportHook())
 
 
 __all__ = ["ContraNorm", "DContraNorm", "TIMM_MODELS", "contranorm_vit_base_patch16_224",

@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import rgb_to_grayscale
 
+from . import AUGMENT_CHOICES, RECIPES
+
 # RGB -> YIQ and back: a hue shift by angle h is a rotation by h in the (I, Q) plane.
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _RGB = torch.linalg.inv(_YIQ)
-RECIPES = ("simclr", "byol", "dino", "mae", "light", "shifts", "digits", "none")
-AUGMENT_CHOICES = ("auto",) + RECIPES
 
 
 def _uniform(n: int, lo: float, hi: float, generator: torch.Generator, *shape) -> torch.Tensor:

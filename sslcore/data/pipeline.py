@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
+from ..functional import to_float
+
 
 class TensorItems(Dataset):
     """Items of an in-memory tensor ``[N, ...]``: ``__getitems__(indices)`` gives ``(index, x[index])``."""
@@ -98,11 +100,6 @@ def sequential_loader(items: Dataset, batch_size: int, *, workers: int = 0,
     """The items in order, in batches of ``batch_size`` (the last one may be smaller): for features."""
     return _Loader(items, batch_sampler=BatchSampler(SequentialSampler(items), batch_size, drop_last=False),
                       num_workers=workers, collate_fn=_as_is, pin_memory=device is not None and device.type == "cuda")
-
-
-def to_float(x: torch.Tensor) -> torch.Tensor:
-    """Stored images as float in [0, 1]: uint8 is divided by 255; float and token (integer) data pass unchanged."""
-    return x.float().div_(255) if x.dtype == torch.uint8 else x
 
 
 __all__ = ["ItemError", "ShardBatchSampler", "TensorItems", "loader", "sequential_loader", "to_float"]

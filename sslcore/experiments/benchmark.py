@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 from ..checks import parse_literal
-from ..data import data_spec_arg, load_dataset
-from ..dist import is_main_process
+from ..data import data_spec_arg
 from ..methods import METHODS, get_method, method_options
-from ..train import PretrainConfig, pretrain
+from ..train.config import DEFAULTS, device_arg, setting
 from .report import (
     Progress,
     markdown_table,
@@ -80,6 +79,8 @@ def _train_all(data_spec: str, methods: list[str], out: Path, options: list, tra
                progress=None) -> dict[str, dict]:
     """Pretrain each method into ``out/<method>``; ``train["temperature"]`` (if not None) goes to the methods
     that have one, the others keep their own defaults."""
+    from ..train import PretrainConfig, pretrain  # here, not above: `sslcore benchmark --help` imports no torch
+
     per = options_per_method(methods, options)
     train = dict(train)
     temperature = train.pop("temperature", None)
@@ -97,6 +98,9 @@ def _train_all(data_spec: str, methods: list[str], out: Path, options: list, tra
 def run_benchmark(data_spec: str = "digits", methods: list[str] | None = None, *, out: str | None = None,
                   options: list = (), progress=None, **train) -> dict:
     """Pretrain ``methods`` on ``data_spec`` with the same options; ``{"rows": [...], "baselines": [...]}``."""
+    from ..data import load_dataset
+    from ..dist import is_main_process
+
     data = load_dataset(data_spec)
     methods = select_methods(methods, data)
     out = Path(out or Path("runs") / f"benchmark-{data.name}")
@@ -131,20 +135,18 @@ def benchmark_table(result: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import device_arg, setting  # the pretrain parser's checks (cli imports this module first)
-
     d = " (default: %(default)s)"
     p.add_argument("--data", type=data_spec_arg, default="digits", help="dataset" + d)
     p.add_argument("--methods", type=lambda s: s.split(","),
                    help="comma-separated methods (default: every registered method that trains on the data)")
     p.add_argument("--epochs", type=setting("epochs"), default=BUDGET["epochs"], help="training epochs per method" + d)
-    defaults = PretrainConfig()
-    p.add_argument("--encoder", "--backbone", default=defaults.encoder, help="smallcnn or a timm spec" + d)
-    p.add_argument("--batch-size", type=setting("batch_size"), default=defaults.batch_size, help="images per step" + d)
-    p.add_argument("--lr", type=setting("lr"), default=defaults.lr, help="base learning rate per 256 images" + d)
+    p.add_argument("--encoder", "--backbone", default=DEFAULTS["encoder"], help="smallcnn or a timm spec" + d)
+    p.add_argument("--batch-size", type=setting("batch_size"), default=DEFAULTS["batch_size"],
+                   help="images per step" + d)
+    p.add_argument("--lr", type=setting("lr"), default=DEFAULTS["lr"], help="base learning rate per 256 images" + d)
     p.add_argument("--temperature", type=setting("temperature"),
                    help="loss temperature of the methods that have one (default: each method's own)")
-    p.add_argument("--seed", type=setting("seed"), default=defaults.seed, help="seed of every run" + d)
+    p.add_argument("--seed", type=setting("seed"), default=DEFAULTS["seed"], help="seed of every run" + d)
     p.add_argument("--seeds", type=seeds_arg, help="run the benchmark once per seed (OUT/seed-S) and write the "
                    "mean +- std table's results file (with --results-out)")
     p.add_argument("--results-out", help="the results file of a --seeds run (default: OUT/results.json), e.g. "
@@ -159,6 +161,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main_from_args(args: argparse.Namespace) -> dict:
+    from ..dist import is_main_process
+
     train = dict(epochs=args.epochs, encoder=args.encoder, batch_size=args.batch_size, lr=args.lr,
                  temperature=args.temperature, seed=args.seed, limit=args.limit, device=args.device,
                  backend=args.backend, overwrite=args.overwrite)
@@ -190,6 +194,9 @@ def run_seeds(data_spec: str = "digits", methods: list[str] | None = None, *, se
               results_out: str | None = None, overwrite: bool = False, command: str | None = None, **kwargs) -> dict:
     """:func:`run_benchmark` once per seed into ``OUT/seed-S``; one results file with every seed's rows
     (and ``command``, the command line that made it)."""
+    from ..data import load_dataset
+    from ..dist import is_main_process
+
     out = Path(out or Path("runs") / f"benchmark-{load_dataset(data_spec).name}")
     path = results_path(out, results_out, overwrite)
     t0 = time.perf_counter()

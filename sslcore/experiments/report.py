@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-from ..dist import is_main_process
 from ..files import OutputError, atomic_write, check_output
 
 # study name -> (module, its markdown renderer, its plot writer)
@@ -69,6 +68,8 @@ class Progress:
         elapsed = time.perf_counter() - self.t0
         eta = f", ETA {_duration(elapsed / self.done * (self.total - self.done))}" if self.done else ""
         self.done += 1
+        from ..dist import is_main_process  # here: `sslcore report --help` imports no torch
+
         if is_main_process():
             print(f"[{self.study}] run {self.done}/{self.total}: {label} ({_duration(elapsed)} elapsed{eta})",
                   file=sys.stderr, flush=True)

@@ -355,7 +355,7 @@ def plot(results: dict, path: Path) -> None:
 # Command line.
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import device_arg, setting  # the pretrain parser's checks (cli imports this module first)
+    from ..train.config import device_arg, setting
 
     d = " (default: %(default)s)"
     p.add_argument("--data", default=DATA, help="the source: a shapes domain and its settings, "

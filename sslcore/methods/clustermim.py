@@ -11,13 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import Backend, PositiveInt, Seed, UnitInterval, Width
-from ..data.pipeline import to_float
+from ..functional import to_float
 from ..tokenizers import FeatureTokenizer, PixelTokenizer, RandomTokenizer, load_tokenizer
 from .mae import MAE, MaskedImageModel
-
-TOKENIZER_HELP = ("pixel | feature:CHECKPOINT (an mae/clustermim run's checkpoint.pt) | feature:TIMM_VIT_NAME "
-                  "(randomly initialised: nothing is downloaded) | random (class-blind control) | "
-                  "a saved tokenizer file")
 
 
 def build_tokenizer(spec: str, data, *, n_clusters: int | None, patch_size: int, seed: int = 0,

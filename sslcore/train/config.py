@@ -5,9 +5,12 @@ A run's config is built from, in increasing priority: the defaults, the checkpoi
 file (every run writes its own as ``OUT/config.yaml``), and the options given on the command line.
 Resuming with a given option that changes the run (:data:`RUN_KEYS`) is refused, naming it; the
 epochs may be extended, and where the run happens (device, workers, out, logging) may change.
+This module imports no torch until a config is checked: the CLI's parser reads the fields, their domains and
+defaults from here (:func:`setting`, :func:`device_arg`).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
 import typing
@@ -15,14 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-import torch
 import yaml
 
-from ..checks import Backend, NonNegative, NonNegativeInt, PositiveInt, Range, Seed, Temperature, check_value
+from ..checks import Backend, NonNegative, NonNegativeInt, PositiveInt, Range, Seed, Temperature, check_value, cli_type
 from ..data import AUGMENT_CHOICES, check_data_spec, data_kind
-from ..kernels import resolve_backend
 from ..methods import check_options, get_method, option_parameters
-from .checkpoint import CheckpointError, load_checkpoint
+
+if typing.TYPE_CHECKING:
+    import torch
 
 # Options that define a run: resuming with different values is refused (epochs may be extended).
 RUN_KEYS = ("method", "data", "encoder", "batch_size", "lr", "weight_decay", "warmup_epochs", "temperature",
@@ -38,6 +41,11 @@ Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Optimizer = Literal["adamw", "sgd", "lars", "lamb"]
 # Method options the trainer sets itself (from --backend, and under torchrun).
 TRAINER_OPTIONS = {"backend": "--backend", "gather_distributed": "torchrun"}
+# sslcore eval --protocol (train/protocols.py); here so that the CLI reads them without torch.
+PROTOCOLS = ("probe", "linear", "finetune")
+# protocol -> (epochs, lr, batch_size, weight_decay): solo-learn's linear (SGD lr 0.1, batch 256, 100 epochs);
+# fine-tuning with AdamW at 1e-3 x batch / 256 and weight decay 0.05 (MAE's), 100 epochs
+PROTOCOL_DEFAULTS = {"linear": (100, 0.1, 256, 0.0), "finetune": (100, 1e-3, 256, 0.05)}
 LR_BATCH = 256  # the learning rate scales with the batch: peak lr = lr x batch x accumulate / 256
 
 
@@ -136,6 +144,8 @@ class PretrainConfig:
                                  "or sslcore[wandb])")
         if self.resume is not None and self.overwrite:
             raise ValueError("--resume continues a run and --overwrite starts a new one: give one")
+        from ..kernels import resolve_backend
+
         device = resolve_device(self.device)
         try:
             resolve_backend(self.backend, device)
@@ -189,11 +199,31 @@ def cli_domain(field: str):
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(PretrainConfig))
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(PretrainConfig) if f.default is not dataclasses.MISSING}
+
+
+def setting(field: str):
+    """argparse ``type=`` for the ``PretrainConfig`` field ``field``: its annotated domain."""
+    return cli_type(cli_domain(field))
+
+
+def device_arg(text: str) -> str:
+    """argparse ``type=`` for ``--device``: a device this machine has (or ``auto``; anything but auto and cpu
+    imports torch to ask it)."""
+    if text in ("auto", "cpu"):
+        return text
+    try:
+        resolve_device(text)
+    except ValueError as e:  # argparse names the flag itself
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--device ")) from None
+    return text
 
 
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` -> cuda when available, else cpu; anything else must name a device this machine has
     (cpu, cuda[:N], mps) or a ``ValueError`` says why not."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -217,6 +247,8 @@ def resolve_device(device: str) -> torch.device:
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``--precision`` on ``device`` (None: fp32, no autocast); ``auto`` is bf16 on CUDA.
     fp16 needs CUDA (its gradients are scaled by a ``GradScaler``); bf16 also runs on the CPU."""
+    import torch
+
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     if precision == "fp16" and device.type != "cuda":
@@ -297,6 +329,8 @@ def build_config(given: dict, *, config_file: str | None = None) -> PretrainConf
     if merged.get("resume") is not None:
         path = merged["resume"] or str(Path(merged.get("out") or default_out(
             merged.get("method", PretrainConfig.method), merged.get("data", PretrainConfig.data))) / "checkpoint.pt")
+        from .checkpoint import CheckpointError, load_checkpoint
+
         saved = load_checkpoint(path)["config"]
         taken = {k: v for k, v in saved.items() if k in FIELDS and k not in CONTROL_KEYS}
         merged.setdefault("out", str(Path(path).parent))  # continue in the checkpoint's own folder
@@ -329,6 +363,6 @@ def _check_where(merged: dict, given: dict, path: str) -> None:
                          "--device cpu (and --precision fp32 or bf16) to resume it on this machine") from None
 
 
-__all__ = ["CONTROL_KEYS", "DEFAULTED", "FIELDS", "LR_BATCH", "PretrainConfig", "RUN_KEYS", "TRAINER_OPTIONS",
-           "build_config", "cli_domain", "default_out", "flag", "read_config_file", "resolve_device",
-           "resolve_precision"]
+__all__ = ["CONTROL_KEYS", "DEFAULTED", "DEFAULTS", "FIELDS", "LR_BATCH", "PretrainConfig", "RUN_KEYS",
+           "TRAINER_OPTIONS", "build_config", "cli_domain", "default_out", "device_arg", "flag", "read_config_file",
+           "resolve_device", "resolve_precision", "setting"]

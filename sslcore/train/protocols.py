@@ -28,12 +28,9 @@ from ..checks import Seed, check_value
 from ..data.augment import Normalize, RandomResizedCrop, Recipe
 from ..data.pipeline import ShardBatchSampler, loader, to_float
 from ..files import atomic_write, check_output
+from .config import PROTOCOL_DEFAULTS, PROTOCOLS
 from .evaluate import _topk_hits, extract_features, load_encoder
 
-PROTOCOLS = ("probe", "linear", "finetune")
-# protocol -> (epochs, lr, batch_size, weight_decay): solo-learn's linear (SGD lr 0.1, batch 256, 100 epochs);
-# fine-tuning with AdamW at 1e-3 x batch / 256 and weight decay 0.05 (MAE's), 100 epochs
-DEFAULTS = {"linear": (100, 0.1, 256, 0.0), "finetune": (100, 1e-3, 256, 0.05)}
 MOMENTUM = 0.9
 
 
@@ -48,7 +45,7 @@ def check_protocol_args(protocol: str, *, epochs=None, lr=None, batch_size=None,
             raise ValueError(f"{', '.join(extra)} set the training of --protocol linear or finetune; the probes "
                              "(--protocol probe) train nothing")
         return {}
-    settings = dict(zip(given, DEFAULTS[protocol]))
+    settings = dict(zip(given, PROTOCOL_DEFAULTS[protocol]))
     settings.update({k: v for k, v in given.items() if v is not None})
     for key, kind, ok in (("epochs", int, lambda v: v >= 1), ("batch_size", int, lambda v: v >= 1),
                           ("lr", float, lambda v: 0 < v <= 10), ("weight_decay", float, lambda v: 0 <= v < 1)):
@@ -202,4 +199,4 @@ def evaluate_protocol(checkpoint, protocol: str, *, epochs: int | None = None, l
     return result
 
 
-__all__ = ["DEFAULTS", "PROTOCOLS", "check_protocol_args", "evaluate_protocol", "results_path"]
+__all__ = ["PROTOCOL_DEFAULTS", "PROTOCOLS", "check_protocol_args", "evaluate_protocol", "results_path"]
