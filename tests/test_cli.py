@@ -66,7 +66,7 @@ def test_a_studys_arguments_are_added_when_it_is_parsed(capsys):
         main(["transfer", "--help"])
     assert e.value.code == 0 and "--views" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
-        main(["oversmoothing", "--vit-scal", "1"])
+        main(["oversmoothing", "--vit-sacle", "1"])  # not a prefix: argparse takes prefixes (allow_abbrev)
     assert e.value.code == 2 and "did you mean '--vit-scale'" in capsys.readouterr().err
 
 
