@@ -33,7 +33,8 @@ from ..checks import PositiveInt, Probability, check_value, cli_type
 from ..data import data_kind, image_data_spec_arg, load_dataset
 from ..data.pipeline import to_float
 from ..files import check_output
-from ..methods.clustermim import TOKENIZER_HELP, build_tokenizer
+from ..methods import TOKENIZER_HELP
+from ..methods.clustermim import build_tokenizer
 from ..methods.mae import MAE, SMALL_VIT, MaskedImageModel
 from ..metrics import tcas, tcas_class_blind, token_class_nmi
 from ..tokenizers import OracleTokenizer, PixelTokenizer, is_tokenizer_file
