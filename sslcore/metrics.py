@@ -185,6 +185,24 @@ def tcas_class_blind(tokens, labels, n_tokens: int, n_classes: int) -> float:
     return (1 - 1 / c_present) * (1 - (k_used - 1) / (total - 1))
 
 
+def tcas_label_permuted(tokens, labels, n_tokens: int, n_classes: int, *, permutations: int = 100,
+                        seed: int = 0) -> float:
+    """TCAS under the null that keeps each image's tokens and permutes the images' labels: the mean TCAS over
+    ``permutations`` random permutations (seeded by ``seed``).  Unlike :func:`tcas_class_blind`, which deals
+    tokens to *patches* and so breaks the within-image clustering of tokens, this null keeps it: a tokenizer
+    giving each image its own token uses no class information and scores about 0 here (about ``1 - 1/C`` by the
+    patch deal).  ``tokens``: int [B, P] with ``labels`` [B] (one label per image)."""
+    tokens, labels = torch.as_tensor(tokens), torch.as_tensor(labels)
+    if tokens.ndim != 2 or labels.shape != tokens.shape[:1]:
+        raise ValueError(f"tokens must be [B, P] with labels [B] (one label per image), got {tuple(tokens.shape)} "
+                         f"and {tuple(labels.shape)}")
+    if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 1:
+        raise ValueError(f"permutations must be a positive integer, got {permutations!r}")
+    generator = torch.Generator().manual_seed(seed)
+    return sum(tcas(tokens, labels[torch.randperm(len(labels), generator=generator)], n_tokens, n_classes)
+               for _ in range(permutations)) / permutations
+
+
 def token_class_nmi(tokens, labels) -> float:
     """Normalized mutual information between patch token and image class (arithmetic mean
     normalisation, ``sklearn.metrics.normalized_mutual_info_score``); higher = more aligned.
@@ -195,4 +213,4 @@ def token_class_nmi(tokens, labels) -> float:
     return float(normalized_mutual_info_score(labels.numpy(), tokens.numpy()))
 
 
-__all__ += ["tcas", "tcas_class_blind", "token_class_counts", "token_class_nmi"]
+__all__ += ["tcas", "tcas_class_blind", "tcas_label_permuted", "token_class_counts", "token_class_nmi"]

@@ -48,34 +48,53 @@ def test_results_keep_every_seed_the_plan_and_the_command(results, tmp_path):
     assert results["config"]["limit"] == 256 and results["objectives"]["mlm"]["epochs"] == 1
     assert 0 < results["histogram"]["linear"] < 1 and all(0 <= r["linear"] <= 1 for r in results["runs"])
     assert all("gen_loss_l2r@50%" in r["eval"] for r in results["runs"] if r["objective"] in ("mlm", "vlm"))
+    assert results["objectives"]["vlm-nosuffix"]["epochs"] == results["objectives"]["vlm"]["epochs"]
+    assert 0.5 < results["position_onehot"]["linear"] <= 1 and all(0 <= r["pos_linear"] <= 1 for r in results["runs"])
+    assert results["objectives"]["vlm-nosuffix"]["options"] == {"suffix_prob": 0.0}
     json.dumps(results)  # the file main_from_args writes
 
 
-def test_verdicts_follow_the_rule_seed_by_seed(results):
+def test_verdicts_follow_the_paired_rule(results):
     r = copy.deepcopy(results)
 
-    def set_linear(name, values):
+    def set_values(name, key, values):
         for row in r["runs"]:
             if row["objective"] == name:
-                row["linear"] = values[row["seed"]]
+                row[key] = values[row["seed"]]
 
-    set_linear("ar", [0.80, 0.80])
-    set_linear("mlm", [0.83, 0.81])  # +3, +1 points: mean 2 >= 1, both seeds agree
-    set_linear("dear", [0.85, 0.70])  # +5, -10: the seeds disagree
+    set_values("ar", "linear", [0.80, 0.80])
+    set_values("mlm", "linear", [0.83, 0.831])  # +3.0, +3.1 points: p = 0.010 on 1 df, mean >= the 1-point bar
+    set_values("dear", "linear", [0.85, 0.70])  # +5, -10: the seeds disagree
     v = {x["claim"]: x for x in verdicts(r)}
     mlm, dear = v["MLM > AR on classification"], v["dear narrows AR's classification gap (dear > ar)"]
-    assert mlm["deltas"] == pytest.approx([3, 1]) and mlm["verdict"] == "reproduced"
+    assert mlm["deltas"] == pytest.approx([3, 3.1]) and mlm["p"] == pytest.approx(0.0104, abs=1e-4)
+    assert mlm["verdict"] == "reproduced"
     assert dear["mean"] == pytest.approx(-2.5) and dear["verdict"] == "not shown"
-    set_linear("mlm", [0.70, 0.75])
-    assert verdicts(r)[0]["verdict"] == "contradicted"
-    set_linear("mlm", [0.805, 0.805])  # every seed agrees, but by less than a point
+    set_values("mlm", "linear", [0.83, 0.81])  # +3, +1: both seeds agree, but p = 0.30
     assert verdicts(r)[0]["verdict"] == "not shown"
-    for row in r["runs"]:  # generation: mlm's one-pass loss 0.1 nats above ar's at every prompt
+    set_values("mlm", "linear", [0.70, 0.701])
+    assert verdicts(r)[0]["verdict"] == "contradicted"
+    set_values("mlm", "linear", [0.805, 0.805])  # every seed agrees exactly, but by less than a point
+    assert verdicts(r)[0]["verdict"] == "not shown"
+    set_values("ar", "pos_linear", [0.90, 0.90])
+    set_values("mlm", "pos_linear", [0.85, 0.851])
+    assert v["MLM > AR on classification (position-aware probe)"]["measure"] == "pos_linear"
+    assert {x["claim"]: x for x in verdicts(r)}["MLM > AR on classification (position-aware probe)"]["verdict"] \
+        == "contradicted"
+    for row in r["runs"]:  # generation: mlm 0.1 nats above ar by the chain rule, 0.1 below it in one pass
         if row["objective"] in ("ar", "mlm"):
-            row["eval"].update({f"gen_loss@{p}%": 2.0 + 0.1 * (row["objective"] == "mlm") for p in (25, 50, 75)})
+            worse = row["objective"] == "mlm"
+            row["eval"].update({f"gen_loss@{p}%": 2.0 - 0.1 * worse for p in (25, 50, 75)})
+            row["eval"].update({f"gen_loss_l2r@{p}%": 2.0 + 0.1 * worse for p in (25, 50, 75) if worse})
     gen = {x["claim"]: x for x in verdicts(r)}["AR > MLM on generation"]
-    assert gen["deltas"] == pytest.approx([0.1, 0.1]) and gen["verdict"] == "reproduced"
+    assert gen["measure"] == "l2r" and gen["deltas"] == pytest.approx([0.1, 0.1]) and gen["verdict"] == "reproduced"
     assert [x["claim"] for x in verdicts(r)] == list(CLAIMS)
+    old = copy.deepcopy(r)  # a file from before the ablation and the position-aware probe: those claims drop out
+    old["objectives"].pop("vlm-nosuffix")
+    old.pop("position_onehot")
+    old["runs"] = [{k: v for k, v in x.items() if "pos" not in k} for x in old["runs"]
+                   if x["objective"] != "vlm-nosuffix"]
+    assert len(verdicts(old)) == len(CLAIMS) - 2 and "position-wise" not in markdown(old)
 
 
 def test_markdown_and_plot_render_the_file(results, tmp_path):

@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sslcore.cluster import KMeans
-from sslcore.metrics import tcas, tcas_class_blind, token_class_counts, token_class_nmi
+from sslcore.metrics import tcas, tcas_class_blind, tcas_label_permuted, token_class_counts, token_class_nmi
 
 
 def blobs(n_per=60, k=4, d=8, spread=0.3, sep=6.0, seed=0):
@@ -511,6 +511,25 @@ def test_tcas_rewards_fragmentation_the_class_blind_baseline_does_not_hide_it():
     tokens = torch.arange(360)[:, None].expand(360, 16)
     assert tcas(tokens, labels, 360, 10) == pytest.approx(0.0, abs=1e-12)
     assert tcas_class_blind(tokens, labels, 360, 10) == pytest.approx(0.9 * (1 - 359 / 5759))
+    assert tcas_label_permuted(tokens, labels, 360, 10, permutations=5) == pytest.approx(0.0, abs=1e-12)  # its null: 0
+
+
+def test_tcas_label_permuted_is_chance_for_class_free_tokens_and_keeps_class_tokens_apart():
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(10, (400,), generator=g)
+    free = torch.randint(50, (400, 16), generator=g)  # tokens that ignore the class: TCAS is at its null
+    null = tcas_label_permuted(free, labels, 50, 10, permutations=40)
+    assert abs(tcas(free, labels, 50, 10) - null) < 0.01 and null == pytest.approx(tcas_class_blind(
+        free, labels, 50, 10), abs=0.01)  # independent tokens: both nulls agree (the review's 0.8923 vs 0.8924)
+    aligned = labels[:, None] * 5 + torch.randint(5, (400, 16), generator=g)  # token = (class, cluster)
+    assert tcas(aligned, labels, 50, 10) == pytest.approx(0.0, abs=1e-12)
+    assert tcas_label_permuted(aligned, labels, 50, 10, permutations=40) > 0.85  # permuting labels loses it
+    one = tcas_label_permuted(free, labels, 50, 10, permutations=1, seed=7)
+    assert one == tcas(free, labels[torch.randperm(400, generator=torch.Generator().manual_seed(7))], 50, 10)
+    with pytest.raises(ValueError, match="one label per image"):
+        tcas_label_permuted(free.flatten(), labels.repeat_interleave(16), 50, 10)
+    with pytest.raises(ValueError, match="permutations"):
+        tcas_label_permuted(free, labels, 50, 10, permutations=0)
 
 
 def test_tcas_between_and_flat_matches_batched():

@@ -130,15 +130,23 @@ def _synthetic_study(gain: float) -> dict:
 
 
 def test_study_verdicts_come_from_the_seeds(tmp_path):
-    assert STUDIES["mim-study"][1:] == ("study_markdown", "study_plot")
+    assert STUDIES["mim-study"][1:] == ("study_markdown", "study_plot", "study_claims_summary")
     verdict = {c["tokenizer"]: c["verdict"] for c in study.study_claims(_synthetic_study(5.0))}
-    assert verdict == {"pixel": "reproduced", "feature": "not shown"}
+    assert verdict == {"pixel": "reproduced", "feature": "not shown"}  # feature: every seed's difference is 0
     assert study.study_claims(_synthetic_study(-5.0))[0]["verdict"] == "contradicted"
-    assert study.study_claims(_synthetic_study(1.0))[0]["verdict"] == "not shown"  # < one standard error (2.1)
+    one = study.study_claims(_synthetic_study(1.0))[0]  # +0.5, +1.0, +1.5: p = 0.074 (scipy's ttest_1samp)
+    assert one["p"] == pytest.approx(0.07418, abs=1e-5) and one["verdict"] == "not shown"
     text = study.study_markdown(_synthetic_study(5.0))
     assert "`sslcore mim-study --epochs 5`" in text and "5 epochs" in text and "No temperature" in text
     assert "| pixel k-means | 50 | 0.800 ± 0.000 | 0.890 ± 0.000 |" in text
-    assert "| ClusterMIM (pixel, K = 50) > MAE | +5.0 (+4.5, +5.0, +5.5) | reproduced |" in text
+    assert ("| ClusterMIM (pixel, K = 50) > MAE | +5.0 pts (95 % CI +3.8…+6.2; p = 0.0033; seeds +4.5, +5.0, "
+            "+5.5) | reproduced |") in text
+    assert "label-permuted TCAS |" not in text  # a file before the permutation null renders as it was
+    newer = _synthetic_study(5.0)
+    for r in newer["runs"]:
+        if r["tokenizer"] != "mae":
+            r["tcas_perm"] = 0.88
+    assert "| pixel k-means | 50 | 0.800 ± 0.000 | 0.890 ± 0.000 | 0.880 ± 0.000 |" in study.study_markdown(newer)
     study.study_plot(_synthetic_study(5.0), tmp_path / "a.png")
     study.study_plot(_synthetic_study(5.0), tmp_path / "b.png")
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
@@ -147,8 +155,8 @@ def test_study_verdicts_come_from_the_seeds(tmp_path):
 def test_sweep_spearman_and_verdict(tmp_path):
     assert study.spearman([1, 2, 3, 4], [4, 3, 2, 1])[0] == pytest.approx(-1.0)
     assert all(math.isnan(v) for v in study.spearman([1, 2, 3], [5, 5, 5]))
-    assert study.sweep_verdict(-0.9, 0.001) == "lower TCAS, better probe"
-    assert study.sweep_verdict(0.9, 0.001) == "lower TCAS, worse probe"
+    assert study.sweep_verdict(-0.9, 0.001) == "alignment with the label helps"
+    assert study.sweep_verdict(0.9, 0.001) == "alignment with the label hurts"
     assert study.sweep_verdict(-0.9, 0.2) == "not shown"
 
 

@@ -19,7 +19,7 @@ def test_the_documents_match_the_committed_results(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert main(["report", "--check"]) == 0
     assert "docs/results.md, README.md: every results block matches" in capsys.readouterr().out
-    for name in {m[1] for m in names}:
+    for name in {m[1] for m in names} - {report.CLAIMS_BLOCK}:  # the claims block renders every file
         assert (ROOT / "docs/results" / f"{name}.json").is_file()
 
 
@@ -122,3 +122,48 @@ def test_progress_counts_runs_and_gives_an_eta_after_the_first(capsys, monkeypat
     assert capsys.readouterr().err.splitlines() == ["[study] run 1/3: a (0s elapsed)",
                                                    "[study] run 2/3: b (60s elapsed, ETA 2m)",
                                                    "[study] run 3/3: c (2m elapsed, ETA 65s)"]
+
+
+def test_paired_test_is_student_t_by_hand_and_by_scipy():
+    from scipy import stats
+
+    t = report.paired_test([1.0, 2.0, 3.0])  # mean 2, sd 1, se 1/sqrt(3): t = 3.464 on 2 df
+    assert t["mean"] == 2 and t["p"] == pytest.approx(0.074180, abs=1e-6)  # a t table's two-sided p
+    assert (t["low"], t["high"]) == pytest.approx((2 - 4.302653 / 3 ** 0.5, 2 + 4.302653 / 3 ** 0.5))  # t_.975,2
+    deltas = [0.7, -0.2, 1.9, 0.4, 1.1]
+    ref = stats.ttest_rel([1 + d for d in deltas], [1.0] * 5)
+    t = report.paired_test(deltas)
+    assert t["p"] == pytest.approx(ref.pvalue) and (t["low"], t["high"]) == pytest.approx(ref.confidence_interval())
+    assert report.paired_test([2.0])["p"] == 1.0  # one seed: nothing to test
+    assert report.paired_test([0.0, 0.0])["p"] == 1.0 and report.paired_test([1.0, 1.0])["p"] == 0.0
+
+
+def test_verdicts_need_the_test_and_the_bar():
+    assert report.seed_verdict([1.0, 2.0, 3.0], 1.0) == "not shown"  # p = 0.074: every seed agrees, no test passes
+    assert report.seed_verdict([2.0, 2.1, 1.9], 1.0) == "reproduced"  # mean >= the bar
+    assert report.seed_verdict([0.5, 0.6, 0.4], 0.9) == "not shown"  # significant, the interval under the bar
+    assert report.seed_verdict([0.6, 0.8, 0.4], 0.9) == "reproduced"  # p = 0.035, the interval holds 0.9
+    assert report.seed_verdict([-2.0, -2.1, -1.9], 1.0) == "contradicted"
+    c = report.claim("A > B", "study", [0.0, 0.0], 1.0, "paper", "pts", tested=False, why_untested="never ran")
+    assert c["verdict"] == "not tested" and "+0.0 pts (every seed the same" in report.effect_words(c)
+
+
+def test_the_readme_holds_the_claims_of_every_study_and_check_sees_drift(tmp_path, capsys):
+    readme = (ROOT / "README.md").read_text()
+    block = report.BLOCK.search(readme[readme.index("<!-- results:claims -->"):])
+    assert block and readme.index("## Results") < readme.index("<!-- results:claims -->")
+    assert block["body"].strip() == report.claims_markdown(ROOT / "docs/results")
+    for name in report.STUDIES:  # every study with a file gives at least one claim row
+        assert f"| [{name}](docs/results.md) |" in block["body"], name
+    assert "| SimSiam-Multi > SimSiam | [benchmark](docs/results.md) |" in block["body"]
+    (tmp_path / "ar-vs-mlm.json").write_text((ROOT / "docs/results/ar-vs-mlm.json").read_text())
+    doc = tmp_path / "README.md"
+    doc.write_text("<!-- results:claims -->\n| stale |\n<!-- /results:claims -->\n")
+    assert main(["report", "--check", "--readme", str(doc), "--results", str(tmp_path)]) == 1
+    assert "out of date" in capsys.readouterr().out
+    assert main(["report", "--no-plots", "--readme", str(doc), "--results", str(tmp_path)]) == 0
+    assert "AR > MLM on generation" in doc.read_text() and "benchmark" not in doc.read_text()
+    (tmp_path / "ar-vs-mlm.json").unlink()
+    with pytest.raises(SystemExit):
+        main(["report", "--check", "--readme", str(doc), "--results", str(tmp_path)])
+    assert "no results file" in capsys.readouterr().err

@@ -503,3 +503,42 @@ def test_momentum_target_methods_train_from_the_cli_and_resume_bit_identically(m
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
     assert summary["augment"] == "byol"
     assert summary["temperature"] == (1.0 if method == "mocov3" else None)  # MoCo v3's own, by encoder type (CNN)
+
+
+def test_benchmark_scales_simsiam_multi_s_memory_and_shows_each_encoder_s_random_init(tmp_path, monkeypatch):
+    from sslcore.experiments import benchmark
+
+    assert [benchmark.scaled_mix_epoch(e) for e in (1, 20, 40, 100, 1000)] == [2, 2, 3, 6, 52]  # 51/1000 of the run
+    seen = {}
+
+    def fake_pretrain(cfg):  # the options each method gets and one summary per encoder, without training
+        seen[cfg.method] = cfg.options
+        probes = {"trained": {"linear": 0.9, "knn": 0.8}, "raw_pixels": {"linear": 0.95, "knn": 0.9},
+                  "random_init": {"linear": 0.7 if cfg.method == "mae" else 0.8, "knn": 0.6}}
+        return {"probes": probes, "final_loss": 1.0, "train_time_s": 1.0, "encoder": cfg.encoder, "n_train": 10,
+                "encoder_class": "VisionTransformer" if cfg.method == "mae" else "SmallCNN",
+                "n_test": 5, "device": "cpu", "temperature": None, "config": {"options": cfg.options}}
+
+    monkeypatch.setattr(benchmark, "pretrain", fake_pretrain)
+    r = benchmark.run_benchmark("digits", ["simsiam-multi", "mae"], out=str(tmp_path), epochs=40)
+    assert seen["simsiam-multi"]["mix_epoch"] == 3 and "mix_epoch" not in seen["mae"]
+    assert [b["method"] for b in r["baselines"]] == ["random init (smallcnn)", "random init (VisionTransformer of mae)",
+                                                     "raw pixels"]
+    assert r["baselines"][1]["linear"] == 0.7
+    benchmark.run_benchmark("digits", ["simsiam-multi"], out=str(tmp_path), epochs=40,
+                            options=[benchmark.method_option("mix_epoch=30")])
+    assert seen["simsiam-multi"]["mix_epoch"] == 30  # a given mix_epoch is kept
+
+
+def test_benchmark_claims_say_not_tested_when_the_memory_never_mixed_in():
+    from sslcore.experiments.benchmark import benchmark_claims
+
+    def result(mix, multi):
+        runs = [{"rows": [{"method": "simsiam", "linear": 0.9}, {"method": "simsiam-multi", "linear": 0.9 + d}],
+                 "baselines": [], "options": {"simsiam-multi": mix}} for d in multi]
+        return {"config": {"epochs": 20}, "runs": runs}
+
+    old = benchmark_claims(result({}, [0.0, 0.0, 0.0]))[0]  # a file before the scaling: mix_epoch 52 of 20
+    assert old["verdict"] == "not tested" and "epoch 52 of 20" in old["why_untested"]
+    mixed = benchmark_claims(result({"mix_epoch": 2}, [0.011, 0.012, 0.010]))[0]
+    assert mixed["verdict"] == "reproduced" and mixed["bar"] == 1.0  # the paper's +1.0 point, reached

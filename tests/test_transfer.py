@@ -47,13 +47,15 @@ def test_render_targets_is_deterministic_and_shifts_every_image():
     torch.testing.assert_close(a["inverted"][1], 1 - data.x_test)
 
 
-def test_verdicts_need_the_margin_and_every_seed():
-    assert transfer._verdict([3.0, 2.5, 1.0]) == "reproduced"
+def test_verdicts_follow_the_paired_test_and_the_bar():
+    assert transfer._verdict([3.0, 2.5, 3.5]) == "reproduced"  # p = 0.0091
+    assert transfer._verdict([3.0, 2.5, 1.0]) == "not shown"  # every seed gains, but p = 0.069
     assert transfer._verdict([5.0, 2.0, -0.5]) == "not shown"  # one seed disagrees
-    assert transfer._verdict([1.0, 1.5, 1.0]) == "not shown"  # every seed, but under the margin
+    assert transfer._verdict([1.0, 1.1, 0.9]) == "not shown"  # p = 0.0033, but the interval stays under 2 points
+    assert transfer._verdict([1.5, 1.8, 1.2]) == "reproduced"  # p = 0.013 and the interval reaches 2 points
     assert transfer._verdict([-3.0, -2.0, -4.0]) == "contradicted"
     assert transfer._verdict([0.0, 0.0]) == "identical"
-    assert transfer._verdict([-0.01, -0.02], lower_is_better=True) == "lower in every seed"
+    assert transfer._verdict([-0.01, -0.02, -0.015], lower_is_better=True) == "lower"
     assert transfer._verdict([-0.01, 0.02], lower_is_better=True) == "mixed"
 
 
@@ -82,6 +84,8 @@ def test_the_study_runs_records_and_renders(tmp_path, capsys):
             assert {k: v for k, v in r.items() if k not in ("method", "train_time_s")} == simclr
     m2, m3 = transfer.comparisons(results)
     assert m2["views"] == 2 and m2["worst_verdict"] == m2["average_verdict"] == m2["distance_verdict"] == "identical"
+    assert [c["claim"] for c in transfer.claims(results)] == ["ArCL (m = 3) > SimCLR, worst-target transfer",
+                                                                "ArCL (m = 3) > SimCLR, average-target transfer"]
     s0 = [transfer.summarise(runs[k, 0]) for k in ("arcl-m3", "simclr")]
     assert m3["worst"][0] == pytest.approx(100 * (s0[0]["worst"] - s0[1]["worst"]))
     block = report.render("transfer", results)

@@ -35,7 +35,9 @@ from ..metrics import LayerStats
 from ..models.gcn import GCN
 from ..train.loop import lr_at
 from .report import (
+    VERDICT_RULE,
     Progress,
+    claim,
     markdown_table,
     mean,
     mean_and_std,
@@ -154,6 +156,10 @@ def aggregate(runs: list[dict]) -> dict[tuple[int, str], dict]:
 
 
 NOISE_PTS = 2.0  # about one binomial standard error at 80% accuracy on ~400 test points
+# the bar of "helps" per model: the paper's reported effect where it gives one (24-layer DeiT on ImageNet-100,
+# 76.76 -> 81.28), else the noise bar (its GCN numbers are not in our sources: docs/methods.md)
+BARS = {"vit": (4.52, "ContraNorm: 24-layer DeiT, ImageNet-100 76.76 → 81.28"),
+        "gcn": (NOISE_PTS, "no GCN effect in our sources: noise bar")}
 
 
 def _mean_std(accuracies: list[float]) -> str:
@@ -162,13 +168,29 @@ def _mean_std(accuracies: list[float]) -> str:
     return f"{100 * m:5.1f}%" if len(accuracies) < 2 else f"{100 * m:5.1f}+-{100 * s:3.1f}%"
 
 
-def _verdict(by: dict, depth: int, norms: tuple[str, ...]) -> tuple[float, list[float], str]:
+def _verdict(by: dict, depth: int, norms: tuple[str, ...], bar: float = NOISE_PTS) -> tuple[float, list[float], str]:
     """ContraNorm's accuracy change (points) against the best other norm of the same seed at ``depth``:
-    the seed mean, each seed's, and the verdict -- "helps" / "hurts" when the mean change passes
-    +-NOISE_PTS and every seed agrees in sign, else "unclear"."""
+    the seed mean, each seed's, and the verdict by the paired rule (:func:`~.report.seed_verdict`) against
+    ``bar`` -- "helps" / "hurts", else "unclear"."""
     others = zip(*(by[depth, n]["accuracies"] for n in norms if n != "contranorm"))
     deltas = [100 * (c - max(o)) for c, o in zip(by[depth, "contranorm"]["accuracies"], others)]
-    return mean(deltas), deltas, seed_verdict(deltas, NOISE_PTS, ("helps", "hurts", "unclear"))
+    return mean(deltas), deltas, seed_verdict(deltas, bar, ("helps", "hurts", "unclear"))
+
+
+def claims(results: dict) -> list[dict]:
+    """ContraNorm's claim (deep models keep their accuracy with it) for the README's summary: the deepest ViT,
+    and every GCN from depth 8 (where the plain GCN collapses), against the best other norm of the same seed."""
+    out = []
+    for key, norms, name in (("vit", ("layernorm", "contranorm"), "ViT"),
+                             ("gcn", ("none", "layernorm", "contranorm"), "GCN")):
+        by = aggregate(results[key])
+        depths = sorted({d for d, _ in by})
+        bar, source = BARS[key]
+        for depth in ([depths[-1]] if key == "vit" else [d for d in depths if d >= 8]):
+            deltas = _verdict(by, depth, norms, bar)[1]
+            out.append(claim(f"ContraNorm helps a deep {name} (depth {depth}, vs the best other norm)",
+                             "oversmoothing", deltas, bar, source, "pts"))
+    return out
 
 
 def _table(runs: list[dict], norms: tuple[str, ...], labels: dict[str, str]) -> str:
@@ -190,11 +212,11 @@ def _table(runs: list[dict], norms: tuple[str, ...], labels: dict[str, str]) -> 
     return "\n".join(lines)
 
 
-def _markdown_table(runs: list[dict], norms: tuple[str, ...], labels: dict[str, str]) -> str:
+def _markdown_table(runs: list[dict], norms: tuple[str, ...], labels: dict[str, str], bar: float) -> str:
     by = aggregate(runs)
     rows = []
     for depth in sorted({d for d, _ in by}):
-        delta, deltas, verdict = _verdict(by, depth, norms)
+        delta, deltas, verdict = _verdict(by, depth, norms, bar)
         rows.append([str(depth), *(f"{mean_std(by[depth, n]['accuracies'], scale=100)} · "
                                    f"{by[depth, n]['layers'][-1]['mean_cosine']:.2f}" for n in norms),
                      f"{delta:+.1f} (better in {sum(d > 0 for d in deltas)}/{len(deltas)} seeds)", verdict])
@@ -208,14 +230,15 @@ def markdown(results: dict) -> str:
     cfg = results["config"]
     g = cfg["graph"]
     vit = _markdown_table(results["vit"], ("layernorm", "contranorm"),
-                          {"layernorm": "LayerNorm", "contranorm": f"ContraNorm (s = {cfg['vit_scale']:g})"})
+                          {"layernorm": "LayerNorm", "contranorm": f"ContraNorm (s = {cfg['vit_scale']:g})"},
+                          BARS["vit"][0])
     gcn = _markdown_table(results["gcn"], ("none", "layernorm", "contranorm"),
                           {"none": "plain", "layernorm": "LayerNorm",
-                           "contranorm": f"ContraNorm (s = {cfg['gcn_scale']:g})"})
+                           "contranorm": f"ContraNorm (s = {cfg['gcn_scale']:g})"}, BARS["gcn"][0])
     return (f"`sslcore oversmoothing --seed {cfg['seed']}` ({cfg['vit_seeds']} / {cfg['gcn_seeds']} model seeds). "
             f"Cells: test accuracy, mean ± std over seeds (%) · the last layer's mean pairwise cosine (→ 1: "
-            f"collapse). Verdict \"helps\"/\"hurts\" only when the mean change passes {NOISE_PTS:g} points and every "
-            f"seed agrees.\n\n"
+            f"collapse). Verdict \"helps\"/\"hurts\" (else \"unclear\"): {VERDICT_RULE}; bar: ViT "
+            f"{BARS['vit'][0]:g} points ({BARS['vit'][1]}), GCN {BARS['gcn'][0]:g} ({BARS['gcn'][1]}).\n\n"
             f"ViTs on digits (2×2 patches, width {cfg['vit']['embed_dim']}, {cfg['vit_epochs']} epochs supervised), "
             f"ContraNorm `LN(H − sPH)` in every norm slot:\n\n{vit}\n\n"
             f"GCNs on a stochastic block model ({g['num_blocks']} blocks × {g['block_size']} nodes, p_in {g['p_in']}, "
@@ -231,8 +254,8 @@ def format_tables(results: dict) -> str:
                  {"none": "plain GCN", "layernorm": "LayerNorm", "contranorm": f"ContraNorm s={cfg['gcn_scale']}"})
     s = cfg["gcn_scale"]
     g = cfg["graph"]
-    return (f"Means over seeds; ContraNorm \"helps\"/\"hurts\" only when its mean accuracy change passes "
-            f"{NOISE_PTS:g} pts and every seed agrees.\n\n"
+    return (f"Means over seeds; ContraNorm \"helps\"/\"hurts\" when a paired t-test over seeds rejects at 0.05 "
+            f"and the change reaches {NOISE_PTS:g} pts (its 95 % interval holds it or the mean passes it).\n\n"
             f"(a) ViT on digits (8x8, 2x2 patches, width {cfg['vit']['embed_dim']}), {cfg['vit_epochs']} epochs, "
             f"{cfg['vit_seeds']} seed(s); ContraNorm LN(H - sPH); erank/cos: tokens of the last block, "
             f"test images\n{vit}\n\n"

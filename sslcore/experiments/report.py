@@ -24,15 +24,16 @@ from pathlib import Path
 
 from ..files import OutputError, atomic_write, check_output
 
-# study name -> (module, its markdown renderer, its plot writer)
+# study name -> (module, its markdown renderer, its plot writer, its claims: results -> [claim(...)])
 STUDIES = {
-    "benchmark": ("sslcore.experiments.benchmark", "benchmark_markdown", "benchmark_plot"),
-    "transfer": ("sslcore.experiments.transfer", "markdown", "plot"),
-    "oversmoothing": ("sslcore.experiments.oversmoothing", "markdown", "plot"),
-    "mim-study": ("sslcore.experiments.clustermim", "study_markdown", "study_plot"),
-    "tcas-sweep": ("sslcore.experiments.clustermim", "sweep_markdown", "sweep_plot"),
-    "ar-vs-mlm": ("sslcore.experiments.ar_vs_mlm", "markdown", "plot"),
+    "benchmark": ("sslcore.experiments.benchmark", "benchmark_markdown", "benchmark_plot", "benchmark_claims"),
+    "transfer": ("sslcore.experiments.transfer", "markdown", "plot", "claims"),
+    "oversmoothing": ("sslcore.experiments.oversmoothing", "markdown", "plot", "claims"),
+    "mim-study": ("sslcore.experiments.clustermim", "study_markdown", "study_plot", "study_claims_summary"),
+    "tcas-sweep": ("sslcore.experiments.clustermim", "sweep_markdown", "sweep_plot", "sweep_claims"),
+    "ar-vs-mlm": ("sslcore.experiments.ar_vs_mlm", "markdown", "plot", "claims"),
 }
+CLAIMS_BLOCK = "claims"  # the block of every study's claims, one row each (README's "## Results")
 
 
 def mean(values) -> float:
@@ -79,17 +80,68 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f}s" if seconds < 90 else f"{seconds / 60:.0f}m" if seconds < 5400 else f"{seconds / 3600:.1f}h"
 
 
-def seed_verdict(deltas: list[float], threshold: float,
-                 words: tuple[str, str, str] = ("reproduced", "contradicted", "not shown")) -> str:
-    """A claim checked on paired per-seed changes ``deltas`` (> 0 agrees with it): the first word when the
-    mean is at least ``threshold`` and every seed agrees, the second when the same holds against it, else
-    the third."""
-    m = mean(deltas)
-    if m >= threshold and min(deltas) > 0:
+ALPHA = 0.05  # the paired test's level (two-sided)
+VERDICT_RULE = ("a two-sided paired t-test over seeds (α = 0.05) of the per-seed differences; \"reproduced\" when "
+                "it rejects no difference, the mean agrees with the claim and the mean or its 95 % confidence interval "
+                "reaches the claim's bar (the paper's reported effect, else a stated noise bar); \"contradicted\" the "
+                "same against the claim; \"not tested\" where the mechanism never ran; else \"not shown\"")
+
+
+def paired_test(deltas, alpha: float = ALPHA) -> dict:
+    """Two-sided paired t-test of ``mean(deltas) = 0`` (the per-seed differences of two arms run on the same seeds)
+    and the ``1 - alpha`` confidence interval of the mean: ``{"n", "mean", "p", "low", "high"}``.  One seed: p = 1
+    and an unbounded interval; every difference equal: p = 1 when they are 0, else 0, with a point interval.
+    A t-test, not a sign test: with n seeds an exact sign test's smallest two-sided p is 2^(1-n), so it cannot
+    reject at 0.05 below 6 seeds; the t-test assumes normal differences, which a handful of seeds cannot check."""
+    from scipy.stats import t as student
+
+    deltas = [float(d) for d in deltas]
+    n, m = len(deltas), mean(deltas)
+    if n < 2:
+        return {"n": n, "mean": m, "p": 1.0, "low": -math.inf, "high": math.inf}
+    sd = mean_and_std(deltas)[1]
+    if sd == 0:
+        return {"n": n, "mean": m, "p": 1.0 if m == 0 else 0.0, "low": m, "high": m}
+    se = sd / math.sqrt(n)
+    half = float(student.ppf(1 - alpha / 2, n - 1)) * se
+    return {"n": n, "mean": m, "p": float(2 * student.sf(abs(m) / se, n - 1)), "low": m - half, "high": m + half}
+
+
+def seed_verdict(deltas: list[float], bar: float,
+                 words: tuple[str, str, str] = ("reproduced", "contradicted", "not shown"), *,
+                 alpha: float = ALPHA) -> str:
+    """A claim checked on paired per-seed differences ``deltas`` (> 0 agrees with it) by :data:`VERDICT_RULE`:
+    the first word when the paired t-test (:func:`paired_test`) rejects at ``alpha``, the mean is > 0 and the
+    interval's upper end reaches ``bar`` (the claimed effect: the mean is >= it or the interval holds it); the
+    second the same way round against the claim (mean < 0, lower end <= -bar); else the third."""
+    test = paired_test(deltas, alpha)
+    if test["p"] < alpha and test["mean"] > 0 and test["high"] >= bar:
         return words[0]
-    if m <= -threshold and max(deltas) < 0:
+    if test["p"] < alpha and test["mean"] < 0 and test["low"] <= -bar:
         return words[1]
     return words[2]
+
+
+def claim(text: str, study: str, deltas: list[float], bar: float, bar_source: str, unit: str, *,
+          tested: bool = True, why_untested: str = "", digits: int = 1) -> dict:
+    """One paper's claim as a study checked it: its per-seed differences (> 0 agrees), the paired test, the bar
+    and where it comes from, the verdict (:func:`seed_verdict`, or "not tested" when the mechanism never ran)."""
+    test = paired_test(deltas)
+    return {"claim": text, "study": study, "deltas": list(deltas), **test, "bar": bar, "bar_source": bar_source,
+            "unit": unit, "digits": digits, "why_untested": why_untested,
+            "verdict": seed_verdict(deltas, bar) if tested else "not tested"}
+
+
+def effect_words(c: dict) -> str:
+    """``"+0.4 pts (95 % CI −1.3…+2.1; p = 0.42; seeds +1.0, +0.5, −0.3)"``: a claim's measured effect."""
+    d = c["digits"]
+    if c["n"] < 2:
+        ci = "one seed"
+    elif c["low"] == c["high"]:
+        ci = "every seed the same"
+    else:
+        ci = f"95 % CI {c['low']:+.{d}f}…{c['high']:+.{d}f}; p = {c['p']:.2g}"
+    return (f"{c['mean']:+.{d}f} {c['unit']} ({ci}; seeds {', '.join(f'{x:+.{d}f}' for x in c['deltas'])})")
 
 
 def markdown_table(head: list[str], rows: list[list[str]], align: str | None = None) -> str:
@@ -169,9 +221,9 @@ def write_results(path: Path, results: dict) -> None:
 
 
 def _renderer(name: str):
-    module, markdown, plot = STUDIES[name]
+    module, markdown, plot, claims = STUDIES[name]
     module = importlib.import_module(module)
-    return getattr(module, markdown), getattr(module, plot)
+    return getattr(module, markdown), getattr(module, plot), getattr(module, claims)
 
 
 def read_results(path: Path, option: str = "results file") -> dict:
@@ -201,6 +253,29 @@ def render(name: str, results: dict, path: Path | str = "the results") -> str:
         raise ValueError(f"{path} is not a well-formed {name} results file: {type(e).__name__}: {e}") from None
 
 
+def claims_markdown(results_dir: Path) -> str:
+    """The claims block: every paper's claim of every study whose results file is in ``results_dir``, one row
+    each -- the claim, the study, its measured effect paired over seeds, the bar and the verdict."""
+    rows = []
+    for name in STUDIES:
+        path = results_dir / f"{name}.json"
+        if not path.is_file():
+            continue
+        try:
+            found = _renderer(name)[2](read_results(path))
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:
+            raise ValueError(f"{path}: its claims cannot be read: {type(e).__name__}: {e}") from None
+        for c in found:
+            bar = f"{c['bar']:.{c['digits']}f} {c['unit']} ({c['bar_source']})"
+            verdict = f"**{c['verdict']}**" + (f" ({c['why_untested']})" if c["verdict"] == "not tested" else "")
+            rows.append([c["claim"], f"[{name}](docs/results.md)", effect_words(c), bar, verdict])
+    if not rows:
+        raise ValueError(f"block results:{CLAIMS_BLOCK}: no results file in {results_dir}")
+    return (f"Each row: the new method or condition minus its base in the same seed (> 0 agrees with the claim). "
+            f"Verdict: {VERDICT_RULE}. Rendered from `docs/results/*.json` by `sslcore report`.\n\n"
+            + markdown_table(["claim", "study", "measured effect", "bar", "verdict"], rows, "lllll"))
+
+
 def save_figure(fig, path: Path, dpi: int = 110) -> None:
     """A study's plot to ``path`` (PNG), atomically and never through a link."""
     import io
@@ -224,12 +299,15 @@ def update(readme: str, results_dir: Path) -> tuple[str, list[str]]:
 
     def one(m: re.Match) -> str:
         name = m["name"]
-        if name not in STUDIES:
-            raise ValueError(f"block results:{name}: no such study (known: {', '.join(STUDIES)})")
-        path = results_dir / f"{name}.json"
-        if not path.is_file():
-            raise ValueError(f"block results:{name}: {path} does not exist")
-        body = "\n" + render(name, read_results(path), path) + "\n"
+        if name == CLAIMS_BLOCK:
+            body = "\n" + claims_markdown(results_dir) + "\n"
+        elif name not in STUDIES:
+            raise ValueError(f"block results:{name}: no such study (known: {', '.join(STUDIES)}, {CLAIMS_BLOCK})")
+        else:
+            path = results_dir / f"{name}.json"
+            if not path.is_file():
+                raise ValueError(f"block results:{name}: {path} does not exist")
+            body = "\n" + render(name, read_results(path), path) + "\n"
         if body != m["body"]:
             changed.append(name)
         return m["open"] + body + m["close"]
