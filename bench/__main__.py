@@ -52,6 +52,15 @@ def _world_sizes(text: str) -> list[int]:
     return sizes
 
 
+def _write(rows: list[dict], args) -> None:
+    """Append ``rows`` to the run's JSONL (``--json-dir``/``--file``) and print their table."""
+    path = (args.json_dir / args.file if args.file
+            else report.results_path(args.json_dir, environment()["device"], datetime.now()))
+    for row in rows:
+        report.append_jsonl(path, row)
+    print(f"\n{report.header(rows)}\n\n{report.markdown(rows)}\n\nwrote {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["gpu"]:
@@ -79,23 +88,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("only 'readme' takes files")
     if args.what == "data":  # the image-folder decoders, images/s per worker (bench/data.py)
         from bench import data
-        rows = data.rows(args.quick)
-        path = (args.json_dir / args.file if args.file
-                else report.results_path(args.json_dir, environment()["device"], datetime.now()))
-        for row in rows:
-            report.append_jsonl(path, row)
-        print(f"\n{report.header(rows)}\n\n{report.markdown(rows)}\n\nwrote {path}")
+        _write(data.rows(args.quick), args)
         return
     if args.world_size:
         if args.what != "infonce" or args.goal:
             parser.error("--world-size goes with infonce (and --quick at most)")
         from bench import ddp
-        rows = ddp.rows(args.world_size, args.quick)
-        path = (args.json_dir / args.file if args.file
-                else report.results_path(args.json_dir, environment()["device"], datetime.now()))
-        for row in rows:
-            report.append_jsonl(path, row)
-        print(f"\n{report.header(rows)}\n\n{report.markdown(rows)}\n\nwrote {path}")
+        _write(ddp.rows(args.world_size, args.quick), args)
         return
 
     cases = [c for family in (FAMILIES if args.what == "all" else [args.what])

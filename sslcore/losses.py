@@ -13,7 +13,7 @@ from torch import nn
 
 from . import dist
 from .checks import Backend, NonNegative, NonNegativeInt, PositiveInt, Probability, Temperature, check_value
-from .functional import GATHER_MODES, dcl, infonce_pairs, mises_fisher_weights, nt_xent
+from .functional import GATHER_MODES, _two_views, dcl, infonce_pairs, mises_fisher_weights, nt_xent
 from .kernels import lse_similarity
 from .kernels._backend import check_finite, unit_rows, validating
 
@@ -126,13 +126,7 @@ class NTXentLoss(nn.Module):
         self.memory = _MemoryBank(memory_bank_size)
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        for name, t in (("out0", out0), ("out1", out1)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if out0.shape != out1.shape:
-            raise ValueError(f"out0 and out1 must have the same shape, got {tuple(out0.shape)} and {tuple(out1.shape)}")
-        if out0.dim() != 2:
-            raise ValueError(f"out0 and out1 must be [N, D], got shape {tuple(out0.shape)}")
+        _two_views(out0, out1)
         if self.memory.rows:
             if weight is not None:
                 raise ValueError("weight is for the in-batch form, not with a memory bank")
@@ -339,13 +333,7 @@ class NegativeCosineSimilarity(nn.Module):
 
 def _check_pair(out0, out1, least: int, why: str, world: int = 1) -> None:
     """Both ``[N, D]`` tensors of one shape with ``N * world >= least`` rows (``why`` says what needs them)."""
-    for name, t in (("out0", out0), ("out1", out1)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if out0.shape != out1.shape:
-        raise ValueError(f"out0 and out1 must have the same shape, got {tuple(out0.shape)} and {tuple(out1.shape)}")
-    if out0.dim() != 2:
-        raise ValueError(f"out0 and out1 must be [N, D], got shape {tuple(out0.shape)}")
+    _two_views(out0, out1)
     if out0.shape[0] * world < least:
         raise ValueError(f"out0 and out1 hold {out0.shape[0] * world} sample(s) in all; {why}")
 
