@@ -74,11 +74,11 @@ def _files(folder):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["-o", "proj_dim=abc"], "option 'proj_dim' of method 'simclr' must be an integer in [1, 16384], got 'abc'"),
-    (["-o", "proj_dim=-5"], "option 'proj_dim' of method 'simclr' must be an integer in [1, 16384], got -5"),
-    (["-o", "proj_dim=0"], "proj_dim' of method 'simclr' must be an integer in [1, 16384], got 0"),
-    (["-o", "proj_dim=1.5"], "proj_dim' of method 'simclr' must be an integer in [1, 16384], got 1.5"),
-    (["-o", "proj_dim=None"], "proj_dim' of method 'simclr' must be an integer in [1, 16384], got None"),
+    (["-o", "proj_dim=abc"], "'proj_dim' of method 'simclr' must be an integer in [1, 16384] or None, got 'abc'"),
+    (["-o", "proj_dim=-5"], "option 'proj_dim' of method 'simclr' must be an integer in [1, 16384] or None, got -5"),
+    (["-o", "proj_dim=0"], "proj_dim' of method 'simclr' must be an integer in [1, 16384] or None, got 0"),
+    (["-o", "proj_dim=1.5"], "proj_dim' of method 'simclr' must be an integer in [1, 16384] or None, got 1.5"),
+    (["-o", "proj_dim=true"], "proj_dim' of method 'simclr' must be an integer in [1, 16384] or None, got 'true'"),
     (["-o", "proj_hidden=1000000000"], "proj_hidden' of method 'simclr' must be an integer in [1, 16384]"),
     (["-o", "temperature=nan"], "-o temperature must be a number >= 1e-08, got 'nan'"),
     (["--method", "moco", "-o", "momentum=1.5"], "option 'momentum' of method 'moco' must be a number in [0, 1)"),
