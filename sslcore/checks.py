@@ -59,6 +59,7 @@ Width = Annotated[int, Range(1, MAX_WIDTH)]
 QueueSize = Annotated[int, Range(1, MAX_QUEUE)]
 LayerCount = Annotated[int, Range(1, MAX_LAYERS)]
 PositiveInt = Annotated[int, Range(1)]
+Views = Annotated[int, Range(2, MAX_LAYERS)]  # ArCL's views per sample m
 NonNegativeInt = Annotated[int, Range(0)]
 NonNegative = Annotated[float, Range(0)]
 Temperature = Annotated[float, Range(MIN_TEMPERATURE)]

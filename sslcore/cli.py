@@ -4,8 +4,9 @@ backbone as safetensors), the studies (``benchmark``, ``transfer``, ``oversmooth
 tools (``tokenize``, ``tcas``).
 
 Nothing here imports torch before the arguments are parsed: a subcommand's arguments are added when it is
-parsed (the studies' modules are imported then), and the work's modules are imported after parsing, so help and
-usage errors are quick.  Unknown commands, options, methods and data names get a "did you mean".
+parsed, from light modules (``experiments/arguments.py`` for the studies whose modules import torch), and the
+work's modules are imported after parsing, so every command's help and usage errors are quick.  Unknown
+commands, options, methods and data names get a "did you mean".
 """
 from __future__ import annotations
 
@@ -177,19 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     studies = (("benchmark", "every method on one dataset and budget: one table of probe accuracy, time", "benchmark",
                 "add_arguments"),
                ("transfer", "ArCL vs SimCLR under domain shift: shapes targets inside the augmentation family, probe "
-                "accuracy and worst-pair distance over seeds", "transfer", "add_arguments"),
-               ("oversmoothing", "ContraNorm vs LayerNorm with depth: ViTs on digits, GCNs on an SBM", "oversmoothing",
-                "add_arguments"),
-               ("tokenize", "fit an image tokenizer (k-means) and save it to one file", "clustermim",
-                "add_tokenize_arguments"),
-               ("tcas", "TCAS and NMI(token, class) of image tokenizers (training-free)", "clustermim",
-                "add_tcas_arguments"),
-               ("mim-study", "ClusterMIM per tokenizer vs MAE: TCAS, NMI and probe accuracy", "clustermim",
-                "add_study_arguments"),
-               ("tcas-sweep", "ClusterMIM on oracle tokenizers of controlled alignment: TCAS vs probe", "clustermim",
-                "add_sweep_arguments"),
-               ("ar-vs-mlm", "ar, mlm, dear and vlm on one budget: probe accuracy and generation loss", "ar_vs_mlm",
-                "add_arguments"),
+                "accuracy and worst-pair distance over seeds", "arguments", "transfer_arguments"),
+               ("oversmoothing", "ContraNorm vs LayerNorm with depth: ViTs on digits, GCNs on an SBM", "arguments",
+                "oversmoothing_arguments"),
+               ("tokenize", "fit an image tokenizer (k-means) and save it to one file", "arguments",
+                "tokenize_arguments"),
+               ("tcas", "TCAS and NMI(token, class) of image tokenizers (training-free)", "arguments",
+                "tcas_arguments"),
+               ("mim-study", "ClusterMIM per tokenizer vs MAE: TCAS, NMI and probe accuracy", "arguments",
+                "mim_study_arguments"),
+               ("tcas-sweep", "ClusterMIM on oracle tokenizers of controlled alignment: TCAS vs probe", "arguments",
+                "tcas_sweep_arguments"),
+               ("ar-vs-mlm", "ar, mlm, dear and vlm on one budget: probe accuracy and generation loss", "arguments",
+                "ar_vs_mlm_arguments"),
                ("report", "rewrite the study tables (docs/results.md) and plots from docs/results/*.json", "report",
                 "add_arguments"))
     for name, help, module, function in studies:

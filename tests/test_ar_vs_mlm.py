@@ -132,3 +132,22 @@ def test_command_line_defaults_and_bad_arguments(tmp_path, capsys):
         with pytest.raises(ValueError, match="--seeds must be distinct integers >= 0"):
             run(seeds=seeds, out=str(tmp_path / "runs"))
     assert not (tmp_path / "runs").exists()
+
+
+def test_objectives_train_a_subset_and_its_claims_only(tmp_path, capsys):
+    """``--objectives ar,mlm`` (the classification claim's budget): only those run, the command says so, and
+    only the claims between them are judged; a bad list is a usage error naming the option."""
+    assert build_parser().parse_args(["ar-vs-mlm", "--objectives", "mlm,ar"]).objectives == ("ar", "mlm")
+    for bad, says in ((["--objectives", "ar,mlmm"], "did you mean 'mlm'"), (["--objectives", "ar,ar"], "distinct")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["ar-vs-mlm", *bad])
+        err = capsys.readouterr().err
+        assert "--objectives" in err and says in err
+    with pytest.raises(ValueError, match="objectives"):
+        plan(load_dataset("imagetokens:digits"), 20, "targets", objectives=("ar", "gpt"))
+    r = run(quick=True, seeds=(0,), eval_samples=8, device="cpu", out=str(tmp_path / "runs"), objectives=("ar", "mlm"),
+            results_out="out/r.json")
+    assert list(r["objectives"]) == ["ar", "mlm"] and {x["objective"] for x in r["runs"]} == {"ar", "mlm"}
+    assert "--objectives ar,mlm" in r["command"]
+    assert {v["claim"] for v in verdicts(r)} == {c for c, (_, pair) in CLAIMS.items() if set(pair) == {"ar", "mlm"}}
+    assert "| dear |" not in markdown(r)

@@ -12,7 +12,6 @@ import pytest
 import sslcore.data
 import sslcore.methods.options
 from sslcore.checks import BACKENDS
-from sslcore.cli import main
 from sslcore.kernels import BACKENDS as KERNEL_BACKENDS
 from sslcore.methods import METHODS, option_parameters, option_table_source
 
@@ -59,15 +58,27 @@ def test_help_takes_less_than_importing_torch():
     assert wall < 0.5 * (time.perf_counter() - start), wall
 
 
-def test_a_studys_arguments_are_added_when_it_is_parsed(capsys):
-    """The studies whose modules import torch (transfer, oversmoothing, the tokenizer studies, ar-vs-mlm) add their
-    arguments when parsed: their help and usage errors work, at the cost of that import."""
-    with pytest.raises(SystemExit) as e:
-        main(["transfer", "--help"])
-    assert e.value.code == 0 and "--views" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:
-        main(["oversmoothing", "--vit-sacle", "1"])  # not a prefix: argparse takes prefixes (allow_abbrev)
-    assert e.value.code == 2 and "did you mean '--vit-scale'" in capsys.readouterr().err
+@pytest.mark.parametrize("command, says", [("transfer", "--views"), ("oversmoothing", "--vit-scale"),
+                                            ("tokenize", "--n-clusters"), ("tcas", "--tokenizer"),
+                                            ("mim-study", "--n-clusters"), ("tcas-sweep", "--rates"),
+                                            ("ar-vs-mlm", "--equalise")])
+def test_every_studys_help_imports_no_torch(command, says):
+    """The studies whose modules import torch take their arguments from ``experiments/arguments.py``: their help
+    and usage errors import nothing heavy either."""
+    run, modules, _ = _imported(command, "--help")
+    assert run.returncode == 0 and says in run.stdout, run.stderr[-2000:]
+    assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
+
+
+@pytest.mark.parametrize("args, says", [(["oversmoothing", "--vit-sacle", "1"], "did you mean '--vit-scale'"),
+                                        (["oversmoothing", "--vit-scale", "inf"], "must be a number >= 0"),
+                                        (["tcas-sweep", "--rates", "0.5"], "at least two distinct rates"),
+                                        (["transfer", "--views", "1"], "--views must be distinct integers >= 2")])
+def test_a_studys_usage_errors_import_no_torch(args, says):
+    """(``--vit-sacle`` is not a prefix: argparse takes prefixes, allow_abbrev.)"""
+    run, modules, _ = _imported(*args)
+    assert run.returncode == 2 and says in run.stderr, run.stderr[-2000:]
+    assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
 
 
 def test_option_table_is_current():

@@ -8,9 +8,11 @@ sequence (``L - 1`` for ar and dear, the masked count for mlm, its expectation f
 linear-probe and k-NN accuracy of the frozen, mean-pooled features (and of the same model untrained),
 and the generation loss (nats per token) of held-out continuations after prompts of 25/50/75 % of the
 sequence -- chain rule for the causal models; for the masked ones the suffix masked and predicted in
-one pass (the verdicts' measure) and left to right.  The token histogram is the no-model baseline.
+one pass and left to right (the chain rule again: the verdicts' measure).  Position-aware probes read the
+hidden states concatenated over positions; the no-model baselines are the token histogram and the
+position-wise one-hot of the tokens.  ``--objectives`` trains a subset (e.g. ``ar,mlm`` for one claim).
 
-    sslcore ar-vs-mlm [--seeds 0,1,2] [--epochs 20] [--equalise targets] [--results-out FILE] [--quick]
+    sslcore ar-vs-mlm [--seeds 0,1,2] [--epochs 20] [--objectives ar,mlm] [--results-out FILE] [--quick]
 """
 from __future__ import annotations
 
@@ -20,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from ..checks import PositiveInt, cli_type
-from ..data import data_spec_arg, load_dataset
+from ..data import load_dataset
 from ..methods import create_model
 from ..methods.sequence_base import PROMPTS, prompt_lengths
 from ..train import PretrainConfig, pretrain
 from ..train.evaluate import linear_classifier, load_encoder, probe, weighted_knn
+from .arguments import AR_DATA as DATA, AR_EPOCHS as EPOCHS, EQUALISE, OBJECTIVES, QUICK_EPOCHS, QUICK_LIMIT
 from .report import (
     VERDICT_RULE,
     Progress,
@@ -39,16 +41,11 @@ from .report import (
     probe_words,
     results_path,
     save_figure,
-    seeds_arg,
     write_results,
 )
 
-OBJECTIVES = ("ar", "mlm", "dear", "vlm", "vlm-nosuffix")
 # study objective -> (method, its options): vlm-nosuffix is the suffix_prob = 0 ablation of vlm (random masks only)
 VARIANTS = {"vlm-nosuffix": ("vlm", {"suffix_prob": 0.0})}
-DATA = "imagetokens:digits"  # 16-token k-means grids of the digits; their token histogram is no match for the models
-EPOCHS, QUICK_EPOCHS, QUICK_LIMIT = 20, 1, 256
-EQUALISE = ("targets", "epochs")
 WARMUP = 0.05  # of each run's epochs, rounded
 PROBE_PTS, GEN_NATS = 1.0, 0.02  # the bars: the paper's abstract gives no effect sizes, so a stated noise bar
 BAR_SOURCE = "no effect size in the paper's abstract: noise bar"
@@ -64,17 +61,19 @@ CLAIMS = {"MLM > AR on classification": ("linear", ("mlm", "ar")),
 
 
 def plan(data, epochs: int, equalise: str, *, encoder: str = "transformer-tiny", batch_size: int = 64,
-         limit: int | None = None) -> dict[str, dict]:
+         limit: int | None = None, objectives: tuple[str, ...] = OBJECTIVES) -> dict[str, dict]:
     """Per objective: its ``method`` and ``options`` (:func:`method_of`), ``causal``, supervised
     ``targets_per_sequence`` t, ``epochs`` (``round(E (L-1) / t)`` with ``equalise="targets"``, else E), optimizer
-    ``steps`` and ``targets_seen`` (t x sequences x epochs)."""
+    ``steps`` and ``targets_seen`` (t x sequences x epochs); ``objectives``: a subset of :data:`OBJECTIVES`."""
     if equalise not in EQUALISE:
         raise ValueError(f"equalise must be one of {EQUALISE}, got {equalise!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if not objectives or not set(objectives) <= set(OBJECTIVES) or len(set(objectives)) != len(objectives):
+        raise ValueError(f"objectives must be distinct names of {', '.join(OBJECTIVES)}, got {objectives!r}")
     per_epoch = min(limit or data.n_train, data.n_train) // batch_size  # the trainer drops the last partial batch
     out = {}
-    for name in OBJECTIVES:
+    for name in (n for n in OBJECTIVES if n in objectives):
         method, options = method_of(name)
         model = create_model(method, data, encoder=encoder, **options)
         t = model.targets_per_sequence(data.seq_len)
@@ -113,7 +112,8 @@ def position_probe(data, encoder) -> dict[str, float]:
 def run(*, data: str = DATA, encoder: str = "transformer-tiny", epochs: int | None = None, quick: bool = False,
         equalise: str = "targets", batch_size: int = 64, lr: float = 8e-3, seeds: tuple[int, ...] = (0, 1, 2),
         eval_samples: int = 256, left_to_right: bool = True, device: str = "auto", out: str = "runs/ar-vs-mlm",
-        results_out: str = "runs/ar-vs-mlm/results.json", overwrite: bool = False) -> dict:
+        results_out: str = "runs/ar-vs-mlm/results.json", overwrite: bool = False,
+        objectives: tuple[str, ...] = OBJECTIVES) -> dict:
     """Pretrain each objective for each seed (run folders ``out/seed<S>/<objective>``); returns the results dict
     that :func:`markdown` and :func:`plot` render (every seed's numbers, the plan, the budget and the command,
     which names ``results_out``; this function writes no results file)."""
@@ -122,11 +122,13 @@ def run(*, data: str = DATA, encoder: str = "transformer-tiny", epochs: int | No
     limit = QUICK_LIMIT if quick else None
     wall, cpu = time.perf_counter(), time.process_time()
     tokens = load_dataset(data)
-    objectives = plan(tokens, epochs, equalise, encoder=encoder, batch_size=batch_size, limit=limit)
+    objectives = plan(tokens, epochs, equalise, encoder=encoder, batch_size=batch_size, limit=limit,
+                      objectives=tuple(objectives))
     histogram, onehot = probe(tokens, None), position_probe(tokens, None)
     config = dict(data=data, encoder=encoder, epochs=epochs, equalise=equalise, batch_size=batch_size, lr=lr,
                   weight_decay=0.05, warmup=WARMUP, limit=limit, seeds=list(seeds), eval_samples=eval_samples,
-                  prompts=list(PROMPTS), left_to_right=left_to_right, threads=torch.get_num_threads(), quick=quick)
+                  prompts=list(PROMPTS), left_to_right=left_to_right, threads=torch.get_num_threads(), quick=quick,
+                  objectives=list(objectives))
     runs = []
     progress = Progress("ar-vs-mlm", len(seeds) * len(objectives))
     for seed in seeds:
@@ -171,6 +173,8 @@ def command(config: dict, results_out: str) -> str:
             parts.append(f"{flag} {config[key]}")
     if not config["left_to_right"]:
         parts.append("--no-left-to-right")
+    if tuple(config.get("objectives", OBJECTIVES)) != OBJECTIVES:
+        parts.append(f"--objectives {','.join(config['objectives'])}")
     parts += [f"--seeds {','.join(map(str, config['seeds']))}", f"--threads {config['threads']}",
               f"--results-out {results_out}"]
     return " ".join(parts)
@@ -332,33 +336,6 @@ def plot(results: dict, path: Path) -> None:
 
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d, positive = " (default: %(default)s)", cli_type(PositiveInt)
-    p.add_argument("--seeds", type=seeds_arg, default=(0, 1, 2), help="seeds: the inits, batches, masks and offsets "
-                   "(default: 0,1,2)")
-    p.add_argument("--epochs", type=positive, help=f"AR's epochs, E (default: {EPOCHS}, --quick: {QUICK_EPOCHS})")
-    p.add_argument("--equalise", choices=EQUALISE, default="targets",
-                   help="targets: each objective trains round(E (L-1) / t) epochs, t its supervised targets per "
-                        "sequence, so all see AR's number of targets; epochs: all train E epochs" + d)
-    p.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK_EPOCHS} epoch on {QUICK_LIMIT} "
-                   "training sequences")
-    p.add_argument("--data", type=data_spec_arg, default=DATA,
-                   help="token data: imagetokens:DATA, pystdlib[:LEN[:PER_CLASS]] or text:PATH[:LEN]" + d)
-    p.add_argument("--encoder", default="transformer-tiny", help="transformer-tiny | -small | -base" + d)
-    p.add_argument("--batch-size", type=positive, default=64, help="sequences per step" + d)
-    p.add_argument("--lr", type=float, default=8e-3, help="base learning rate per 256 sequences (peak: lr x batch "
-                   "/ 256)" + d)
-    p.add_argument("--eval-samples", type=positive, default=256, help="held-out sequences for generation" + d)
-    p.add_argument("--no-left-to-right", action="store_true",
-                   help="skip the masked models' left-to-right generation loss (one pass per position)")
-    p.add_argument("--threads", type=positive, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ..." + d)
-    p.add_argument("--out", default="runs/ar-vs-mlm", help="folder of the run folders, OUT/seed<S>/<objective>" + d)
-    p.add_argument("--results-out", help="the results JSON (default: OUT/results.json); an existing one is kept "
-                   "unless --overwrite")
-    p.add_argument("--overwrite", action="store_true", help="replace the results file and the runs already in OUT")
-
-
 def main_from_args(args: argparse.Namespace) -> dict:
     """Run the study, write the results JSON (refusing to replace one without ``--overwrite``), print the block."""
     path = results_path(args.out, args.results_out, args.overwrite)
@@ -367,7 +344,7 @@ def main_from_args(args: argparse.Namespace) -> dict:
     results = run(data=args.data, encoder=args.encoder, epochs=args.epochs, quick=args.quick, equalise=args.equalise,
                   batch_size=args.batch_size, lr=args.lr, seeds=args.seeds, eval_samples=args.eval_samples,
                   left_to_right=not args.no_left_to_right, device=args.device, out=args.out, results_out=str(path),
-                  overwrite=args.overwrite)
+                  overwrite=args.overwrite, objectives=args.objectives)
     write_results(path, results)
     print("\n" + markdown(results))
     print(f"\n{results['cpu_seconds']:.0f} CPU-s ({results['wall_seconds']:.0f} s); wrote {path}")

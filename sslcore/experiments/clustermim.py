@@ -29,23 +29,22 @@ from pathlib import Path
 
 import torch
 
-from ..checks import PositiveInt, Probability, check_value, cli_type
-from ..data import data_kind, image_data_spec_arg, load_dataset
+from ..checks import Probability, check_value
+from ..data import data_kind, load_dataset
 from ..data.pipeline import to_float
 from ..files import check_output
-from ..methods import TOKENIZER_HELP
 from ..methods.clustermim import build_tokenizer
 from ..methods.mae import MAE, SMALL_VIT, MaskedImageModel
 from ..metrics import tcas, tcas_class_blind, tcas_label_permuted, token_class_nmi
 from ..tokenizers import OracleTokenizer, PixelTokenizer, is_tokenizer_file
 from ..train import PretrainConfig, pretrain
+from .arguments import DEFAULT_RATES
 from .report import (
     VERDICT_RULE,
     Progress,
     check_ints,
     claim,
     effect_words,
-    ints_arg,
     markdown_table,
     mean,
     mean_and_std,
@@ -57,7 +56,6 @@ from .report import (
 )
 
 BATCH_SIZE, LR, WEIGHT_DECAY = 128, 1e-3, 0.05  # the authors' base lr 1e-3 per 256 and weight decay 0.05
-DEFAULT_RATES = (0.0, 1 / 3, 2 / 3, 1.0)
 
 
 def _load_images(spec: str):
@@ -481,26 +479,6 @@ def sweep_plot(results: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Command line.
 
-def _rates(text: str) -> list[float]:
-    try:
-        rates = [float(t) for t in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if any(not 0 <= r <= 1 for r in rates) or len(set(rates)) < 2:
-        raise argparse.ArgumentTypeError(f"expected at least two distinct rates in [0, 1], got {text!r}")
-    return rates
-
-
-
-def add_tcas_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokenizer", default="pixel,random",
-                   help=f"comma-separated tokenizers, each {TOKENIZER_HELP} (default: %(default)s)")
-    p.add_argument("--data", type=image_data_spec_arg, default="digits", help="image dataset (default: %(default)s)")
-    p.add_argument("--n-clusters", type=ints_arg("--n-clusters", 1), default=None,
-                   help="comma-separated K values (default: per tokenizer)")
-    p.add_argument("--patch-size", type=int, help="patch size (default: 2 for 8x8 images, 4 up to 64x64, else 16)")
-    p.add_argument("--seed", type=int, default=0, help="k-means seed (default: %(default)s)")
-
 
 def tcas_from_args(args: argparse.Namespace) -> list[dict]:
     rows = tcas_table(args.tokenizer.split(","), args.data, args.n_clusters or [None], patch_size=args.patch_size,
@@ -508,18 +486,6 @@ def tcas_from_args(args: argparse.Namespace) -> list[dict]:
     print(f"tokenizers on {args.data} (fitted on the training images, scored on the held-out ones):")
     print(format_table(rows))
     return rows
-
-
-def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokenizer", default="pixel", help=f"{TOKENIZER_HELP} (default: %(default)s)")
-    p.add_argument("--data", type=image_data_spec_arg, default="digits",
-                   help="image dataset to fit on (default: %(default)s)")
-    p.add_argument("--n-clusters", type=int, help="K (default: 50 pixel, 1000 feature)")
-    p.add_argument("--patch-size", type=int, help="patch size (default: 2 for 8x8 images, 4 up to 64x64, else 16)")
-    p.add_argument("--seed", type=int, default=0, help="k-means seed (default: %(default)s)")
-    p.add_argument("--out", required=True,
-                   help="the tokenizer file to write (for --tokenizer FILE / -o tokenizer=FILE)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it is a tokenizer sslcore wrote")
 
 
 def tokenize_from_args(args: argparse.Namespace) -> dict:
@@ -533,34 +499,6 @@ def tokenize_from_args(args: argparse.Namespace) -> dict:
     print(format_table([row]))
     print(f"wrote {args.out}")
     return row
-
-
-def _add_run_arguments(p: argparse.ArgumentParser, name: str) -> None:
-    d = " (default: %(default)s)"
-    p.add_argument("--data", type=image_data_spec_arg, default="digits", help="image dataset" + d)
-    p.add_argument("--seeds", type=ints_arg("--seeds"), default=[0, 1, 2], help="comma-separated seeds" + d)
-    p.add_argument("--epochs", type=cli_type(PositiveInt), default=150, help="epochs of every run" + d)
-    p.add_argument("--quick", action="store_true", help="a smoke run: 1 epoch, 128 images, one seed")
-    p.add_argument("--threads", type=cli_type(PositiveInt), help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", default=f"runs/{name}", help="folder of the runs" + d)
-    p.add_argument("--results-out", help=f"the results JSON to write, e.g. docs/results/{name}.json "
-                                         "(default: OUT/results.json)")
-    p.add_argument("--overwrite", action="store_true", help="replace the runs in OUT and the results file")
-
-
-def add_study_arguments(p: argparse.ArgumentParser) -> None:
-    _add_run_arguments(p, "mim-study")
-    p.add_argument("--n-clusters", type=ints_arg("--n-clusters", 1), default=[50],
-                   help="comma-separated K of the pixel and feature tokenizers; the random control uses the first "
-                        "(default: 50)")
-
-
-def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
-    _add_run_arguments(p, "tcas-sweep")
-    p.add_argument("--n-clusters", type=cli_type(PositiveInt), default=50,
-                   help="K of every oracle tokenizer, a multiple of the classes (default: %(default)s)")
-    p.add_argument("--rates", type=_rates, default=list(DEFAULT_RATES),
-                   help="comma-separated rates rho of replacing the class part (default: 0,1/3,2/3,1)")
 
 
 def _command(args: argparse.Namespace, name: str, extra: str) -> str:

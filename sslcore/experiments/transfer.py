@@ -32,19 +32,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checks import PositiveInt, cli_type
 from ..data import load_dataset, shapes
 from ..data.augment import Compose, EdgeMap, GaussianNoise, Invert, StripeOverlay, shift_ops
 from ..data.pipeline import to_float
-from ..methods.arcl import Views, max_pair_distance
+from ..methods.arcl import max_pair_distance
 from ..train import PretrainConfig, load_encoder, pretrain
 from ..train.evaluate import build_model, fit_linear_probe, linear_probe
+from .arguments import TRANSFER_DATA, TRANSFER_EPOCHS, TRANSFER_SEEDS, TRANSFER_VIEWS
 from .report import (
     VERDICT_RULE,
     Progress,
     check_ints,
     claim,
-    ints_arg,
     markdown_table,
     mean,
     mean_and_std,
@@ -55,10 +54,6 @@ from .report import (
     write_results,
 )
 
-DATA = "shapes:plain,size=16"
-EPOCHS = 20
-VIEWS = (2, 4, 8)
-SEEDS = (0, 1, 2)
 RECIPE = "shifts"
 NOISE_PTS = 2.0  # a gain must pass this (and hold in every seed): ~1.5 pts is one binomial s.e. at 50% of 1000 images
 
@@ -139,10 +134,10 @@ def command_line(cfg: dict) -> str:
             f"--threads {cfg['threads']}")
 
 
-def run(data: str = DATA, *, views=VIEWS, seeds=SEEDS, epochs: int = EPOCHS, batch_size: int = 256,
-        lr: float = PretrainConfig.lr, temperature: float | None = None, encoder: str = "smallcnn",
-        metric_views: int | None = None, device: str = "auto", backend: str = "auto", out: str = "runs/transfer",
-        overwrite: bool = False, log=print) -> dict:
+def run(data: str = TRANSFER_DATA, *, views=TRANSFER_VIEWS, seeds=TRANSFER_SEEDS, epochs: int = TRANSFER_EPOCHS,
+        batch_size: int = 256, lr: float = PretrainConfig.lr, temperature: float | None = None,
+        encoder: str = "smallcnn", metric_views: int | None = None, device: str = "auto", backend: str = "auto",
+        out: str = "runs/transfer", overwrite: bool = False, log=print) -> dict:
     """Train SimCLR and ArCL at each m of ``views`` for every seed on the ``shapes`` domain of ``data`` (the
     ``shifts`` augmentation for both; ``temperature`` None: each method's own), then evaluate every model
     (:func:`evaluate`); returns the results (also what the JSON holds)."""
@@ -366,33 +361,6 @@ def plot(results: dict, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Command line.
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..train.config import device_arg, setting
-
-    d = " (default: %(default)s)"
-    p.add_argument("--data", default=DATA, help="the source: a shapes domain and its settings, "
-                   "shapes:DOMAIN[,size=N,n=N,test=N,seed=S]" + d)
-    p.add_argument("--views", type=ints_arg("--views", 2), default=VIEWS, help="ArCL's views per sample m, one model "
-                   "each (SimCLR is always trained)" + d)
-    p.add_argument("--seeds", type=ints_arg("--seeds"), default=SEEDS, help="model seeds (init, order, views)" + d)
-    p.add_argument("--epochs", type=setting("epochs"), default=EPOCHS, help="training epochs per model" + d)
-    p.add_argument("--batch-size", type=setting("batch_size"), default=256, help="images per step" + d)
-    p.add_argument("--lr", type=setting("lr"), default=PretrainConfig.lr, help="base learning rate per 256 "
-                   "images" + d)
-    p.add_argument("--temperature", type=setting("temperature"), help="loss temperature of both methods "
-                   "(default: each method's own)")
-    p.add_argument("--encoder", "--backbone", default="smallcnn", help="smallcnn or a timm spec" + d)
-    p.add_argument("--metric-views", type=cli_type(Views), help="views per image of the worst-pair distance "
-                   "(default: the largest of --views)")
-    p.add_argument("--threads", type=cli_type(PositiveInt), help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda, ..." + d)
-    p.add_argument("--backend", default="auto", help="the losses' kernel backend" + d)
-    p.add_argument("--out", default="runs/transfer", help="folder of the runs" + d)
-    p.add_argument("--results-out", help="the results JSON (default: OUT/results.json), e.g. "
-                   "docs/results/transfer.json")
-    p.add_argument("--overwrite", action="store_true", help="replace the runs in OUT and the results file")
-
 
 def main_from_args(args: argparse.Namespace) -> dict:
     """Run the study, write the results JSON (refused if it exists, unless ``--overwrite``) and print the tables."""

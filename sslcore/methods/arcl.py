@@ -1,13 +1,13 @@
 """ArCL (ICLR 2023): contrastive learning aligned on the worst-case augmentation pair of each sample."""
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import MAX_LAYERS, Backend, NonNegative, QueueSize, Range, Temperature, UnitInterval, Width
+from ..checks import Backend, NonNegative, QueueSize, Temperature, UnitInterval, Views, Width
 from ..functional import GatherMode
 from .base import SSLMethod
 from .moco import MoCo
@@ -15,7 +15,6 @@ from .simclr import SimCLR
 
 BASES = ("simclr", "moco")
 MODES = ("worst_pair", "penalty")
-Views = Annotated[int, Range(2, MAX_LAYERS)]
 
 
 def worst_pair(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
