@@ -18,7 +18,7 @@ from sslcore.experiments import oversmoothing
 from sslcore.kernels import contranorm_features_ref, contranorm_ref
 from sslcore.layers import ContraNorm, DContraNorm
 from sslcore.metrics import LayerStats, effective_rank, mean_pairwise_cosine
-from sslcore.models.gcn import GCN, normalized_adjacency
+from sslcore.models.gcn import GCN, PairNorm, normalized_adjacency
 
 TINY_VIT = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=10)
 
@@ -309,7 +309,7 @@ def test_normalized_adjacency():
     torch.testing.assert_close(a, dense / (deg[:, None] * deg[None, :]).sqrt())
 
 
-@pytest.mark.parametrize("norm", ["none", "layernorm", "contranorm"])
+@pytest.mark.parametrize("norm", ["none", "layernorm", "pairnorm", "contranorm"])
 def test_gcn_forward_backward(seed, norm):
     data = stochastic_block_model(num_blocks=3, block_size=8, p_in=0.4, p_out=0.05, num_features=6, seed=1)
     model = GCN(6, data.num_classes, hidden=16, depth=4, norm=norm, contranorm_scale=0.5)
@@ -319,6 +319,27 @@ def test_gcn_forward_backward(seed, norm):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     if norm == "contranorm":
         assert all(type(b.norm) is ContraNorm and b.norm.graph for b in model.blocks)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_pairnorm_holds_the_total_pairwise_distance(seed, scale):
+    """PairNorm (Zhao & Akoglu 2020) by its defining property, not its code: the output's nodes are centred and
+    its total pairwise squared distance sum_{i,j} |y_i - y_j|^2 is 2 N^2 s^2 (eq. 4's TPSD) whatever the input's
+    scale; and y is x minus its node mean times one positive factor (odd N, float64)."""
+    x = 7.0 * torch.randn(37, 5, dtype=torch.float64) + 3.0
+    y = PairNorm(scale, eps=0.0)(x)
+    torch.testing.assert_close(y.mean(0), torch.zeros(5, dtype=torch.float64), rtol=0, atol=1e-12)
+    tpsd = sum(float((y[i] - y[j]).pow(2).sum()) for i in range(37) for j in range(37))
+    assert tpsd == pytest.approx(2 * 37 ** 2 * scale ** 2, rel=1e-12)
+    centred = x - x.sum(0) / 37
+    factor = y / centred
+    torch.testing.assert_close(factor, factor[0, 0].expand_as(factor), rtol=1e-10, atol=0)
+    assert factor[0, 0] > 0
+    torch.testing.assert_close(PairNorm(scale)(10 * x), y, rtol=1e-8, atol=0)  # scale-free (eps 1e-6 aside)
+    for bad in (0, -1.0, "1"):
+        with pytest.raises(ValueError, match="scale"):
+            PairNorm(bad)
+    assert type(GCN(6, 3, depth=3, norm="pairnorm").blocks[0].norm) is PairNorm
 
 
 def test_gcn_contranorm_is_the_authors_gnn_layer(seed):

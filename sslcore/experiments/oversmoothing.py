@@ -26,10 +26,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from ..checks import PositiveInt, cli_type
 from ..data import digits
 from ..data.sbm import stochastic_block_model
-from ..kernels import BACKENDS
 from ..layers import ContraNorm
 from ..metrics import LayerStats
 from ..models.gcn import GCN
@@ -53,7 +51,8 @@ FULL = dict(vit_depths=(6, 12, 24), vit_epochs=8, vit_seeds=3, gcn_depths=(2, 4,
             gcn_seeds=3)
 QUICK = dict(vit_depths=(2, 6), vit_epochs=1, vit_seeds=1, gcn_depths=(2, 8, 16), gcn_epochs=40, gcn_seeds=1)
 VIT = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, num_heads=4, mlp_ratio=2.0)
-LABELS = {"none": "plain (conv -> ReLU)", "layernorm": "LayerNorm", "contranorm": "ContraNorm"}
+LABELS = {"none": "plain (conv -> ReLU)", "layernorm": "LayerNorm", "pairnorm": "PairNorm", "contranorm": "ContraNorm"}
+GCN_NORMS = ("none", "layernorm", "pairnorm", "contranorm")  # PairNorm: the paper's GNN baseline (s = 1)
 GRAPH = dict(num_blocks=5, block_size=100, p_in=0.05, p_out=0.01, num_features=16, signal=0.5)
 
 
@@ -109,17 +108,19 @@ def train_gcn(graph, depth: int, norm: str, *, scale: float, epochs: int, seed: 
 
 
 def run(*, quick: bool = False, seed: int = 0, vit_scale: float = 0.1, gcn_scale: float = 1.0,
-        backend: str = "torch", log=print) -> dict:
+        backend: str = "torch", vit_seeds: int | None = None, gcn_seeds: int | None = None, log=print) -> dict:
     """Train every model of the study (model seeds ``seed, seed + 1, ...``; the graph from ``seed``);
     returns one record per trained model (also what the JSON holds).  ``vit_scale``: s in
-    ``LN(H - sPH)``; ``gcn_scale``: s in ``LN((1+s)H - sPH)`` (the authors' conventions for each)."""
-    cfg = {**(QUICK if quick else FULL), "seed": seed, "vit_scale": vit_scale, "gcn_scale": gcn_scale,
+    ``LN(H - sPH)``; ``gcn_scale``: s in ``LN((1+s)H - sPH)`` (the authors' conventions for each);
+    ``vit_seeds``/``gcn_seeds``: model seeds per ViT/GCN (None: 3, --quick 1)."""
+    counts = {k: v for k, v in (("vit_seeds", vit_seeds), ("gcn_seeds", gcn_seeds)) if v is not None}
+    cfg = {**(QUICK if quick else FULL), **counts, "seed": seed, "vit_scale": vit_scale, "gcn_scale": gcn_scale,
            "backend": backend, "vit": VIT, "graph": GRAPH}
     results = {"config": cfg, "vit": [], "gcn": []}
     start = time.perf_counter()
 
     progress = Progress("oversmoothing", 2 * len(cfg["vit_depths"]) * cfg["vit_seeds"]
-                        + 3 * len(cfg["gcn_depths"]) * cfg["gcn_seeds"])
+                        + len(GCN_NORMS) * len(cfg["gcn_depths"]) * cfg["gcn_seeds"])
 
     def record(key, depth, norm, s, train):
         progress(f"{key} depth {depth} {norm}, seed {s}")
@@ -137,7 +138,7 @@ def run(*, quick: bool = False, seed: int = 0, vit_scale: float = 0.1, gcn_scale
     graph = stochastic_block_model(**GRAPH, seed=seed)
     for depth in cfg["gcn_depths"]:
         for s in range(seed, seed + cfg["gcn_seeds"]):
-            for norm in ("none", "layernorm", "contranorm"):
+            for norm in GCN_NORMS:
                 record("gcn", depth, norm, s, partial(train_gcn, graph, depth, norm, scale=gcn_scale,
                                                       epochs=cfg["gcn_epochs"], seed=s, backend=backend))
     results["total_seconds"] = time.perf_counter() - start
@@ -177,12 +178,17 @@ def _verdict(by: dict, depth: int, norms: tuple[str, ...], bar: float = NOISE_PT
     return mean(deltas), deltas, seed_verdict(deltas, bar, ("helps", "hurts", "unclear"))
 
 
+def gcn_norms(results: dict) -> tuple[str, ...]:
+    """The GCN norms a results file trained, in :data:`GCN_NORMS` order (files before PairNorm have three)."""
+    return tuple(n for n in GCN_NORMS if any(r["norm"] == n for r in results["gcn"]))
+
+
 def claims(results: dict) -> list[dict]:
     """ContraNorm's claim (deep models keep their accuracy with it) for the README's summary: the deepest ViT,
     and every GCN from depth 8 (where the plain GCN collapses), against the best other norm of the same seed."""
     out = []
     for key, norms, name in (("vit", ("layernorm", "contranorm"), "ViT"),
-                             ("gcn", ("none", "layernorm", "contranorm"), "GCN")):
+                             ("gcn", gcn_norms(results), "GCN")):
         by = aggregate(results[key])
         depths = sorted({d for d, _ in by})
         bar, source = BARS[key]
@@ -232,10 +238,12 @@ def markdown(results: dict) -> str:
     vit = _markdown_table(results["vit"], ("layernorm", "contranorm"),
                           {"layernorm": "LayerNorm", "contranorm": f"ContraNorm (s = {cfg['vit_scale']:g})"},
                           BARS["vit"][0])
-    gcn = _markdown_table(results["gcn"], ("none", "layernorm", "contranorm"),
-                          {"none": "plain", "layernorm": "LayerNorm",
+    gcn = _markdown_table(results["gcn"], gcn_norms(results),
+                          {"none": "plain", "layernorm": "LayerNorm", "pairnorm": "PairNorm (s = 1)",
                            "contranorm": f"ContraNorm (s = {cfg['gcn_scale']:g})"}, BARS["gcn"][0])
-    return (f"`sslcore oversmoothing --seed {cfg['seed']}` ({cfg['vit_seeds']} / {cfg['gcn_seeds']} model seeds). "
+    counts = "".join(f" --{k.replace('_', '-')} {cfg[k]}" for k in ("vit_seeds", "gcn_seeds") if cfg[k] != FULL[k])
+    return (f"`sslcore oversmoothing --seed {cfg['seed']}{counts}` ({cfg['vit_seeds']} / {cfg['gcn_seeds']} model "
+            "seeds). "
             f"Cells: test accuracy, mean ± std over seeds (%) · the last layer's mean pairwise cosine (→ 1: "
             f"collapse). Verdict \"helps\"/\"hurts\" (else \"unclear\"): {VERDICT_RULE}; bar: ViT "
             f"{BARS['vit'][0]:g} points ({BARS['vit'][1]}), GCN {BARS['gcn'][0]:g} ({BARS['gcn'][1]}).\n\n"
@@ -250,8 +258,9 @@ def format_tables(results: dict) -> str:
     cfg = results["config"]
     vit = _table(results["vit"], ("layernorm", "contranorm"),
                  {"layernorm": "LayerNorm", "contranorm": f"ContraNorm s={cfg['vit_scale']}"})
-    gcn = _table(results["gcn"], ("none", "layernorm", "contranorm"),
-                 {"none": "plain GCN", "layernorm": "LayerNorm", "contranorm": f"ContraNorm s={cfg['gcn_scale']}"})
+    gcn = _table(results["gcn"], gcn_norms(results),
+                 {"none": "plain GCN", "layernorm": "LayerNorm", "pairnorm": "PairNorm s=1",
+                  "contranorm": f"ContraNorm s={cfg['gcn_scale']}"})
     s = cfg["gcn_scale"]
     g = cfg["graph"]
     return (f"Means over seeds; ContraNorm \"helps\"/\"hurts\" when a paired t-test over seeds rejects at 0.05 "
@@ -300,36 +309,6 @@ def plot(results: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def _scale(text: str) -> float:
-    """argparse ``type=``: a ContraNorm scale, a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
-
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = " (default: %(default)s)"
-    p.add_argument("--quick", action="store_true", help="a smoke run: fewer depths and epochs, 1 ViT epoch (seconds)")
-    p.add_argument("--out", default="runs/oversmoothing", help="folder for results.json and oversmoothing.png" + d)
-    p.add_argument("--results-out", help="the results JSON (default: OUT/results.json), e.g. "
-                   "docs/results/oversmoothing.json")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing results file")
-    p.add_argument("--seed", type=int, default=0, help="seeds the graph, the inits and the batches" + d)
-    p.add_argument("--vit-scale", type=_scale, default=0.1, help="ContraNorm's s in the ViTs, LN(H - sPH)" + d)
-    p.add_argument("--gcn-scale", type=_scale, default=1.0,
-                   help="ContraNorm's s in the GCNs, LN((1+s)H - sPH) as the authors' GNN; = LN(H - s'PH) with "
-                        "s' = s/(1+s), so 1.0 here is 0.5 in the plain form" + d)
-    p.add_argument("--backend", choices=BACKENDS, default="torch", help="ContraNorm op backend" + d)
-    p.add_argument("--threads", type=cli_type(PositiveInt),
-                   help="torch CPU threads (default: torch's choice; 1 is often fastest for these small models)")
-    p.add_argument("--tables", metavar="RESULTS_JSON",
-                   help="train nothing: print the tables and write the plot (beside the file) of a results.json")
-
 
 def main_from_args(args: argparse.Namespace) -> dict:
     """Run the study, print the tables, write ``results.json`` and ``oversmoothing.png`` under ``args.out``
@@ -345,7 +324,8 @@ def main_from_args(args: argparse.Namespace) -> dict:
     path = results_path(args.out, args.results_out, args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = run(quick=args.quick, seed=args.seed, vit_scale=args.vit_scale, gcn_scale=args.gcn_scale,
+    results = run(quick=args.quick, seed=args.seed, vit_seeds=args.vit_seeds, gcn_seeds=args.gcn_seeds,
+                  vit_scale=args.vit_scale, gcn_scale=args.gcn_scale,
                   backend=args.backend)
     write_results(path, results)
     figure = Path(args.out) / "oversmoothing.png"  # derived from the results (--tables re-renders it)
@@ -354,15 +334,3 @@ def main_from_args(args: argparse.Namespace) -> dict:
     print("\n" + format_tables(results))
     print(f"\n{results['total_seconds']:.0f}s; wrote {path} and {figure}")
     return results
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sslcore.experiments.oversmoothing", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    main_from_args(parser.parse_args(argv))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

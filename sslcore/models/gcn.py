@@ -5,6 +5,8 @@ Each hidden layer is ``conv -> norm -> ReLU``; the last conv gives the class log
 
 * ``"none"``: the plain GCN (conv -> ReLU);
 * ``"layernorm"``: conv -> LayerNorm -> ReLU;
+* ``"pairnorm"``: conv -> PairNorm -> ReLU (Zhao & Akoglu, ICLR 2020, the ContraNorm paper's GNN
+  baseline): centre the nodes, then rescale so the mean squared row norm is ``s^2`` (:class:`PairNorm`);
 * ``"contranorm"``: conv -> ContraNorm -> ReLU with ContraNorm as in the authors' GNN layer:
   ``LayerNorm((1 + s) H - s * softmax(H_hat H_hat^T) H)`` (identity form, LayerNorm eps 1e-5), the
   softmax over all nodes but each node itself and its neighbours.
@@ -21,7 +23,7 @@ from torch import nn
 
 from ..layers import ContraNorm
 
-NORMS = ("none", "layernorm", "contranorm")
+NORMS = ("none", "layernorm", "pairnorm", "contranorm")
 
 
 def normalized_adjacency(edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
@@ -37,6 +39,23 @@ def normalized_adjacency(edge_index: torch.Tensor, num_nodes: int) -> torch.Tens
     return torch.sparse_coo_tensor(idx, w, (num_nodes, num_nodes), check_invariants=False).coalesce()
 
 
+class PairNorm(nn.Module):
+    """PairNorm's "PN" form over the nodes of one graph, ``x [N, D]``:
+    ``x_c = x - mean_n x_n``, then ``s * x_c / sqrt(eps + mean_n |x_c,n|^2)`` -- every node centred, the total
+    pairwise squared distance held at ``2 N^2 s^2`` whatever the depth (Zhao & Akoglu 2020, eq. 4; their default
+    s = 1; ``eps`` 1e-6 inside the root as their code).  No parameters.  docs/methods.md, ContraNorm."""
+
+    def __init__(self, scale: float = 1.0, eps: float = 1e-6):
+        super().__init__()
+        if not (isinstance(scale, (int, float)) and scale > 0):
+            raise ValueError(f"scale must be a number > 0, got {scale!r}")
+        self.scale, self.eps = float(scale), eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x - x.mean(0)
+        return self.scale * x / (self.eps + x.pow(2).sum(1).mean()).sqrt()
+
+
 class GraphConv(nn.Linear):
     """``A_hat (H W^T) + b``: a linear map, then propagation over the normalised adjacency."""
 
@@ -46,7 +65,8 @@ class GraphConv(nn.Linear):
 
 class GCNBlock(nn.Module):
     """``ReLU(norm(GraphConv(x)))``, one hidden layer.  ``"contranorm"``: ``LayerNorm((1 + s) H - s P H)``
-    (eps 1e-5, as the authors' GNN); ``"layernorm"``: ``LayerNorm(H)`` with the same eps, so s = 0 is it exactly."""
+    (eps 1e-5, as the authors' GNN); ``"layernorm"``: ``LayerNorm(H)`` with the same eps, so s = 0 is it exactly;
+    ``"pairnorm"``: :class:`PairNorm` (s = 1)."""
 
     def __init__(self, in_dim: int, out_dim: int, norm: str, contranorm_scale: float, backend: str):
         super().__init__()
@@ -55,7 +75,8 @@ class GCNBlock(nn.Module):
             self.norm = ContraNorm(out_dim, scale=contranorm_scale, identity=True, eps=1e-5, graph=True,
                                    backend=backend)
         else:
-            self.norm = nn.LayerNorm(out_dim, eps=1e-5) if norm == "layernorm" else nn.Identity()
+            self.norm = {"layernorm": lambda: nn.LayerNorm(out_dim, eps=1e-5), "pairnorm": PairNorm,
+                         "none": nn.Identity}[norm]()
 
     def forward(self, x: torch.Tensor, adj: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
         h = self.conv(x, adj)
@@ -89,4 +110,4 @@ class GCN(nn.Module):
         return self.head(F.dropout(x, self.dropout, self.training), adj)
 
 
-__all__ = ["GCN", "GCNBlock", "GraphConv", "NORMS", "normalized_adjacency"]
+__all__ = ["GCN", "GCNBlock", "GraphConv", "NORMS", "PairNorm", "normalized_adjacency"]
