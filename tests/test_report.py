@@ -167,3 +167,26 @@ def test_the_readme_holds_the_claims_of_every_study_and_check_sees_drift(tmp_pat
     with pytest.raises(SystemExit):
         main(["report", "--check", "--readme", str(doc), "--results", str(tmp_path)])
     assert "no results file" in capsys.readouterr().err
+
+
+def test_a_studys_variant_file_renders_as_its_study(tmp_path, capsys):
+    """``benchmark-more-seeds.json`` (a study's run at another budget) renders with the benchmark's renderers,
+    after the study's own file, in its own block and in the claims; a name of no study stays an error."""
+    assert report.study_of("benchmark") == "benchmark" and report.study_of("benchmark-simclr-attn") == "benchmark"
+    assert report.study_of("mim-study-k100") == "mim-study" and report.study_of("benchmarks") is None
+    base = json.loads((ROOT / "docs/results/benchmark.json").read_text())
+    (tmp_path / "benchmark.json").write_text(json.dumps(base))
+    (tmp_path / "benchmark-more-seeds.json").write_text(json.dumps(base))
+    (tmp_path / "notes.json").write_text("{}")  # no study's: ignored
+    assert [n for n, _ in report.results_files(tmp_path)] == ["benchmark", "benchmark-more-seeds"]
+    rows = [r for r in report.claims_markdown(tmp_path).splitlines() if r.startswith("| SimCLR-Attn > SimCLR")]
+    assert [r.split(" | ")[1] for r in rows] == ["[benchmark](docs/results.md)",
+                                                 "[benchmark-more-seeds](docs/results.md)"]
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- results:benchmark-more-seeds -->\n<!-- /results:benchmark-more-seeds -->\n")
+    assert main(["report", "--no-plots", "--readme", str(doc), "--results", str(tmp_path)]) == 0
+    assert report.render("benchmark", base) in doc.read_text()
+    doc.write_text("<!-- results:benchmarks -->\n<!-- /results:benchmarks -->\n")
+    with pytest.raises(SystemExit):
+        main(["report", "--no-plots", "--readme", str(doc), "--results", str(tmp_path)])
+    assert "block results:benchmarks: no such study" in capsys.readouterr().err

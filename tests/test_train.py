@@ -449,7 +449,11 @@ def test_benchmark_over_seeds_writes_one_results_file_the_report_renders(tmp_pat
     assert text in capsys.readouterr().out and "2 seeds (3, 4)" in text and "SimCLR-Attn > SimCLR" in text
     lin = [run["rows"][0]["linear"] for run in r["runs"]]
     mean, std = 100 * sum(lin) / 2, 100 * abs(lin[0] - lin[1]) / 2 ** 0.5
-    assert f"| simclr | {mean:.1f} ± {std:.1f} |" in text
+    gains = [100 * (run["rows"][0]["linear"] - run["rows"][0]["init_linear"]) for run in r["runs"]]
+    g_mean, g_std = sum(gains) / 2, abs(gains[0] - gains[1]) / 2 ** 0.5
+    assert f"| simclr | {mean:.1f} ± {std:.1f} | {g_mean:.1f} ± {g_std:.1f} |" in text  # beside its random init
+    summary = json.loads((tmp_path / "runs" / "seed-3" / "simclr" / "summary.json").read_text())
+    assert r["runs"][0]["rows"][0]["init_linear"] == summary["probes"]["random_init"]["linear"]
     benchmark_plot(r, tmp_path / "b.png")
     assert (tmp_path / "b.png").stat().st_size > 1000
     with pytest.raises(SystemExit):  # the results file is never overwritten without --overwrite

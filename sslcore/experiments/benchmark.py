@@ -112,7 +112,8 @@ def run_benchmark(data_spec: str = "digits", methods: list[str] | None = None, *
     train = {**BUDGET, **train}
     summaries = _train_all(data_spec, methods, out, list(options), train, progress)
     rows = [{"method": m, "linear": s["probes"]["trained"]["linear"], "knn": s["probes"]["trained"]["knn"],
-             "final_loss": s["final_loss"], "train_time_s": s["train_time_s"]} for m, s in summaries.items()]
+             "init_linear": s["probes"]["random_init"]["linear"], "final_loss": s["final_loss"],
+             "train_time_s": s["train_time_s"]} for m, s in summaries.items()]
     first = summaries[methods[0]]
     inits = {}  # one random-init row per encoder class trained (MAE's and ClusterMIM's ViT beside the CNN)
     for m, s in summaries.items():
@@ -241,6 +242,17 @@ def _per_method(result: dict, key: str) -> dict[str, list[float]]:
     return values
 
 
+def _gains_over_init(result: dict) -> dict[str, list[float]]:
+    """``method -> [its linear probe minus its own random-init encoder's, in points, per seed]`` (files written
+    since the rows record ``init_linear``; empty for older ones)."""
+    gains: dict[str, list[float]] = {}
+    for run in result["runs"]:
+        for r in run["rows"]:
+            if "init_linear" in r:
+                gains.setdefault(r["method"], []).append(100 * (r["linear"] - r["init_linear"]))
+    return gains
+
+
 def mix_epoch(result: dict) -> int:
     """The epoch from which the benchmark's SimSiam-Multi mixed its memory in: its ``mix_epoch`` option, else the
     method's default (52)."""
@@ -269,18 +281,26 @@ def benchmark_markdown(result: dict) -> str:
     training time and temperature, and the papers' claims checked seed by seed."""
     cfg, n = result["config"], len(result["seeds"])
     linear, knn, secs = _per_method(result, "linear"), _per_method(result, "knn"), _per_method(result, "train_time_s")
-    temps = result["temperatures"]
-    rows = [[m, mean_std(linear[m], scale=100), mean_std(knn[m], scale=100),
-             f"{mean(secs[m]):.0f}" if m in secs else "", "" if temps.get(m) is None else f"{temps[m]:g}"]
-            for m in linear]
-    table = markdown_table(["method", "linear %", "k-NN %", "train s", "τ"], rows)
+    temps, gains = result["temperatures"], _gains_over_init(result)
+    rows = [[m, mean_std(linear[m], scale=100), *([mean_std(gains[m]) if m in gains else ""] if gains else []),
+             mean_std(knn[m], scale=100), f"{mean(secs[m]):.0f}" if m in secs else "",
+             "" if temps.get(m) is None else f"{temps[m]:g}"] for m in linear]
+    table = markdown_table(["method", "linear %", *(["over random init, pts"] if gains else []), "k-NN %",
+                            "train s", "τ"], rows)
     claims = benchmark_claims(result)
     command = f"`{result['command']}`" if result.get("command") else "`sslcore benchmark --seeds ...`"
-    caption = (f"{command}: every method on `{result['data']}` ({result['n_train']} training, {result['n_test']} "
-               f"held-out images), {cfg['epochs']} epochs of batch {cfg['batch_size']}, base lr {cfg['lr']:g} "
-               f"per 256, encoder `{cfg['encoder']}` (MAE and ClusterMIM: a ViT on 2×2 patches), each method at "
+    trained = list(secs)  # the methods trained (the baselines have no training time)
+    vits = " and ".join(m for m in ("mae", "clustermim") if m in trained)
+    vits = f" ({vits}: a ViT on 2×2 patches)" if vits else ""
+    caption = (f"{command}: {'each method below' if len(trained) > 3 else ' and '.join(trained)} on "
+               f"`{result['data']}` ({result['n_train']} training, {result['n_test']} held-out images), "
+               f"{cfg['epochs']} epochs of batch {cfg['batch_size']}, base lr {cfg['lr']:g} per 256, encoder "
+               f"`{cfg['encoder']}`{vits}, each method at "
                f"its own temperature τ; {n} seeds ({', '.join(map(str, result['seeds']))}), mean ± std. Linear "
-               f"probe and k-NN on the frozen features: {probe_words(result)}.")
+               f"probe and k-NN on the frozen features: {probe_words(result)}."
+               + (" Over random init: the linear probe minus that of the same seed's untrained encoder of the "
+                  "method's own architecture; below 0, the method's training made its features worse at this "
+                  "budget (a collapse, or not yet trained enough)." if gains else ""))
     out = f"{caption}\n\n{table}"
     if claims:
         out += (f"\n\nThe papers' claims, linear probe, the new method minus its base in the same seed (points). "
@@ -306,8 +326,8 @@ def benchmark_plot(result: dict, path: Path) -> None:
         means, stds = zip(*(mean_and_std(values[m], scale=100) for m in names))
         ax.bar([i + shift for i in x], means, 0.4, yerr=stds, capsize=3, label=label)
     ax.set_xticks(list(x), names, rotation=30, ha="right")
-    ax.set(ylabel="held-out accuracy, %", title=f"every method on {result['data']}, {len(result['seeds'])} seeds",
-           ylim=(0, 100))
+    title = f"{len(result['runs'][0]['rows'])} methods on {result['data']}, {len(result['seeds'])} seeds"
+    ax.set(ylabel="held-out accuracy, %", title=title, ylim=(0, 100))
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -220,8 +220,23 @@ def write_results(path: Path, results: dict) -> None:
     atomic_write(path, (json.dumps(results, indent=1) + "\n").encode(), "results file")
 
 
+def study_of(name: str) -> str | None:
+    """The study whose renderers serve results file ``name`` (its stem): the study itself, or ``STUDY-VARIANT``
+    for a variant of a study's run (more seeds, another budget), e.g. ``benchmark-simclr-attn``; else None."""
+    if name in STUDIES:
+        return name
+    return max((s for s in STUDIES if name.startswith(s + "-")), key=len, default=None)
+
+
+def results_files(results_dir: Path) -> list[tuple[str, Path]]:
+    """Every results file in ``results_dir`` that a study renders, as (name, path): the studies' own files in
+    :data:`STUDIES`' order, each followed by its variants (sorted)."""
+    found = {p.stem: p for p in sorted(results_dir.glob("*.json")) if study_of(p.stem)}
+    return sorted(found.items(), key=lambda item: (list(STUDIES).index(study_of(item[0])), item[0]))
+
+
 def _renderer(name: str):
-    module, markdown, plot, claims = STUDIES[name]
+    module, markdown, plot, claims = STUDIES[study_of(name)]
     module = importlib.import_module(module)
     return getattr(module, markdown), getattr(module, plot), getattr(module, claims)
 
@@ -257,10 +272,7 @@ def claims_markdown(results_dir: Path) -> str:
     """The claims block: every paper's claim of every study whose results file is in ``results_dir``, one row
     each -- the claim, the study, its measured effect paired over seeds, the bar and the verdict."""
     rows = []
-    for name in STUDIES:
-        path = results_dir / f"{name}.json"
-        if not path.is_file():
-            continue
+    for name, path in results_files(results_dir):
         try:
             found = _renderer(name)[2](read_results(path))
         except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:
@@ -301,8 +313,9 @@ def update(readme: str, results_dir: Path) -> tuple[str, list[str]]:
         name = m["name"]
         if name == CLAIMS_BLOCK:
             body = "\n" + claims_markdown(results_dir) + "\n"
-        elif name not in STUDIES:
-            raise ValueError(f"block results:{name}: no such study (known: {', '.join(STUDIES)}, {CLAIMS_BLOCK})")
+        elif study_of(name) is None:
+            raise ValueError(f"block results:{name}: no such study (known: {', '.join(STUDIES)}, a variant "
+                             f"STUDY-NAME of one, {CLAIMS_BLOCK})")
         else:
             path = results_dir / f"{name}.json"
             if not path.is_file():
@@ -349,9 +362,7 @@ def main_from_args(args: argparse.Namespace) -> int:
             atomic_write(doc, text.encode(), "document", option="--readme")
         print(f"{doc}: {'rewrote ' + ', '.join(changed) if changed else 'already up to date'}")
     if not args.no_plots:
-        for name in STUDIES:
-            path = results_dir / f"{name}.json"
-            if path.is_file():
-                _renderer(name)[1](read_results(path), path.with_suffix(".png"))
-                print(f"wrote {path.with_suffix('.png')}")
+        for name, path in results_files(results_dir):
+            _renderer(name)[1](read_results(path), path.with_suffix(".png"))
+            print(f"wrote {path.with_suffix('.png')}")
     return 0
