@@ -344,6 +344,15 @@ def _off_diagonal(m: torch.Tensor) -> torch.Tensor:
     return m.flatten()[1:].view(d - 1, d + 1)[:, :-1]
 
 
+def _wide_pair(out0: torch.Tensor, out1: torch.Tensor, why: str, gather_distributed: bool):
+    """Barlow Twins' and VICReg's two ``[N, D]`` embeddings checked (shapes, at least 2 rows over the ranks that
+    share the batch, finite values) and widened to at least fp32, where their statistics are computed."""
+    _check_pair(out0, out1, 2, why, dist.world_size() if gather_distributed else 1)
+    _check_values(out0=out0, out1=out1)
+    wide = torch.promote_types(out0.dtype, torch.float32)
+    return out0.to(wide), out1.to(wide)
+
+
 class BarlowTwinsLoss(nn.Module):
     """Barlow Twins' redundancy reduction (lightly's ``BarlowTwinsLoss``; Zbontar et al. 2021)::
 
@@ -370,12 +379,8 @@ class BarlowTwinsLoss(nn.Module):
         return centred * torch.rsqrt(self._sum(centred.square().sum(0)) / n + 1e-5)
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
-        world = dist.world_size() if self.gather_distributed else 1
-        _check_pair(out0, out1, 2, "BatchNorm over the batch needs at least 2", world)
-        _check_values(out0=out0, out1=out1)
-        wide = torch.promote_types(out0.dtype, torch.float32)
         with torch.autocast(out0.device.type, enabled=False):
-            a, b = out0.to(wide), out1.to(wide)
+            a, b = _wide_pair(out0, out1, "BatchNorm over the batch needs at least 2", self.gather_distributed)
             n = self._sum(a.new_tensor(float(a.shape[0])))  # the global N, without a host read
             c = self._sum(self._standardise(a, n).T @ self._standardise(b, n)) / n
             return (torch.diagonal(c) - 1).square().sum() + self.lambda_param * _off_diagonal(c).square().sum()
@@ -409,12 +414,8 @@ class VICRegLoss(nn.Module):
         return torch.relu(1 - std).mean(), _off_diagonal(cov).square().sum() / z.shape[1]
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
-        world = dist.world_size() if self.gather_distributed else 1
-        _check_pair(out0, out1, 2, "the variance over the batch needs at least 2", world)
-        _check_values(out0=out0, out1=out1)
-        wide = torch.promote_types(out0.dtype, torch.float32)
         with torch.autocast(out0.device.type, enabled=False):
-            a, b = out0.to(wide), out1.to(wide)
+            a, b = _wide_pair(out0, out1, "the variance over the batch needs at least 2", self.gather_distributed)
             invariance = nn.functional.mse_loss(a, b)
             if self.gather_distributed:
                 a, b = dist.gather(a), dist.gather(b)
