@@ -8,6 +8,7 @@ parameter gradients, the updated parameters and the updated state (queues, memor
 statistics) are the single process's, for every method; the trainer likewise.  One spawn per world
 size runs every case."""
 import copy
+import json
 import os
 import socket
 from pathlib import Path
@@ -351,3 +352,22 @@ def test_gather_and_ring_are_identities_in_one_process(seed):
     lse = sslcore.dist.ring_lse(x, x, scale=2.0, exclude_own=True, backend="torch")
     s = (x @ x.T * 2.0).fill_diagonal_(float("-inf"))
     torch.testing.assert_close(lse, torch.logsumexp(s, 1).detach())
+
+
+def test_torchrun_runs_the_cli_as_one_process_would(tmp_path):
+    """The real entry point: ``torchrun --nproc_per_node 2 -m sslcore pretrain`` (gloo on CPU) joins the group from
+    torchrun's environment, writes one run folder from rank 0, and ends where one process on the whole batch ends
+    (BYOL: its EMA target and SyncBatchNorm in both networks; SGD as above)."""
+    import subprocess
+    import sys
+
+    argv = ["pretrain", "--method", "byol", "--data", "digits", "--epochs", "1", "--batch-size", "30", "--limit",
+            "60", "--backend", "torch", "--optimizer", "sgd", "--no-online-linear"]
+    single = pretrain(PretrainConfig(out=str(tmp_path / "one"), method="byol", online_linear=False, **TARGET_RUN))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "sslcore", *argv, "--out", str(tmp_path / "two")], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["config"]["method"] == "byol"
+    assert summary["final_loss"] == pytest.approx(single["final_loss"], rel=1e-4)
