@@ -307,7 +307,42 @@ def test_imagefolder_auto_takes_the_jpeg_draft_for_large_jpegs(tmp_path, monkeyp
     imagefolder.decode(tmp_path / "big.jpg", 96)  # 160 < 2 x 96: torchvision
     assert used == ["tv"]
     with pytest.raises(ValueError, match="imagefolder setting decoder must be one of auto, torchvision, pillow"):
-        load_dataset(f"imagefolder:{tmp_path},decoder=nvjpeg")
+        load_dataset(f"imagefolder:{tmp_path},decoder=nvjpg")
+
+
+def test_imagefolder_nvjpeg_batch_path_equals_decoding_one_by_one(tmp_path, monkeypatch):
+    """decoder=nvjpeg's batched path (decode_jpeg on a list, resized on its device), run here on the CPU: the same
+    pixels as the per-item torchvision path for JPEGs of odd sizes, a greyscale JPEG and a PNG among them, in the
+    batch's order; a broken file is named.  On CUDA the same call runs nvJPEG (owed: a GPU run)."""
+    from sslcore.data.imagefolder import FolderItems, decode, decode_batch
+    from sslcore.data.pipeline import loader, sequential_loader
+
+    rng = np.random.default_rng(1)
+    files = []
+    for i, (w, h, mode, fmt) in enumerate([(37, 29, "RGB", "JPEG"), (23, 41, "L", "JPEG"), (30, 30, "RGB", "PNG"),
+                                           (64, 51, "RGB", "JPEG")]):
+        img = Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).convert(mode)
+        files.append(tmp_path / f"{i}.{fmt.lower()}")
+        img.save(files[-1], fmt)
+    batch = decode_batch(files, 19, device="cpu")
+    assert batch.shape == (4, 3, 19, 19) and batch.dtype == torch.uint8 and batch.device.type == "cpu"
+    for f, img in zip(files, batch):
+        assert torch.equal(img, decode(f, 19, "torchvision")), f
+    items = FolderItems(files, 19, "nvjpeg", device="cpu")
+    index, got = items.__getitems__([3, 0])
+    assert index.tolist() == [3, 0] and torch.equal(got, batch[[3, 0]])
+    (tmp_path / "bad.jpg").write_bytes(files[0].read_bytes()[:200])  # a JPEG cut short
+    broken = FolderItems([files[0], tmp_path / "bad.jpg"], 19, "nvjpeg", device="cpu").__getitems__([0, 1])
+    assert "cannot decode" in broken.message and "bad.jpg" in broken.message
+    for make in (lambda: loader(items, [[0, 1]], workers=2), lambda: sequential_loader(items, 2, workers=1)):
+        with pytest.raises(ValueError, match="--workers .*decoder=nvjpeg decodes on the GPU in the main process"):
+            make()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="decoder=nvjpeg decodes on a CUDA GPU .* use decoder=auto"):
+        FolderItems(files, 19, "nvjpeg")
+    from sslcore.data.imagefolder import parse_spec
+
+    assert parse_spec(f"{tmp_path},decoder=nvjpeg")[1]["decoder"] == "nvjpeg"
 
 
 def test_imagefolder_decompression_bomb_names_the_file(tmp_path):

@@ -12,27 +12,31 @@ Decoding (``decoder``): ``torchvision`` is ``torchvision.io.decode_image`` (libj
 giflib) straight to a uint8 tensor; ``pillow`` is Pillow with JPEG draft mode (the DCT scaled by 1/2, 1/4 or
 1/8 while decoding, where that still leaves ``size`` pixels); ``auto`` takes Pillow's draft for JPEGs at
 least twice ``size`` on their shorter side and torchvision otherwise, the faster of the two in each case on
-this machine (``python -m bench data`` measures both).  Either way Pillow reads the header first, so a
-decompression bomb is refused before any pixel is decoded, and 16-bit images keep their full range.
+this machine (``python -m bench data`` measures both).  ``nvjpeg`` decodes the JPEGs of a batch together on
+the GPU (``torchvision.io.decode_jpeg`` on a list, nvJPEG), resizes them there and hands the uint8 batch back to
+the host pipeline; other formats in the batch take the torchvision path.  It needs CUDA and decodes in the main
+process (``--workers 0``: CUDA cannot start in forked loader workers).  Either way Pillow reads the header
+first, so a decompression bomb is refused before any pixel is decoded, and 16-bit images keep their full range.
 """
 from __future__ import annotations
 
 import re
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms.v2.functional import center_crop, resize
 
 from .pipeline import ItemError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp")
 DEFAULTS = dict(size=32, crop=0, seed=0, decoder="auto")  # crop 0: the same as size
-DECODERS = ("auto", "torchvision", "pillow")
+DECODERS = ("auto", "torchvision", "pillow", "nvjpeg")
 TEST_FRACTION = 0.2
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # Pillow's 16-bit (and 32-bit int) greyscale
 
@@ -104,9 +108,16 @@ def _pillow(pil: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(_rgb8(pil)).permute(2, 0, 1)
 
 
-def _torchvision(path: Path) -> torch.Tensor:
-    with warnings.catch_warnings():  # torchvision >= 0.29 points each call to TorchCodec: nothing a user can act on
+@contextmanager
+def _quiet():
+    """torchvision >= 0.29 points each decoding call to TorchCodec: nothing a user can act on."""
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The image decoding and encoding capabilities", DeprecationWarning)
+        yield
+
+
+def _torchvision(path: Path) -> torch.Tensor:
+    with _quiet():
         img = decode_image(str(path), mode=ImageReadMode.RGB)
     if img.dtype == torch.uint16:  # 16-bit PNG: to 8 bits as Pillow's path does (v / 257, rounded)
         img = torch.div(img.to(torch.int32) * 2 + 257, 514, rounding_mode="floor").to(torch.uint8)
@@ -130,13 +141,56 @@ def decode(path: Path, size: int, decoder: str = "auto") -> torch.Tensor:
     return center_crop(resize(img, [size], antialias=True), [size, size]).contiguous()
 
 
-class FolderItems(Dataset):
-    """The files of one split as items: ``__getitems__(indices)`` decodes those files (:func:`decode`) and
-    gives ``(index, uint8 [b, 3, size, size])``, or an :class:`~.pipeline.ItemError` with the message of a
-    file that fails (raised as it is by the loader).  Holds the file list only, never decoded images."""
+def decode_batch(paths: list[Path], size: int, device: str | torch.device = "cuda") -> torch.Tensor:
+    """Files as uint8 ``[b, 3, size, size]`` on the host, as :func:`decode` gives them one by one: the JPEGs
+    decoded together by ``decode_jpeg`` on ``device`` (nvJPEG on CUDA) and resized there, the other formats by
+    torchvision on the host.  Pillow reads every header first (format, the bomb check); a file that fails is
+    a ``ValueError`` naming it (the batch is retried file by file to find it)."""
+    jpegs, images = [], [None] * len(paths)
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as pil:
+                jpeg = pil.format == "JPEG"
+        except Exception as e:
+            raise ValueError(f"imagefolder: cannot decode {str(path)!r}: {e}") from None
+        if jpeg:
+            jpegs.append(i)
+        else:
+            images[i] = decode(path, size, "torchvision")
+    if jpegs:
+        with _quiet():
+            images = _decode_jpegs(paths, jpegs, images, size, device)
+    return torch.stack(images)
 
-    def __init__(self, files: list[Path], size: int, decoder: str = "auto"):
-        self.files, self.size, self.decoder = files, size, decoder
+
+def _decode_jpegs(paths: list[Path], jpegs: list[int], images: list, size: int, device) -> list:
+    """``images`` with the files at ``jpegs`` decoded together on ``device`` (:func:`decode_batch`)."""
+    try:
+        decoded = decode_jpeg([read_file(str(paths[i])) for i in jpegs], mode=ImageReadMode.RGB, device=device)
+    except Exception:  # find the file, and say which
+        decoded = []
+        for i in jpegs:
+            try:
+                decoded += decode_jpeg([read_file(str(paths[i]))], mode=ImageReadMode.RGB, device=device)
+            except Exception as e:
+                raise ValueError(f"imagefolder: cannot decode {str(paths[i])!r}: {e}") from None
+    for i, img in zip(jpegs, decoded):
+        images[i] = center_crop(resize(img, [size], antialias=True), [size, size]).cpu()
+    return images
+
+
+class FolderItems(Dataset):
+    """The files of one split as items: ``__getitems__(indices)`` decodes those files (:func:`decode`, or
+    :func:`decode_batch` for ``nvjpeg``) and gives ``(index, uint8 [b, 3, size, size])``, or an
+    :class:`~.pipeline.ItemError` with the message of a file that fails (raised as it is by the loader).
+    Holds the file list only, never decoded images.  ``device``: where ``nvjpeg`` decodes (CUDA; the tests
+    run the same batched path on the CPU)."""
+
+    def __init__(self, files: list[Path], size: int, decoder: str = "auto", device: str = "cuda"):
+        if decoder == "nvjpeg" and str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("imagefolder setting decoder=nvjpeg decodes on a CUDA GPU (nvJPEG) and this machine "
+                             "has none: use decoder=auto")
+        self.files, self.size, self.decoder, self.device = files, size, decoder, device
 
     def __len__(self) -> int:
         return len(self.files)
@@ -146,10 +200,13 @@ class FolderItems(Dataset):
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor] | ItemError:
         try:
-            images = [self[i] for i in indices]
+            if self.decoder == "nvjpeg":
+                batch = decode_batch([self.files[i] for i in indices], self.size, self.device)
+            else:
+                batch = torch.stack([self[i] for i in indices])
         except ValueError as e:
             return ItemError(str(e))
-        return torch.as_tensor(indices, dtype=torch.long), torch.stack(images)
+        return torch.as_tensor(indices, dtype=torch.long), batch
 
 
 def load(spec: str) -> tuple[list[Path], torch.Tensor, list[Path], torch.Tensor, dict[str, int]]:

@@ -86,10 +86,18 @@ def _as_is(batch):
     return batch
 
 
+def _check_workers(items: Dataset, workers: int) -> None:
+    """Items decoded on the GPU (an image folder's ``decoder=nvjpeg``) load in the main process only."""
+    if workers and getattr(items, "decoder", None) == "nvjpeg":
+        raise ValueError(f"--workers {workers}: imagefolder decoder=nvjpeg decodes on the GPU in the main process "
+                         "(CUDA cannot start in forked loader workers): use --workers 0")
+
+
 def loader(items: Dataset, batch_sampler: Sampler, *, workers: int = 0, device: torch.device | None = None,
            prefetch: int = 2) -> DataLoader:
     """A ``DataLoader`` over ``items`` (a dataset with ``__getitems__``) in the sampler's batches: ``workers``
     processes (kept across epochs), ``prefetch`` batches ahead per worker, pinned memory for CUDA."""
+    _check_workers(items, workers)
     return _Loader(items, batch_sampler=batch_sampler, num_workers=workers, collate_fn=_as_is,
                       pin_memory=device is not None and device.type == "cuda",
                       prefetch_factor=prefetch if workers else None, persistent_workers=workers > 0)
@@ -98,6 +106,7 @@ def loader(items: Dataset, batch_sampler: Sampler, *, workers: int = 0, device: 
 def sequential_loader(items: Dataset, batch_size: int, *, workers: int = 0,
                       device: torch.device | None = None) -> DataLoader:
     """The items in order, in batches of ``batch_size`` (the last one may be smaller): for features."""
+    _check_workers(items, workers)
     return _Loader(items, batch_sampler=BatchSampler(SequentialSampler(items), batch_size, drop_last=False),
                       num_workers=workers, collate_fn=_as_is, pin_memory=device is not None and device.type == "cuda")
 

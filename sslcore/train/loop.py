@@ -309,10 +309,11 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, t_start: float) -> dict
 
 
 def _workers(cfg: PretrainConfig, data, world: int) -> int:
-    """``--workers``, or by default: none for data in memory, else up to 8 per rank on this host's cores."""
+    """``--workers``, or by default: none for data in memory or decoded on the GPU (``decoder=nvjpeg``), else up
+    to 8 per rank on this host's cores."""
     if cfg.workers is not None:
         return cfg.workers
-    if not isinstance(data, FolderData):
+    if not isinstance(data, FolderData) or data.decoder == "nvjpeg":  # nvjpeg: on the GPU, in this process
         return 0
     return max(1, min(MAX_AUTO_WORKERS, (os.cpu_count() or 1) // world))
 
