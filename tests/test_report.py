@@ -190,3 +190,6 @@ def test_a_studys_variant_file_renders_as_its_study(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["report", "--no-plots", "--readme", str(doc), "--results", str(tmp_path)])
     assert "block results:benchmarks: no such study" in capsys.readouterr().err
+    ar = json.loads((ROOT / "docs/results/ar-vs-mlm.json").read_text())  # a variant links its own plot
+    text = report.render("ar-vs-mlm-more", ar)
+    assert "results/ar-vs-mlm-more.png" in text and "results/ar-vs-mlm.png" not in text

@@ -261,11 +261,13 @@ def render(name: str, results: dict, path: Path | str = "the results") -> str:
     """The results block of study ``name``; a results object that lacks what the study writes is a
     ``ValueError`` naming ``path`` and the key."""
     try:
-        return _renderer(name)[0](results).strip()
+        text = _renderer(name)[0](results).strip()
     except KeyError as e:
         raise ValueError(f"{path} is not a complete {name} results file: it has no key {e.args[0]!r}") from None
     except (TypeError, IndexError, AttributeError, ValueError) as e:
         raise ValueError(f"{path} is not a well-formed {name} results file: {type(e).__name__}: {e}") from None
+    study = study_of(name)  # a variant's plot is written beside its own file (main_from_args)
+    return text if study == name else text.replace(f"results/{study}.png", f"results/{name}.png")
 
 
 def claims_markdown(results_dir: Path) -> str:
