@@ -2,9 +2,9 @@
 
 One process and one thread stand for one data-loader worker: :class:`sslcore.data.imagefolder.FolderItems`
 decodes every file of a generated folder (photo-like JPEGs of 500 x 375, ImageNet's typical size, and PNGs of
-the same) to ``size x size`` with each decoder (Pillow with JPEG draft, torchvision.io, and ``auto``), best of
-a few passes over the files.  The rows go to ``bench/results/`` like the kernels' (``img_s`` per worker;
-``median_ms`` per image).
+the same) to ``size x size`` with each decoder (Pillow with JPEG draft, torchvision.io, and ``auto``; on a
+machine with CUDA also ``nvjpeg``, the batch's JPEGs on the GPU), best of a few passes over the files.  The
+rows go to ``bench/results/`` like the kernels' (``img_s`` per worker; ``median_ms`` per image).
 """
 from __future__ import annotations
 
@@ -20,6 +20,11 @@ from bench.harness import environment
 from sslcore.data.imagefolder import DECODERS, FolderItems
 
 SOURCE = (500, 375)
+
+
+def decoders() -> tuple[str, ...]:
+    """The decoders this machine can run: nvjpeg needs CUDA."""
+    return tuple(d for d in DECODERS if d != "nvjpeg" or torch.cuda.is_available())
 
 
 def _folder(root: Path, n: int) -> dict[str, list[Path]]:
@@ -52,7 +57,7 @@ def rows(quick: bool = False, sizes: tuple[int, ...] = (32, 224), passes: int = 
             files = _folder(Path(tmp), n)
             for fmt, paths in files.items():
                 for size in sizes:
-                    for decoder in DECODERS:
+                    for decoder in decoders():
                         items = FolderItems(paths, size, decoder)
                         items.__getitems__(list(range(min(2, n))))  # warm-up: imports, allocator
                         best = float("inf")

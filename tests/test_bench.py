@@ -292,9 +292,11 @@ def test_every_row_names_its_stack_and_commit(tmp_path):
 def test_bench_data_rows_per_decoder(tmp_path, capsys):
     """``python -m bench data --quick``: a row per format, size and decoder, images/s per worker in the table."""
     from bench.__main__ import main
+    from bench.data import decoders
     main(["data", "--quick", "--json-dir", str(tmp_path), "--file", "data.jsonl"])
     rows = report.load_jsonl(tmp_path / "data.jsonl")
     assert {(r["shape"]["format"].split()[0], r["shape"]["size"], r["impl"]) for r in rows} == {
-        (f, s, d) for f in ("jpeg", "png") for s in (32, 224) for d in ("auto", "torchvision", "pillow")}
+        (f, s, d) for f in ("jpeg", "png") for s in (32, 224) for d in decoders()}
+    assert set(decoders()) == {"auto", "torchvision", "pillow"} | ({"nvjpeg"} if torch.cuda.is_available() else set())
     assert all(r["status"] == "ok" and r["img_s"] > 0 and r["op"] == "imagefolder decode" for r in rows)
     assert "| img/s per worker |" in capsys.readouterr().out
