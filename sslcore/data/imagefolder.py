@@ -138,6 +138,11 @@ def decode(path: Path, size: int, decoder: str = "auto") -> torch.Tensor:
             img = _torchvision(path)
     except Exception as e:  # decoders raise OSError, ValueError, DecompressionBombError, RuntimeError, ...
         raise ValueError(f"imagefolder: cannot decode {str(path)!r}: {e}") from None
+    return _fit(img, size)
+
+
+def _fit(img: torch.Tensor, size: int) -> torch.Tensor:
+    """``[3, H, W]`` -> ``[3, size, size]``: the shorter side resized to ``size`` (antialiased), the centre cut."""
     return center_crop(resize(img, [size], antialias=True), [size, size]).contiguous()
 
 
@@ -149,14 +154,14 @@ def decode_batch(paths: list[Path], size: int, device: str | torch.device = "cud
     jpegs, images = [], [None] * len(paths)
     for i, path in enumerate(paths):
         try:
-            with Image.open(path) as pil:
+            with Image.open(path) as pil:  # the header only: format, the bomb check
                 jpeg = pil.format == "JPEG"
-        except Exception as e:
+            if not jpeg:
+                images[i] = _fit(_torchvision(path), size)
+        except Exception as e:  # as decode(): any failure names the file
             raise ValueError(f"imagefolder: cannot decode {str(path)!r}: {e}") from None
         if jpeg:
             jpegs.append(i)
-        else:
-            images[i] = decode(path, size, "torchvision")
     if jpegs:
         with _quiet():
             images = _decode_jpegs(paths, jpegs, images, size, device)
@@ -175,7 +180,7 @@ def _decode_jpegs(paths: list[Path], jpegs: list[int], images: list, size: int, 
             except Exception as e:
                 raise ValueError(f"imagefolder: cannot decode {str(paths[i])!r}: {e}") from None
     for i, img in zip(jpegs, decoded):
-        images[i] = center_crop(resize(img, [size], antialias=True), [size, size]).cpu()
+        images[i] = _fit(img, size).cpu()
     return images
 
 

@@ -230,11 +230,6 @@ def verdicts(results: dict) -> list[dict]:
     return out
 
 
-def claims(results: dict) -> list[dict]:
-    """The study's claims for the README's summary (:func:`verdicts`)."""
-    return verdicts(results)
-
-
 def markdown(results: dict) -> str:
     """The results block: caption (command, budget, target counts, rule), the probe and generation tables
     (mean ± std over seeds) and the verdicts."""

@@ -245,12 +245,8 @@ def _per_method(result: dict, key: str) -> dict[str, list[float]]:
 def _gains_over_init(result: dict) -> dict[str, list[float]]:
     """``method -> [its linear probe minus its own random-init encoder's, in points, per seed]`` (files written
     since the rows record ``init_linear``; empty for older ones)."""
-    gains: dict[str, list[float]] = {}
-    for run in result["runs"]:
-        for r in run["rows"]:
-            if "init_linear" in r:
-                gains.setdefault(r["method"], []).append(100 * (r["linear"] - r["init_linear"]))
-    return gains
+    linear, inits = _per_method(result, "linear"), _per_method(result, "init_linear")
+    return {m: [100 * (a - b) for a, b in zip(linear[m], init)] for m, init in inits.items()}
 
 
 def mix_epoch(result: dict) -> int:

@@ -31,7 +31,7 @@ STUDIES = {
     "oversmoothing": ("sslcore.experiments.oversmoothing", "markdown", "plot", "claims"),
     "mim-study": ("sslcore.experiments.clustermim", "study_markdown", "study_plot", "study_claims_summary"),
     "tcas-sweep": ("sslcore.experiments.clustermim", "sweep_markdown", "sweep_plot", "sweep_claims"),
-    "ar-vs-mlm": ("sslcore.experiments.ar_vs_mlm", "markdown", "plot", "claims"),
+    "ar-vs-mlm": ("sslcore.experiments.ar_vs_mlm", "markdown", "plot", "verdicts"),
 }
 CLAIMS_BLOCK = "claims"  # the block of every study's claims, one row each (README's "## Results")
 
@@ -114,7 +114,12 @@ def seed_verdict(deltas: list[float], bar: float,
     the first word when the paired t-test (:func:`paired_test`) rejects at ``alpha``, the mean is > 0 and the
     interval's upper end reaches ``bar`` (the claimed effect: the mean is >= it or the interval holds it); the
     second the same way round against the claim (mean < 0, lower end <= -bar); else the third."""
-    test = paired_test(deltas, alpha)
+    return _verdict_of(paired_test(deltas, alpha), bar, words, alpha)
+
+
+def _verdict_of(test: dict, bar: float, words: tuple[str, str, str] = ("reproduced", "contradicted", "not shown"),
+                alpha: float = ALPHA) -> str:
+    """:func:`seed_verdict` from a :func:`paired_test` already made."""
     if test["p"] < alpha and test["mean"] > 0 and test["high"] >= bar:
         return words[0]
     if test["p"] < alpha and test["mean"] < 0 and test["low"] <= -bar:
@@ -129,7 +134,7 @@ def claim(text: str, study: str, deltas: list[float], bar: float, bar_source: st
     test = paired_test(deltas)
     return {"claim": text, "study": study, "deltas": list(deltas), **test, "bar": bar, "bar_source": bar_source,
             "unit": unit, "digits": digits, "why_untested": why_untested,
-            "verdict": seed_verdict(deltas, bar) if tested else "not tested"}
+            "verdict": _verdict_of(test, bar) if tested else "not tested"}
 
 
 def effect_words(c: dict) -> str:
