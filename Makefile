@@ -24,7 +24,7 @@ test: $(STAMP)
 
 $(GPU_STAMP): pyproject.toml
 	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
-	$(GPU_VENV)/bin/python -m pip install -q $(GPU_STACK)
+	$(GPU_VENV)/bin/python -m pip install -q --no-cache-dir $(GPU_STACK)
 	$(GPU_VENV)/bin/python -m pip install -q -e ".[test]"
 	$(GPU_VENV)/bin/python -c "import torch, triton; assert (torch.__version__[:4], triton.__version__[:3]) == ('2.11', '3.6')"
 	touch $@
