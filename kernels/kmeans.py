@@ -22,6 +22,7 @@ from ._backend import (
     check_float,
     interpreting,
     new_output,
+    next_pow2,
     resolve_backend,
     tl,
     triton,
@@ -153,6 +154,26 @@ if HAS_TRITON:
             dist += tl.sum(diff * diff, 1)
         tl.store(DIST + rows, dist, mask=rmask)
 
+    @triton.jit
+    def _piece_sums_kernel(X, ORDER, PIECE_ROW0, PIECE_ROWS, PART, D, stride_x, stride_p,
+                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """``PART[p] = sum_r X[ORDER[PIECE_ROW0[p] + r]]`` over ``r < PIECE_ROWS[p]``: one piece (at most
+        ``SEGMENT_ROWS`` rows of one cluster, rows sorted by label) per program, columns ``BLOCK_D`` per grid
+        column, accumulated in PART's dtype (fp32) in a fixed order: deterministic, no atomics."""
+        p = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        row0 = tl.load(PIECE_ROW0 + p)
+        n = tl.load(PIECE_ROWS + p)
+        rr = tl.arange(0, BLOCK_R)
+        acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=PART.dtype.element_ty)
+        for r0 in range(0, n, BLOCK_R):
+            rmask = (r0 + rr) < n
+            idx = tl.load(ORDER + row0 + r0 + rr, mask=rmask, other=0)
+            x = tl.load(X + idx[:, None] * stride_x + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+            acc += x.to(acc.dtype)
+        tl.store(PART + p.to(tl.int64) * stride_p + cols, tl.sum(acc, 0), mask=cmask)
+
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): 128 rows over two warpgroups, centroid tiles 64 or 128
 # wide; tests/test_compile.py compiles each, as launched, for sm_80 and sm_90a.  None timed on a GPU yet.
@@ -178,17 +199,23 @@ def _launch_meta(dtype: torch.dtype, d: int) -> dict:
 
 
 def aot_specs(dtype: str = "bf16", d: int = 128, cc: int = 90):
-    """Every autotune config as a :class:`KernelSpec` (tests/test_compile.py), with the launch arguments of
-    N = 10^7 points and K = 8192 centroids (pointers aligned, dims divisible by 16) and the constexprs
-    :func:`_launch_meta` gives a launch."""
+    """Every autotune config of the assignment as a :class:`KernelSpec` (tests/test_compile.py), with the
+    launch arguments of N = 10^7 points and K = 8192 centroids (pointers aligned, dims divisible by 16) and
+    the constexprs :func:`_launch_meta` gives a launch; then the update's piece-sum kernel as a GPU launches it."""
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     t, f32 = torch.empty(16, dtype=torch_dtype), torch.empty(16)
     args = dict(X=t, C_NEG=t, C_EXACT=f32, HALF_NORM=f32, LABEL=torch.empty(16, dtype=torch.int64), DIST=f32,
                 N=10**7, K=8192, D=d, stride_x=d, stride_c=d, stride_e=d, size_bucket=size_bucket(10**7))
     common = dict(EVEN_K=True, **_launch_meta(torch_dtype, d))
-    return [KernelSpec(f"kmeans_assign[{bm}x{bn}w{w}s{st}]", _assign_kernel, args, dict(common, BLOCK_M=bm, BLOCK_N=bn),
-                       w, st, mma=True)
-            for bm, bn, w, st in ASSIGN_CONFIGS]
+    specs = [KernelSpec(f"kmeans_assign[{bm}x{bn}w{w}s{st}]", _assign_kernel, args,
+                        dict(common, BLOCK_M=bm, BLOCK_N=bn), w, st, mma=True)
+             for bm, bn, w, st in ASSIGN_CONFIGS]
+    i64 = torch.empty(16, dtype=torch.int64)
+    br, bd, warps = _piece_tile(d, interpreted=False)
+    specs.append(KernelSpec(f"kmeans_piece_sums[{br}x{bd}w{warps}]", _piece_sums_kernel,
+                            dict(X=t, ORDER=i64, PIECE_ROW0=i64, PIECE_ROWS=i64, PART=f32, D=d, stride_x=d,
+                                 stride_p=d), dict(BLOCK_R=br, BLOCK_D=bd), warps, 1, mma=False))
+    return specs
 
 
 @torch.library.custom_op("sslcore::kmeans_assign", mutates_args=())
@@ -261,19 +288,30 @@ def _assign_torch(x: torch.Tensor, centroids: torch.Tensor):
     return torch.cat(labels), torch.cat(dist)
 
 
-UPDATE_CHUNK_BYTES = 256 * 2**20  # fp32 rows of X per step of the deterministic GPU update
+UPDATE_CHUNK_BYTES = 256 * 2**20  # fp32 rows of X per step of the torch backend's deterministic GPU update
+SEGMENT_ROWS = 1024  # rows of one cluster a program of the Triton update sums at most (a "piece")
+
+
+def _piece_tile(d: int, interpreted: bool) -> tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_D, num_warps)`` of the piece-sum kernel: 32 gathered rows of up to 128 columns on a
+    GPU (one 256-byte bf16 row segment per row), larger row blocks in the interpreter (fewer Python steps)."""
+    if interpreted:
+        return 64, min(next_pow2(d), 64), 1
+    return 32, min(next_pow2(d), 128), 4
 
 
 @torch.no_grad()
 def kmeans_update(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, *, deterministic: bool = True,
-                  validate: bool | None = None):
+                  backend: str = "auto", validate: bool | None = None):
     """Per-cluster ``(sums [K, D] fp32 (fp64 for fp64), counts int64 [K])``, without host synchronisation.
 
-    Deterministic by default: on a GPU the rows sorted by label, then segment sums over chunks of
-    them, added in a fixed order (no float atomics, no fp32 copy of all of X); on the CPU
-    ``index_add_``, which is sequential there and so reproducible.  ``deterministic=False`` uses
-    ``index_add_`` on a GPU too (float atomics: faster, not bit-reproducible).  ``validate`` (the
-    label range, which reads the labels): see :func:`~sslcore.kernels._backend.validating`.
+    Deterministic by default (no float atomics).  Triton backend: the labels sorted once, each cluster's
+    rows summed by programs of at most ``SEGMENT_ROWS`` rows (one read of X through the sort order, fp32
+    accumulation), the pieces of a cluster added in order (docs/architecture.md, "k-means").  Torch
+    backend: ``index_add_`` on the CPU (sequential, so reproducible); on a GPU the rows sorted by label
+    and segment sums over fp32 chunks of them.  ``deterministic=False`` uses ``index_add_`` everywhere
+    (on a GPU float atomics: not bit-reproducible).  ``validate`` (the label range, which reads the
+    labels): see :func:`~sslcore.kernels._backend.validating`.
     """
     check_float("x", x, 2)
     if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != (x.shape[0],):
@@ -282,15 +320,48 @@ def kmeans_update(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, *, det
         raise ValueError(f"n_clusters must be an integer >= 1, got {n_clusters!r}")
     if labels.device != x.device:
         raise ValueError(f"labels are on {labels.device} but x is on {x.device}")
+    be = resolve_backend(backend, x.device)
+    if x.dtype == torch.float64:
+        if backend == "triton":
+            raise TypeError("backend='triton' takes float32/float16/bfloat16 inputs, got float64")
+        be = "torch"
     if validating(x.device, validate) and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_clusters):
         raise ValueError(f"labels must lie in [0, {n_clusters})")
     wide = torch.promote_types(x.dtype, torch.float32)
+    if deterministic and be == "triton" and x.numel():
+        return _piece_sums(x.contiguous(), labels, n_clusters)
     counts = torch.zeros(n_clusters, dtype=torch.int64, device=x.device)
     counts.scatter_add_(0, labels, torch.ones_like(labels))
     sums = torch.zeros(n_clusters, x.shape[1], device=x.device, dtype=wide)
     if not deterministic or x.device.type == "cpu":
         return sums.index_add_(0, labels, x.to(wide)), counts
     return _sorted_segment_sums(x, labels, sums), counts
+
+
+def _piece_sums(x: torch.Tensor, labels: torch.Tensor, k: int):
+    """The Triton update: ``(sums fp32 [K, D], counts [K])``.  Stable sort of the labels (int32 keys), the
+    counts from the sorted labels' cluster bounds; cluster ``c`` is cut into ``ceil(count_c / SEGMENT_ROWS)``
+    pieces, ``cdiv(N, SEGMENT_ROWS) + K`` programs (a bound on the pieces: no host read) each sum one piece
+    or nothing, and ``segment_reduce`` adds each cluster's consecutive pieces in order."""
+    n, d = x.shape
+    dev = x.device
+    sorted_labels, order = torch.sort(labels.to(torch.int32), stable=True)
+    bounds = torch.searchsorted(sorted_labels, torch.arange(k + 1, device=dev, dtype=torch.int32))
+    counts = bounds.diff()
+    pieces = (counts + SEGMENT_ROWS - 1) // SEGMENT_ROWS
+    ends = torch.cumsum(pieces, 0)
+    g = cdiv(n, SEGMENT_ROWS) + k
+    prog = torch.arange(g, device=dev)
+    cluster = torch.searchsorted(ends, prog, right=True).clamp_max(k - 1)  # programs past the pieces: rows 0
+    offset = (prog - ends[cluster] + pieces[cluster]) * SEGMENT_ROWS  # this piece's first row in its cluster
+    rows = (counts[cluster] - offset).clamp(0, SEGMENT_ROWS)
+    row0 = bounds[cluster] + offset
+    part = new_output((g, d), device=dev, dtype=torch.float32)
+    br, bd, warps = _piece_tile(d, interpreting())
+    _piece_sums_kernel[(g, cdiv(d, bd))](x, order, row0, rows, part, d, x.stride(0), part.stride(0),
+                                         BLOCK_R=br, BLOCK_D=bd, num_warps=warps)
+    lengths = torch.cat([pieces, (g - ends[-1:])])  # the idle programs' zero rows: one last segment
+    return torch.segment_reduce(part, "sum", lengths=lengths, axis=0, unsafe=True)[:k], counts
 
 
 def _sorted_segment_sums(x, labels, sums):

@@ -318,9 +318,10 @@ class KMeans:
         return kmeans_assign(x, centers.to(_master_dtype(x.dtype)), backend=self._kernel_backend, validate=False)
 
     def _inertia(self, x, centers, labels, dist) -> torch.Tensor:
-        """The float64 inertia as a device tensor: on CUDA the Triton path's distances (direct differences in
-        fp32, summed in fp64), elsewhere :func:`_exact_inertia` (float64 differences)."""
-        direct = x.is_cuda and x.dtype != torch.float64 and resolve_backend(self._kernel_backend, x.device) == "triton"
+        """The float64 inertia as a device tensor: on a GPU's Triton path the kernel's distances (direct
+        differences in fp32, summed in fp64), elsewhere :func:`_exact_inertia` (float64 differences)."""
+        direct = (x.device.type != "cpu" and x.dtype != torch.float64
+                  and resolve_backend(self._kernel_backend, x.device) == "triton")
         return dist.sum(dtype=torch.float64) if direct else _exact_inertia(x, centers, labels)
 
     def _seed(self) -> int:
@@ -411,35 +412,43 @@ class KMeans:
     def _update(self, x, labels, dist, centers):
         """One M-step on the device: the means of the clusters, every cluster left empty re-seeded first
         (:func:`_reseed`: the farthest points are moved into them).  Returns (centres, clusters re-seeded)."""
-        sums, counts = kmeans_update(x, labels, self._k, validate=False)
+        sums, counts = kmeans_update(x, labels, self._k, backend=self._kernel_backend, validate=False)
         sums, counts, moves = _reseed(x, labels, dist, sums.double(), counts)
         means = sums / counts.clamp_min(1)[:, None].double()
         return torch.where(counts[:, None] > 0, means, centers.double()).to(centers.dtype), moves
+
+    def _lloyd_step(self, x, centers, labels, dist, inertia, tol_abs):
+        """One Lloyd iteration on the device: the update, the assignment and the inertia of the new centres,
+        whether to accept them (exact Lloyd never raises the inertia; a rise can only be rounding at
+        convergence, a near-tie resolved differently: then the previous solution stays and the run stops)
+        and whether the run may stop after them (labels unchanged or shift <= tol, never while a cluster is
+        empty).  Returns ``(centres, labels, distances, inertia, accept, done, clusters re-seeded)``."""
+        new, n_empty = self._update(x, labels, dist, centers)
+        new_labels, new_dist = self._assign(x, new)
+        new_inertia = self._inertia(x, new, new_labels, new_dist)
+        shift = ((new.double() - centers.double()) ** 2).sum()
+        unchanged = (new_labels == labels).all()
+        empty = (_counts(new_labels, self._k) == 0).any()
+        done = (unchanged | (shift <= tol_abs)) & ~empty
+        return new, new_labels, new_dist, new_inertia, new_inertia <= inertia, done, n_empty
 
     def _lloyd(self, x, centers, tol_abs):
         """Lloyd iterations with every quantity on the device.  The host reads whether the run is still
         going once every ``check_every`` iterations, and the history once at the end: an iteration after
         the stop only computes (its result is discarded), so results equal those of a check per iteration."""
-        k = self._k
         labels, dist = self._assign(x, centers)
         inertia = self._inertia(x, centers, labels, dist)
         zero = torch.zeros((), dtype=torch.int64, device=x.device)
         running, n_iter, reseeded, history = torch.ones((), dtype=torch.bool, device=x.device), zero, zero, [inertia]
         for it in range(1, self.max_iter + 1):
-            new, n_empty = self._update(x, labels, dist, centers)
-            new_labels, new_dist = self._assign(x, new)
-            new_inertia = self._inertia(x, new, new_labels, new_dist)
-            # Exact Lloyd never raises the inertia; a rise can only be rounding at convergence (a near-tie
-            # resolved differently): keep the previous solution and stop.
-            step = running & (new_inertia <= inertia)
-            shift = ((new.double() - centers.double()) ** 2).sum()
-            unchanged = (new_labels == labels).all()
-            empty = (_counts(new_labels, k) == 0).any()
+            new, new_labels, new_dist, new_inertia, accept, done, n_empty = self._lloyd_step(
+                x, centers, labels, dist, inertia, tol_abs)
+            step = running & accept
             centers, labels = torch.where(step, new, centers), torch.where(step, new_labels, labels)
             dist, inertia = torch.where(step, new_dist, dist), torch.where(step, new_inertia, inertia)
             n_iter, reseeded = n_iter + step, reseeded + step * n_empty
             history.append(new_inertia)
-            running = step & ~((unchanged | (shift <= tol_abs)) & ~empty)  # never stop while a cluster is empty
+            running = step & ~done
             if it % self.check_every == 0 and it < self.max_iter and not _to_host(running):
                 break
         n_iter, reseeded, *history = _to_host(torch.stack([n_iter.double(), reseeded.double(), *history]))
@@ -559,7 +568,7 @@ class KMeans:
         i.e. each point moves its centre with learning rate 1 / (running count)."""
         centers = self.cluster_centers_
         labels, _ = self._assign(xb, centers)
-        sums, b = kmeans_update(xb, labels, self._k)
+        sums, b = kmeans_update(xb, labels, self._k, backend=self._kernel_backend)
         hit = b > 0
         old = self.counts_.double()
         new_counts = self.counts_ + b

@@ -4,12 +4,14 @@ Without a GPU the kernels run through the Triton interpreter (tests/conftest.py)
 small: a few hundred points, K <= 8, D <= 16.
 """
 import contextlib
+import importlib
 import math
 
 import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from traffic import Traffic
 
 from sslcore.cluster import KMeans
 from sslcore.metrics import tcas, tcas_class_blind, tcas_label_permuted, token_class_counts, token_class_nmi
@@ -566,3 +568,53 @@ def test_tcas_bad_input():
         tcas(torch.zeros(3, 4, dtype=torch.long), torch.zeros(5, dtype=torch.long), 5, 2)
     with pytest.raises(ValueError, match="empty"):
         tcas(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 5, 2)
+
+
+# docs/architecture.md, k-means, "KMeans.fit": one Lloyd iteration at N = 10^7, D = 128, K = 8192, bf16 points
+# moves at most FIT_ITERATION_GB: the assignment's read of X and the update's gather of X (2.56 GB each, the
+# kernels 5.24 GB in all) plus 2.55 GB of O(N) torch passes over labels, distances and the sort (7.79 now).
+# Before the piece-sum update its torch ops alone moved 20.6 GB (fp32 copies of chunks of the sorted rows).
+FIT_ITERATION_GB = 8.0
+
+
+def test_bytes_per_lloyd_iteration_at_the_goal_shape(monkeypatch):
+    """Everything one Lloyd iteration moves on a GPU (the two Triton launches by the tensors they declare, every
+    torch op by a dispatch mode on meta tensors, so the host code is the one that runs on a GPU): two reads of
+    X and O(N) more, within the documented bound; no torch op touches all of X."""
+    km_mod, cluster = importlib.import_module("sslcore.kernels.kmeans"), importlib.import_module("sslcore.cluster")
+    for module in (km_mod, cluster):
+        monkeypatch.setattr(module, "resolve_backend", lambda backend, device: "triton")
+    monkeypatch.setattr(km_mod, "interpreting", lambda: False)
+    monkeypatch.setattr(cluster, "_to_host", lambda t: [0.0] * t.numel())
+    monkeypatch.setenv("SSLCORE_POISON", "0")
+    launched = []
+
+    def nbytes(t):
+        return t.numel() * t.element_size()
+
+    class Launch:  # a Triton launch: the bytes of the tensors it reads and writes, each once
+        def __init__(self, tensors):
+            self.tensors = tensors
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launched.append(sum(nbytes(args[i]) for i in self.tensors))
+
+    monkeypatch.setattr(km_mod, "_assign_tuned", Launch([0, 1, 3, 4, 5]))  # X, -C, half-norms, labels, dist
+    monkeypatch.setattr(km_mod, "_piece_sums_kernel", Launch([0, 1, 2, 3, 4]))  # X (gathered once), order, pieces
+    n, d, k = 10**7, 128, 8192
+    x = torch.empty(n, d, device="meta", dtype=torch.bfloat16)
+    centers = torch.empty(k, d, device="meta")
+    tol = torch.empty((), device="meta", dtype=torch.float64)
+    totals = []
+    for iterations in (1, 2):
+        launched.clear()
+        with Traffic("meta") as ops:
+            KMeans(k, max_iter=iterations, tol=1e-4)._lloyd(x, centers, tol)
+        totals.append((sum(launched), ops.bytes))
+    kernels = totals[1][0] - totals[0][0]
+    glue = totals[1][1] - totals[0][1]
+    assert kernels == pytest.approx(2 * nbytes(x), abs=0.3e9), kernels
+    largest = glue.most_common(1)[0]
+    assert largest[1] < nbytes(x), f"a torch op moves as much as X: {largest}"
+    total = kernels + sum(glue.values())
+    assert total <= FIT_ITERATION_GB * 1e9, f"{total / 1e9:.2f} GB: {glue.most_common(8)}"

@@ -179,3 +179,26 @@ def test_kmeans_specs_are_what_a_launch_passes(monkeypatch, dtype, d):
     expected = km.aot_specs(dtype, d)[0].constexprs
     tuned = {"BLOCK_M", "BLOCK_N", "EVEN_K"}  # set per config by the autotuner and its heuristic
     assert seen == {k: v for k, v in expected.items() if k not in tuned}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("d", [128, 256, 100])
+def test_piece_sums_spec_is_what_a_launch_passes(monkeypatch, dtype, d):
+    """The k-means update's piece-sum launch on a GPU (launcher replaced by a recorder) passes the tile and
+    warps of its ``aot_specs`` entry, so the compile test builds the binary that runs."""
+    import torch
+
+    import sslcore.kernels.kmeans as km
+
+    seen = {}
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: seen.update(meta)
+
+    monkeypatch.setattr(km, "interpreting", lambda: False)
+    monkeypatch.setattr(km, "_piece_sums_kernel", Recorder())
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    km._piece_sums(torch.randn(300, d).to(dt), torch.randint(0, 50, (300,)), 50)
+    spec = next(s for s in km.aot_specs(dtype, d) if s.name.startswith("kmeans_piece_sums"))
+    assert seen == dict(spec.constexprs, num_warps=spec.num_warps)

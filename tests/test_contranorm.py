@@ -1,15 +1,14 @@
 """ContraNorm's op (Triton -- the interpreter without a GPU -- and torch backends) against float64
 references, the references against independent transcriptions, and the design's guarantees: the
 matmul passes it launches, the bytes it moves, the memory it saves for backward, no host synchronisation."""
-import collections
 import importlib
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch._library.custom_ops import OPDEFS
-from torch.utils._python_dispatch import TorchDispatchMode
+import traffic
+from traffic import Traffic
 
 from sslcore.kernels import contranorm, contranorm_features_ref, contranorm_ref, prepare_graph, tied_attention_ref
 
@@ -399,75 +398,6 @@ def test_matmul_passes(seed, kw, passes, small_chunks):
 # traffic they declare (``record_launches``).  The same host code runs as on CUDA: only the backend
 # resolution (meta is not CUDA), the tiles (GPU's, not the interpreter's) and the launch are patched.
 
-VIEWS = {"aten::view", "aten::_unsafe_view", "aten::t", "aten::transpose", "aten::expand", "aten::slice",
-         "aten::select", "aten::unsqueeze", "aten::squeeze", "aten::detach", "aten::alias", "aten::as_strided",
-         "aten::permute", "aten::reshape", "aten::empty", "aten::empty_like", "aten::new_empty", "aten::empty_strided",
-         "aten::new_empty_strided", "aten::lift_fresh", "aten::_reshape_alias", "aten::split", "aten::unbind",
-         "aten::diagonal", "aten::view_as", "aten::expand_as", "aten::promote_types"}
-WRITE_ONLY = {"aten::copy_", "aten::fill_", "aten::zero_"}
-MATMULS = {"aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::mm", "aten::addmm"}
-
-
-class _Traffic(TorchDispatchMode):
-    """Bytes each torch op moves on ``device``: tensors read plus tensors written (views and allocations free;
-    an ``out=`` tensor written once; an in-place tensor read and written; ``index_fill_`` its index and the
-    elements it fills).  sslcore's custom ops are opened up (their bodies run under the mode), so the cuBLAS
-    calls and small ops inside them count.  ``baddbmm(..., out_dtype=, out=)`` is shaped here: its meta
-    decomposition (torch 2.11-2.14) takes ``out_dtype`` for ``beta``."""
-
-    def __init__(self, device):
-        super().__init__()
-        self.device, self.bytes = torch.device(device), collections.Counter()
-
-    def _nbytes(self, t):
-        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) and t.device == self.device else 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs, name = kwargs or {}, func._schema.name
-        if func.namespace == "sslcore":
-            with self:
-                return OPDEFS[name]._init_fn(*args, **kwargs)
-        if func is torch.ops.aten.baddbmm.dtype_out and args[0].device.type == "meta":
-            a, b, out = args[1], args[2], kwargs["out"]
-            assert out.shape == (a.shape[0], a.shape[1], b.shape[2]) and a.shape[2] == b.shape[1]
-        else:
-            out = func(*args, **kwargs)
-        if name == "aten::index_fill_":
-            moved = self._nbytes(args[2]) + args[2].numel() * args[0].element_size()
-        elif name not in VIEWS:
-            moved = sum(map(self._nbytes, out if isinstance(out, (tuple, list)) else [out]))
-            schema = func._schema.arguments
-            for arg, value in zip(schema, list(args) + [kwargs.get(a.name) for a in schema[len(args):]]):
-                written = arg.alias_info is not None and arg.alias_info.is_write
-                out_variant = func._overloadname.startswith("out") or func._overloadname.endswith("_out")
-                if not written or not (out_variant or name in WRITE_ONLY):
-                    moved += sum(map(self._nbytes, value if isinstance(value, (tuple, list)) else [value]))
-        else:
-            moved = 0
-        self.bytes[name] += moved
-        return out
-
-
-def test_traffic_counts_what_torch_ops_move():
-    """The counter itself: a cast reads 2 and writes 4 bytes an element, views are free, ``out=`` and
-    ``copy_`` write once, an in-place add reads and writes, ``index_fill_`` touches what it fills, an fp32
-    accumulation of bf16 operands reads them and its C and writes C once."""
-    x = torch.empty(10, 8, device="meta", dtype=torch.bfloat16)
-    y = torch.empty(10, 8, 8, device="meta")
-    index = torch.zeros(5, dtype=torch.long, device="meta")
-    with _Traffic("meta") as t:
-        x.float()
-        x.t()[None]
-        torch.bmm(y, y, out=torch.empty_like(y))
-        y.add_(1.0)
-        y.copy_(y)
-        y.view(-1).index_fill_(0, index, 0.0)
-        torch.baddbmm(y, x.view(10, 8, 1), x.view(10, 1, 8), out_dtype=torch.float32, out=y)
-    assert +t.bytes == {"aten::_to_copy": 80 * 6, "aten::bmm": 640 * 4 * 3, "aten::add_": 640 * 4 * 2,
-                        "aten::copy_": 640 * 4 * 2, "aten::index_fill_": 5 * 8 + 5 * 4,
-                        "aten::baddbmm": 80 * 2 * 2 + 640 * 4 * 2}
-
-
 # Documented bounds (docs/architecture.md, ContraNorm, "Bytes"), bf16, one forward + backward: sequences move
 # at most LXL chunk-buffer passes of B L^2 elements (forward 5: S written, read for the LSEs, read and written
 # as P, read by PV; backward 8: S and dPr written, both read and written by the pair kernel, A and T read by
@@ -516,10 +446,10 @@ def test_bytes_per_call_at_the_goal_shape(case, monkeypatch):
         b, length, d = shape
         total_gb = 2 * (LXL[kw["dual"]] * b * length * length + BLD * b * length * d) / 1e9
         glue_gb = 2 * GLUE_BLD * b * length * d / 1e9
-    with K.record_launches() as log, _Traffic("meta") as ops:
+    with K.record_launches() as log, Traffic("meta") as ops:
         out = contranorm(h, scale=0.1, **kw)
         torch.autograd.grad(out, [h, *params], torch.empty_like(out))
-    matmul = sum(v for k, v in ops.bytes.items() if k in MATMULS)
+    matmul = sum(v for k, v in ops.bytes.items() if k in traffic.MATMULS)
     glue = sum(ops.bytes.values()) - matmul
     total = sum(log.kernel_bytes) + matmul + glue
     rows = (shape[0], shape[1]) if len(shape) == 3 else (1, shape[0])

@@ -161,6 +161,34 @@ def test_sorted_segment_sums_in_chunks(seed, monkeypatch):
     torch.testing.assert_close(sums.double(), kmeans_update_ref(x.double(), labels, 37)[0], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,d,k", [(1001, 67, 41), (64, 5, 1), (3, 130, 9)])
+def test_piece_sums_match_float64_reference(seed, monkeypatch, dtype, n, d, k):
+    """The Triton update (interpreted here) with pieces of 16 rows: a cluster of 40 pieces, one of exactly two
+    (a piece boundary at its end), the first and last clusters empty, odd N and D, D past one column block;
+    equal to the one-hot float64 reference, every output element written (outputs are NaN-poisoned) and
+    bitwise the same on a second call."""
+    monkeypatch.setattr(KM, "SEGMENT_ROWS", 16)
+    x = torch.randn(n, d).to(dtype)
+    labels = torch.randint(1, max(2, k - 1), (n,)) if k > 2 else torch.zeros(n, dtype=torch.long)
+    if n > 700:
+        labels[(labels == 3) | (labels == 7)] = 5
+        labels[:640], labels[640:672] = 7, 3
+    sums, counts = kmeans_update(x, labels, k, backend="triton")
+    ref_s, ref_c = kmeans_update_ref(x.double(), labels, k)
+    assert torch.equal(counts, ref_c) and sums.dtype == torch.float32
+    if n > 700:
+        assert counts[0] == counts[k - 1] == 0 and counts[7] == 640 and counts[3] == 32
+    torch.testing.assert_close(sums.double(), ref_s, rtol=1e-5, atol=1e-4)
+    again = kmeans_update(x, labels, k, backend="triton")[0]
+    assert torch.equal(sums, again)
+
+
+def test_piece_sums_refuse_float64():
+    with pytest.raises(TypeError, match="float64"):
+        kmeans_update(torch.randn(5, 3, dtype=torch.float64), torch.zeros(5, dtype=torch.long), 2, backend="triton")
+
+
 def test_update_deterministic_bitwise(seed):
     x = torch.randn(2000, 17, device=_dev())
     labels = torch.randint(0, 11, (2000,), device=_dev())
