@@ -521,6 +521,22 @@ if HAS_TRITON:
         tl.store(S + offs, p.to(S.dtype.element_ty), mask=inb)
 
     @triton.jit
+    def _softmax_kernel(S, LSE, VALID, R, C, CP, row0, scale2,
+                        HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Whole rows in one tile (``BLOCK_C >= CP``), in place: ``LSE_r = log sum_c exp(scale S_rc)`` over
+        unmasked pairs (-inf if none) and ``S <- P``: the LSE and probability stages in one read of S."""
+        pid_r, b = tl.program_id(0), tl.program_id(1)
+        offs, inb, keep, stat_r, _, rmask, _ = _tile(b, pid_r, 0, R, C, CP, row0, VALID, HAS_VALID, BLOCK_R, BLOCK_C)
+        s, keep = _logits(S, offs, inb, keep, scale2)
+        s = tl.where(keep, s, float("-inf"))
+        m = tl.max(s, 1)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        lse2 = m + tl.log2(tl.sum(tl.exp2(s - m_safe[:, None]), 1))
+        p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+        tl.store(S + offs, p.to(S.dtype.element_ty), mask=inb)
+        tl.store(LSE + stat_r, lse2 * 0.6931471805599453, mask=rmask)
+
+    @triton.jit
     def _tile_grads_kernel(S, DPA, DPB, LSE, DELTA, rows, cols, CP, row0, col0, scale2, scale,
                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """A graph's tile (I, J): rows ``row0 + r``, columns ``col0 + c``, ``DPA = dP_IJ`` and ``DPB = (dP_JI)^T``
@@ -630,6 +646,9 @@ if HAS_TRITON:
 TILES = {"lse": (32, 256, 4), "probs": (32, 256, 4), "grads": (32, 128, 4), "pair": (32, 32, 4)}
 MASK_TILE = (1024, 4)  # (keys, num_warps) per program of the graph's -inf scatter
 INTERP_TILE = (16, 16)  # under the interpreter: small, so test shapes span several tiles
+# The fused softmax stage holds whole rows: up to SOFTMAX_MAX_C padded columns, SOFTMAX_ELEMS elements a
+# program of 8 warps (16 a thread); longer rows (a graph's) take the two stages, partial LSEs then P.
+SOFTMAX_MAX_C, SOFTMAX_ELEMS = 8192, 4096
 # Row kernels: all of D in one tile (up to MAX_ROW_D; wider rows run the torch row stages, whose registers
 # would spill), ROW_ELEMS elements per program of 8 warps (8 a thread: 16-byte bf16 vectors); the backward's
 # PROGRAMS programs each sum the parameter gradients of their rows (deterministic, no atomics).
@@ -638,6 +657,14 @@ ROW_ELEMS, MAX_ROW_D, PROGRAMS = 2048, 4096, 1024
 
 def _tile_of(kind):
     return (*INTERP_TILE, 1) if interpreting() else TILES[kind]
+
+
+def _softmax_tile(cp):
+    """``(BLOCK_R, BLOCK_C, num_warps)`` of the fused softmax for rows of ``cp`` padded columns."""
+    bc = max(16, next_pow2(cp))
+    if interpreting():
+        return 4, bc, 1
+    return max(1, SOFTMAX_ELEMS // bc), bc, 8
 
 
 def _row_tile(d):
@@ -886,6 +913,20 @@ class _TritonStages:
         _chunk_launch(_probs_kernel, "probs", s, (s, lse, v, rows, cols, s.stride(1), row0, scale * LOG2E),
                       dict(DUAL=dual, HAS_VALID=has_valid), (s, lse, valid, s))
 
+    @classmethod
+    def softmax(cls, s, lse, valid, row0, scale, dual):
+        """``lse[:, rows] <- LSE`` and ``s <- P``: one kernel for rows that fit on chip (not dual, which needs
+        every row's LSE first), else the two stages."""
+        b, rows, cols = s.shape
+        if dual or s.stride(1) > SOFTMAX_MAX_C:
+            lse[:, row0:row0 + rows] = cls.lse(s, valid, row0, scale)
+            return cls.probs(s, lse, valid, row0, scale, dual)
+        v, has_valid = _valid_arg(valid, s)
+        br, bc, warps = _softmax_tile(s.stride(1))
+        _launch(_softmax_kernel, "softmax", (cdiv(rows, br), b), (s, lse, v, rows, cols, s.stride(1), row0,
+                                                                   scale * LOG2E),
+                dict(HAS_VALID=has_valid, BLOCK_R=br, BLOCK_C=bc), warps, (s, valid, s, lse[:, row0:row0 + rows]))
+
     @staticmethod
     def dual_delta(s, dpr, lse, valid, scale):
         b, cols = s.shape[0], s.shape[2]
@@ -947,6 +988,11 @@ class _TorchStages:
         if dual:
             p = p + cls._p(x, lse[:, None, :])
         s.copy_(p)
+
+    @classmethod
+    def softmax(cls, s, lse, valid, row0, scale, dual):
+        lse[:, row0:row0 + s.shape[1]] = cls.lse(s, valid, row0, scale)
+        cls.probs(s, lse, valid, row0, scale, dual)
 
     @classmethod
     def dual_delta(cls, s, dpr, lse, valid, scale):
@@ -1052,8 +1098,7 @@ def _attend(q, v, valid, keys, rowptr, graph_rows, scale, dual, st):
         b0, b1, r0, r1 = chunk
         s = _similarity(q, i, chunk, keys, key_bounds)
         vb = valid[b0:b1] if valid is not None else None
-        lse[b0:b1, r0:r1] = st.lse(s, vb, r0, scale)
-        st.probs(s, lse[b0:b1], vb, r0, scale, dual)  # dual: whole sequences, so every LSE_j is known
+        st.softmax(s, lse[b0:b1], vb, r0, scale, dual)  # dual: whole sequences, so every LSE_j is known
         _bmm(s, v[b0:b1], out=y[b0:b1, r0:r1])
         del s  # freed before the next chunk's buffer is allocated: one buffer at a time
     return y, lse
@@ -1238,8 +1283,9 @@ def contranorm(h: torch.Tensor, *, scale, temperature: float = 1.0, dual: bool =
 
 
 def aot_specs(dtype: str = "bf16", d: int = 0, cc: int = 90):
-    """Every kernel variant as a :class:`KernelSpec` (tests/test_compile.py): the chunk kernels with the launch
-    arguments of a padded, masked batch of sequences (L = 197, rows padded to 208), of L = 4096 unmasked, of
+    """Every kernel variant as a :class:`KernelSpec` (tests/test_compile.py): the chunk kernels (the fused
+    softmax for sequences) with the launch arguments of a padded, masked batch of sequences (L = 197, rows
+    padded to 208), of L = 4096 unmasked, of
     a graph's forward chunk (N = 131,072) and of its backward tiles (a full one and a ragged one); the row
     kernels at D = 197, 768 and MAX_ROW_D, without options and with all of them.  ``d`` is not used (the
     matmuls are cuBLAS calls; the row kernels list their own D)."""
@@ -1275,6 +1321,8 @@ def aot_specs(dtype: str = "bf16", d: int = 0, cc: int = 90):
                                                                 col0=126976, cols=4096, CP=4096), dict(BLOCK=block),
                 warps)
             continue
+        sbr, sbc, swarps = _softmax_tile(cp)
+        add(f"softmax[{where}]", _softmax_kernel, probs, dict(HAS_VALID=has_valid, BLOCK_R=sbr, BLOCK_C=sbc), swarps)
         bt, _, pair_warps = TILES["pair"]
         pair = dict(S=buf, DPR=buf, LSE=f32, VALID=valid, C=cols, CP=cp)
         for dual in (False, True):
@@ -1285,6 +1333,9 @@ def aot_specs(dtype: str = "bf16", d: int = 0, cc: int = 90):
                 dict(DUAL=dual, HAS_VALID=has_valid, BLOCK=bt), pair_warps)
         add(f"pair_delta[{where}]", _pair_delta_kernel, dict(pair, PART=f32, n_t=cdiv(cp, bt), scale2=1.44),
             dict(HAS_VALID=has_valid, BLOCK=bt), pair_warps)
+    br, bc, warps = _softmax_tile(SOFTMAX_MAX_C)  # the widest rows the fused softmax takes
+    add("softmax[seq-L8192]", _softmax_kernel, dict(S=buf, LSE=f32, VALID=buf, R=8192, C=8192, CP=8192, row0=0,
+                                                    scale2=1.44), dict(HAS_VALID=False, BLOCK_R=br, BLOCK_C=bc), warps)
     for dim in (197, 768, MAX_ROW_D):
         bm, bd, warps = _row_tile(dim)
         rows = dict(M=131072, D=dim)

@@ -112,6 +112,20 @@ def test_rows_wider_than_the_row_kernels_run_the_torch_row_steps(seed, monkeypat
     assert "grads" in log.kernels and "combine" not in log.kernels
 
 
+@pytest.mark.parametrize("graph", [False, True])
+def test_rows_wider_than_the_fused_softmax_take_two_stages(seed, monkeypatch, graph):
+    """Rows past SOFTMAX_MAX_C padded columns (a large graph's) run the partial-LSE and probability kernels
+    instead of the fused softmax: the same values and gradients as the float64 reference."""
+    monkeypatch.setattr(K, "SOFTMAX_MAX_C", 16)
+    with K.record_launches() as log:
+        if graph:
+            edges = torch.randint(0, 70, (2, 150), device=_dev())
+            _check((70, 45), torch.float32, scale=torch.rand(45) * 0.8, edge_index=edges)
+        else:
+            _check((3, 37, 33), torch.bfloat16, key_padding_mask=_padded_batch())
+    assert {"lse", "probs"} <= set(log.kernels) and "softmax" not in log.kernels
+
+
 def test_several_chunks(seed, small_chunks):
     assert len(K._chunks(5, 19, 0, 4)) > 1
     _check((5, 19, 24), torch.float32)
@@ -386,10 +400,10 @@ def test_matmul_passes(seed, kw, passes, small_chunks):
     if graph:
         tiles = len(range(0, 60, K._graph_tile(60, 16, 4)))
         assert tiles == 4
-        per_chunk = ["lse", "probs"] * chunks + ["mask", "grads"] * (tiles * (tiles + 1) // 2)
+        per_chunk = ["softmax"] * chunks + ["mask", "grads"] * (tiles * (tiles + 1) // 2)  # rows fit: fused
         assert sorted(log.kernels) == sorted(per_chunk + rows_once)
         return
-    per_chunk = ["lse", "probs", "dual_delta", "grads"] if kw.get("dual") else ["lse", "probs", "grads"]
+    per_chunk = ["lse", "probs", "dual_delta", "grads"] if kw.get("dual") else ["softmax", "grads"]
     assert sorted(log.kernels) == sorted(per_chunk * chunks + rows_once)
 
 
@@ -399,15 +413,16 @@ def test_matmul_passes(seed, kw, passes, small_chunks):
 # resolution (meta is not CUDA), the tiles (GPU's, not the interpreter's) and the launch are patched.
 
 # Documented bounds (docs/architecture.md, ContraNorm, "Bytes"), bf16, one forward + backward: sequences move
-# at most LXL chunk-buffer passes of B L^2 elements (forward 5: S written, read for the LSEs, read and written
-# as P, read by PV; backward 8: S and dPr written, both read and written by the pair kernel, A and T read by
-# their products; dual 2 more: the pair kernel for delta reads S and dPr) plus BLD passes of B L D elements
+# at most LXL chunk-buffer passes of B L^2 elements (forward 4: S written, read and written as P by the fused
+# softmax, read by PV; backward 8: S and dPr written, both read and written by the pair kernel, A and T read by
+# their products; dual 3 more: the forward's two stages read S once more (the LSEs first: P + P^T needs all of
+# them), the pair kernel for delta reads S and dPr) plus BLD passes of B L D elements
 # (operands and outputs of the 6 products and of the 4 row kernels), and at most GLUE_BLD of one [B, L, D]
 # pass in torch ops other than the matmuls (combining the partial LSEs and deltas).  A graph's forward row
 # chunks and backward tile pairs re-read the [N, D] operands per chunk and per tile, so its bound is the model's
 # total (442 GB; 638 with backward row chunks and the dPc product).  The code before the row kernels (f2e1b2e),
 # counted the same way: 41.7 GB of which 22.8 of glue for sequences, 644 (8.1) for the graph.
-LXL = {False: 13, True: 15}
+LXL = {False: 12, True: 15}
 BLD = 28
 GLUE_BLD = 0.5
 SEQ = (32, 4096, 768)
