@@ -442,6 +442,7 @@ def test_oversmoothing_quick_cli(tmp_path, capsys):
     assert "ContraNorm LN((1+s)H - sPH) as the authors' GNN (= LN(H - s'PH), s' = s/(1+s) = 0.5)" in printed
     results = json.loads((tmp_path / "results.json").read_text())
     assert {r["depth"] for r in results["gcn"]} == set(results["config"]["gcn_depths"])
+    assert "`sslcore oversmoothing --quick --seed 0` (1 / 1 model seeds)" in oversmoothing.markdown(results)
     assert all(0 <= r["accuracy"] <= 1 and r["layers"] for r in results["vit"] + results["gcn"])
     assert (tmp_path / "oversmoothing.png").stat().st_size > 0
     with pytest.raises(SystemExit):  # a second run never replaces the first's results

@@ -114,8 +114,8 @@ def run(*, quick: bool = False, seed: int = 0, vit_scale: float = 0.1, gcn_scale
     ``LN(H - sPH)``; ``gcn_scale``: s in ``LN((1+s)H - sPH)`` (the authors' conventions for each);
     ``vit_seeds``/``gcn_seeds``: model seeds per ViT/GCN (None: 3, --quick 1)."""
     counts = {k: v for k, v in (("vit_seeds", vit_seeds), ("gcn_seeds", gcn_seeds)) if v is not None}
-    cfg = {**(QUICK if quick else FULL), **counts, "seed": seed, "vit_scale": vit_scale, "gcn_scale": gcn_scale,
-           "backend": backend, "vit": VIT, "graph": GRAPH}
+    cfg = {**(QUICK if quick else FULL), **counts, "quick": quick, "seed": seed, "vit_scale": vit_scale,
+           "gcn_scale": gcn_scale, "backend": backend, "vit": VIT, "graph": GRAPH}
     results = {"config": cfg, "vit": [], "gcn": []}
     start = time.perf_counter()
 
@@ -241,8 +241,11 @@ def markdown(results: dict) -> str:
     gcn = _markdown_table(results["gcn"], gcn_norms(results),
                           {"none": "plain", "layernorm": "LayerNorm", "pairnorm": "PairNorm (s = 1)",
                            "contranorm": f"ContraNorm (s = {cfg['gcn_scale']:g})"}, BARS["gcn"][0])
-    counts = "".join(f" --{k.replace('_', '-')} {cfg[k]}" for k in ("vit_seeds", "gcn_seeds") if cfg[k] != FULL[k])
-    return (f"`sslcore oversmoothing --seed {cfg['seed']}{counts}` ({cfg['vit_seeds']} / {cfg['gcn_seeds']} model "
+    quick = cfg.get("quick", False)  # results files before the flag was recorded are full runs
+    base = QUICK if quick else FULL
+    counts = "".join(f" --{k.replace('_', '-')} {cfg[k]}" for k in ("vit_seeds", "gcn_seeds") if cfg[k] != base[k])
+    return (f"`sslcore oversmoothing{' --quick' if quick else ''} --seed {cfg['seed']}{counts}` "
+            f"({cfg['vit_seeds']} / {cfg['gcn_seeds']} model "
             "seeds). "
             f"Cells: test accuracy, mean ± std over seeds (%) · the last layer's mean pairwise cosine (→ 1: "
             f"collapse). Verdict \"helps\"/\"hurts\" (else \"unclear\"): {VERDICT_RULE}; bar: ViT "
