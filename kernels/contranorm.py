@@ -1,8 +1,8 @@
 """ContraNorm's update ``H - s * softmax(H_hat H_hat^T / tau) H`` (and the LayerNorm after it) without an L x L matrix.
 
 The attention part, ``Y = softmax(scale * Q Q^T) V`` with ``Q = H_hat`` (rows L2-normalised) and
-``V = H``, runs over *chunks*: a few whole sequences of a batch [B, L, D]; for a graph [N, D], forward
-a block of R rows against all N nodes, backward a *tile pair*, row blocks I <= J of a graph's nodes.
+``V = H``, runs over *chunks*: a few whole sequences of a batch [B, L, D]; for a graph [N, D], a *tile
+pair*, row blocks I <= J of its nodes.
 Each matrix product is one cuBLAS call over the chunk; every elementwise step (masks, the softmax, its
 gradient) is one fused Triton kernel that works in place, so a chunk needs at most three buffers and
 nothing of them is kept for backward.  With ``P = softmax(scale S)`` (masked pairs 0) and ``G = dL/dY``,
@@ -20,9 +20,11 @@ pair (I, J), (J, I) of the chunk's sequences: T is symmetric; dual: both ``dPr_i
 ``S_IJ = Q_I Q_J^T`` once for both tiles, ``dP_IJ = G_I V_J^T`` and ``dP_JI^T = V_I G_J^T`` (so ``dP_ji`` is
 an element at [i, j] too), one kernel turns them into ``A``, ``T`` and ``P_IJ``, and the products add
 ``dV_I += A G_J``, ``dQ_I += T Q_J`` and, off the diagonal, ``dV_J += P_IJ^T G_I``, ``dQ_J += T^T Q_I``
-into fp32 accumulators.  Forward + backward: **6 L x L x D matmul passes** on sequences (2 + 4),
-``5.5 + 1.5 sum_I R_I^2 / N^2`` on a graph (5.55 at N = 131,072 in tiles of 4096), with no S recomputed
-per output chunk.
+into fp32 accumulators.  A graph's forward sweeps the pairs twice: first the partial LSEs of rows I over
+J and of rows J over I from one ``S_IJ``, then ``P_IJ`` and ``P_JI^T`` from another, ``Y_I += P_IJ V_J``,
+``Y_J += P_JI V_I`` (fp32): one L x L read fewer than rows against all nodes, for half a pass of S more.
+Forward + backward: **6 L x L x D matmul passes** on sequences (2 + 4), ``5.5 + 2.5 sum_I R_I^2 / N^2``
+on a graph (5.58 at N = 131,072 in tiles of 4096).
 
 Around the chunks, four row kernels (each a whole row of D per program, fp32 arithmetic, input-dtype
 memory) do the rest: ``Q = H_hat`` and the reciprocal norms; ``H - s Y`` (``identity``:
@@ -464,7 +466,7 @@ if HAS_TRITON:
         tl.store(DH + offs, dh.to(DH.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _tile(b, pid_r, pid_c, R, C, CP, row0, VALID, HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr,
+    def _tile(b, pid_r, pid_c, R, C, CP, VALID, HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr,
               BLOCK_C: tl.constexpr):
         """Offsets into the chunk buffer, the statistics' indices, ``inb`` (inside the buffer, padding columns
         included: loads and stores stay 16-byte vectors) and ``keep`` (a real pair: in bounds, both tokens valid)."""
@@ -472,8 +474,7 @@ if HAS_TRITON:
         c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         inb = (r < R)[:, None] & (c < CP)[None, :]
         offs = (b * R + r).to(tl.int64)[:, None] * CP + c[None, :]
-        rows = row0 + r  # token index of each row in its sequence
-        stat_r = b.to(tl.int64) * C + rows
+        stat_r = b.to(tl.int64) * C + r
         stat_c = b.to(tl.int64) * C + c
         keep = (r < R)[:, None] & (c < C)[None, :]
         if HAS_VALID:
@@ -494,11 +495,11 @@ if HAS_TRITON:
         return tl.load(LSE + idx, mask=mask, other=0.0) * 1.4426950408889634
 
     @triton.jit
-    def _lse_partial_kernel(S, PART, VALID, R, C, CP, row0, n_cblocks, scale2,
+    def _lse_partial_kernel(S, PART, VALID, R, C, CP, n_cblocks, scale2,
                             HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """``PART[b, r, k] = log sum_{c in block k} exp(scale S_rc)`` over unmasked pairs (-inf if none)."""
         pid_c, pid_r, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        offs, inb, keep, _, _, rmask, _ = _tile(b, pid_r, pid_c, R, C, CP, row0, VALID, HAS_VALID, BLOCK_R, BLOCK_C)
+        offs, inb, keep, _, _, rmask, _ = _tile(b, pid_r, pid_c, R, C, CP, VALID, HAS_VALID, BLOCK_R, BLOCK_C)
         s, keep = _logits(S, offs, inb, keep, scale2)
         s = tl.where(keep, s, float("-inf"))
         m = tl.max(s, 1)
@@ -508,11 +509,11 @@ if HAS_TRITON:
         tl.store(PART + (b * R + r).to(tl.int64) * n_cblocks + pid_c, part, mask=rmask)
 
     @triton.jit
-    def _probs_kernel(S, LSE, VALID, R, C, CP, row0, scale2,
+    def _probs_kernel(S, LSE, VALID, R, C, CP, scale2,
                       DUAL: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """In place: ``S <- P`` (``P_rc = exp(scale S_rc - LSE_r)``), or with DUAL ``S <- P_rc + P_cr``."""
         pid_c, pid_r, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        offs, inb, keep, stat_r, stat_c, rmask, cmask = _tile(b, pid_r, pid_c, R, C, CP, row0, VALID, HAS_VALID,
+        offs, inb, keep, stat_r, stat_c, rmask, cmask = _tile(b, pid_r, pid_c, R, C, CP, VALID, HAS_VALID,
                                                                BLOCK_R, BLOCK_C)
         s, keep = _logits(S, offs, inb, keep, scale2)
         p = tl.where(keep, tl.exp2(s - _lse2(LSE, stat_r, rmask)[:, None]), 0.0)
@@ -521,12 +522,12 @@ if HAS_TRITON:
         tl.store(S + offs, p.to(S.dtype.element_ty), mask=inb)
 
     @triton.jit
-    def _softmax_kernel(S, LSE, VALID, R, C, CP, row0, scale2,
+    def _softmax_kernel(S, LSE, VALID, R, C, CP, scale2,
                         HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """Whole rows in one tile (``BLOCK_C >= CP``), in place: ``LSE_r = log sum_c exp(scale S_rc)`` over
         unmasked pairs (-inf if none) and ``S <- P``: the LSE and probability stages in one read of S."""
         pid_r, b = tl.program_id(0), tl.program_id(1)
-        offs, inb, keep, stat_r, _, rmask, _ = _tile(b, pid_r, 0, R, C, CP, row0, VALID, HAS_VALID, BLOCK_R, BLOCK_C)
+        offs, inb, keep, stat_r, _, rmask, _ = _tile(b, pid_r, 0, R, C, CP, VALID, HAS_VALID, BLOCK_R, BLOCK_C)
         s, keep = _logits(S, offs, inb, keep, scale2)
         s = tl.where(keep, s, float("-inf"))
         m = tl.max(s, 1)
@@ -537,17 +538,65 @@ if HAS_TRITON:
         tl.store(LSE + stat_r, lse2 * 0.6931471805599453, mask=rmask)
 
     @triton.jit
+    def _graph_block(S, rows, cols, CP, scale2, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """The block of a graph's tile that program (column block, row block) takes: its rows and columns, the
+        offsets, ``inb`` (padding columns included) and the logits in base-2 units with ``keep``."""
+        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        inb = (r < rows)[:, None] & (c < CP)[None, :]
+        offs = r.to(tl.int64)[:, None] * CP + c[None, :]
+        s, keep = _logits(S, offs, inb, (r < rows)[:, None] & (c < cols)[None, :], scale2)
+        return r, c, offs, inb, s, keep
+
+    @triton.jit
+    def _tile_lse_kernel(S, PART_R, PART_C, rows, cols, CP, n_cb, group_rows, n_groups, scale2,
+                         MIRROR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """A graph's tile ``S_IJ``, one read: ``PART_R[i, k] = log sum_{j in column block k} exp(scale S_ij)`` and,
+        with MIRROR, ``PART_C[j, g] = log sum_{i in row group g} exp(scale S_ij)`` (rows J's partials over
+        columns I: S is symmetric), the column sums carried online over the group's row blocks; -inf where
+        nothing counts."""
+        pid_c, pid_g = tl.program_id(0), tl.program_id(1)
+        c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        m_c = tl.full([BLOCK_C], float("-inf"), dtype=tl.float32)
+        l_c = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for r0 in range(pid_g * group_rows, tl.minimum(rows, (pid_g + 1) * group_rows), BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            inb = (r < rows)[:, None] & (c < CP)[None, :]
+            offs = r.to(tl.int64)[:, None] * CP + c[None, :]
+            s, keep = _logits(S, offs, inb, (r < rows)[:, None] & (c < cols)[None, :], scale2)
+            s = tl.where(keep, s, float("-inf"))
+            m = tl.max(s, 1)
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            part = (m + tl.log2(tl.sum(tl.exp2(s - m_safe[:, None]), 1))) * 0.6931471805599453
+            tl.store(PART_R + r.to(tl.int64) * n_cb + pid_c, part, mask=r < rows)
+            if MIRROR:
+                m_new = tl.maximum(m_c, tl.max(s, 0))
+                m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_c = l_c * tl.exp2(m_c - m_new_safe) + tl.sum(tl.exp2(s - m_new_safe[None, :]), 0)
+                m_c = m_new
+        if MIRROR:
+            tl.store(PART_C + c.to(tl.int64) * n_groups + pid_g, (m_c + tl.log2(l_c)) * 0.6931471805599453,
+                     mask=c < cols)
+
+    @triton.jit
+    def _tile_probs_kernel(S, PT, LSE, rows, cols, CP, row0, col0, scale2,
+                           MIRROR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """A graph's tile ``S_IJ`` (rows ``row0 + i``, columns ``col0 + j``), in place: ``S <- P_IJ`` and, with
+        MIRROR, ``PT <- (P_JI)^T`` (``P_ji`` at [i, j]) from the same element."""
+        r, c, offs, inb, s, keep = _graph_block(S, rows, cols, CP, scale2, BLOCK_R, BLOCK_C)
+        p_rc = tl.where(keep, tl.exp2(s - _lse2(LSE, row0 + r, r < rows)[:, None]), 0.0)
+        tl.store(S + offs, p_rc.to(S.dtype.element_ty), mask=inb)
+        if MIRROR:
+            p_cr = tl.where(keep, tl.exp2(s - _lse2(LSE, col0 + c, c < cols)[None, :]), 0.0)
+            tl.store(PT + offs, p_cr.to(PT.dtype.element_ty), mask=inb)
+
+    @triton.jit
     def _tile_grads_kernel(S, DPA, DPB, LSE, DELTA, rows, cols, CP, row0, col0, scale2, scale,
                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """A graph's tile (I, J): rows ``row0 + r``, columns ``col0 + c``, ``DPA = dP_IJ`` and ``DPB = (dP_JI)^T``
         (both indexed [i, j]).  In place: ``S <- P_ji`` (A of rows I), ``DPA <- T_ij`` (T of both, T is symmetric),
         ``DPB <- P_ij`` (A of rows J, transposed)."""
-        pid_c, pid_r = tl.program_id(0), tl.program_id(1)
-        r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        inb = (r < rows)[:, None] & (c < CP)[None, :]
-        offs = r.to(tl.int64)[:, None] * CP + c[None, :]
-        s, keep = _logits(S, offs, inb, (r < rows)[:, None] & (c < cols)[None, :], scale2)
+        r, c, offs, inb, s, keep = _graph_block(S, rows, cols, CP, scale2, BLOCK_R, BLOCK_C)
         p_rc = tl.where(keep, tl.exp2(s - _lse2(LSE, row0 + r, r < rows)[:, None]), 0.0)
         p_cr = tl.where(keep, tl.exp2(s - _lse2(LSE, col0 + c, c < cols)[None, :]), 0.0)
         d_r = tl.load(DELTA + row0 + r, mask=r < rows, other=0.0)[:, None]
@@ -643,8 +692,10 @@ if HAS_TRITON:
 # (BLOCK_R, BLOCK_C, num_warps) per chunk kernel: memory-bound tiles of 16-byte loads with few live values per
 # thread ("pair": square tiles and their mirrors, ~70 registers: 7 programs an SM); tests/test_compile.py
 # compiles them for sm_80/sm_90a.
-TILES = {"lse": (32, 256, 4), "probs": (32, 256, 4), "grads": (32, 128, 4), "pair": (32, 32, 4)}
+TILES = {"lse": (32, 256, 4), "probs": (32, 256, 4), "grads": (32, 128, 4), "pair": (32, 32, 4),
+         "tile_lse": (32, 128, 4), "tile_probs": (32, 128, 4)}  # a graph's tiles: 32 x 128, as "grads"
 MASK_TILE = (1024, 4)  # (keys, num_warps) per program of the graph's -inf scatter
+LSE_GROUPS = 16  # a graph tile's LSE kernel: row groups (its programs: column blocks x groups; the mirror's partials)
 INTERP_TILE = (16, 16)  # under the interpreter: small, so test shapes span several tiles
 # The fused softmax stage holds whole rows: up to SOFTMAX_MAX_C padded columns, SOFTMAX_ELEMS elements a
 # program of 8 warps (16 a thread); longer rows (a graph's) take the two stages, partial LSEs then P.
@@ -897,35 +948,35 @@ class _TritonStages:
     """The chunk stages as Triton kernels (in place on the chunk buffers)."""
 
     @staticmethod
-    def lse(s, valid, row0, scale):
+    def lse(s, valid, scale):
         b, rows, cols = s.shape
         n_cblocks = cdiv(s.stride(1), _tile_of("lse")[1])
         part = new_output((b, rows, n_cblocks), device=s.device, dtype=torch.float32)
         v, has_valid = _valid_arg(valid, s)
-        _chunk_launch(_lse_partial_kernel, "lse", s, (s, part, v, rows, cols, s.stride(1), row0, n_cblocks,
+        _chunk_launch(_lse_partial_kernel, "lse", s, (s, part, v, rows, cols, s.stride(1), n_cblocks,
                                                       scale * LOG2E), dict(HAS_VALID=has_valid), (s, valid, part))
         return torch.logsumexp(part, -1)
 
     @staticmethod
-    def probs(s, lse, valid, row0, scale, dual):
+    def probs(s, lse, valid, scale, dual):
         b, rows, cols = s.shape
         v, has_valid = _valid_arg(valid, s)
-        _chunk_launch(_probs_kernel, "probs", s, (s, lse, v, rows, cols, s.stride(1), row0, scale * LOG2E),
+        _chunk_launch(_probs_kernel, "probs", s, (s, lse, v, rows, cols, s.stride(1), scale * LOG2E),
                       dict(DUAL=dual, HAS_VALID=has_valid), (s, lse, valid, s))
 
     @classmethod
-    def softmax(cls, s, lse, valid, row0, scale, dual):
-        """``lse[:, rows] <- LSE`` and ``s <- P``: one kernel for rows that fit on chip (not dual, which needs
-        every row's LSE first), else the two stages."""
+    def softmax(cls, s, lse, valid, scale, dual):
+        """``lse <- LSE`` and ``s <- P``: one kernel for rows that fit on chip (not dual, which needs every row's
+        LSE first), else the two stages."""
         b, rows, cols = s.shape
         if dual or s.stride(1) > SOFTMAX_MAX_C:
-            lse[:, row0:row0 + rows] = cls.lse(s, valid, row0, scale)
-            return cls.probs(s, lse, valid, row0, scale, dual)
+            lse.copy_(cls.lse(s, valid, scale))
+            return cls.probs(s, lse, valid, scale, dual)
         v, has_valid = _valid_arg(valid, s)
         br, bc, warps = _softmax_tile(s.stride(1))
-        _launch(_softmax_kernel, "softmax", (cdiv(rows, br), b), (s, lse, v, rows, cols, s.stride(1), row0,
+        _launch(_softmax_kernel, "softmax", (cdiv(rows, br), b), (s, lse, v, rows, cols, s.stride(1),
                                                                    scale * LOG2E),
-                dict(HAS_VALID=has_valid, BLOCK_R=br, BLOCK_C=bc), warps, (s, valid, s, lse[:, row0:row0 + rows]))
+                dict(HAS_VALID=has_valid, BLOCK_R=br, BLOCK_C=bc), warps, (s, valid, s, lse))
 
     @staticmethod
     def dual_delta(s, dpr, lse, valid, scale):
@@ -953,6 +1004,28 @@ class _TritonStages:
                 (keys, keys.numel() * s.element_size()))  # each key writes at most one element
 
     @staticmethod
+    def tile_lse(s, mirror, scale):
+        _, rows, cols = s.shape
+        br, bc, warps = _tile_of("tile_lse")
+        groups = 2 if interpreting() else LSE_GROUPS
+        group_rows = cdiv(cdiv(rows, groups), br) * br
+        n_cb, n_groups = cdiv(s.stride(1), bc), cdiv(rows, group_rows)
+        part_r = new_output((rows, n_cb), device=s.device, dtype=torch.float32)
+        part_c = new_output((cols, n_groups), device=s.device, dtype=torch.float32) if mirror else None
+        _launch(_tile_lse_kernel, "tile_lse", (n_cb, n_groups),
+                (s, part_r, part_c if mirror else part_r, rows, cols, s.stride(1), n_cb, group_rows, n_groups,
+                 scale * LOG2E), dict(MIRROR=mirror, BLOCK_R=br, BLOCK_C=bc), warps, (s, part_r, part_c))
+        return torch.logsumexp(part_r, -1), torch.logsumexp(part_c, -1) if mirror else None
+
+    @staticmethod
+    def tile_probs(s, pt, lse, row0, col0, scale):
+        _, rows, cols = s.shape
+        mirror = pt is not None
+        _chunk_launch(_tile_probs_kernel, "tile_probs", s, (s, pt if mirror else s, lse, rows, cols, s.stride(1), row0,
+                                                           col0, scale * LOG2E), dict(MIRROR=mirror),
+                      (s, lse[row0:row0 + rows], lse[col0:col0 + cols] if mirror else None, s, pt))
+
+    @staticmethod
     def tile_grads(s, dpa, dpb, lse, delta, row0, col0, scale):
         _, rows, cols = s.shape
         stats = (lse[row0:row0 + rows], lse[col0:col0 + cols], delta[row0:row0 + rows], delta[col0:col0 + cols])
@@ -965,11 +1038,11 @@ class _TorchStages:
     """The chunk stages in torch ops."""
 
     @staticmethod
-    def _logits(s, valid, row0, scale):
+    def _logits(s, valid, scale):
         x = s.to(_wide(s)) * scale
         if valid is not None:
             v = valid != 0
-            x = x.masked_fill(~(v[:, row0:row0 + s.shape[1], None] & v[:, None, :]), float("-inf"))
+            x = x.masked_fill(~(v[:, :, None] & v[:, None, :]), float("-inf"))
         return x
 
     @staticmethod
@@ -978,30 +1051,30 @@ class _TorchStages:
         return torch.exp(x - lse.clamp_min(-1e30))
 
     @classmethod
-    def lse(cls, s, valid, row0, scale):
-        return torch.logsumexp(cls._logits(s, valid, row0, scale), -1)
+    def lse(cls, s, valid, scale):
+        return torch.logsumexp(cls._logits(s, valid, scale), -1)
 
     @classmethod
-    def probs(cls, s, lse, valid, row0, scale, dual):
-        x = cls._logits(s, valid, row0, scale)
-        p = cls._p(x, lse[:, row0:row0 + s.shape[1], None])
+    def probs(cls, s, lse, valid, scale, dual):
+        x = cls._logits(s, valid, scale)
+        p = cls._p(x, lse[:, :, None])
         if dual:
             p = p + cls._p(x, lse[:, None, :])
         s.copy_(p)
 
     @classmethod
-    def softmax(cls, s, lse, valid, row0, scale, dual):
-        lse[:, row0:row0 + s.shape[1]] = cls.lse(s, valid, row0, scale)
-        cls.probs(s, lse, valid, row0, scale, dual)
+    def softmax(cls, s, lse, valid, scale, dual):
+        lse.copy_(cls.lse(s, valid, scale))
+        cls.probs(s, lse, valid, scale, dual)
 
     @classmethod
     def dual_delta(cls, s, dpr, lse, valid, scale):
-        x = cls._logits(s, valid, 0, scale)
+        x = cls._logits(s, valid, scale)
         return (cls._p(x, lse[:, :, None]) * (dpr + dpr.transpose(1, 2))).sum(-1)
 
     @classmethod
     def grads(cls, s, dpr, lse, delta, valid, scale, dual):
-        x = cls._logits(s, valid, 0, scale)
+        x = cls._logits(s, valid, scale)
         p_rc, p_cr = cls._p(x, lse[:, :, None]), cls._p(x, lse[:, None, :])
         d_r, d_c = delta[:, :, None], delta[:, None, :]
         dpc = dpr.transpose(1, 2)
@@ -1020,6 +1093,18 @@ class _TorchStages:
         torch.as_strided(s, (s.shape[1] * s.stride(1) + 1,), (1,)).index_fill_(0, flat, float("-inf"))
 
     @classmethod
+    def tile_lse(cls, s, mirror, scale):
+        x = s.to(_wide(s)) * scale
+        return torch.logsumexp(x[0], -1), torch.logsumexp(x[0], 0) if mirror else None
+
+    @classmethod
+    def tile_probs(cls, s, pt, lse, row0, col0, scale):
+        x = s.to(_wide(s)) * scale
+        if pt is not None:
+            pt.copy_(cls._p(x, lse[None, col0:col0 + s.shape[2]]))
+        s.copy_(cls._p(x, lse[row0:row0 + s.shape[1], None]))
+
+    @classmethod
     def tile_grads(cls, s, dpa, dpb, lse, delta, row0, col0, scale):
         rows, cols = slice(row0, row0 + s.shape[1]), slice(col0, col0 + s.shape[2])
         x = s.to(_wide(s)) * scale
@@ -1034,15 +1119,11 @@ class _TorchStages:
 # The driver (one for both backends): row stages around the chunked attention.
 
 
-def _graph_rows(num_nodes, esize):
-    """Rows of a graph per forward chunk (its one buffer, S): as many as CHUNK_BYTES holds (at least one)."""
-    return max(1, CHUNK_BYTES // (num_nodes * esize))
-
-
 def _graph_tile(num_nodes, d, esize):
-    """Rows of a graph's backward tiles: the largest power of two (at least 16) whose N_BUFFERS square tiles and
-    the two fp32 [N, D] accumulators (dV, dQ) fit in CHUNK_BYTES, the tiles at least a quarter of it (a large
-    graph's accumulators, O(N D) like its input, do not shrink them further); at most N."""
+    """Rows of a graph's tiles: the largest power of two (at least 16) whose N_BUFFERS square tiles and the
+    two fp32 [N, D] accumulators (the backward's dV and dQ; the forward holds Y and two tiles) fit in
+    CHUNK_BYTES, the tiles at least a quarter of it (a large graph's accumulators, O(N D) like its input, do not
+    shrink them further); at most N."""
     room = max(CHUNK_BYTES - 2 * 4 * num_nodes * d, CHUNK_BYTES // 4) // (N_BUFFERS * esize)
     tile = 16
     while (2 * tile) ** 2 <= room:
@@ -1050,13 +1131,10 @@ def _graph_tile(num_nodes, d, esize):
     return min(tile, num_nodes)
 
 
-def _chunks(bsz, length, graph_rows, esize):
-    """``(b0, b1, r0, r1)``: ``graph_rows`` rows of a graph per chunk, or as many whole sequences as
-    CHUNK_BYTES holds (at least one)."""
-    if graph_rows:
-        return [(0, 1, r0, min(r0 + graph_rows, length)) for r0 in range(0, length, graph_rows)]
+def _chunks(bsz, length, esize):
+    """``(b0, b1)``: as many whole sequences per chunk as CHUNK_BYTES holds (at least one)."""
     step = max(1, CHUNK_BYTES // (N_BUFFERS * length * length * esize))
-    return [(b0, min(b0 + step, bsz), 0, length) for b0 in range(0, bsz, step)]
+    return [(b0, min(b0 + step, bsz)) for b0 in range(0, bsz, step)]
 
 
 def _buffer(b, rows, cols, like, spare=0):
@@ -1068,16 +1146,10 @@ def _buffer(b, rows, cols, like, spare=0):
     return flat.as_strided((b, rows, cols), (rows * cp, cp, 1))
 
 
-def _similarity(q, i, chunk, keys, key_bounds):
-    """``S = Q_c Q^T`` for chunk number ``i``, with a graph's excluded pairs set to -inf."""
-    b0, b1, r0, r1 = chunk
-    n = q.shape[1]
-    s = _bmm(q[b0:b1, r0:r1], q[b0:b1].transpose(1, 2), out=_buffer(b1 - b0, r1 - r0, n, q))
-    if keys is not None:
-        k = keys[key_bounds[i]:key_bounds[i + 1]]  # keys are i * N + j, sorted: the chunk's rows
-        flat = k - r0 * n if s.stride(1) == n else (k // n - r0) * s.stride(1) + k % n
-        torch.as_strided(s, (s.stride(0) * s.shape[0],), (1,)).index_fill_(0, flat, float("-inf"))
-    return s
+def _similarity(q, b0, b1):
+    """``S = Q_c Q_c^T`` for the sequences ``b0 .. b1``."""
+    length = q.shape[1]
+    return _bmm(q[b0:b1], q[b0:b1].transpose(1, 2), out=_buffer(b1 - b0, length, length, q))
 
 
 def _stages(use_triton):
@@ -1088,20 +1160,60 @@ def _rows(use_triton, d):
     return _TritonRows if use_triton and d <= MAX_ROW_D else _TorchRows
 
 
-def _attend(q, v, valid, keys, rowptr, graph_rows, scale, dual, st):
-    """``(Y, LSE)`` of ``softmax(scale Q Q^T) V`` over the chunks."""
-    key_bounds = _key_bounds(rowptr, graph_rows) if graph_rows else []
+def _attend(q, v, valid, scale, dual, st):
+    """``(Y, LSE)`` of ``softmax(scale Q Q^T) V`` over chunks of whole sequences."""
     bsz, length, _ = q.shape
     y = new_output(v.shape, device=v.device, dtype=v.dtype)
     lse = new_output((bsz, length), device=q.device, dtype=_wide(q))
-    for i, chunk in enumerate(_chunks(bsz, length, graph_rows, q.element_size())):
-        b0, b1, r0, r1 = chunk
-        s = _similarity(q, i, chunk, keys, key_bounds)
+    for b0, b1 in _chunks(bsz, length, q.element_size()):
+        s = _similarity(q, b0, b1)
         vb = valid[b0:b1] if valid is not None else None
-        st.softmax(s, lse[b0:b1], vb, r0, scale, dual)  # dual: whole sequences, so every LSE_j is known
-        _bmm(s, v[b0:b1], out=y[b0:b1, r0:r1])
+        st.softmax(s, lse[b0:b1], vb, scale, dual)  # dual: whole sequences, so every LSE_j is known
+        _bmm(s, v[b0:b1], out=y[b0:b1])
         del s  # freed before the next chunk's buffer is allocated: one buffer at a time
     return y, lse
+
+
+def _tile_pairs(q, keys, rowptr, tile, st):
+    """A graph's tile pairs (I, J), I <= J, of ``tile`` rows: ``(i0, j0, S)`` with ``S = Q_I Q_J^T`` and its
+    excluded pairs (keys of rows I in columns J; edges are undirected, so they are J's in I too) at -inf.  The
+    caller drops S before the next pair's is made."""
+    n = q.shape[1]
+    bounds = _key_bounds(rowptr, tile)
+    starts = range(0, n, tile)
+    for a, i0 in enumerate(starts):
+        k = keys[bounds[a]:bounds[a + 1]]  # the keys of rows I (sorted by row)
+        for j0 in starts[a:]:
+            s = _bmm(q[:, i0:i0 + tile], q[:, j0:j0 + tile].transpose(1, 2),
+                     out=_buffer(1, min(tile, n - i0), min(tile, n - j0), q, spare=1))
+            st.mask_tile(s, k, n, i0, j0)
+            yield i0, j0, s
+            del s
+
+
+def _attend_graph(q, v, keys, rowptr, tile, scale, st):
+    """A graph's ``(Y, LSE)`` over tile pairs, S computed twice per pair: first each row's partial LSEs (rows
+    I over columns J and, off the diagonal, rows J over columns I from the same tile), combined by
+    ``logsumexp``; then ``P_IJ`` and ``P_JI`` from one tile, ``Y_I += P_IJ V_J`` and ``Y_J += P_JI V_I``.  No
+    row of Y is complete before the last pair, so Y accumulates in fp32 (fp64 for fp64)."""
+    n = q.shape[1]
+    part = new_output((n, cdiv(n, tile)), device=q.device, dtype=_wide(q))  # row i's LSE over block b
+    for i0, j0, s in _tile_pairs(q, keys, rowptr, tile, st):
+        lse_r, lse_c = st.tile_lse(s, j0 != i0, scale)
+        part[i0:i0 + tile, j0 // tile] = lse_r
+        if j0 != i0:
+            part[j0:j0 + tile, i0 // tile] = lse_c
+        del s
+    lse = torch.logsumexp(part, -1)[None]
+    y = torch.zeros(v.shape, device=v.device, dtype=_wide(v))
+    for i0, j0, s in _tile_pairs(q, keys, rowptr, tile, st):
+        pt = _buffer(*s.shape, q) if j0 != i0 else None
+        st.tile_probs(s, pt, lse[0], i0, j0, scale)
+        _bmm(s, v[:, j0:j0 + tile], out=y[:, i0:i0 + tile], add=True)
+        if pt is not None:
+            _bmm(pt.transpose(1, 2), v[:, i0:i0 + tile], out=y[:, j0:j0 + tile], add=True)
+        del s, pt
+    return y.to(v.dtype), lse
 
 
 def _attend_bwd(q, v, g, lse, delta, dacc, valid, scale, dual, st):
@@ -1109,9 +1221,8 @@ def _attend_bwd(q, v, g, lse, delta, dacc, valid, scale, dual, st):
     (see the module docstring)."""
     bsz, length, _ = q.shape
     dq = new_output(q.shape, device=q.device, dtype=q.dtype)
-    for i, chunk in enumerate(_chunks(bsz, length, 0, q.element_size())):
-        b0, b1, _, _ = chunk
-        s = _similarity(q, i, chunk, None, [])
+    for b0, b1 in _chunks(bsz, length, q.element_size()):
+        s = _similarity(q, b0, b1)
         dpr = _bmm(g[b0:b1], v[b0:b1].transpose(1, 2), out=_buffer(b1 - b0, length, length, g))
         vb = valid[b0:b1] if valid is not None else None
         d = st.dual_delta(s, dpr, lse[b0:b1], vb, scale) if dual else delta[b0:b1]
@@ -1128,48 +1239,43 @@ def _attend_bwd_graph(q, v, g, lse, delta, dacc, keys, rowptr, tile, scale, st):
     ``dP_JI^T = V_I G_J^T``, the tile kernel, then ``dV_I += A G_J``, ``dQ_I += T Q_J`` and, off the diagonal,
     the mirrors ``dV_J += (P_IJ)^T G_I``, ``dQ_J += T^T Q_I``: no output row is complete before the last pair,
     so dV and dQ accumulate in fp32."""
-    n = q.shape[1]
-    bounds = _key_bounds(rowptr, tile)
     dq = torch.zeros(q.shape, device=q.device, dtype=dacc.dtype)
-    starts = range(0, n, tile)
-    for a, i0 in enumerate(starts):
-        rows = slice(i0, min(i0 + tile, n))
-        k = keys[bounds[a]:bounds[a + 1]]  # the keys of rows I (sorted by row)
-        for j0 in starts[a:]:
-            cols = slice(j0, min(j0 + tile, n))
-            shape = (1, rows.stop - i0, cols.stop - j0)
-            s = _bmm(q[:, rows], q[:, cols].transpose(1, 2), out=_buffer(*shape, q, spare=1))
-            st.mask_tile(s, k, n, i0, j0)
-            dpa = _bmm(g[:, rows], v[:, cols].transpose(1, 2), out=_buffer(*shape, g))
-            dpb = _bmm(v[:, rows], g[:, cols].transpose(1, 2), out=_buffer(*shape, g))
-            st.tile_grads(s, dpa, dpb, lse[0], delta[0], i0, j0, scale)
-            _bmm(s, g[:, cols], out=dacc[:, rows], add=True)
-            _bmm(dpa, q[:, cols], out=dq[:, rows], add=True)
-            if j0 != i0:
-                _bmm(dpb.transpose(1, 2), g[:, rows], out=dacc[:, cols], add=True)
-                _bmm(dpa.transpose(1, 2), q[:, rows], out=dq[:, cols], add=True)
-            del s, dpa, dpb
+    for i0, j0, s in _tile_pairs(q, keys, rowptr, tile, st):
+        rows, cols = slice(i0, i0 + tile), slice(j0, j0 + tile)
+        dpa = _bmm(g[:, rows], v[:, cols].transpose(1, 2), out=_buffer(*s.shape, g))
+        dpb = _bmm(v[:, rows], g[:, cols].transpose(1, 2), out=_buffer(*s.shape, g))
+        st.tile_grads(s, dpa, dpb, lse[0], delta[0], i0, j0, scale)
+        _bmm(s, g[:, cols], out=dacc[:, rows], add=True)
+        _bmm(dpa, q[:, cols], out=dq[:, rows], add=True)
+        if j0 != i0:
+            _bmm(dpb.transpose(1, 2), g[:, rows], out=dacc[:, cols], add=True)
+            _bmm(dpa.transpose(1, 2), q[:, rows], out=dq[:, cols], add=True)
+        del s, dpa, dpb
     return dq
 
 
 @torch.library.custom_op("sslcore::contranorm_fwd", mutates_args=())
 def _forward(h: torch.Tensor, s_vec: torch.Tensor | None, ln_w: torch.Tensor | None, ln_b: torch.Tensor | None,
-             valid: torch.Tensor | None, keys: torch.Tensor | None, rowptr: torch.Tensor | None, graph_rows: int,
+             valid: torch.Tensor | None, keys: torch.Tensor | None, rowptr: torch.Tensor | None, graph_tile: int,
              s: float, scale: float, identity: bool, dual: bool, ln: bool, eps: float,
              use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                         torch.Tensor, torch.Tensor]:
-    """``(out, Q, R, Y, LSE, mean, rstd)`` for h [B, L, D] (a graph: B = 1, with its keys, in chunks of
-    ``graph_rows`` rows, node i's keys at ``rowptr[i]``); ``mean``, ``rstd`` (the LayerNorm's) are empty
+    """``(out, Q, R, Y, LSE, mean, rstd)`` for h [B, L, D] (a graph: B = 1, with its keys, over tile pairs of
+    ``graph_tile`` rows, node i's keys at ``rowptr[i]``); ``mean``, ``rstd`` (the LayerNorm's) are empty
     without ``ln``."""
     rows = _rows(use_triton, h.shape[-1])
     q, r = rows.unit_rows(h)
-    y, lse = _attend(q, h, valid, keys, rowptr, graph_rows, scale, dual, _stages(use_triton))
+    st = _stages(use_triton)
+    if graph_tile:
+        y, lse = _attend_graph(q, h, keys, rowptr, graph_tile, scale, st)
+    else:
+        y, lse = _attend(q, h, valid, scale, dual, st)
     out, mean, rstd = rows.combine(h, y, valid, s, s_vec, identity, (ln_w, ln_b, eps) if ln else None)
     return out, q, r, y, lse, mean, rstd
 
 
 @_forward.register_fake
-def _(h, s_vec, ln_w, ln_b, valid, keys, rowptr, graph_rows, s, scale, identity, dual, ln, eps, use_triton):
+def _(h, s_vec, ln_w, ln_b, valid, keys, rowptr, graph_tile, s, scale, identity, dual, ln, eps, use_triton):
     stats = [h.new_empty(h.shape[:-1], dtype=_wide(h)) for _ in range(4)]
     if not ln:
         stats[2:] = _empty(h), _empty(h)
@@ -1180,23 +1286,22 @@ def _(h, s_vec, ln_w, ln_b, valid, keys, rowptr, graph_rows, s, scale, identity,
 def _backward(go: torch.Tensor, h: torch.Tensor, q: torch.Tensor, r: torch.Tensor, y: torch.Tensor,
               lse: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, s_vec: torch.Tensor | None,
               ln_w: torch.Tensor | None, valid: torch.Tensor | None, keys: torch.Tensor | None,
-              rowptr: torch.Tensor | None, graph_rows: int, s: float, scale: float, identity: bool, dual: bool,
+              rowptr: torch.Tensor | None, graph_tile: int, s: float, scale: float, identity: bool, dual: bool,
               ln: bool, use_triton: bool, want_ds: bool,
               want_dln: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dH, ds, dw, db)`` for the upstream gradient ``go`` of the output (ds, dw, db empty unless wanted)."""
     rows, st = _rows(use_triton, h.shape[-1]), _stages(use_triton)
     g, dacc, delta, ds, dw, db = rows.combine_bwd(go, h, y, valid, s, s_vec, identity, ln_w, ln, mean, rstd,
-                                                  not dual, want_ds, want_dln, _wide(h) if graph_rows else h.dtype)
-    if graph_rows:
-        tile = _graph_tile(h.shape[1], h.shape[2], h.element_size())
-        dq = _attend_bwd_graph(q, h, g, lse, delta, dacc, keys, rowptr, tile, scale, st)
+                                                  not dual, want_ds, want_dln, _wide(h) if graph_tile else h.dtype)
+    if graph_tile:
+        dq = _attend_bwd_graph(q, h, g, lse, delta, dacc, keys, rowptr, graph_tile, scale, st)
     else:
         dq = _attend_bwd(q, h, g, lse, delta, dacc, valid, scale, dual, st)
     return rows.finish(dacc, dq, h, r, g), ds, dw, db  # g is spent: it takes dH
 
 
 @_backward.register_fake
-def _(go, h, q, r, y, lse, mean, rstd, s_vec, ln_w, valid, keys, rowptr, graph_rows, s, scale, identity, dual, ln,
+def _(go, h, q, r, y, lse, mean, rstd, s_vec, ln_w, valid, keys, rowptr, graph_tile, s, scale, identity, dual, ln,
       use_triton, want_ds, want_dln):
     d = h.shape[-1]
     return (torch.empty_like(h), h.new_empty(d if want_ds else 0, dtype=_wide(h)),
@@ -1213,12 +1318,12 @@ class _ContraNorm(torch.autograd.Function):
     L x L buffer outlives a call."""
 
     @staticmethod
-    def forward(ctx, h, s_vec, ln_w, ln_b, valid, keys, rowptr, graph_rows, s, scale, identity, dual, ln, eps,
+    def forward(ctx, h, s_vec, ln_w, ln_b, valid, keys, rowptr, graph_tile, s, scale, identity, dual, ln, eps,
                 use_triton):
-        out, q, r, y, lse, mean, rstd = _forward(h, s_vec, ln_w, ln_b, valid, keys, rowptr, graph_rows, s, scale,
+        out, q, r, y, lse, mean, rstd = _forward(h, s_vec, ln_w, ln_b, valid, keys, rowptr, graph_tile, s, scale,
                                                  identity, dual, ln, eps, use_triton)
         ctx.save_for_backward(h, q, r, y, lse, mean, rstd, s_vec, ln_w, valid, keys, rowptr)
-        ctx.cfg = (graph_rows, s, scale, identity, dual, ln, use_triton)
+        ctx.cfg = (graph_tile, s, scale, identity, dual, ln, use_triton)
         ctx.b_dtype = None if ln_b is None else ln_b.dtype
         return out
 
@@ -1270,25 +1375,25 @@ def contranorm(h: torch.Tensor, *, scale, temperature: float = 1.0, dual: bool =
                                            scale=1.0 / temperature)[:, 0]
         return _layer_norm(_combine(h.to(wide), y.to(wide), scale, identity, key_padding_mask).to(h.dtype), layer_norm)
     valid = (~key_padding_mask).to(torch.int8).contiguous() if key_padding_mask is not None else None
-    keys, rowptr, graph_rows, x = None, None, 0, h
+    keys, rowptr, graph_tile, x = None, None, 0, h
     if edge_index is not None:
         graph = edge_index if isinstance(edge_index, NeighbourGraph) else _cached_graph(edge_index, h.shape[0])
-        graph_rows = _graph_rows(h.shape[0], h.element_size())
+        graph_tile = _graph_tile(h.shape[0], h.shape[1], h.element_size())
         keys, rowptr, x = graph.keys, graph.rowptr, h[None]
     s_vec, s = (scale, 0.0) if isinstance(scale, torch.Tensor) else (None, float(scale))
     w, b, eps = layer_norm if layer_norm is not None else (None, None, 0.0)
-    out = _ContraNorm.apply(x.contiguous(), s_vec, w, b, valid, keys, rowptr, graph_rows, s, 1.0 / temperature,
+    out = _ContraNorm.apply(x.contiguous(), s_vec, w, b, valid, keys, rowptr, graph_tile, s, 1.0 / temperature,
                             identity, dual, layer_norm is not None, eps, be == "triton")
     return out.squeeze(0) if edge_index is not None else out  # a view: no copy in backward
 
 
 def aot_specs(dtype: str = "bf16", d: int = 0, cc: int = 90):
-    """Every kernel variant as a :class:`KernelSpec` (tests/test_compile.py): the chunk kernels (the fused
-    softmax for sequences) with the launch arguments of a padded, masked batch of sequences (L = 197, rows
-    padded to 208), of L = 4096 unmasked, of
-    a graph's forward chunk (N = 131,072) and of its backward tiles (a full one and a ragged one); the row
-    kernels at D = 197, 768 and MAX_ROW_D, without options and with all of them.  ``d`` is not used (the
-    matmuls are cuBLAS calls; the row kernels list their own D)."""
+    """Every kernel variant as a :class:`KernelSpec` (tests/test_compile.py): the chunk kernels with the launch
+    arguments of a graph's tiles (N = 131,072: a full one and a ragged one, with and without the mirror's
+    statistics), of a padded, masked batch of sequences (L = 197, rows padded to 208) and of L = 4096
+    unmasked (the fused softmax also at its widest, 8192); the row kernels at D = 197, 768 and MAX_ROW_D,
+    without options and with all of them.  ``d`` is not used (the matmuls are cuBLAS calls; the row kernels
+    list their own D)."""
     buf = torch.empty(16, dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
     f32, i8, i64 = torch.empty(16), torch.empty(16, dtype=torch.int8), torch.empty(16, dtype=torch.int64)
     specs = []
@@ -1296,31 +1401,35 @@ def aot_specs(dtype: str = "bf16", d: int = 0, cc: int = 90):
     def add(label, fn, args, flags, warps):
         specs.append(KernelSpec(f"contranorm_{label}", fn, args, flags, warps, 1, mma=False))
 
-    shapes = {"seq-L197": (197, 197, 208, 0, i8), "seq-L4096": (4096, 4096, 4096, 0, None),
-              "graph": (1536, 131072, 131072, 3072, None)}
-    for where, (rows, cols, cp, row0, valid) in shapes.items():
+    graph = dict(S=buf, LSE=f32, CP=4096, row0=8192, col0=126976, scale2=1.44)  # a graph's tile pair (I, J)
+    for tag, (tr, tc, tcp) in {"": (4096, 4096, 4096), "-ragged": (4096, 1001, 1008)}.items():
+        tile = dict(graph, rows=tr, cols=tc, CP=tcp)
+        for mirror in (False, True):
+            mtag = "-mirror" if mirror else ""
+            br, bc, warps = TILES["tile_lse"]
+            add(f"tile_lse{tag}{mtag}[graph]", _tile_lse_kernel,
+                dict(S=buf, PART_R=f32, PART_C=f32, rows=tr, cols=tc, CP=tcp, n_cb=cdiv(tcp, bc), group_rows=256,
+                     n_groups=LSE_GROUPS, scale2=1.44), dict(MIRROR=mirror, BLOCK_R=br, BLOCK_C=bc), warps)
+            br, bc, warps = TILES["tile_probs"]
+            add(f"tile_probs{tag}{mtag}[graph]", _tile_probs_kernel, dict(tile, PT=buf),
+                dict(MIRROR=mirror, BLOCK_R=br, BLOCK_C=bc), warps)
+        br, bc, warps = TILES["grads"]
+        add(f"grads{tag}[graph]", _tile_grads_kernel, dict(tile, DPA=buf, DPB=buf, DELTA=f32, scale=1.0),
+            dict(BLOCK_R=br, BLOCK_C=bc), warps)
+    block, warps = MASK_TILE
+    add("mask_tile[graph]", _mask_tile_kernel, dict(S=buf, KEYS=i64, n_keys=86016, n=131072, row0=8192, col0=126976,
+                                                   cols=4096, CP=4096), dict(BLOCK=block), warps)
+    shapes = {"seq-L197": (197, 197, 208, i8), "seq-L4096": (4096, 4096, 4096, None)}
+    for where, (rows, cols, cp, valid) in shapes.items():
         has_valid = valid is not None
         valid = valid if has_valid else buf
-        dims = dict(R=rows, C=cols, CP=cp, row0=row0)
+        dims = dict(R=rows, C=cols, CP=cp)
         br, bc, warps = TILES["lse"]
         add(f"lse[{where}]", _lse_partial_kernel, dict(S=buf, PART=f32, VALID=valid, **dims, n_cblocks=cdiv(cp, bc),
                                                          scale2=1.44), dict(HAS_VALID=has_valid, BLOCK_R=br,
                                                                             BLOCK_C=bc), warps)
         probs = dict(S=buf, LSE=f32, VALID=valid, **dims, scale2=1.44)
         br, bc, warps = TILES["probs"]
-        if where == "graph":  # forward row chunks (not dual), backward tile pairs
-            add(f"probs[{where}]", _probs_kernel, probs, dict(DUAL=False, HAS_VALID=False, BLOCK_R=br, BLOCK_C=bc),
-                warps)
-            br, bc, warps = TILES["grads"]
-            for tag, (tr, tc, tcp) in {"": (4096, 4096, 4096), "-ragged": (4096, 1001, 1008)}.items():
-                add(f"grads{tag}[{where}]", _tile_grads_kernel,
-                    dict(S=buf, DPA=buf, DPB=buf, LSE=f32, DELTA=f32, rows=tr, cols=tc, CP=tcp, row0=8192,
-                         col0=126976, scale2=1.44, scale=1.0), dict(BLOCK_R=br, BLOCK_C=bc), warps)
-            block, warps = MASK_TILE
-            add(f"mask_tile[{where}]", _mask_tile_kernel, dict(S=buf, KEYS=i64, n_keys=86016, n=cols, row0=8192,
-                                                                col0=126976, cols=4096, CP=4096), dict(BLOCK=block),
-                warps)
-            continue
         sbr, sbc, swarps = _softmax_tile(cp)
         add(f"softmax[{where}]", _softmax_kernel, probs, dict(HAS_VALID=has_valid, BLOCK_R=sbr, BLOCK_C=sbc), swarps)
         bt, _, pair_warps = TILES["pair"]
@@ -1334,7 +1443,7 @@ def aot_specs(dtype: str = "bf16", d: int = 0, cc: int = 90):
         add(f"pair_delta[{where}]", _pair_delta_kernel, dict(pair, PART=f32, n_t=cdiv(cp, bt), scale2=1.44),
             dict(HAS_VALID=has_valid, BLOCK=bt), pair_warps)
     br, bc, warps = _softmax_tile(SOFTMAX_MAX_C)  # the widest rows the fused softmax takes
-    add("softmax[seq-L8192]", _softmax_kernel, dict(S=buf, LSE=f32, VALID=buf, R=8192, C=8192, CP=8192, row0=0,
+    add("softmax[seq-L8192]", _softmax_kernel, dict(S=buf, LSE=f32, VALID=buf, R=8192, C=8192, CP=8192,
                                                     scale2=1.44), dict(HAS_VALID=False, BLOCK_R=br, BLOCK_C=bc), warps)
     for dim in (197, 768, MAX_ROW_D):
         bm, bd, warps = _row_tile(dim)
