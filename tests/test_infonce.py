@@ -4,6 +4,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from traffic import Traffic
 
 from sslcore import InfoNCELoss, NTXentLoss
 from sslcore.functional import nt_xent, supcon
@@ -595,7 +596,7 @@ def test_row_kernels_are_the_triton_path(monkeypatch, seed):
 # Bytes.  One NT-Xent forward + backward at the goal shape (M = 65,536, D = 256, bf16) on meta tensors, the
 # launches replaced by a recorder: each Triton launch counted by the tensors it declares (every distinct
 # tensor argument once, plus the rows a row kernel gathers: each row's positives, and in the backward the rows
-# naming it), every torch op by the dispatch mode of tests/test_contranorm.py (custom ops opened up).
+# naming it), every torch op by the dispatch mode of tests/traffic.py (custom ops opened up).
 # Model (docs/architecture.md, InfoNCE, "Bytes"): ROW_PASSES passes over [M, D] in bf16 -- forward: the row
 # kernel reads z and its positives' rows, writes zhat; the LSE kernel reads zhat; backward: the LSE kernel
 # reads zhat and writes dzhat, the row kernel reads zhat, the positives' zhat and dzhat and writes dz -- plus
@@ -610,7 +611,6 @@ GOAL_M, GOAL_D = 65536, 256
 
 @pytest.mark.parametrize("form", ["pairs", "pos_index"])
 def test_bytes_per_call_at_the_goal_shape(form, monkeypatch):
-    from test_contranorm import _Traffic
     moved = []
 
     def record(tensors, gathered=0):
@@ -632,7 +632,7 @@ def test_bytes_per_call_at_the_goal_shape(form, monkeypatch):
     kw = {}
     if form == "pos_index":
         kw["pos_index"] = torch.empty(GOAL_M, 2, device="meta", dtype=torch.int64)
-    with _Traffic("meta") as ops:
+    with Traffic("meta") as ops:
         loss = infonce(z, temperature=0.5, validate=False, **kw)
         torch.autograd.grad(loss, z)
     glue, kernels = sum(ops.bytes.values()), sum(moved)
