@@ -67,7 +67,7 @@ def test_training_steps_lower_the_loss_and_reach_the_encoder(case, seed):
     data = torch.rand(N_TRAIN, 1, 8, 8)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for step in range(10):
+    for step in range(16):  # 10 steps: Barlow Twins' loss, flat after its first step, rose in 4 of 500 seeds
         index = torch.randperm(N_TRAIN)[:B]
         views = [data[index] + 0.1 * torch.randn(B, 1, 8, 8) for _ in range(model.n_views)]
         loss = model.loss(views, index=index, epoch=1 + step // 4)
