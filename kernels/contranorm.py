@@ -495,16 +495,20 @@ if HAS_TRITON:
         return tl.load(LSE + idx, mask=mask, other=0.0) * 1.4426950408889634
 
     @triton.jit
+    def _row_lse2(s):
+        """Each row's ``log2 sum exp2(s)`` of a tile of base-2 logits (masked entries -inf; -inf if none)."""
+        m = tl.max(s, 1)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        return m + tl.log2(tl.sum(tl.exp2(s - m_safe[:, None]), 1))
+
+    @triton.jit
     def _lse_partial_kernel(S, PART, VALID, R, C, CP, n_cblocks, scale2,
                             HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """``PART[b, r, k] = log sum_{c in block k} exp(scale S_rc)`` over unmasked pairs (-inf if none)."""
         pid_c, pid_r, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs, inb, keep, _, _, rmask, _ = _tile(b, pid_r, pid_c, R, C, CP, VALID, HAS_VALID, BLOCK_R, BLOCK_C)
         s, keep = _logits(S, offs, inb, keep, scale2)
-        s = tl.where(keep, s, float("-inf"))
-        m = tl.max(s, 1)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        part = (m + tl.log2(tl.sum(tl.exp2(s - m_safe[:, None]), 1))) * 0.6931471805599453
+        part = _row_lse2(tl.where(keep, s, float("-inf"))) * 0.6931471805599453
         r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         tl.store(PART + (b * R + r).to(tl.int64) * n_cblocks + pid_c, part, mask=rmask)
 
@@ -529,24 +533,25 @@ if HAS_TRITON:
         pid_r, b = tl.program_id(0), tl.program_id(1)
         offs, inb, keep, stat_r, _, rmask, _ = _tile(b, pid_r, 0, R, C, CP, VALID, HAS_VALID, BLOCK_R, BLOCK_C)
         s, keep = _logits(S, offs, inb, keep, scale2)
-        s = tl.where(keep, s, float("-inf"))
-        m = tl.max(s, 1)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        lse2 = m + tl.log2(tl.sum(tl.exp2(s - m_safe[:, None]), 1))
+        lse2 = _row_lse2(tl.where(keep, s, float("-inf")))
         p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
         tl.store(S + offs, p.to(S.dtype.element_ty), mask=inb)
         tl.store(LSE + stat_r, lse2 * 0.6931471805599453, mask=rmask)
 
     @triton.jit
-    def _graph_block(S, rows, cols, CP, scale2, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        """The block of a graph's tile that program (column block, row block) takes: its rows and columns, the
-        offsets, ``inb`` (padding columns included) and the logits in base-2 units with ``keep``."""
-        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    def _graph_block(S, r, c, rows, cols, CP, scale2):
+        """Rows ``r`` and columns ``c`` of a graph's tile: the offsets, ``inb`` (padding columns included) and the
+        logits in base-2 units with ``keep``."""
         inb = (r < rows)[:, None] & (c < CP)[None, :]
         offs = r.to(tl.int64)[:, None] * CP + c[None, :]
         s, keep = _logits(S, offs, inb, (r < rows)[:, None] & (c < cols)[None, :], scale2)
-        return r, c, offs, inb, s, keep
+        return offs, inb, s, keep
+
+    @triton.jit
+    def _program_block(BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """The rows and columns of the block that program (column block, row block) takes."""
+        return (tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R),
+                tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C))
 
     @triton.jit
     def _tile_lse_kernel(S, PART_R, PART_C, rows, cols, CP, n_cb, group_rows, n_groups, scale2,
@@ -561,13 +566,9 @@ if HAS_TRITON:
         l_c = tl.zeros([BLOCK_C], dtype=tl.float32)
         for r0 in range(pid_g * group_rows, tl.minimum(rows, (pid_g + 1) * group_rows), BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
-            inb = (r < rows)[:, None] & (c < CP)[None, :]
-            offs = r.to(tl.int64)[:, None] * CP + c[None, :]
-            s, keep = _logits(S, offs, inb, (r < rows)[:, None] & (c < cols)[None, :], scale2)
+            offs, inb, s, keep = _graph_block(S, r, c, rows, cols, CP, scale2)
             s = tl.where(keep, s, float("-inf"))
-            m = tl.max(s, 1)
-            m_safe = tl.where(m == float("-inf"), 0.0, m)
-            part = (m + tl.log2(tl.sum(tl.exp2(s - m_safe[:, None]), 1))) * 0.6931471805599453
+            part = _row_lse2(s) * 0.6931471805599453
             tl.store(PART_R + r.to(tl.int64) * n_cb + pid_c, part, mask=r < rows)
             if MIRROR:
                 m_new = tl.maximum(m_c, tl.max(s, 0))
@@ -583,7 +584,8 @@ if HAS_TRITON:
                            MIRROR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """A graph's tile ``S_IJ`` (rows ``row0 + i``, columns ``col0 + j``), in place: ``S <- P_IJ`` and, with
         MIRROR, ``PT <- (P_JI)^T`` (``P_ji`` at [i, j]) from the same element."""
-        r, c, offs, inb, s, keep = _graph_block(S, rows, cols, CP, scale2, BLOCK_R, BLOCK_C)
+        r, c = _program_block(BLOCK_R, BLOCK_C)
+        offs, inb, s, keep = _graph_block(S, r, c, rows, cols, CP, scale2)
         p_rc = tl.where(keep, tl.exp2(s - _lse2(LSE, row0 + r, r < rows)[:, None]), 0.0)
         tl.store(S + offs, p_rc.to(S.dtype.element_ty), mask=inb)
         if MIRROR:
@@ -596,7 +598,8 @@ if HAS_TRITON:
         """A graph's tile (I, J): rows ``row0 + r``, columns ``col0 + c``, ``DPA = dP_IJ`` and ``DPB = (dP_JI)^T``
         (both indexed [i, j]).  In place: ``S <- P_ji`` (A of rows I), ``DPA <- T_ij`` (T of both, T is symmetric),
         ``DPB <- P_ij`` (A of rows J, transposed)."""
-        r, c, offs, inb, s, keep = _graph_block(S, rows, cols, CP, scale2, BLOCK_R, BLOCK_C)
+        r, c = _program_block(BLOCK_R, BLOCK_C)
+        offs, inb, s, keep = _graph_block(S, r, c, rows, cols, CP, scale2)
         p_rc = tl.where(keep, tl.exp2(s - _lse2(LSE, row0 + r, r < rows)[:, None]), 0.0)
         p_cr = tl.where(keep, tl.exp2(s - _lse2(LSE, col0 + c, c < cols)[None, :]), 0.0)
         d_r = tl.load(DELTA + row0 + r, mask=r < rows, other=0.0)[:, None]
@@ -1094,12 +1097,12 @@ class _TorchStages:
 
     @classmethod
     def tile_lse(cls, s, mirror, scale):
-        x = s.to(_wide(s)) * scale
+        x = cls._logits(s, None, scale)
         return torch.logsumexp(x[0], -1), torch.logsumexp(x[0], 0) if mirror else None
 
     @classmethod
     def tile_probs(cls, s, pt, lse, row0, col0, scale):
-        x = s.to(_wide(s)) * scale
+        x = cls._logits(s, None, scale)
         if pt is not None:
             pt.copy_(cls._p(x, lse[None, col0:col0 + s.shape[2]]))
         s.copy_(cls._p(x, lse[row0:row0 + s.shape[1], None]))
@@ -1107,7 +1110,7 @@ class _TorchStages:
     @classmethod
     def tile_grads(cls, s, dpa, dpb, lse, delta, row0, col0, scale):
         rows, cols = slice(row0, row0 + s.shape[1]), slice(col0, col0 + s.shape[2])
-        x = s.to(_wide(s)) * scale
+        x = cls._logits(s, None, scale)
         p_rc, p_cr = cls._p(x, lse[rows, None]), cls._p(x, lse[None, cols])
         t = p_rc * (dpa - delta[rows, None]) + p_cr * (dpb - delta[None, cols])
         s.copy_(p_cr)

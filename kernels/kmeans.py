@@ -248,6 +248,16 @@ def _(x, centroids):
 # Public functional API.
 
 
+def _backend_for(x: torch.Tensor, backend: str) -> str:
+    """The backend that runs ``x``: fp64 runs on torch (``backend='triton'`` refuses it)."""
+    be = resolve_backend(backend, x.device)
+    if x.dtype == torch.float64:
+        if backend == "triton":
+            raise TypeError("backend='triton' takes float32/float16/bfloat16 inputs, got float64")
+        be = "torch"
+    return be
+
+
 @torch.no_grad()
 def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, *, backend: str = "auto", validate: bool | None = None):
     """Nearest centroid by squared L2: ``(labels int64 [N], distances [N])``, ties to the lowest index.
@@ -261,11 +271,7 @@ def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, *, backend: str = "a
     :func:`~sslcore.kernels._backend.validating`.
     """
     _check_assign(x, centroids, validate)
-    be = resolve_backend(backend, x.device)
-    if x.dtype == torch.float64:
-        if backend == "triton":
-            raise TypeError("backend='triton' takes float32/float16/bfloat16 inputs, got float64")
-        be = "torch"
+    be = _backend_for(x, backend)
     if be == "torch":
         return _assign_torch(x, centroids)
     return _assign_op(x.contiguous(), centroids.contiguous())
@@ -320,11 +326,7 @@ def kmeans_update(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, *, det
         raise ValueError(f"n_clusters must be an integer >= 1, got {n_clusters!r}")
     if labels.device != x.device:
         raise ValueError(f"labels are on {labels.device} but x is on {x.device}")
-    be = resolve_backend(backend, x.device)
-    if x.dtype == torch.float64:
-        if backend == "triton":
-            raise TypeError("backend='triton' takes float32/float16/bfloat16 inputs, got float64")
-        be = "torch"
+    be = _backend_for(x, backend)
     if validating(x.device, validate) and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_clusters):
         raise ValueError(f"labels must lie in [0, {n_clusters})")
     wide = torch.promote_types(x.dtype, torch.float32)

@@ -154,6 +154,16 @@ def test_launch_signature_marks_what_the_launcher_marks():
     assert all(v == [["tt.divisibility", 16]] for v in attrs.values())
 
 
+class _Recorder:
+    """A kernel's launcher replaced: ``kernel[grid](*args, **meta)`` records the keyword arguments in ``seen``."""
+
+    def __init__(self, seen: dict):
+        self.seen = seen
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.seen.update(meta)
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("d", [128, 256, 100])
 def test_kmeans_specs_are_what_a_launch_passes(monkeypatch, dtype, d):
@@ -166,14 +176,9 @@ def test_kmeans_specs_are_what_a_launch_passes(monkeypatch, dtype, d):
     import sslcore.kernels.kmeans as km
 
     seen = {}
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **meta: seen.update(meta)
-
     for module in (tiles, km):
         monkeypatch.setattr(module, "interpreting", lambda: False)
-    monkeypatch.setattr(km, "_assign_tuned", Recorder())
+    monkeypatch.setattr(km, "_assign_tuned", _Recorder(seen))
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     km._assign_op(torch.randn(300, d).to(dt), torch.randn(8192, d).to(dt))
     expected = km.aot_specs(dtype, d)[0].constexprs
@@ -191,13 +196,8 @@ def test_piece_sums_spec_is_what_a_launch_passes(monkeypatch, dtype, d):
     import sslcore.kernels.kmeans as km
 
     seen = {}
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **meta: seen.update(meta)
-
     monkeypatch.setattr(km, "interpreting", lambda: False)
-    monkeypatch.setattr(km, "_piece_sums_kernel", Recorder())
+    monkeypatch.setattr(km, "_piece_sums_kernel", _Recorder(seen))
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     km._piece_sums(torch.randn(300, d).to(dt), torch.randint(0, 50, (300,)), 50)
     spec = next(s for s in km.aot_specs(dtype, d) if s.name.startswith("kmeans_piece_sums"))
