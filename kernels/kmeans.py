@@ -175,6 +175,39 @@ if HAS_TRITON:
         tl.store(PART + p.to(tl.int64) * stride_p + cols, tl.sum(acc, 0), mask=cmask)
 
 
+    @triton.jit
+    def _trials_kernel(X, C, BEST, M, PART, N, D, T, stride_x, n_prog,
+                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, UPCAST: tl.constexpr):
+        """Greedy k-means++'s trials: ``M[t, i] = min(BEST[i], max(0, |x_i|^2 + |c_t|^2 - 2 x_i.c_t))`` for the
+        T candidate rows of C, and ``PART[t, p]``, the sum of program ``p``'s rows of ``M[t]``.  One read of X:
+        each chunk of a row block gives ``|x_i|^2`` (fp32) and its products with every candidate at once
+        (``[BLOCK_M, BLOCK_T]``, tensor cores for fp16/bf16 -- exact products, fp32 sums -- IEEE fp32 otherwise)."""
+        p = tl.program_id(0)
+        rows = p.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < N
+        cols = tl.arange(0, BLOCK_D)
+        ts = tl.arange(0, BLOCK_T)
+        tmask = ts < T
+        x_ptrs = X + rows[:, None] * stride_x + cols[None, :]
+        c_ptrs = C + ts[:, None] * D + cols[None, :]
+        dot = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
+        xx = tl.zeros([BLOCK_M], dtype=tl.float32)
+        cc = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cmask = (d0 + cols) < D
+            x = tl.load(x_ptrs + d0, mask=rmask[:, None] & cmask[None, :], other=0.0)
+            c = tl.load(c_ptrs + d0, mask=tmask[:, None] & cmask[None, :], other=0.0)
+            xf, cf = x.to(tl.float32), c.to(tl.float32)
+            xx += tl.sum(xf * xf, 1)
+            cc += tl.sum(cf * cf, 1)
+            if UPCAST:  # the interpreter's bf16 dot multiplies bit patterns
+                x, c = xf, cf
+            dot = tl.dot(x, tl.trans(c), dot, input_precision="ieee")
+        best = tl.load(BEST + rows, mask=rmask, other=0.0)  # rows past N: min(0, d) = 0, nothing to the sums
+        m = tl.minimum(best[:, None], tl.maximum(xx[:, None] + cc[None, :] - 2.0 * dot, 0.0))
+        tl.store(M + ts[None, :].to(tl.int64) * N + rows[:, None], m, mask=rmask[:, None] & tmask[None, :])
+        tl.store(PART + ts * n_prog + p, tl.sum(m, 0), mask=tmask)
+
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): 128 rows over two warpgroups, centroid tiles 64 or 128
 # wide; tests/test_compile.py compiles each, as launched, for sm_80 and sm_90a.  None timed on a GPU yet.
 ASSIGN_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2)]
@@ -201,7 +234,8 @@ def _launch_meta(dtype: torch.dtype, d: int) -> dict:
 def aot_specs(dtype: str = "bf16", d: int = 128, cc: int = 90):
     """Every autotune config of the assignment as a :class:`KernelSpec` (tests/test_compile.py), with the
     launch arguments of N = 10^7 points and K = 8192 centroids (pointers aligned, dims divisible by 16) and
-    the constexprs :func:`_launch_meta` gives a launch; then the update's piece-sum kernel as a GPU launches it."""
+    the constexprs :func:`_launch_meta` gives a launch; then the update's piece-sum kernel and k-means++'s trials
+    kernel as a GPU launches them."""
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     t, f32 = torch.empty(16, dtype=torch_dtype), torch.empty(16)
     args = dict(X=t, C_NEG=t, C_EXACT=f32, HALF_NORM=f32, LABEL=torch.empty(16, dtype=torch.int64), DIST=f32,
@@ -215,6 +249,12 @@ def aot_specs(dtype: str = "bf16", d: int = 128, cc: int = 90):
     specs.append(KernelSpec(f"kmeans_piece_sums[{br}x{bd}w{warps}]", _piece_sums_kernel,
                             dict(X=t, ORDER=i64, PIECE_ROW0=i64, PIECE_ROWS=i64, PART=f32, D=d, stride_x=d,
                                  stride_p=d), dict(BLOCK_R=br, BLOCK_D=bd), warps, 1, mma=False))
+    bm, bd, bt, warps = _trial_tile(d, 11, torch_dtype.itemsize, interpreted=False)  # 11 candidates: K = 8192
+    specs.append(KernelSpec(f"kmeans_trials[{bm}x{bd}x{bt}w{warps}]", _trials_kernel,
+                            dict(X=t, C=t, BEST=f32, M=f32, PART=f32, N=10**7, D=d, T=11, stride_x=d,
+                                 n_prog=cdiv(10**7, bm)), dict(BLOCK_M=bm, BLOCK_D=bd, BLOCK_T=bt, UPCAST=False),
+                            warps, 2,
+                            mma=False))
     return specs
 
 
@@ -378,6 +418,70 @@ def _sorted_segment_sums(x, labels, sums):
                                                                                           torch.ones_like(part))
         sums += torch.segment_reduce(x[idx].to(sums.dtype), "sum", lengths=lengths, axis=0, unsafe=True)
     return sums
+
+
+def _trial_tile(d: int, t: int, itemsize: int, interpreted: bool) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_D, BLOCK_T, num_warps)`` of the trials kernel: 128 rows in chunks of up to 256 bytes of
+    columns (128 at fp16/bf16; 64 at fp32, which spilled at 128 on sm_80) against all T candidates (padded
+    to 16: the tensor cores' narrowest tile), two warpgroups; in the interpreter 64 rows in chunks of up to 64
+    columns (so the tests reach one chunk and several at small D)."""
+    bt = max(16, next_pow2(t))
+    if interpreted:
+        return 64, min(next_pow2(d), 64), bt, 1
+    return 128, min(next_pow2(d), 256 // itemsize), bt, 8
+
+
+@torch.no_grad()
+def kmeans_trials(x: torch.Tensor, candidates: torch.Tensor, best: torch.Tensor, *, backend: str = "auto",
+                  validate: bool | None = None):
+    """Greedy k-means++'s trial step: ``(M [T, N], potentials float64 [T])`` with
+    ``M[t, i] = min(best_i, |x_i - c_t|^2)`` and ``potentials[t] = sum_i M[t, i]``.
+
+    ``candidates`` [T, D] in ``x``'s dtype (rows of ``x``: exact in it); ``best`` [N], the squared distance to
+    the nearest centre so far (+inf before the first), in fp32 (fp64 for fp64 points), M's dtype.  The
+    candidate kept is ``argmin potentials`` and its row of M is the next ``best``.  Distances by
+    scikit-learn's expansion ``|x|^2 + |c|^2 - 2 x.c`` clamped at 0: on Triton one read of X in its dtype,
+    the products of a row block with all T candidates on the tensor cores (fp16/bf16; fp32 in IEEE fp32),
+    fp32 sums per 128 rows added in float64; on torch (and for fp64) in row chunks in M's dtype
+    (docs/architecture.md, "k-means").
+    """
+    check_float("x", x, 2)
+    check_float("candidates", candidates, 2)
+    wide = torch.promote_types(x.dtype, torch.float32)
+    if candidates.dtype != x.dtype or candidates.shape[1] != x.shape[1] or candidates.device != x.device:
+        raise ValueError(f"candidates must be [T, {x.shape[1]}] {x.dtype} rows on {x.device}, got "
+                         f"{list(candidates.shape)} {candidates.dtype} on {candidates.device}")
+    if (not isinstance(best, torch.Tensor) or best.shape != (x.shape[0],) or best.dtype != wide
+            or best.device != x.device):
+        raise ValueError(f"best must be a {wide} tensor of shape [{x.shape[0]}] on {x.device}")
+    if validating(x.device, validate):
+        check_finite("candidates", candidates)
+    if _backend_for(x, backend) == "torch":
+        return _trials_torch(x, candidates, best)
+    n, d = x.shape
+    x, candidates = x.contiguous(), candidates.contiguous()
+    t = len(candidates)
+    bm, bd, bt, warps = _trial_tile(d, t, x.element_size(), interpreting())
+    g = cdiv(n, bm)
+    m = new_output((t, n), device=x.device, dtype=torch.float32)
+    part = new_output((t, g), device=x.device, dtype=torch.float32)
+    _trials_kernel[(g,)](x, candidates, best.contiguous(), m, part, n, d, t, x.stride(0), g,
+                         BLOCK_M=bm, BLOCK_D=bd, BLOCK_T=bt, UPCAST=upcast(x.dtype), num_warps=warps, num_stages=2)
+    return m, part.sum(1, dtype=torch.float64)
+
+
+def _trials_torch(x: torch.Tensor, candidates: torch.Tensor, best: torch.Tensor):
+    """:func:`kmeans_trials` by scikit-learn's expansion, in row chunks (~4 MB on a CPU: they stay in cache)."""
+    wide = best.dtype
+    c = candidates.to(wide)
+    cc = (c * c).sum(1)
+    m = torch.empty(len(c), x.shape[0], device=x.device, dtype=wide)
+    step = max(1, (1 << (19 if x.device.type == "cpu" else 25)) // x.shape[1])
+    for i in range(0, x.shape[0], step):
+        xs = x[i:i + step].to(wide)
+        dist = torch.addmm((xs * xs).sum(1, keepdim=True) + cc, xs, c.T, alpha=-2).clamp_min_(0)
+        torch.minimum(dist.T, best[i:i + step], out=m[:, i:i + step])
+    return m, m.sum(1, dtype=torch.float64)
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """k-means on the fused assignment / update kernels (``sslcore.kernels.kmeans``), with scikit-learn's API.
 
 :class:`KMeans` runs greedy k-means++ initialisation (scikit-learn's: ``2 + int(ln K)`` candidates per
-centre, the one that lowers the potential most kept) and Lloyd iterations on the data's device, in the
+centre, the one that lowers the potential most kept; one pass over X per centre through
+:func:`~sslcore.kernels.kmeans.kmeans_trials`) and Lloyd iterations on the data's device, in the
 data's dtype (fp16/bf16 points keep fp32 centres, cast once per assignment): every nearest-centroid query
 goes through :func:`~sslcore.kernels.kmeans.kmeans_assign` (no N x K matrix on the Triton path) and every
 centroid update through :func:`~sslcore.kernels.kmeans.kmeans_update` (deterministic segment sums); the
@@ -25,7 +26,7 @@ import torch
 
 from .files import atomic_torch_save
 from .kernels._backend import resolve_backend
-from .kernels.kmeans import kmeans_assign, kmeans_update
+from .kernels.kmeans import kmeans_assign, kmeans_trials, kmeans_update
 
 __all__ = ["KMeans"]
 
@@ -137,21 +138,6 @@ def _reseed(x, labels, dist, sums, counts):
     sums = torch.cat([sums, sums.new_zeros(1, sums.shape[1])]).index_copy_(0, dest, moved)[:k]
     counts = torch.cat([counts.index_add(0, home, -move.long()), counts.new_zeros(1)]).index_fill_(0, dest, 1)[:k]
     return sums, counts, move.sum()
-
-
-def _potentials(x: torch.Tensor, sq_norms: torch.Tensor, best: torch.Tensor, candidates: torch.Tensor):
-    """``sum_i min(best_i, |x_i - c_t|^2)`` for each candidate ``c_t`` (float64 [T]): one pass over ``x`` in
-    row chunks, distances by the expansion ``|x|^2 + |c|^2 - 2 x.c`` in the candidates' dtype (the centres':
-    fp32, fp64 for fp64 points; ``sq_norms`` = ``|x|^2`` in it; clamped at 0), as scikit-learn computes them,
-    summed in float64.  fp16/bf16 points are cast one chunk at a time."""
-    cc = (candidates * candidates).sum(1)
-    pot = torch.zeros(candidates.shape[0], dtype=torch.float64, device=x.device)
-    step = _row_chunk(x)
-    for i in range(0, x.shape[0], step):
-        rows = slice(i, i + step)
-        dist = torch.addmm(sq_norms[rows, None] + cc, x[rows].to(candidates.dtype), candidates.T, alpha=-2)
-        pot += torch.minimum(dist.clamp_min(0), best[rows, None].to(dist.dtype)).sum(0, dtype=torch.float64)
-    return pot
 
 
 def _is_int(v) -> bool:
@@ -386,28 +372,32 @@ class KMeans:
         """Greedy k-means++ (Arthur & Vassilvitskii 2007; scikit-learn's ``_kmeans_plusplus``): the first
         centre uniform; then ``2 + int(ln K)`` candidates drawn with probability proportional to the squared
         distance ``D_i`` to the nearest centre so far (inverse CDF of a float64 cumulative sum), and the
-        candidate whose addition gives the lowest potential ``sum_i min(D_i, |x_i - c|^2)`` kept.  Per centre:
-        one pass over X for the candidates' potentials (:func:`_potentials`) and one assignment against the
-        kept centre (its direct-difference distances update ``D``); all on the device, no host read."""
-        k, (n, d) = self._k, x.shape
-        trials, dtype = 2 + int(math.log(k)), _master_dtype(x.dtype)
-        step = _row_chunk(x)
-        sq_norms = torch.cat([(x[i:i + step].to(dtype) ** 2).sum(1) for i in range(0, n, step)])  # once
-        centers = torch.empty(k, d, device=x.device, dtype=dtype)
-        centers[:1] = x.index_select(0, torch.randint(n, (1,), generator=g, device=x.device))
-        best = self._assign(x, centers[:1])[1].double()
-        for j in range(1, k):
-            # every point on a chosen centre (a zero or non-finite total): draw uniformly
-            total = best.sum()
-            weight = torch.where((total > 0) & torch.isfinite(total), best, 1.0)
-            cdf = torch.cumsum(weight, 0)
-            u = torch.rand(trials, generator=g, device=x.device, dtype=torch.float64) * cdf[-1]
-            candidates = torch.searchsorted(cdf, u).clamp_max(n - 1)
-            pot = _potentials(x, sq_norms, best, x.index_select(0, candidates).to(dtype))
-            pick = candidates.index_select(0, torch.argmin(pot).reshape(1))  # not [0-dim]: that reads the host
-            centers[j:j + 1] = x.index_select(0, pick)
-            best = torch.minimum(best, self._assign(x, centers[j:j + 1])[1].double())
-        return centers
+        candidate whose addition gives the lowest potential ``sum_i min(D_i, |x_i - c|^2)`` kept; its row of
+        ``min(D, |x - c|^2)`` is the next ``D``.  One pass over X per centre (:func:`kmeans_trials`), all on
+        the device, no host read."""
+        k, n = self._k, x.shape[0]
+        trials = 2 + int(math.log(k))
+        first = torch.randint(n, (1,), generator=g, device=x.device)
+        picks = [first]
+        unset = torch.full((n,), float("inf"), device=x.device, dtype=_master_dtype(x.dtype))
+        best = kmeans_trials(x, x.index_select(0, first), unset, backend=self._kernel_backend, validate=False)[0][0]
+        for _ in range(1, k):
+            pick, best = self._greedy_centre(x, best, g, trials)
+            picks.append(pick)
+        return x.index_select(0, torch.cat(picks)).to(_master_dtype(x.dtype))
+
+    def _greedy_centre(self, x, best, g, trials: int):
+        """One step of greedy k-means++: ``(the kept point's index [1], the next D)``."""
+        n = x.shape[0]
+        cdf = torch.cumsum(best, 0, dtype=torch.float64)
+        total = cdf[-1:]
+        u = torch.rand(trials, generator=g, device=x.device, dtype=torch.float64)
+        drawn = torch.searchsorted(cdf, u * total)
+        # every point on a chosen centre (a zero or non-finite total): draw uniformly
+        drawn = torch.where((total > 0) & torch.isfinite(total), drawn, (u * n).long()).clamp_max(n - 1)
+        dist, pot = kmeans_trials(x, x.index_select(0, drawn), best, backend=self._kernel_backend, validate=False)
+        kept = torch.argmin(pot).reshape(1)  # not [0-dim]: indexing by that reads the host
+        return drawn.index_select(0, kept), dist.index_select(0, kept)[0]
 
     def _update(self, x, labels, dist, centers):
         """One M-step on the device: the means of the clusters, every cluster left empty re-seeded first

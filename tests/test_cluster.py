@@ -280,7 +280,8 @@ def kmeans_plusplus_ref(x: np.ndarray, k: int, seed: int, trials: int | None = N
 
 
 @pytest.mark.parametrize("dtype,backend", [(torch.float64, "torch"), (torch.float32, "torch"),
-                                           (torch.bfloat16, "torch"), (torch.float32, "triton")])
+                                           (torch.bfloat16, "torch"), (torch.float32, "triton"),
+                                           (torch.bfloat16, "triton")])
 def test_greedy_kmeans_plusplus_matches_a_transcription_of_scikit_learn(dtype, backend):
     x = noisy(n=203, d=5, seed=4).to(dtype)
     for k, seed in ((7, 0), (11, 5))[: 2 if backend == "torch" else 1]:  # 3 and 4 candidates per centre
@@ -618,3 +619,40 @@ def test_bytes_per_lloyd_iteration_at_the_goal_shape(monkeypatch):
     assert largest[1] < nbytes(x), f"a torch op moves as much as X: {largest}"
     total = kernels + sum(glue.values())
     assert total <= FIT_ITERATION_GB * 1e9, f"{total / 1e9:.2f} GB: {glue.most_common(8)}"
+
+
+# docs/architecture.md, k-means, "Initialisation": one centre of greedy k-means++ at N = 10^7, D = 128, bf16, the
+# 11 candidates K = 8192 draws, moves at most GREEDY_CENTRE_GB: the trials kernel 3.04 GB (its read of X, 2.56,
+# and its fp32 [11, N] output, 0.44), torch 0.28 (the float64 cumulative sum of D, the kept row of M, and
+# searchsorted charged a read of the whole CDF, 0.08, though it reads T log N elements): 3.33 counted.
+# Before kmeans_trials: a potentials pass over X with fp32 copies of its bf16 chunks, then an assignment, ~15 GB.
+GREEDY_CENTRE_GB = 3.4
+
+
+def test_bytes_per_greedy_centre_at_the_goal_shape(monkeypatch):
+    """Everything one greedy k-means++ centre moves on a GPU (the trials launch by the tensors it declares,
+    every torch op by a dispatch mode on meta tensors): one read of X and O(T N) more."""
+    km_mod = importlib.import_module("sslcore.kernels.kmeans")
+    monkeypatch.setattr(km_mod, "resolve_backend", lambda backend, device: "triton")
+    monkeypatch.setattr(km_mod, "interpreting", lambda: False)
+    monkeypatch.setenv("SSLCORE_POISON", "0")
+    launched = []
+
+    class Launch:  # the trials kernel: X, the candidates, D, M and the partial sums, each once
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launched.append(sum(t.numel() * t.element_size() for t in args[:5]))
+
+    monkeypatch.setattr(km_mod, "_trials_kernel", Launch())
+    n, d, k = 10**7, 128, 8192
+    x = torch.empty(n, d, device="meta", dtype=torch.bfloat16)
+    best = torch.empty(n, device="meta")
+    trials = 2 + int(math.log(k))
+    with Traffic("meta") as ops:
+        pick, new_best = KMeans(k)._greedy_centre(x, best, None, trials)
+    assert pick.shape == (1,) and new_best.shape == (n,) and len(launched) == 1
+    assert launched[0] == pytest.approx(x.numel() * 2 + trials * n * 4, rel=0.05), launched
+    glue = ops.bytes
+    largest = glue.most_common(1)[0]
+    assert largest[1] < 0.2 * x.numel() * 2, f"a torch op moves {largest}"
+    total = launched[0] + sum(glue.values())
+    assert total <= GREEDY_CENTRE_GB * 1e9, f"{total / 1e9:.2f} GB: {glue.most_common(8)}"

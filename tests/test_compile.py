@@ -202,3 +202,24 @@ def test_piece_sums_spec_is_what_a_launch_passes(monkeypatch, dtype, d):
     km._piece_sums(torch.randn(300, d).to(dt), torch.randint(0, 50, (300,)), 50)
     spec = next(s for s in km.aot_specs(dtype, d) if s.name.startswith("kmeans_piece_sums"))
     assert seen == dict(spec.constexprs, num_warps=spec.num_warps)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("d", [128, 256, 100])
+def test_trials_spec_is_what_a_launch_passes(monkeypatch, dtype, d):
+    """k-means++'s trials launch on a GPU (launcher replaced by a recorder) with the 11 candidates of K = 8192
+    passes the tile, warps and stages of its ``aot_specs`` entry, so the compile test builds the binary that runs."""
+    import torch
+
+    import sslcore.kernels._tiles as tiles
+    import sslcore.kernels.kmeans as km
+
+    seen = {}
+    for module in (tiles, km):
+        monkeypatch.setattr(module, "interpreting", lambda: False)
+    monkeypatch.setattr(km, "_trials_kernel", _Recorder(seen))
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    x = torch.randn(300, d).to(dt)
+    km.kmeans_trials(x, x[:11], torch.zeros(300), backend="triton")
+    spec = next(s for s in km.aot_specs(dtype, d) if s.name.startswith("kmeans_trials"))
+    assert seen == dict(spec.constexprs, num_warps=spec.num_warps, num_stages=spec.num_stages)

@@ -4,7 +4,14 @@ import importlib
 import pytest
 import torch
 
-from sslcore.kernels import kmeans_assign, kmeans_assign_ref, kmeans_update, kmeans_update_ref, nearest_cosine
+from sslcore.kernels import (
+    kmeans_assign,
+    kmeans_assign_ref,
+    kmeans_trials,
+    kmeans_update,
+    kmeans_update_ref,
+    nearest_cosine,
+)
 
 KM = importlib.import_module("sslcore.kernels.kmeans")
 
@@ -189,6 +196,43 @@ def test_piece_sums_refuse_float64():
         kmeans_update(torch.randn(5, 3, dtype=torch.float64), torch.zeros(5, dtype=torch.long), 2, backend="triton")
 
 
+@pytest.mark.parametrize("backend,dtype", [("triton", torch.float32), ("triton", torch.bfloat16),
+                                           ("triton", torch.float16), ("torch", torch.float32),
+                                           ("torch", torch.float64)])
+@pytest.mark.parametrize("n,d,t", [(203, 5, 3), (130, 100, 4), (64, 64, 1)])  # whole rows; chunks of 64 (ragged)
+def test_trials_match_float64_reference(seed, backend, dtype, n, d, t):
+    """k-means++'s trials (Triton interpreted: rows in one chunk of columns up to 64, in ragged chunks past it;
+    torch) against ``min(best, |x - c|^2)`` by float64 direct differences, with ``best`` mixing +inf, 0 and
+    distances either side of the candidates'; every element written (outputs NaN-poisoned)."""
+    x = torch.randn(n, d).to(dtype)
+    picks = torch.randint(n, (t,))
+    cand = x[picks]
+    wide = torch.promote_types(dtype, torch.float32)
+    ref_d = ((x.double()[None] - cand.double()[:, None]) ** 2).sum(-1)  # [t, n]
+    best = (ref_d[0] * torch.rand(n, dtype=torch.float64) * 2).to(wide)
+    best[::7], best[3::11] = float("inf"), 0.0
+    m, pot = kmeans_trials(x, cand, best, backend=backend)
+    want = torch.minimum(ref_d, best.double())
+    assert m.shape == (t, n) and m.dtype == wide and pot.dtype == torch.float64
+    tol = 1e-12 if dtype == torch.float64 else 1e-5  # the expansion: a few ulps of |x|^2 + |c|^2 (~2 d)
+    torch.testing.assert_close(m.double(), want, rtol=tol, atol=tol * 2 * d)
+    torch.testing.assert_close(pot, want.sum(1), rtol=tol, atol=tol * 2 * d * n)
+
+
+def test_trials_refuse_bad_input():
+    x = torch.randn(9, 4)
+    with pytest.raises(ValueError, match="candidates must be"):
+        kmeans_trials(x, torch.randn(2, 3), torch.zeros(9))
+    with pytest.raises(ValueError, match="candidates must be"):
+        kmeans_trials(x, torch.randn(2, 4).half(), torch.zeros(9))
+    with pytest.raises(ValueError, match="best must be"):
+        kmeans_trials(x, x[:2], torch.zeros(9, dtype=torch.float64))
+    with pytest.raises(ValueError, match="best must be"):
+        kmeans_trials(x, x[:2], torch.zeros(8))
+    with pytest.raises(ValueError, match="candidates contains NaN"):
+        kmeans_trials(x, torch.full((2, 4), float("nan")), torch.zeros(9), validate=True)
+
+
 def test_update_deterministic_bitwise(seed):
     x = torch.randn(2000, 17, device=_dev())
     labels = torch.randint(0, 11, (2000,), device=_dev())
@@ -228,7 +272,11 @@ def test_gpu_assignment_and_update_without_sync(seed, dtype, no_host_sync):
     with no_host_sync():
         labels, dist = kmeans_assign(x, c)
         sums, counts = kmeans_update(x, labels, 8192)
+        m, pot = kmeans_trials(x, c[:11], dist)  # k-means++'s trials, 11 candidates as at K = 8192
     rows = torch.arange(0, 300_001, 97, device="cuda")
+    want = torch.minimum(((x[rows].double()[None] - c[:11].double()[:, None]) ** 2).sum(-1), dist[rows].double())
+    torch.testing.assert_close(m[:, rows].double(), want, rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(pot, m.double().sum(1), rtol=1e-5, atol=0)
     ref_l, ref_d = kmeans_assign_ref(x[rows], c)
     clear = _margin(x[rows], c) > 1e-2 + _tc_slack(x[rows], c)
     assert (labels[rows][clear] == ref_l[clear]).all()
