@@ -23,8 +23,10 @@ an element at [i, j] too), one kernel turns them into ``A``, ``T`` and ``P_IJ``,
 into fp32 accumulators.  A graph's forward sweeps the pairs twice: first the partial LSEs of rows I over
 J and of rows J over I from one ``S_IJ``, then ``P_IJ`` and ``P_JI^T`` from another, ``Y_I += P_IJ V_J``,
 ``Y_J += P_JI V_I`` (fp32): one L x L read fewer than rows against all nodes, for half a pass of S more.
-Forward + backward: **6 L x L x D matmul passes** on sequences (2 + 4), ``5.5 + 2.5 sum_I R_I^2 / N^2``
-on a graph (5.58 at N = 131,072 in tiles of 4096).
+Forward + backward: **6 L x L x D matmul passes** on sequences (2 + 4) at most: the pair kernels read S
+only at tiles I <= J, so the backward computes it in panels of ``PANEL_ROWS`` rows against the columns from
+the panel's first row on (5.5625 passes at L = 4096); ``5.5 + 2.5 sum_I R_I^2 / N^2`` on a graph (5.58 at
+N = 131,072 in tiles of 4096).
 
 Around the chunks, four row kernels (each a whole row of D per program, fp32 arithmetic, input-dtype
 memory) do the rest: ``Q = H_hat`` and the reciprocal norms; ``H - s Y`` (``identity``:
@@ -69,6 +71,9 @@ LN2 = 0.6931471805599453
 # or graph rows, as fit (at least one).  bf16 at L = 4096: 4 sequences; a graph of N = 131,072: 512 rows.
 CHUNK_BYTES = 384 * 2**20
 N_BUFFERS = 3
+# The backward's S on sequences is symmetric and its pair kernels read only tiles I <= J: cuBLAS computes it in
+# panels of PANEL_ROWS rows against the columns from the panel's first row on (0.5625 of a pass at L = 4096).
+PANEL_ROWS = 512
 
 # ---------------------------------------------------------------------------------------------
 # Plain-torch references (they materialise the L x L / N x N matrix).
@@ -781,6 +786,12 @@ def _span(t):
     return t.shape[0] * t.stride(0) * t.element_size() if t.dim() else t.element_size()
 
 
+def _upper_span(s):
+    """Bytes of the tiles I <= J of a chunk buffer (the pair kernels' reads of S), diagonal tiles included."""
+    n_t = cdiv(s.stride(1), _tile_of("pair")[0])
+    return _span(s) * (n_t + 1) // (2 * n_t)
+
+
 def _launch(kernel, name, grid, args, meta, num_warps, moved):
     """Launch ``kernel`` and log ``name`` with the bytes of ``moved`` (the tensors it reads, then writes; an int:
     bytes of scattered accesses)."""
@@ -950,6 +961,8 @@ class _TorchRows:
 class _TritonStages:
     """The chunk stages as Triton kernels (in place on the chunk buffers)."""
 
+    UPPER_S = True  # the backward's pair kernels read S at tiles I <= J only (P_ji from S_ij)
+
     @staticmethod
     def lse(s, valid, scale):
         b, rows, cols = s.shape
@@ -989,7 +1002,7 @@ class _TritonStages:
         v, has_valid = _valid_arg(valid, s)
         _pair_launch(_pair_delta_kernel, "dual_delta", s, (s, dpr, lse, v, part, cols, s.stride(1), n_t,
                                                            scale * LOG2E), dict(HAS_VALID=has_valid),
-                     (s, dpr, lse, valid, part))
+                     (_upper_span(s), dpr, lse, valid, part))
         return part.sum(-1)
 
     @staticmethod
@@ -997,7 +1010,7 @@ class _TritonStages:
         cols = s.shape[2]
         v, has_valid = _valid_arg(valid, s)
         _pair_launch(_pair_grads_kernel, "grads", s, (s, dpr, lse, delta, v, cols, s.stride(1), scale * LOG2E, scale),
-                     dict(DUAL=dual, HAS_VALID=has_valid), (s, dpr, lse, delta, valid, s, dpr))
+                     dict(DUAL=dual, HAS_VALID=has_valid), (_upper_span(s), dpr, lse, delta, valid, s, dpr))
 
     @staticmethod
     def mask_tile(s, keys, n, row0, col0):
@@ -1039,6 +1052,8 @@ class _TritonStages:
 
 class _TorchStages:
     """The chunk stages in torch ops."""
+
+    UPPER_S = False  # they read all of S
 
     @staticmethod
     def _logits(s, valid, scale):
@@ -1143,16 +1158,24 @@ def _chunks(bsz, length, esize):
 def _buffer(b, rows, cols, like, spare=0):
     """A [b, rows, cols] chunk buffer whose rows start 16 elements apart (a view of a padded
     allocation): every kernel load and store is then a 16-byte vector, whatever L is.  ``spare``
-    elements more follow it (a scratch target for scattered writes)."""
+    elements more follow it (a scratch target for scattered writes).  NaN-poisoned under the tests
+    (``new_output``), so a kernel that reads what no stage wrote fails them."""
     cp = cols + -cols % 16
-    flat = torch.empty(b * rows * cp + spare, device=like.device, dtype=like.dtype)
+    flat = new_output((b * rows * cp + spare,), device=like.device, dtype=like.dtype)
     return flat.as_strided((b, rows, cols), (rows * cp, cp, 1))
 
 
-def _similarity(q, b0, b1):
-    """``S = Q_c Q_c^T`` for the sequences ``b0 .. b1``."""
+def _similarity(q, b0, b1, upper=False):
+    """``S = Q_c Q_c^T`` for the sequences ``b0 .. b1``; ``upper``: only what tiles I <= J of the pair kernels
+    read, by panels of :data:`PANEL_ROWS` rows (a multiple of the pair tile) against the columns from their
+    first row on; the rest of the buffer is left unwritten."""
     length = q.shape[1]
-    return _bmm(q[b0:b1], q[b0:b1].transpose(1, 2), out=_buffer(b1 - b0, length, length, q))
+    s = _buffer(b1 - b0, length, length, q)
+    tile = _tile_of("pair")[0]
+    step = cdiv(PANEL_ROWS, tile) * tile if upper else length
+    for r0 in range(0, length, step):
+        _bmm(q[b0:b1, r0:r0 + step], q[b0:b1, r0:].transpose(1, 2), out=s[:, r0:r0 + step, r0:])
+    return s
 
 
 def _stages(use_triton):
@@ -1225,7 +1248,7 @@ def _attend_bwd(q, v, g, lse, delta, dacc, valid, scale, dual, st):
     bsz, length, _ = q.shape
     dq = new_output(q.shape, device=q.device, dtype=q.dtype)
     for b0, b1 in _chunks(bsz, length, q.element_size()):
-        s = _similarity(q, b0, b1)
+        s = _similarity(q, b0, b1, upper=st.UPPER_S)
         dpr = _bmm(g[b0:b1], v[b0:b1].transpose(1, 2), out=_buffer(b1 - b0, length, length, g))
         vb = valid[b0:b1] if valid is not None else None
         d = st.dual_delta(s, dpr, lse[b0:b1], vb, scale) if dual else delta[b0:b1]

@@ -121,6 +121,19 @@ def test_rows_wider_than_the_fused_softmax_take_two_stages(seed, monkeypatch):
     assert {"lse", "probs"} <= set(log.kernels) and "softmax" not in log.kernels
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(dual=True, key_padding_mask=True)])
+def test_backward_similarity_in_panels(seed, monkeypatch, kw):
+    """The backward's S in panels of 16 rows (the interpreter's pair tile) against the columns from their first
+    row on, odd L: the same values and gradients as the float64 reference, with the chunk buffers NaN-poisoned
+    (tests/conftest.py), so a kernel reading S below the panels would fail; its products counted as the panels'."""
+    monkeypatch.setattr(K, "PANEL_ROWS", 16)
+    if kw.pop("key_padding_mask", False):
+        kw["key_padding_mask"] = _padded_batch()
+    with K.record_launches() as log:
+        _check((3, 37, 33), torch.float32, **kw)
+    assert log.passes(3, 37, 33) == pytest.approx(_sequence_passes(37, 16))
+
+
 def test_several_chunks(seed, small_chunks):
     assert len(K._chunks(5, 19, 4)) > 1
     _check((5, 19, 24), torch.float32)
@@ -378,6 +391,19 @@ def _graph_passes(n, tile):
     return (n * n + diag) / (n * n) + 1 + 1.5 * (n * n + diag) / (n * n) + 2
 
 
+def _sequence_passes(length, panel):
+    """Sequences' products in L x L x D passes: forward S and PV 2; backward S over panels of ``panel`` rows
+    against the columns from their first row on (0.5625 at L = 4096 in panels of 512), dPr, A G and T Q 3."""
+    upper = sum(min(panel, length - r0) * (length - r0) for r0 in range(0, length, panel))
+    return 2 + upper / length ** 2 + 3
+
+
+def test_sequence_passes_formula():
+    """By hand: L = 30 in panels of 16 rows, 16 x 30 and 14 x 14 elements of S; at the goal shape 36 / 64."""
+    assert _sequence_passes(30, 16) == pytest.approx(5 + (16 * 30 + 14 * 14) / 900)
+    assert _sequence_passes(4096, 512) == 5.5625 and _sequence_passes(30, 512) == 6
+
+
 def test_graph_passes_formula():
     """The formula against the products counted by hand (output elements times contraction length, over 2 D):
     N = 60 in 3 tiles of 20 rows, 6 pairs of which 3 on the diagonal."""
@@ -387,12 +413,16 @@ def test_graph_passes_formula():
     assert _graph_passes(60, 20) == pytest.approx((forward + 6 * per_pair + products) / (60 * 60)) == 5.5 + 2.5 / 3
 
 
-@pytest.mark.parametrize("kw,passes", [(dict(), 6), (dict(dual=True), 6), (dict(graph=True), _graph_passes(60, 16))])
-def test_matmul_passes(seed, kw, passes, small_chunks):
-    """Forward + backward launches 6 L x L x D matmul passes on sequences (dPr's mirror tile stands for
-    dPc) and on a graph 5.5 + 2.5 sum R_I^2 / N^2 (5.58 at the goal shape: its tile pairs compute S once for
-    both tiles and read dP_ji from dP_JI^T), however many chunks; one fused kernel per elementwise stage and
-    chunk (a graph: per tile pair), and the four row kernels once."""
+@pytest.mark.parametrize("kw,passes", [(dict(), 6), (dict(dual=True), 6), (dict(panel=16), _sequence_passes(30, 16)),
+                                       (dict(graph=True), _graph_passes(60, 16))])
+def test_matmul_passes(seed, kw, passes, small_chunks, monkeypatch):
+    """Forward + backward launches at most 6 L x L x D matmul passes on sequences (dPr's mirror tile stands for
+    dPc; the backward's S only where the pair kernels read it: 5.5625 at the goal shape) and on a graph
+    5.5 + 2.5 sum R_I^2 / N^2 (5.58 at the goal shape: its tile pairs compute S once for both tiles and read
+    dP_ji from dP_JI^T), however many chunks; one fused kernel per elementwise stage and chunk (a graph: per
+    tile pair), and the four row kernels once."""
+    if "panel" in kw:
+        monkeypatch.setattr(K, "PANEL_ROWS", kw.pop("panel"))
     graph = kw.pop("graph", False)
     shape = (60, 16) if graph else (4, 30, 16)
     h = torch.randn(*shape, device=_dev(), requires_grad=True)
@@ -422,17 +452,19 @@ def test_matmul_passes(seed, kw, passes, small_chunks):
 
 # Documented bounds (docs/architecture.md, ContraNorm, "Bytes"), bf16, one forward + backward: sequences move
 # at most LXL chunk-buffer passes of B L^2 elements (forward 4: S written, read and written as P by the fused
-# softmax, read by PV; backward 8: S and dPr written, both read and written by the pair kernel, A and T read by
-# their products; dual 3 more: the forward's two stages read S once more (the LSEs first: P + P^T needs all of
-# them), the pair kernel for delta reads S and dPr) plus BLD passes of B L D elements
-# (operands and outputs of the 6 products and of the 4 row kernels), and at most GLUE_BLD of one [B, L, D]
-# pass in torch ops other than the matmuls (combining the partial LSEs and deltas).  A graph's tile pairs re-read
+# softmax, read by PV; backward 7.07: S written in panels (0.5625), dPr written, the pair kernel reads S's tiles
+# I <= J (0.504) and dPr and writes A and T, A and T read by their products -- 8 before the panels; dual 2.5 more:
+# the forward's two stages read S once more (the LSEs first: P + P^T needs all of them), the pair kernel for
+# delta reads S's upper tiles and dPr) plus BLD passes of B L D elements (operands and outputs of the products --
+# the backward's panels read Q from their first row on -- and of the 4 row kernels; 28 before the panels), and
+# at most GLUE_BLD of one [B, L, D] pass in torch ops other than the matmuls (combining the partial LSEs and
+# deltas).  Counted now: 17.82 GB (LayerNorm 18.04, dual 20.67).  A graph's tile pairs re-read
 # the [N, D] operands per tile and accumulate Y, dV, dQ in fp32, so its bound is the model's total (415 GB, glue
 # 0.94: the partial LSEs' logsumexp, the fp32 accumulators zeroed, Y cast back; 442 GB with forward row chunks,
 # 638 also with backward row chunks and the dPc product).  The code before the row kernels (f2e1b2e), counted
 # the same way: 41.7 GB of which 22.8 of glue for sequences, 644 (8.1) for the graph.
-LXL = {False: 12, True: 15}
-BLD = 28
+LXL = {False: 11.1, True: 13.6}
+BLD = 31
 GLUE_BLD = 0.5
 SEQ = (32, 4096, 768)
 GOAL = {"sequences": (SEQ, {}), "sequences+layernorm": (SEQ, dict(ln=True)), "sequences+dual": (SEQ, dict(dual=True)),
@@ -477,7 +509,8 @@ def test_bytes_per_call_at_the_goal_shape(case, monkeypatch):
     glue = sum(ops.bytes.values()) - matmul
     total = sum(log.kernel_bytes) + matmul + glue
     rows = (shape[0], shape[1]) if len(shape) == 3 else (1, shape[0])
-    passes = 6 if len(shape) == 3 else _graph_passes(shape[0], K._graph_tile(shape[0], shape[1], 2))
+    passes = (_sequence_passes(shape[1], K.PANEL_ROWS) if len(shape) == 3
+              else _graph_passes(shape[0], K._graph_tile(shape[0], shape[1], 2)))
     assert log.passes(*rows, shape[-1]) == pytest.approx(passes)
     assert {"unit_rows", "combine", "grads", "combine_bwd", "finish"} <= set(log.kernels) and matmul > 0
     assert glue <= glue_gb * 1e9, f"torch glue moves {glue / 1e9:.3f} GB: {ops.bytes.most_common(6)}"
