@@ -16,7 +16,9 @@ per chunk c:
 where ``dP_ij = dPr_ij`` and ``dP_ji = dPr_ji`` is read from the transposed tile (one program per tile
 pair (I, J), (J, I) of the chunk's sequences: T is symmetric; dual: both ``dPr_ij + dPr_ji``), and
 ``delta_i = sum_j P_ij dP_ij`` (``= G_i . Y_i`` without dual).  S is symmetric, so
-``P_ji = exp(scale S_ij - LSE_j)`` comes from the same element as ``P_ij``.  A graph's tile pair computes
+``P_ji = exp(scale S_ij - LSE_j)`` comes from the same element as ``P_ij``: the forward's pair kernels too
+take each row's partial LSEs (rows I over J, rows J over I) and then ``P_IJ``, ``P_JI`` from the tiles I <= J
+of S alone.  A graph's tile pair computes
 ``S_IJ = Q_I Q_J^T`` once for both tiles, ``dP_IJ = G_I V_J^T`` and ``dP_JI^T = V_I G_J^T`` (so ``dP_ji`` is
 an element at [i, j] too), one kernel turns them into ``A``, ``T`` and ``P_IJ``, and the products add
 ``dV_I += A G_J``, ``dQ_I += T Q_J`` and, off the diagonal, ``dV_J += P_IJ^T G_I``, ``dQ_J += T^T Q_I``
@@ -24,9 +26,9 @@ into fp32 accumulators.  A graph's forward sweeps the pairs twice: first the par
 J and of rows J over I from one ``S_IJ``, then ``P_IJ`` and ``P_JI^T`` from another, ``Y_I += P_IJ V_J``,
 ``Y_J += P_JI V_I`` (fp32): one L x L read fewer than rows against all nodes, for half a pass of S more.
 Forward + backward: **6 L x L x D matmul passes** on sequences (2 + 4) at most: the pair kernels read S
-only at tiles I <= J, so the backward computes it in panels of ``PANEL_ROWS`` rows against the columns from
-the panel's first row on (5.5625 passes at L = 4096); ``5.5 + 2.5 sum_I R_I^2 / N^2`` on a graph (5.58 at
-N = 131,072 in tiles of 4096).
+only at tiles I <= J, so S is computed in panels of ``PANEL_ROWS`` rows against the columns from the panel's
+first row on (5.125 passes at L = 4096); ``5.5 + 2.5 sum_I R_I^2 / N^2`` on a graph (5.58 at N = 131,072 in
+tiles of 4096).
 
 Around the chunks, four row kernels (each a whole row of D per program, fp32 arithmetic, input-dtype
 memory) do the rest: ``Q = H_hat`` and the reciprocal norms; ``H - s Y`` (``identity``:
@@ -71,8 +73,9 @@ LN2 = 0.6931471805599453
 # or graph rows, as fit (at least one).  bf16 at L = 4096: 4 sequences; a graph of N = 131,072: 512 rows.
 CHUNK_BYTES = 384 * 2**20
 N_BUFFERS = 3
-# The backward's S on sequences is symmetric and its pair kernels read only tiles I <= J: cuBLAS computes it in
-# panels of PANEL_ROWS rows against the columns from the panel's first row on (0.5625 of a pass at L = 4096).
+# S on sequences is symmetric and the Triton pair kernels (forward and backward) read only its tiles I <= J:
+# cuBLAS computes it in panels of PANEL_ROWS rows against the columns from the panel's first row on (0.5625 of
+# a pass at L = 4096).
 PANEL_ROWS = 512
 
 # ---------------------------------------------------------------------------------------------
@@ -471,24 +474,6 @@ if HAS_TRITON:
         tl.store(DH + offs, dh.to(DH.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _tile(b, pid_r, pid_c, R, C, CP, VALID, HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr,
-              BLOCK_C: tl.constexpr):
-        """Offsets into the chunk buffer, the statistics' indices, ``inb`` (inside the buffer, padding columns
-        included: loads and stores stay 16-byte vectors) and ``keep`` (a real pair: in bounds, both tokens valid)."""
-        r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        inb = (r < R)[:, None] & (c < CP)[None, :]
-        offs = (b * R + r).to(tl.int64)[:, None] * CP + c[None, :]
-        stat_r = b.to(tl.int64) * C + r
-        stat_c = b.to(tl.int64) * C + c
-        keep = (r < R)[:, None] & (c < C)[None, :]
-        if HAS_VALID:
-            vr = tl.load(VALID + stat_r, mask=r < R, other=0)
-            vc = tl.load(VALID + stat_c, mask=c < C, other=0)
-            keep = keep & (vr != 0)[:, None] & (vc != 0)[None, :]
-        return offs, inb, keep, stat_r, stat_c, r < R, c < C
-
-    @triton.jit
     def _logits(S, offs, inb, keep, scale2):
         """The tile's ``scale * S`` in base-2 units (fp32) and where it counts (unmasked, not -inf)."""
         s = tl.load(S + offs, mask=inb, other=float("-inf")).to(tl.float32) * scale2
@@ -505,43 +490,6 @@ if HAS_TRITON:
         m = tl.max(s, 1)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         return m + tl.log2(tl.sum(tl.exp2(s - m_safe[:, None]), 1))
-
-    @triton.jit
-    def _lse_partial_kernel(S, PART, VALID, R, C, CP, n_cblocks, scale2,
-                            HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        """``PART[b, r, k] = log sum_{c in block k} exp(scale S_rc)`` over unmasked pairs (-inf if none)."""
-        pid_c, pid_r, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        offs, inb, keep, _, _, rmask, _ = _tile(b, pid_r, pid_c, R, C, CP, VALID, HAS_VALID, BLOCK_R, BLOCK_C)
-        s, keep = _logits(S, offs, inb, keep, scale2)
-        part = _row_lse2(tl.where(keep, s, float("-inf"))) * 0.6931471805599453
-        r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        tl.store(PART + (b * R + r).to(tl.int64) * n_cblocks + pid_c, part, mask=rmask)
-
-    @triton.jit
-    def _probs_kernel(S, LSE, VALID, R, C, CP, scale2,
-                      DUAL: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        """In place: ``S <- P`` (``P_rc = exp(scale S_rc - LSE_r)``), or with DUAL ``S <- P_rc + P_cr``."""
-        pid_c, pid_r, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        offs, inb, keep, stat_r, stat_c, rmask, cmask = _tile(b, pid_r, pid_c, R, C, CP, VALID, HAS_VALID,
-                                                               BLOCK_R, BLOCK_C)
-        s, keep = _logits(S, offs, inb, keep, scale2)
-        p = tl.where(keep, tl.exp2(s - _lse2(LSE, stat_r, rmask)[:, None]), 0.0)
-        if DUAL:
-            p += tl.where(keep, tl.exp2(s - _lse2(LSE, stat_c, cmask)[None, :]), 0.0)
-        tl.store(S + offs, p.to(S.dtype.element_ty), mask=inb)
-
-    @triton.jit
-    def _softmax_kernel(S, LSE, VALID, R, C, CP, scale2,
-                        HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Whole rows in one tile (``BLOCK_C >= CP``), in place: ``LSE_r = log sum_c exp(scale S_rc)`` over
-        unmasked pairs (-inf if none) and ``S <- P``: the LSE and probability stages in one read of S."""
-        pid_r, b = tl.program_id(0), tl.program_id(1)
-        offs, inb, keep, stat_r, _, rmask, _ = _tile(b, pid_r, 0, R, C, CP, VALID, HAS_VALID, BLOCK_R, BLOCK_C)
-        s, keep = _logits(S, offs, inb, keep, scale2)
-        lse2 = _row_lse2(tl.where(keep, s, float("-inf")))
-        p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
-        tl.store(S + offs, p.to(S.dtype.element_ty), mask=inb)
-        tl.store(LSE + stat_r, lse2 * 0.6931471805599453, mask=rmask)
 
     @triton.jit
     def _graph_block(S, r, c, rows, cols, CP, scale2):
@@ -605,8 +553,7 @@ if HAS_TRITON:
         ``DPB <- P_ij`` (A of rows J, transposed)."""
         r, c = _program_block(BLOCK_R, BLOCK_C)
         offs, inb, s, keep = _graph_block(S, r, c, rows, cols, CP, scale2)
-        p_rc = tl.where(keep, tl.exp2(s - _lse2(LSE, row0 + r, r < rows)[:, None]), 0.0)
-        p_cr = tl.where(keep, tl.exp2(s - _lse2(LSE, col0 + c, c < cols)[None, :]), 0.0)
+        p_rc, p_cr = _pair_probs(LSE, row0 + r, col0 + c, r < rows, c < cols, s, keep)
         d_r = tl.load(DELTA + row0 + r, mask=r < rows, other=0.0)[:, None]
         d_c = tl.load(DELTA + col0 + c, mask=c < cols, other=0.0)[None, :]
         dpa = tl.load(DPA + offs, mask=inb, other=0.0).to(tl.float32)
@@ -628,11 +575,12 @@ if HAS_TRITON:
         tl.store(S + i * CP + j, minus_inf, mask=(k < n_keys) & (j >= 0) & (j < cols))
 
     @triton.jit
-    def _pair(S, DPR, LSE, VALID, b, pid_r, pid_c, C, CP, scale2, HAS_VALID: tl.constexpr, BLOCK: tl.constexpr):
-        """Tile (I, J) = (pid_r, pid_c), I <= J, of a chunk of whole sequences [b, C, CP] and its mirror (J, I).
-        Returns the tile's and the mirror's offsets (the mirror's indexed [j, i]), the store masks (the mirror's
-        off on the diagonal), the statistics' indices, ``P_ij``, ``P_ji`` (both from ``S_ij``: S is symmetric),
-        ``dPr_ij`` and ``dPr_ji`` as [i, j] tiles, and ``keep``."""
+    def _pair_logits(S, VALID, b, pid_r, pid_c, C, CP, scale2, HAS_VALID: tl.constexpr, BLOCK: tl.constexpr):
+        """Tile (I, J) = (pid_r, pid_c), I <= J, of a chunk of whole sequences [b, C, CP] and its mirror (J, I):
+        the tile's and the mirror's offsets (the mirror's indexed [j, i]), the store masks (``inb`` with the
+        padding columns; the mirror's off on the diagonal), the statistics' indices and row masks of I and J,
+        and the tile's base-2 logits with ``keep`` -- the only read of S: S is symmetric, so the mirror's
+        ``S_ji`` is this tile's ``S_ij`` and the region below the tiles I <= J is never read."""
         i = pid_r * BLOCK + tl.arange(0, BLOCK)
         j = pid_c * BLOCK + tl.arange(0, BLOCK)
         seq = b.to(tl.int64) * C
@@ -645,11 +593,56 @@ if HAS_TRITON:
             keep = keep & (tl.load(VALID + seq + i, mask=i < C, other=0) != 0)[:, None]
             keep = keep & (tl.load(VALID + seq + j, mask=j < C, other=0) != 0)[None, :]
         s, keep = _logits(S, offs, inb, keep, scale2)
-        p_rc = tl.where(keep, tl.exp2(s - _lse2(LSE, seq + i, i < C)[:, None]), 0.0)
-        p_cr = tl.where(keep, tl.exp2(s - _lse2(LSE, seq + j, j < C)[None, :]), 0.0)
+        return offs, offs_t, inb, inb_t, seq + i, seq + j, i < C, j < C, s, keep
+
+    @triton.jit
+    def _pair_probs(LSE, stat_r, stat_c, rmask, cmask, s, keep):
+        """``P_ij`` and ``P_ji`` of a tile pair, both as [i, j] tiles, from the tile's logits."""
+        p_rc = tl.where(keep, tl.exp2(s - _lse2(LSE, stat_r, rmask)[:, None]), 0.0)
+        p_cr = tl.where(keep, tl.exp2(s - _lse2(LSE, stat_c, cmask)[None, :]), 0.0)
+        return p_rc, p_cr
+
+    @triton.jit
+    def _pair_lse_kernel(S, PART, VALID, C, CP, n_t, scale2, HAS_VALID: tl.constexpr, BLOCK: tl.constexpr):
+        """Row LSE partials of whole sequences from each tile I <= J, one read: ``PART[b, i, J] = log sum_{j in J}
+        exp(scale S_ij)`` and, from the same tile, ``PART[b, j, I]`` (S is symmetric); -inf where nothing counts."""
+        pid_c, pid_r, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        if pid_r > pid_c:
+            return
+        _, _, _, _, stat_r, stat_c, rmask, cmask, s, keep = _pair_logits(S, VALID, b, pid_r, pid_c, C, CP, scale2,
+                                                                         HAS_VALID, BLOCK)
+        s = tl.where(keep, s, float("-inf"))
+        tl.store(PART + stat_r * n_t + pid_c, _row_lse2(s) * 0.6931471805599453, mask=rmask)
+        tl.store(PART + stat_c * n_t + pid_r, _row_lse2(tl.trans(s)) * 0.6931471805599453,
+                 mask=cmask & (pid_r != pid_c))
+
+    @triton.jit
+    def _pair_softmax_kernel(S, LSE, VALID, C, CP, scale2, DUAL: tl.constexpr, HAS_VALID: tl.constexpr,
+                             BLOCK: tl.constexpr):
+        """In place, from each tile I <= J of S alone: ``S_IJ <- P_IJ`` and the mirror ``S_JI <- P_JI``, written
+        transposed (dual: ``P + P^T``, symmetric, on both).  No program reads what another writes."""
+        pid_c, pid_r, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        if pid_r > pid_c:
+            return
+        offs, offs_t, inb, inb_t, stat_r, stat_c, rmask, cmask, s, keep = _pair_logits(
+            S, VALID, b, pid_r, pid_c, C, CP, scale2, HAS_VALID, BLOCK)
+        p_rc, p_cr = _pair_probs(LSE, stat_r, stat_c, rmask, cmask, s, keep)
+        if DUAL:
+            p_rc = p_rc + p_cr
+            p_cr = p_rc
+        tl.store(S + offs, p_rc.to(S.dtype.element_ty), mask=inb)
+        tl.store(S + offs_t, tl.trans(p_cr).to(S.dtype.element_ty), mask=inb_t)
+
+    @triton.jit
+    def _pair(S, DPR, LSE, VALID, b, pid_r, pid_c, C, CP, scale2, HAS_VALID: tl.constexpr, BLOCK: tl.constexpr):
+        """:func:`_pair_logits` of tile (I, J) and its mirror, then ``P_ij``, ``P_ji`` and ``dPr_ij``, ``dPr_ji``,
+        all as [i, j] tiles (the mirror's ``dPr`` read transposed)."""
+        offs, offs_t, inb, inb_t, stat_r, stat_c, rmask, cmask, s, keep = _pair_logits(
+            S, VALID, b, pid_r, pid_c, C, CP, scale2, HAS_VALID, BLOCK)
+        p_rc, p_cr = _pair_probs(LSE, stat_r, stat_c, rmask, cmask, s, keep)
         dpr = tl.load(DPR + offs, mask=inb, other=0.0).to(tl.float32)
-        dpt = tl.trans(tl.load(DPR + offs_t, mask=(j < C)[:, None] & (i < C)[None, :], other=0.0).to(tl.float32))
-        return offs, offs_t, inb, inb_t, seq + i, seq + j, p_rc, p_cr, dpr, dpt, keep
+        dpt = tl.trans(tl.load(DPR + offs_t, mask=cmask[:, None] & rmask[None, :], other=0.0).to(tl.float32))
+        return offs, offs_t, inb, inb_t, stat_r, stat_c, p_rc, p_cr, dpr, dpt, keep
 
     @triton.jit
     def _pair_delta_kernel(S, DPR, LSE, VALID, PART, C, CP, n_t, scale2, HAS_VALID: tl.constexpr,
@@ -700,14 +693,11 @@ if HAS_TRITON:
 # (BLOCK_R, BLOCK_C, num_warps) per chunk kernel: memory-bound tiles of 16-byte loads with few live values per
 # thread ("pair": square tiles and their mirrors, ~70 registers: 7 programs an SM); tests/test_compile.py
 # compiles them for sm_80/sm_90a.
-TILES = {"lse": (32, 256, 4), "probs": (32, 256, 4), "grads": (32, 128, 4), "pair": (32, 32, 4),
+TILES = {"grads": (32, 128, 4), "pair": (32, 32, 4),
          "tile_lse": (32, 128, 4), "tile_probs": (32, 128, 4)}  # a graph's tiles: 32 x 128, as "grads"
 MASK_TILE = (1024, 4)  # (keys, num_warps) per program of the graph's -inf scatter
 LSE_GROUPS = 16  # a graph tile's LSE kernel: row groups (its programs: column blocks x groups; the mirror's partials)
 INTERP_TILE = (16, 16)  # under the interpreter: small, so test shapes span several tiles
-# The fused softmax stage holds whole rows: up to SOFTMAX_MAX_C padded columns, SOFTMAX_ELEMS elements a
-# program of 8 warps (16 a thread); longer rows (a graph's) take the two stages, partial LSEs then P.
-SOFTMAX_MAX_C, SOFTMAX_ELEMS = 8192, 4096
 # Row kernels: all of D in one tile (up to MAX_ROW_D; wider rows run the torch row stages, whose registers
 # would spill), ROW_ELEMS elements per program of 8 warps (8 a thread: 16-byte bf16 vectors); the backward's
 # PROGRAMS programs each sum the parameter gradients of their rows (deterministic, no atomics).
@@ -716,14 +706,6 @@ ROW_ELEMS, MAX_ROW_D, PROGRAMS = 2048, 4096, 1024
 
 def _tile_of(kind):
     return (*INTERP_TILE, 1) if interpreting() else TILES[kind]
-
-
-def _softmax_tile(cp):
-    """``(BLOCK_R, BLOCK_C, num_warps)`` of the fused softmax for rows of ``cp`` padded columns."""
-    bc = max(16, next_pow2(cp))
-    if interpreting():
-        return 4, bc, 1
-    return max(1, SOFTMAX_ELEMS // bc), bc, 8
 
 
 def _row_tile(d):
@@ -961,38 +943,21 @@ class _TorchRows:
 class _TritonStages:
     """The chunk stages as Triton kernels (in place on the chunk buffers)."""
 
-    UPPER_S = True  # the backward's pair kernels read S at tiles I <= J only (P_ji from S_ij)
+    UPPER_S = True  # the pair kernels read S at tiles I <= J only (P_ji from S_ij)
 
     @staticmethod
-    def lse(s, valid, scale):
-        b, rows, cols = s.shape
-        n_cblocks = cdiv(s.stride(1), _tile_of("lse")[1])
-        part = new_output((b, rows, n_cblocks), device=s.device, dtype=torch.float32)
+    def softmax(s, lse, valid, scale, dual):
+        """``lse <- LSE`` and ``s <- P`` (dual: ``P + P^T``) from S's tiles I <= J, the rest of ``s`` written, not
+        read: each row's partial LSEs per tile pair combined by ``logsumexp``, then the probabilities."""
+        b, cols = s.shape[0], s.shape[2]
+        n_t = cdiv(s.stride(1), _tile_of("pair")[0])
+        part = new_output((b, cols, n_t), device=s.device, dtype=torch.float32)
         v, has_valid = _valid_arg(valid, s)
-        _chunk_launch(_lse_partial_kernel, "lse", s, (s, part, v, rows, cols, s.stride(1), n_cblocks,
-                                                      scale * LOG2E), dict(HAS_VALID=has_valid), (s, valid, part))
-        return torch.logsumexp(part, -1)
-
-    @staticmethod
-    def probs(s, lse, valid, scale, dual):
-        b, rows, cols = s.shape
-        v, has_valid = _valid_arg(valid, s)
-        _chunk_launch(_probs_kernel, "probs", s, (s, lse, v, rows, cols, s.stride(1), scale * LOG2E),
-                      dict(DUAL=dual, HAS_VALID=has_valid), (s, lse, valid, s))
-
-    @classmethod
-    def softmax(cls, s, lse, valid, scale, dual):
-        """``lse <- LSE`` and ``s <- P``: one kernel for rows that fit on chip (not dual, which needs every row's
-        LSE first), else the two stages."""
-        b, rows, cols = s.shape
-        if dual or s.stride(1) > SOFTMAX_MAX_C:
-            lse.copy_(cls.lse(s, valid, scale))
-            return cls.probs(s, lse, valid, scale, dual)
-        v, has_valid = _valid_arg(valid, s)
-        br, bc, warps = _softmax_tile(s.stride(1))
-        _launch(_softmax_kernel, "softmax", (cdiv(rows, br), b), (s, lse, v, rows, cols, s.stride(1),
-                                                                   scale * LOG2E),
-                dict(HAS_VALID=has_valid, BLOCK_R=br, BLOCK_C=bc), warps, (s, valid, s, lse))
+        _pair_launch(_pair_lse_kernel, "pair_lse", s, (s, part, v, cols, s.stride(1), n_t, scale * LOG2E),
+                     dict(HAS_VALID=has_valid), (_upper_span(s), valid, part))
+        torch.logsumexp(part, -1, out=lse)
+        _pair_launch(_pair_softmax_kernel, "pair_softmax", s, (s, lse, v, cols, s.stride(1), scale * LOG2E),
+                     dict(DUAL=dual, HAS_VALID=has_valid), (_upper_span(s), lse, valid, s))
 
     @staticmethod
     def dual_delta(s, dpr, lse, valid, scale):
@@ -1192,7 +1157,7 @@ def _attend(q, v, valid, scale, dual, st):
     y = new_output(v.shape, device=v.device, dtype=v.dtype)
     lse = new_output((bsz, length), device=q.device, dtype=_wide(q))
     for b0, b1 in _chunks(bsz, length, q.element_size()):
-        s = _similarity(q, b0, b1)
+        s = _similarity(q, b0, b1, upper=st.UPPER_S)
         vb = valid[b0:b1] if valid is not None else None
         st.softmax(s, lse[b0:b1], vb, scale, dual)  # dual: whole sequences, so every LSE_j is known
         _bmm(s, v[b0:b1], out=y[b0:b1])
@@ -1417,7 +1382,7 @@ def aot_specs(dtype: str = "bf16", d: int = 0, cc: int = 90):
     """Every kernel variant as a :class:`KernelSpec` (tests/test_compile.py): the chunk kernels with the launch
     arguments of a graph's tiles (N = 131,072: a full one and a ragged one, with and without the mirror's
     statistics), of a padded, masked batch of sequences (L = 197, rows padded to 208) and of L = 4096
-    unmasked (the fused softmax also at its widest, 8192); the row kernels at D = 197, 768 and MAX_ROW_D,
+    unmasked; the row kernels at D = 197, 768 and MAX_ROW_D,
     without options and with all of them.  ``d`` is not used (the matmuls are cuBLAS calls; the row kernels
     list their own D)."""
     buf = torch.empty(16, dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
@@ -1445,32 +1410,24 @@ def aot_specs(dtype: str = "bf16", d: int = 0, cc: int = 90):
     block, warps = MASK_TILE
     add("mask_tile[graph]", _mask_tile_kernel, dict(S=buf, KEYS=i64, n_keys=86016, n=131072, row0=8192, col0=126976,
                                                    cols=4096, CP=4096), dict(BLOCK=block), warps)
-    shapes = {"seq-L197": (197, 197, 208, i8), "seq-L4096": (4096, 4096, 4096, None)}
-    for where, (rows, cols, cp, valid) in shapes.items():
+    shapes = {"seq-L197": (197, 208, i8), "seq-L4096": (4096, 4096, None)}
+    for where, (cols, cp, valid) in shapes.items():
         has_valid = valid is not None
         valid = valid if has_valid else buf
-        dims = dict(R=rows, C=cols, CP=cp)
-        br, bc, warps = TILES["lse"]
-        add(f"lse[{where}]", _lse_partial_kernel, dict(S=buf, PART=f32, VALID=valid, **dims, n_cblocks=cdiv(cp, bc),
-                                                         scale2=1.44), dict(HAS_VALID=has_valid, BLOCK_R=br,
-                                                                            BLOCK_C=bc), warps)
-        probs = dict(S=buf, LSE=f32, VALID=valid, **dims, scale2=1.44)
-        br, bc, warps = TILES["probs"]
-        sbr, sbc, swarps = _softmax_tile(cp)
-        add(f"softmax[{where}]", _softmax_kernel, probs, dict(HAS_VALID=has_valid, BLOCK_R=sbr, BLOCK_C=sbc), swarps)
         bt, _, pair_warps = TILES["pair"]
         pair = dict(S=buf, DPR=buf, LSE=f32, VALID=valid, C=cols, CP=cp)
+        add(f"pair_lse[{where}]", _pair_lse_kernel, dict(S=buf, PART=f32, VALID=valid, C=cols, CP=cp,
+                                                         n_t=cdiv(cp, bt), scale2=1.44),
+            dict(HAS_VALID=has_valid, BLOCK=bt), pair_warps)
         for dual in (False, True):
             tag = "-dual" if dual else ""
-            add(f"probs{tag}[{where}]", _probs_kernel, probs, dict(DUAL=dual, HAS_VALID=has_valid, BLOCK_R=br,
-                                                                   BLOCK_C=bc), warps)
+            add(f"pair_softmax{tag}[{where}]", _pair_softmax_kernel,
+                dict(S=buf, LSE=f32, VALID=valid, C=cols, CP=cp, scale2=1.44),
+                dict(DUAL=dual, HAS_VALID=has_valid, BLOCK=bt), pair_warps)
             add(f"pair_grads{tag}[{where}]", _pair_grads_kernel, dict(pair, DELTA=f32, scale2=1.44, scale=1.0),
                 dict(DUAL=dual, HAS_VALID=has_valid, BLOCK=bt), pair_warps)
         add(f"pair_delta[{where}]", _pair_delta_kernel, dict(pair, PART=f32, n_t=cdiv(cp, bt), scale2=1.44),
             dict(HAS_VALID=has_valid, BLOCK=bt), pair_warps)
-    br, bc, warps = _softmax_tile(SOFTMAX_MAX_C)  # the widest rows the fused softmax takes
-    add("softmax[seq-L8192]", _softmax_kernel, dict(S=buf, LSE=f32, VALID=buf, R=8192, C=8192, CP=8192,
-                                                    scale2=1.44), dict(HAS_VALID=False, BLOCK_R=br, BLOCK_C=bc), warps)
     for dim in (197, 768, MAX_ROW_D):
         bm, bd, warps = _row_tile(dim)
         rows = dict(M=131072, D=dim)

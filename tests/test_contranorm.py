@@ -112,20 +112,12 @@ def test_rows_wider_than_the_row_kernels_run_the_torch_row_steps(seed, monkeypat
     assert "grads" in log.kernels and "combine" not in log.kernels
 
 
-def test_rows_wider_than_the_fused_softmax_take_two_stages(seed, monkeypatch):
-    """Rows past SOFTMAX_MAX_C padded columns run the partial-LSE and probability kernels instead of the fused
-    softmax: the same values and gradients as the float64 reference."""
-    monkeypatch.setattr(K, "SOFTMAX_MAX_C", 16)
-    with K.record_launches() as log:
-        _check((3, 37, 33), torch.bfloat16, key_padding_mask=_padded_batch())
-    assert {"lse", "probs"} <= set(log.kernels) and "softmax" not in log.kernels
-
-
 @pytest.mark.parametrize("kw", [dict(), dict(dual=True, key_padding_mask=True)])
-def test_backward_similarity_in_panels(seed, monkeypatch, kw):
-    """The backward's S in panels of 16 rows (the interpreter's pair tile) against the columns from their first
-    row on, odd L: the same values and gradients as the float64 reference, with the chunk buffers NaN-poisoned
-    (tests/conftest.py), so a kernel reading S below the panels would fail; its products counted as the panels'."""
+def test_similarity_in_panels(seed, monkeypatch, kw):
+    """S, forward and backward, in panels of 16 rows (the interpreter's pair tile) against the columns from their
+    first row on, odd L: the same values and gradients as the float64 reference, with the chunk buffers
+    NaN-poisoned (tests/conftest.py), so a kernel reading S below the panels would fail; its products counted
+    as the panels'."""
     monkeypatch.setattr(K, "PANEL_ROWS", 16)
     if kw.pop("key_padding_mask", False):
         kw["key_padding_mask"] = _padded_batch()
@@ -392,16 +384,16 @@ def _graph_passes(n, tile):
 
 
 def _sequence_passes(length, panel):
-    """Sequences' products in L x L x D passes: forward S and PV 2; backward S over panels of ``panel`` rows
-    against the columns from their first row on (0.5625 at L = 4096 in panels of 512), dPr, A G and T Q 3."""
+    """Sequences' products in L x L x D passes: S, forward and backward, over panels of ``panel`` rows against
+    the columns from their first row on (0.5625 each at L = 4096 in panels of 512); PV, dPr, A G and T Q 4."""
     upper = sum(min(panel, length - r0) * (length - r0) for r0 in range(0, length, panel))
-    return 2 + upper / length ** 2 + 3
+    return 2 * upper / length ** 2 + 4
 
 
 def test_sequence_passes_formula():
     """By hand: L = 30 in panels of 16 rows, 16 x 30 and 14 x 14 elements of S; at the goal shape 36 / 64."""
-    assert _sequence_passes(30, 16) == pytest.approx(5 + (16 * 30 + 14 * 14) / 900)
-    assert _sequence_passes(4096, 512) == 5.5625 and _sequence_passes(30, 512) == 6
+    assert _sequence_passes(30, 16) == pytest.approx(4 + 2 * (16 * 30 + 14 * 14) / 900)
+    assert _sequence_passes(4096, 512) == 5.125 and _sequence_passes(30, 512) == 6
 
 
 def test_graph_passes_formula():
@@ -417,7 +409,7 @@ def test_graph_passes_formula():
                                        (dict(graph=True), _graph_passes(60, 16))])
 def test_matmul_passes(seed, kw, passes, small_chunks, monkeypatch):
     """Forward + backward launches at most 6 L x L x D matmul passes on sequences (dPr's mirror tile stands for
-    dPc; the backward's S only where the pair kernels read it: 5.5625 at the goal shape) and on a graph
+    dPc; S only where the pair kernels read it: 5.125 at the goal shape) and on a graph
     5.5 + 2.5 sum R_I^2 / N^2 (5.58 at the goal shape: its tile pairs compute S once for both tiles and read
     dP_ji from dP_JI^T), however many chunks; one fused kernel per elementwise stage and chunk (a graph: per
     tile pair), and the four row kernels once."""
@@ -441,7 +433,8 @@ def test_matmul_passes(seed, kw, passes, small_chunks, monkeypatch):
         return
     chunks = len(K._chunks(*rows, 4))
     assert chunks > 1
-    per_chunk = ["lse", "probs", "dual_delta", "grads"] if kw.get("dual") else ["softmax", "grads"]
+    per_chunk = ["pair_lse", "pair_softmax", "dual_delta", "grads"] if kw.get("dual") else ["pair_lse", "pair_softmax",
+                                                                                             "grads"]
     assert sorted(log.kernels) == sorted(per_chunk * chunks + rows_once)
 
 
@@ -451,21 +444,21 @@ def test_matmul_passes(seed, kw, passes, small_chunks, monkeypatch):
 # resolution (meta is not CUDA), the tiles (GPU's, not the interpreter's) and the launch are patched.
 
 # Documented bounds (docs/architecture.md, ContraNorm, "Bytes"), bf16, one forward + backward: sequences move
-# at most LXL chunk-buffer passes of B L^2 elements (forward 4: S written, read and written as P by the fused
-# softmax, read by PV; backward 7.07: S written in panels (0.5625), dPr written, the pair kernel reads S's tiles
-# I <= J (0.504) and dPr and writes A and T, A and T read by their products -- 8 before the panels; dual 2.5 more:
-# the forward's two stages read S once more (the LSEs first: P + P^T needs all of them), the pair kernel for
-# delta reads S's upper tiles and dPr) plus BLD passes of B L D elements (operands and outputs of the products --
-# the backward's panels read Q from their first row on -- and of the 4 row kernels; 28 before the panels), and
-# at most GLUE_BLD of one [B, L, D] pass in torch ops other than the matmuls (combining the partial LSEs and
-# deltas).  Counted now: 17.82 GB (LayerNorm 18.04, dual 20.67).  A graph's tile pairs re-read
+# at most LXL chunk-buffer passes of B L^2 elements (forward 3.57: S written in panels, 0.5625, its tiles I <= J
+# read by the pair kernels for the LSEs and for P, 0.504 each, P written whole and read by PV; backward 7.07: S
+# written in panels, dPr written, the pair kernel reads S's upper tiles and dPr and writes A and T, A and T read
+# by their products; dual 1.5 more: the pair kernel for delta reads S's upper tiles and dPr -- 12 and 15 with S
+# whole) plus BLD passes of B L D elements (operands and outputs of the products -- each panel reads Q from its
+# first row on, 5.5 L rows a sequence for each S -- and of the 4 row kernels; 28 with S whole), and at most
+# GLUE_BLD of one [B, L, D] pass in torch ops other than the matmuls (combining the partial LSEs, 128 a row,
+# and dual's deltas).  Counted now: 18.20 GB (LayerNorm 18.42, dual 19.95).  A graph's tile pairs re-read
 # the [N, D] operands per tile and accumulate Y, dV, dQ in fp32, so its bound is the model's total (415 GB, glue
 # 0.94: the partial LSEs' logsumexp, the fp32 accumulators zeroed, Y cast back; 442 GB with forward row chunks,
 # 638 also with backward row chunks and the dPc product).  The code before the row kernels (f2e1b2e), counted
 # the same way: 41.7 GB of which 22.8 of glue for sequences, 644 (8.1) for the graph.
-LXL = {False: 11.1, True: 13.6}
-BLD = 31
-GLUE_BLD = 0.5
+LXL = {False: 10.7, True: 12.2}
+BLD = 35
+GLUE_BLD = 0.7
 SEQ = (32, 4096, 768)
 GOAL = {"sequences": (SEQ, {}), "sequences+layernorm": (SEQ, dict(ln=True)), "sequences+dual": (SEQ, dict(dual=True)),
         "graph": ((131072, 256), dict(total_gb=415.5, glue_gb=1.0)),
