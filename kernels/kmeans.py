@@ -249,12 +249,12 @@ def aot_specs(dtype: str = "bf16", d: int = 128, cc: int = 90):
     specs.append(KernelSpec(f"kmeans_piece_sums[{br}x{bd}w{warps}]", _piece_sums_kernel,
                             dict(X=t, ORDER=i64, PIECE_ROW0=i64, PIECE_ROWS=i64, PART=f32, D=d, stride_x=d,
                                  stride_p=d), dict(BLOCK_R=br, BLOCK_D=bd), warps, 1, mma=False))
-    bm, bd, bt, warps = _trial_tile(d, 11, torch_dtype.itemsize, interpreted=False)  # 11 candidates: K = 8192
-    specs.append(KernelSpec(f"kmeans_trials[{bm}x{bd}x{bt}w{warps}]", _trials_kernel,
-                            dict(X=t, C=t, BEST=f32, M=f32, PART=f32, N=10**7, D=d, T=11, stride_x=d,
-                                 n_prog=cdiv(10**7, bm)), dict(BLOCK_M=bm, BLOCK_D=bd, BLOCK_T=bt, UPCAST=False),
-                            warps, 2,
-                            mma=False))
+    for width, tag in ((d, ""), (5, "-D5")):  # 11 candidates (K = 8192) at D, and at a D below one dot chunk
+        bm, bd, bt, warps = _trial_tile(width, 11, torch_dtype.itemsize, interpreted=False)
+        specs.append(KernelSpec(f"kmeans_trials[{bm}x{bd}x{bt}w{warps}]{tag}", _trials_kernel,
+                                dict(X=t, C=t, BEST=f32, M=f32, PART=f32, N=10**7, D=width, T=11, stride_x=width,
+                                     n_prog=cdiv(10**7, bm)), dict(BLOCK_M=bm, BLOCK_D=bd, BLOCK_T=bt, UPCAST=False),
+                                warps, 2, mma=False))
     return specs
 
 
@@ -421,14 +421,14 @@ def _sorted_segment_sums(x, labels, sums):
 
 
 def _trial_tile(d: int, t: int, itemsize: int, interpreted: bool) -> tuple[int, int, int, int]:
-    """``(BLOCK_M, BLOCK_D, BLOCK_T, num_warps)`` of the trials kernel: 128 rows in chunks of up to 256 bytes of
+    """``(BLOCK_M, BLOCK_D, BLOCK_T, num_warps)`` of the trials kernel: 128 rows in chunks of 16 to 256 bytes of
     columns (128 at fp16/bf16; 64 at fp32, which spilled at 128 on sm_80) against all T candidates (padded
-    to 16: the tensor cores' narrowest tile), two warpgroups; in the interpreter 64 rows in chunks of up to 64
-    columns (so the tests reach one chunk and several at small D)."""
+    to 16), two warpgroups -- every dot dimension at least 16, the tensor cores' narrowest; in the
+    interpreter 64 rows in chunks of up to 64 columns (so the tests reach one chunk and several at small D)."""
     bt = max(16, next_pow2(t))
     if interpreted:
-        return 64, min(next_pow2(d), 64), bt, 1
-    return 128, min(next_pow2(d), 256 // itemsize), bt, 8
+        return 64, max(16, min(next_pow2(d), 64)), bt, 1
+    return 128, max(16, min(next_pow2(d), 256 // itemsize)), bt, 8
 
 
 @torch.no_grad()
