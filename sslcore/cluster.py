@@ -412,14 +412,16 @@ class KMeans:
         whether to accept them (exact Lloyd never raises the inertia; a rise can only be rounding at
         convergence, a near-tie resolved differently: then the previous solution stays and the run stops)
         and whether the run may stop after them (labels unchanged or shift <= tol, never while a cluster is
-        empty).  Returns ``(centres, labels, distances, inertia, accept, done, clusters re-seeded)``."""
+        empty unless the inertia is 0: with fewer distinct points than clusters a re-seeded point ties with
+        its twin's centre and leaves again, and there is nothing left to lower).  Returns ``(centres, labels,
+        distances, inertia, accept, done, clusters re-seeded)``."""
         new, n_empty = self._update(x, labels, dist, centers)
         new_labels, new_dist = self._assign(x, new)
         new_inertia = self._inertia(x, new, new_labels, new_dist)
         shift = ((new.double() - centers.double()) ** 2).sum()
         unchanged = (new_labels == labels).all()
         empty = (_counts(new_labels, self._k) == 0).any()
-        done = (unchanged | (shift <= tol_abs)) & ~empty
+        done = (unchanged | (shift <= tol_abs)) & (~empty | (new_inertia == 0))
         return new, new_labels, new_dist, new_inertia, new_inertia <= inertia, done, n_empty
 
     def _lloyd(self, x, centers, tol_abs):
@@ -441,10 +443,12 @@ class KMeans:
             running = step & ~done
             if it % self.check_every == 0 and it < self.max_iter and not _to_host(running):
                 break
-        n_iter, reseeded, *history = _to_host(torch.stack([n_iter.double(), reseeded.double(), *history]))
+        used = (_counts(labels, self._k) > 0).sum()
+        n_iter, reseeded, used, *history = _to_host(torch.stack([n_iter.double(), reseeded.double(), used.double(),
+                                                                 *history]))
         n_iter = int(n_iter)
         history = history[:n_iter + 1]  # the iterations taken are the first n_iter
-        return centers, labels, history[-1], n_iter, history, int(reseeded)
+        return centers, labels, history[-1], n_iter, history, int(reseeded), int(used)
 
     def _tol_abs(self, x) -> torch.Tensor:
         """``tol`` times the mean per-feature variance of ``x`` (float64, two passes in row chunks, no host read)."""
@@ -497,7 +501,10 @@ class KMeans:
             run = self._lloyd(x, self._init_centers(x, g), tol_abs)
             if best is None or run[2] < best[2]:
                 best = run
-        centers, labels, inertia, n_iter, history, reseeded = best
+        centers, labels, inertia, n_iter, history, reseeded, used = best
+        if used < self._k:  # scikit-learn warns the same way
+            warnings.warn(f"number of distinct clusters ({used}) found smaller than n_clusters ({self._k}): "
+                          "possibly duplicate points in x", RuntimeWarning, stacklevel=5)
         self.cluster_centers_ = centers
         self.labels_ = labels
         self.inertia_ = inertia

@@ -58,6 +58,18 @@ def test_empty_cluster_reseeded():
     assert len({tuple(km.labels_[i * 40:(i + 1) * 40].unique().tolist()) for i in range(3)}) == 3
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fewer_distinct_points_than_clusters_stop_and_warn(backend):
+    """5 distinct points, 4 copies each, 8 clusters: every point ends on a centre (inertia 0); the empty clusters
+    cannot stay filled (a re-seeded copy ties with its twin's centre and goes back to the lower index), so the
+    run stops at inertia 0 instead of running to max_iter, and warns as scikit-learn does."""
+    x = noisy(n=5, d=3).repeat(4, 1)
+    with pytest.warns(RuntimeWarning, match=r"distinct clusters \(5\) found smaller than n_clusters \(8\)") as rec:
+        km = KMeans(8, random_state=0, backend=backend).fit(x)
+    assert rec[0].filename == __file__  # the caller's line
+    assert km.inertia_ == 0 and km.n_iter_ < 10, (km.n_iter_, km.inertia_)
+
+
 @pytest.mark.parametrize("iters", [2, 5, 40])
 def test_reseeding_a_singleton_donor_moves_the_point(iters):
     """The farthest point is alone in its cluster when a cluster is empty: re-seeding moves it (its old
