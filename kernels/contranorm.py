@@ -3,10 +3,10 @@
 The attention part, ``Y = softmax(scale * Q Q^T) V`` with ``Q = H_hat`` (rows L2-normalised) and
 ``V = H``, runs over *chunks*: a few whole sequences of a batch [B, L, D]; for a graph [N, D], a *tile
 pair*, row blocks I <= J of its nodes.
-Each matrix product is one cuBLAS call over the chunk; every elementwise step (masks, the softmax, its
-gradient) is one fused Triton kernel that works in place, so a chunk needs at most three buffers and
-nothing of them is kept for backward.  With ``P = softmax(scale S)`` (masked pairs 0) and ``G = dL/dY``,
-per chunk c:
+Each matrix product is cuBLAS over the chunk (on the Triton stages S in row panels); every elementwise
+step (masks, the softmax, its gradient) is one fused Triton kernel that works in place, so a chunk needs at
+most three buffers and nothing of them is kept for backward.  With ``P = softmax(scale S)`` (masked pairs 0)
+and ``G = dL/dY``, per chunk c:
 
     forward    S = Q_c Q^T;   P  (dual: W = P + P^T);   Y_c = P V
     backward   S = Q_c Q^T;   dPr = G_c V^T;
@@ -768,9 +768,14 @@ def _span(t):
     return t.shape[0] * t.stride(0) * t.element_size() if t.dim() else t.element_size()
 
 
+def _pair_tiles(s):
+    """Pair tiles across a chunk buffer's (padded) row: its tile pairs' grid side."""
+    return cdiv(s.stride(1), _tile_of("pair")[0])
+
+
 def _upper_span(s):
     """Bytes of the tiles I <= J of a chunk buffer (the pair kernels' reads of S), diagonal tiles included."""
-    n_t = cdiv(s.stride(1), _tile_of("pair")[0])
+    n_t = _pair_tiles(s)
     return _span(s) * (n_t + 1) // (2 * n_t)
 
 
@@ -797,7 +802,7 @@ def _chunk_launch(kernel, kind, s, args, meta, moved):
 
 def _pair_launch(kernel, kind, s, args, meta, moved):
     bt, _, warps = _tile_of("pair")
-    n_t = cdiv(s.stride(1), bt)
+    n_t = _pair_tiles(s)
     _launch(kernel, kind, (n_t, n_t, s.shape[0]), args, dict(meta, BLOCK=bt), warps, moved)
 
 
@@ -950,7 +955,7 @@ class _TritonStages:
         """``lse <- LSE`` and ``s <- P`` (dual: ``P + P^T``) from S's tiles I <= J, the rest of ``s`` written, not
         read: each row's partial LSEs per tile pair combined by ``logsumexp``, then the probabilities."""
         b, cols = s.shape[0], s.shape[2]
-        n_t = cdiv(s.stride(1), _tile_of("pair")[0])
+        n_t = _pair_tiles(s)
         part = new_output((b, cols, n_t), device=s.device, dtype=torch.float32)
         v, has_valid = _valid_arg(valid, s)
         _pair_launch(_pair_lse_kernel, "pair_lse", s, (s, part, v, cols, s.stride(1), n_t, scale * LOG2E),
@@ -962,7 +967,7 @@ class _TritonStages:
     @staticmethod
     def dual_delta(s, dpr, lse, valid, scale):
         b, cols = s.shape[0], s.shape[2]
-        n_t = cdiv(s.stride(1), _tile_of("pair")[0])
+        n_t = _pair_tiles(s)
         part = new_output((b, cols, n_t), device=s.device, dtype=torch.float32)
         v, has_valid = _valid_arg(valid, s)
         _pair_launch(_pair_delta_kernel, "dual_delta", s, (s, dpr, lse, v, part, cols, s.stride(1), n_t,

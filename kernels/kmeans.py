@@ -470,13 +470,19 @@ def kmeans_trials(x: torch.Tensor, candidates: torch.Tensor, best: torch.Tensor,
     return m, part.sum(1, dtype=torch.float64)
 
 
+def _row_chunk(x: torch.Tensor) -> int:
+    """Rows per step of a pass over ``x`` in wide (fp32/fp64) chunks: 2^19 elements, ~4 MB of float64, on the
+    CPU (they stay in cache: 2.7x faster than one pass), 2^25 elsewhere (few launches)."""
+    return max(1, (1 << (19 if x.device.type == "cpu" else 25)) // x.shape[1])
+
+
 def _trials_torch(x: torch.Tensor, candidates: torch.Tensor, best: torch.Tensor):
     """:func:`kmeans_trials` by scikit-learn's expansion, in row chunks (~4 MB on a CPU: they stay in cache)."""
     wide = best.dtype
     c = candidates.to(wide)
     cc = (c * c).sum(1)
     m = torch.empty(len(c), x.shape[0], device=x.device, dtype=wide)
-    step = max(1, (1 << (19 if x.device.type == "cpu" else 25)) // x.shape[1])
+    step = _row_chunk(x)
     for i in range(0, x.shape[0], step):
         xs = x[i:i + step].to(wide)
         dist = torch.addmm((xs * xs).sum(1, keepdim=True) + cc, xs, c.T, alpha=-2).clamp_min_(0)

@@ -26,7 +26,7 @@ import torch
 
 from .files import atomic_torch_save
 from .kernels._backend import resolve_backend
-from .kernels.kmeans import kmeans_assign, kmeans_trials, kmeans_update
+from .kernels.kmeans import _row_chunk, kmeans_assign, kmeans_trials, kmeans_update
 
 __all__ = ["KMeans"]
 
@@ -66,12 +66,6 @@ def _as_points(x, name: str = "x") -> torch.Tensor:
 def _master_dtype(dtype: torch.dtype) -> torch.dtype:
     """The centres' dtype for points of ``dtype``: fp32 for fp16/bf16/fp32, fp64 for fp64."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def _row_chunk(x: torch.Tensor) -> int:
-    """Rows per step of a float64 pass over ``x``: ~4 MB on the CPU (it stays in cache, 2.7x faster than
-    one pass), ~256 MB elsewhere (few launches)."""
-    return max(1, (1 << (19 if x.device.type == "cpu" else 25)) // x.shape[1])
 
 
 def _exact_inertia(x: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -443,12 +437,12 @@ class KMeans:
             running = step & ~done
             if it % self.check_every == 0 and it < self.max_iter and not _to_host(running):
                 break
-        used = (_counts(labels, self._k) > 0).sum()
-        n_iter, reseeded, used, *history = _to_host(torch.stack([n_iter.double(), reseeded.double(), used.double(),
-                                                                 *history]))
+        counts = _counts(labels, self._k)
+        n_iter, reseeded, used, *history = _to_host(torch.stack([n_iter.double(), reseeded.double(),
+                                                                 (counts > 0).sum().double(), *history]))
         n_iter = int(n_iter)
         history = history[:n_iter + 1]  # the iterations taken are the first n_iter
-        return centers, labels, history[-1], n_iter, history, int(reseeded), int(used)
+        return centers, labels, history[-1], n_iter, history, int(reseeded), counts, int(used)
 
     def _tol_abs(self, x) -> torch.Tensor:
         """``tol`` times the mean per-feature variance of ``x`` (float64, two passes in row chunks, no host read)."""
@@ -501,7 +495,7 @@ class KMeans:
             run = self._lloyd(x, self._init_centers(x, g), tol_abs)
             if best is None or run[2] < best[2]:
                 best = run
-        centers, labels, inertia, n_iter, history, reseeded, used = best
+        centers, labels, inertia, n_iter, history, reseeded, counts, used = best
         if used < self._k:  # scikit-learn warns the same way
             warnings.warn(f"number of distinct clusters ({used}) found smaller than n_clusters ({self._k}): "
                           "possibly duplicate points in x", RuntimeWarning, stacklevel=5)
@@ -510,7 +504,7 @@ class KMeans:
         self.inertia_ = inertia
         self.n_iter_ = n_iter
         self.inertia_history_ = history
-        self.counts_ = _counts(labels, self._k)
+        self.counts_ = counts
         self.n_reseeded_ = reseeded
         return self
 
