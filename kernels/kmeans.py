@@ -75,7 +75,13 @@ def _check_assign(x, centroids, validate=None):
 # ---------------------------------------------------------------------------------------------
 # Triton kernel.
 
+# PTX's ``lop3.b32 d, a, b, c, lut`` computes, bit by bit, ``lut``'s bit number ``4a + 2b + c``: the table of a
+# function F is F(0xF0, 0xCC, 0xAA) (PTX ISA, "lop3").  The assignment's key is ``(a & b) | c``.
+KEY_LUT = (0xF0 & 0xCC) | 0xAA
+KEY_ASM = f"lop3.b32 $0, $1, $2, $3, {KEY_LUT:#x};"
+
 if HAS_TRITON:
+    _KEY_ASM = tl.constexpr(KEY_ASM)  # a global a kernel reads must be a constexpr
 
     @triton.jit
     def _centroid_tile(c_ptrs, cols, K, d0, D, EVEN_K: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
@@ -86,9 +92,22 @@ if HAS_TRITON:
         return load_rows(c_ptrs, cols < K, d0, D, EVEN_D, UPCAST, BLOCK_D)
 
     @triton.jit
+    def _column_key(bits, offs_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOP3: tl.constexpr):
+        """``(bits & -BLOCK_N) | column``: a tile's float bits with the low ``log2(BLOCK_N)`` replaced by the
+        column.  ptxas emits the AND and the OR as two LOP3 per element, so compiled kernels (LOP3) write the
+        one ``lop3.b32`` of table ``KEY_LUT``; the interpreter, which has no inline PTX, takes the two ops."""
+        cols = tl.broadcast_to(offs_n[None, :], (BLOCK_M, BLOCK_N))
+        if LOP3:
+            mask = tl.full((BLOCK_M, BLOCK_N), -BLOCK_N, tl.int32)
+            return tl.inline_asm_elementwise(_KEY_ASM, "=r,r,r,r", [bits, mask, cols], dtype=tl.int32, is_pure=True,
+                                             pack=1)
+        return (bits & -BLOCK_N) | cols
+
+    @triton.jit
     def _assign_kernel(X, C_NEG, C_EXACT, HALF_NORM, LABEL, DIST, N, K, D, stride_x, stride_c, stride_e, size_bucket,
                        EVEN_K: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                       BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                       LOP3: tl.constexpr):
         """``LABEL_i = argmin_k |x_i - c_k|^2`` and ``DIST_i = |x_i - e_{LABEL_i}|^2``, where C_NEG holds ``-c`` in
         X's dtype, C_EXACT the centroids ``e`` in fp32 and HALF_NORM ``|c_k|^2 / 2`` (+inf for BLOCK_N entries
         past K, so neither a load nor a missing centroid needs a mask).
@@ -101,7 +120,8 @@ if HAS_TRITON:
         rounding error e of the point, and although negative keys order in reverse among themselves (and
         all below the positive ones), any centroid they pick is then within e of the point, as good as
         the expansion resolves anyway (tests/test_kmeans.py plants such rows).  DIST comes from direct
-        differences in fp32, not the expansion (docs/architecture.md, "k-means").
+        differences in fp32, not the expansion (docs/architecture.md, "k-means").  LOP3: each key in one
+        instruction (:func:`_column_key`).
         """
         row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
         rows = row0 + tl.arange(0, BLOCK_M)
@@ -134,7 +154,7 @@ if HAS_TRITON:
                     xs = load_rows(x_ptrs, rmask, d0, D, EVEN_D, UPCAST, BLOCK_D)
                     c = _centroid_tile(c_ptrs, k0 + offs_n, K, d0, D, EVEN_K, EVEN_D, UPCAST, BLOCK_D)
                     acc = tl.dot(xs, tl.trans(c), acc, input_precision=PRECISION)
-            key = (acc.to(tl.int32, bitcast=True) & -BLOCK_N) | (offs_n[None, :] & (BLOCK_N - 1))
+            key = _column_key(acc.to(tl.int32, bitcast=True), offs_n, BLOCK_M, BLOCK_N, LOP3)
             tile = tl.min(key, 1)
             better = (tile & -BLOCK_N) < best  # strict: a later tile's tie keeps the lower index
             best = tl.where(better, tile & -BLOCK_N, best)
@@ -223,12 +243,13 @@ STREAM_D = 32  # D beyond one tensor-core chain streams in chunks this wide (fp3
 
 def _launch_meta(dtype: torch.dtype, d: int) -> dict:
     """The constexprs a launch derives from the points' dtype and D.  fp32 multiplies in TF32 always (IEEE
-    fp32 ``tl.dot`` is FFMA on the CUDA cores and spills at these tiles); the interpreter computes in fp32."""
+    fp32 ``tl.dot`` is FFMA on the CUDA cores and spills at these tiles); the interpreter computes in fp32 and
+    forms the keys without inline PTX."""
     tiling = d_tiling(d, dtype.itemsize)
     if tiling["D_CHUNKS"] > 1:
         tiling = dict(BLOCK_D=STREAM_D, D_CHUNKS=cdiv(d, STREAM_D), EVEN_D=d % STREAM_D == 0)
     tf32 = dtype == torch.float32 and not interpreting()
-    return dict(UPCAST=upcast(dtype), PRECISION="tf32" if tf32 else "ieee", **tiling)
+    return dict(UPCAST=upcast(dtype), PRECISION="tf32" if tf32 else "ieee", LOP3=not interpreting(), **tiling)
 
 
 def aot_specs(dtype: str = "bf16", d: int = 128, cc: int = 90):

@@ -35,6 +35,8 @@ MAC_PER_CLK = {90: 2048, 80: 1024}
 SM_REGISTERS, SM_THREADS, MUFU_PER_CLK = 65536, 2048, 16
 SM_SHARED = {90: 233_472, 80: 167_936}
 SETMAXREG = re.compile(r"\bUSETMAXREG\.\S+\s+(?:UP\d+,\s*)?(0x[0-9a-f]+)")
+# LOP3.LUT d, a, b, c, table: the b operand (an immediate, or R for a register) and c (RZ or R) with the table
+LOP3 = re.compile(r"\bLOP3\.LUT\s+\w+,\s*[\w.]+,\s*([\w.]+),\s*([\w.]+),\s*(0x[0-9a-f]+)")
 CTA_BARRIER = re.compile(r"\bBAR\.SYNC(?:\.DEFER_BLOCKING)?\s+0x0\s*;")  # barrier 0 with no thread count: all
 
 
@@ -77,7 +79,8 @@ def hot_loop(sass: str, cc: int, num_warps: int, registers: int | None = None, s
     ``issue_per_tc`` is ``t_issue / t_mma`` of one loop, the older measure; ``registers``: per thread in
     the loop (a warp-specialised group's ``USETMAXREG`` share, else ``registers`` as given).  Nested loops
     count their body once (a static count); sm_80's ``mma.sync`` never waits for a group, so its loops count
-    as overlapped."""
+    as overlapped.  ``lop3``: the loop's LOP3 instructions by form, ``"b|c|table"`` (b an immediate or R, c RZ
+    or R)."""
     labels, instrs = {}, []
     for line in sass.splitlines():
         label = re.match(r"^\s*(\.L_\w+):", line)
@@ -120,7 +123,16 @@ def hot_loop(sass: str, cc: int, num_warps: int, registers: int | None = None, s
             "registers": maxreg[-1] if maxreg else registers, "groups": groups, "waits_all": waits_all,
             "cta_barrier": barrier, "ctas_per_sm": ctas,
             "mode": "serial" if serial else "overlapped", "t_mma": round(t_mma), "t_issue": round(t_issue),
-            "t_mufu": round(t_mufu), "mma_efficiency": round(t_mma / t, 3)}
+            "t_mufu": round(t_mufu), "mma_efficiency": round(t_mma / t, 3), "lop3": _lop3_forms(body)}
+
+
+def _lop3_forms(body) -> dict:
+    forms = {}
+    for m in filter(None, map(LOP3.search, body)):
+        b, c = (m.group(1) if m.group(1).startswith("0x") else "R"), ("RZ" if m.group(2) == "RZ" else "R")
+        form = f"{b}|{c}|{m.group(3)}"
+        forms[form] = forms.get(form, 0) + 1
+    return forms
 
 
 def cases():

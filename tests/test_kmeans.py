@@ -52,6 +52,34 @@ def test_assign_fp32_matches_float64(seed, n, k, d):
     torch.testing.assert_close(dist.double()[clear], ref_d[clear], rtol=1e-5, atol=1e-4)
 
 
+def _lop3(lut: int, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """PTX's ``lop3.b32 d, a, b, c, lut`` by the ISA's definition: bit i of d is bit ``4 a_i + 2 b_i + c_i`` of lut."""
+    bit = lambda v, i: (v >> i) & 1  # noqa: E731  (arithmetic shift: bit 31 of a negative int32 reads 1)
+    return sum(((lut >> (4 * bit(a, i) + 2 * bit(b, i) + bit(c, i))) & 1) << i for i in range(32)).to(torch.int32)
+
+
+def test_the_keys_lop3_is_and_then_or():
+    """The compiled assignment forms its keys with the inline ``lop3.b32`` of ``KEY_ASM`` (the interpreter, which
+    runs every other test here, takes AND and OR): evaluated by the PTX ISA's definition on the operands in the
+    kernel's order (float bits, ``-BLOCK_N``, column) it is ``(bits & -BLOCK_N) | column`` for every column and
+    sign.  The evaluator itself gives the ISA's tables for a & b & c (0x80) and a | b | c (0xFE), and a table
+    of swapped operands, ``(c & b) | a``, fails the same check."""
+    import re
+
+    from sslcore.kernels.kmeans import KEY_ASM, KEY_LUT
+    m = re.fullmatch(r"lop3\.b32 \$0, \$1, \$2, \$3, (0x[0-9a-f]+);", KEY_ASM)
+    assert m and int(m.group(1), 16) == KEY_LUT
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randint(-2**31, 2**31, (4096,), generator=g, dtype=torch.int64).to(torch.int32) for _ in "abc")
+    assert torch.equal(_lop3(0x80, a, b, c), a & b & c) and torch.equal(_lop3(0xFE, a, b, c), a | b | c)
+    bits = torch.randint(-2**31, 2**31, (4096,), generator=g, dtype=torch.int64).to(torch.int32)
+    for block_n in (16, 64, 128):
+        cols = torch.arange(4096, dtype=torch.int32) % block_n
+        mask = torch.full_like(cols, -block_n)
+        assert torch.equal(_lop3(KEY_LUT, bits, mask, cols), (bits & -block_n) | cols), block_n
+        assert not torch.equal(_lop3(0xF8, bits, mask, cols), (bits & -block_n) | cols)  # (c & b) | a
+
+
 def test_planted_exact_ties_go_to_lowest_index(seed):
     c = torch.randn(37, 33, device=_dev())
     c[5], c[20], c[31] = c[3], c[3], c[3]  # identical centroids: ties inside a K block and across blocks
