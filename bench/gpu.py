@@ -49,7 +49,8 @@ BUDGET_MIN = 8.0
 MIN_STEP_S = 20.0  # a step given less is not started (a process start and its imports take about 10 s)
 READER_GRACE_S = 5.0  # after a step's group is gone, how long its output reader may take to reach the end
 FAMILIES = ("infonce", "kmeans", "contranorm")
-OP_ORDER = ("infonce", "kmeans-assign", "contranorm", "contranorm-graph", "kmeans-fit")  # the slow fits last
+# the slow fits last of the goal rows; k-means++ (no goal) after them
+OP_ORDER = ("infonce", "kmeans-assign", "contranorm", "contranorm-graph", "kmeans-fit", "kmeans-init")
 GROUPS = ("goal", "other", "compile")
 # Each step's cap at the default budget, in run order, in seconds (None: all that is left).  They add up to
 # the default budget; a smaller budget cuts the later steps, a larger one goes to the last.
@@ -79,6 +80,7 @@ EVIDENCE = [("sslcore.kernels.infonce", "infonce_lse_fwd", "bf16", 256),
 ASSUMED_TFLOPS = {"sslcore-triton": 300, "inf-cl": 200, "flash-kmeans": 300, "torch-sdpa": 300,
                   "torch-chunked": 400, "torch-compile": 150, "torch-eager": 60, "faiss-gpu": 20}
 ASSUMED_COMPILE_S = {"sslcore-triton": 8, "inf-cl": 8, "flash-kmeans": 8, "torch-compile": 45}  # others: 1
+ASSUMED_OP_TFLOPS = {"kmeans-init": 20}  # memory-bound: a pass over x (2.56 GB at N = 10^7) per centre
 ROW_OVERHEAD_S = 1.0  # inputs, gc, the allocator
 ASSUMED_FREE_BYTES = 75 * 2**30  # an H100's free memory: a row that needs more is skipped up front
 PROCESS_START_S = 10.0  # python, torch, sslcore, the CUDA context
@@ -101,7 +103,7 @@ def estimate_s(case) -> float:
     from bench.harness import SLOW_CALL_S, SLOW_RUNS
     if case.min_bytes > ASSUMED_FREE_BYTES:
         return ROW_OVERHEAD_S
-    call = case.flops / (ASSUMED_TFLOPS.get(case.impl, 100) * 1e12)
+    call = case.flops / (ASSUMED_OP_TFLOPS.get(case.op) or ASSUMED_TFLOPS.get(case.impl, 100)) / 1e12
     timed = 8 * call + 0.13 if call < SLOW_CALL_S else SLOW_RUNS * call
     return min(bound(case).total_s, ROW_OVERHEAD_S + ASSUMED_COMPILE_S.get(case.impl, 1) + 2 * call + timed)
 

@@ -28,7 +28,7 @@ from .files import atomic_torch_save
 from .kernels._backend import resolve_backend
 from .kernels.kmeans import _row_chunk, kmeans_assign, kmeans_trials, kmeans_update
 
-__all__ = ["KMeans"]
+__all__ = ["KMeans", "kmeans_plusplus"]
 
 _INITS = ("k-means++", "random")
 _BACKENDS = ("auto", "triton", "torch", "faiss")
@@ -360,17 +360,17 @@ class KMeans:
             return init.to(device=x.device, dtype=dtype).clone()
         if self.init == "random":
             return x[torch.randperm(n, generator=g, device=x.device)[:k]].to(dtype)
-        return self._kmeans_plusplus(x, g)
+        return x.index_select(0, self._kmeans_plusplus(x, g)).to(dtype)
 
-    def _kmeans_plusplus(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Greedy k-means++ (Arthur & Vassilvitskii 2007; scikit-learn's ``_kmeans_plusplus``): the first
-        centre uniform; then ``2 + int(ln K)`` candidates drawn with probability proportional to the squared
-        distance ``D_i`` to the nearest centre so far (inverse CDF of a float64 cumulative sum), and the
-        candidate whose addition gives the lowest potential ``sum_i min(D_i, |x_i - c|^2)`` kept; its row of
-        ``min(D, |x - c|^2)`` is the next ``D``.  One pass over X per centre (:func:`kmeans_trials`), all on
-        the device, no host read."""
+    def _kmeans_plusplus(self, x: torch.Tensor, g: torch.Generator, trials: int | None = None) -> torch.Tensor:
+        """The indices [K] of greedy k-means++'s centres (Arthur & Vassilvitskii 2007; scikit-learn's
+        ``_kmeans_plusplus``): the first centre uniform; then ``trials`` (``2 + int(ln K)``) candidates drawn
+        with probability proportional to the squared distance ``D_i`` to the nearest centre so far (inverse CDF
+        of a float64 cumulative sum), and the candidate whose addition gives the lowest potential
+        ``sum_i min(D_i, |x_i - c|^2)`` kept; its row of ``min(D, |x - c|^2)`` is the next ``D``.  One pass over
+        X per centre (:func:`kmeans_trials`), all on the device, no host read."""
         k, n = self._k, x.shape[0]
-        trials = 2 + int(math.log(k))
+        trials = trials or 2 + int(math.log(k))
         first = torch.randint(n, (1,), generator=g, device=x.device)
         picks = [first]
         unset = torch.full((n,), float("inf"), device=x.device, dtype=_master_dtype(x.dtype))
@@ -378,7 +378,7 @@ class KMeans:
         for _ in range(1, k):
             pick, best = self._greedy_centre(x, best, g, trials)
             picks.append(pick)
-        return x.index_select(0, torch.cat(picks)).to(_master_dtype(x.dtype))
+        return torch.cat(picks)
 
     def _greedy_centre(self, x, best, g, trials: int):
         """One step of greedy k-means++: ``(the kept point's index [1], the next D)``."""
@@ -710,3 +710,22 @@ class KMeans:
         return (f"KMeans(n_clusters={self.n_clusters}, init={init!r}, n_init={self.n_init!r}, "
                 f"max_iter={self.max_iter}, tol={self.tol}, random_state={self.random_state}, "
                 f"batch_size={self.batch_size}, backend={self.backend!r})")
+
+
+def kmeans_plusplus(x, n_clusters: int, *, random_state: int | None = None, n_local_trials: int | None = None,
+                    backend: str = "auto"):
+    """scikit-learn's ``kmeans_plusplus``: ``(centers [K, D], indices [K])``, the greedy k-means++ centres of ``x``
+    [N, D] and their rows -- the initialisation :class:`KMeans` runs, the same centres for the same
+    ``random_state`` (``n_local_trials`` candidates per centre, ``2 + int(ln K)`` by default).  One pass over
+    ``x`` per centre on its device (:func:`~sslcore.kernels.kmeans.kmeans_trials`); fp16/bf16 points give fp32
+    centres; numpy in, numpy out (docs/architecture.md, "k-means")."""
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be one of ('auto', 'triton', 'torch'), got {backend!r}")
+    if n_local_trials is not None and (not _is_int(n_local_trials) or n_local_trials < 1):
+        raise ValueError(f"n_local_trials must be None or an integer >= 1, got {n_local_trials!r}")
+    km = KMeans(n_clusters, random_state=random_state, backend=backend)  # checks n_clusters and random_state
+    as_tensor = _is_tensor_out(x)
+    x = _as_points(x)
+    km._check_k(x.shape[0])
+    indices = km._kmeans_plusplus(x, km._new_generator(x.device, km._seed()), n_local_trials and int(n_local_trials))
+    return _out(x.index_select(0, indices).to(_master_dtype(x.dtype)), as_tensor), _out(indices, as_tensor)

@@ -24,17 +24,22 @@ PEERS = {"infonce": "inf-cl", "kmeans-assign": "flash-kmeans", "kmeans-fit": "fl
 
 def test_goal_rows_first_then_the_others_and_torch_compile_last():
     """The goal group is sslcore and its strongest peer at each goal shape (the issue's), the k-means fits
-    last; the other rows exclude torch.compile, which has a group of its own, the goal shapes first."""
+    last; the other rows exclude torch.compile, which has a group of its own, the goal shapes first, and
+    hold sslcore's k-means++ (an op with no goal) after the goal shapes' anchors."""
     groups = gpu.run_rows()
     goal = [(c.op, c.impl, harness.DTYPE_NAMES[c.dtype], c.shape) for c in groups["goal"]]
     want = []
-    for op in gpu.OP_ORDER:
+    for op in (op for op in gpu.OP_ORDER if op in GOAL_SHAPES):
         dtype = "fp16" if PEERS[op] == "flash-kmeans" else "bf16"  # flash-kmeans takes no bf16
         want += [(op, "sslcore-triton", "bf16", GOAL_SHAPES[op]), (op, PEERS[op], dtype, GOAL_SHAPES[op])]
     assert goal == want
     assert all(c.device == "cuda" and c.goal for c in groups["goal"])
     assert {c.impl for c in groups["compile"]} == {"torch-compile"}
     assert "torch-compile" not in {c.impl for c in groups["other"]} and not any(c.goal for c in groups["other"])
+    init = [(c.impl, harness.DTYPE_NAMES[c.dtype], c.shape) for c in groups["other"] if c.op == "kmeans-init"]
+    assert init == [("sslcore-triton", "bf16", {"N": 10**7, "K": 1024, "D": 128})]
+    at = [c.op for c in groups["other"]].index("kmeans-init")
+    assert at > 0 and all(c.shape == GOAL_SHAPES[c.op] for c in groups["other"][:at])
     first = [c.shape for c in groups["compile"][:3]]
     assert first == [GOAL_SHAPES["infonce"], GOAL_SHAPES["contranorm"], GOAL_SHAPES["contranorm-graph"]]
     keys = [gpu.case_key(c) for g in groups.values() for c in g]

@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from traffic import Traffic
 
-from sslcore.cluster import KMeans
+from sslcore.cluster import KMeans, kmeans_plusplus
 from sslcore.metrics import tcas, tcas_class_blind, tcas_label_permuted, token_class_counts, token_class_nmi
 
 
@@ -309,6 +309,37 @@ def test_greedy_kmeans_plusplus_matches_a_transcription_of_scikit_learn(dtype, b
             c = kmeans_plusplus_ref(x.double().numpy(), 7, seed, t)
             pots[t].append(((x.double().numpy()[:, None] - c[None]) ** 2).sum(-1).min(1).sum())
     assert np.mean(pots[3]) < 0.95 * np.mean(pots[1]), {t: np.mean(v) for t, v in pots.items()}
+
+
+@pytest.mark.parametrize("dtype,backend", [(torch.float64, "torch"), (torch.bfloat16, "triton")])
+def test_kmeans_plusplus_is_scikit_learns_routine(dtype, backend):
+    """The public ``kmeans_plusplus`` (scikit-learn's name and return): the transcription's centres, for the
+    default candidates and for ``n_local_trials``, rows of x at the indices it returns, KMeans's initial
+    centres for the same ``random_state``; numpy in, numpy out."""
+    x = noisy(n=203, d=5, seed=4).to(dtype)
+    for trials in (None, 1):
+        centers, idx = kmeans_plusplus(x, 7, random_state=3, n_local_trials=trials, backend=backend)
+        want = kmeans_plusplus_ref(x.double().numpy(), 7, 3, trials)
+        np.testing.assert_array_equal(centers.double().numpy(), want)
+        assert idx.dtype == torch.int64 and torch.equal(x[idx].to(centers.dtype), centers)
+    km = KMeans(7, random_state=3, backend=backend)
+    assert torch.equal(km._init_centers(x, km._new_generator(x.device, 3)),
+                       kmeans_plusplus(x, 7, random_state=3, backend=backend)[0])
+    c_np, i_np = kmeans_plusplus(x.double().numpy(), 7, random_state=3)
+    assert isinstance(c_np, np.ndarray) and c_np.dtype == np.float64 and i_np.dtype == np.int64
+    np.testing.assert_array_equal(c_np, kmeans_plusplus_ref(x.double().numpy(), 7, 3))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n_clusters=0), "n_clusters must be an integer >= 1"),
+    (dict(n_clusters=300), r"n_clusters=300 exceeds the number of points in x \(203\)"),
+    (dict(n_clusters=3, n_local_trials=0), "n_local_trials must be None or an integer >= 1"),
+    (dict(n_clusters=3, random_state="a"), "random_state must be None or an integer"),
+    (dict(n_clusters=3, backend="faiss"), "backend must be one of"),
+])
+def test_kmeans_plusplus_refuses_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kmeans_plusplus(noisy(n=203, d=5), **kwargs)
 
 
 @contextlib.contextmanager
