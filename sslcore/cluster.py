@@ -9,7 +9,8 @@ centroid update through :func:`~sslcore.kernels.kmeans.kmeans_update` (determini
 initialisation, the inertia, empty-cluster re-seeding and the convergence test stay on the device, read
 by the host once every ``check_every`` iterations (docs/architecture.md, "k-means").  Names and methods
 are scikit-learn's (``fit``, ``predict``, ``fit_predict``, ``transform``, ``score``, ``get_params`` /
-``set_params``, so ``sklearn.base.clone`` works); numpy in, numpy out.  ``partial_fit`` streams
+``set_params``, so ``sklearn.base.clone`` works); numpy in, numpy out; :func:`kmeans_plusplus` is the
+initialisation on its own, as scikit-learn's function.  ``partial_fit`` streams
 mini-batches with scikit-learn ``MiniBatchKMeans`` semantics (per-centre counts, learning rate
 1 / count), for data that does not fit in memory.  ``backend="faiss"`` runs ``faiss.Kmeans`` (CPU) from
 the same initial centres, for comparison.
