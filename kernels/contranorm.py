@@ -341,6 +341,8 @@ def _check(h, scale, temperature, key_padding_mask, edge_index, validate, layer_
 # where either token is padding or S is -inf.  Each stage also exists as torch ops (backend="torch").
 
 if HAS_TRITON:
+    # the natural-log <-> base-2 factors as the kernels read them (a global a kernel reads must be a constexpr)
+    _LOG2E, _LN2 = tl.constexpr(LOG2E), tl.constexpr(LN2)
 
     @triton.jit
     def _rows_tile(pid, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -482,7 +484,7 @@ if HAS_TRITON:
     @triton.jit
     def _lse2(LSE, idx, mask):
         """LSEs (natural log in memory) in base-2 units."""
-        return tl.load(LSE + idx, mask=mask, other=0.0) * 1.4426950408889634
+        return tl.load(LSE + idx, mask=mask, other=0.0) * _LOG2E
 
     @triton.jit
     def _row_lse2(s):
@@ -521,7 +523,7 @@ if HAS_TRITON:
             r = r0 + tl.arange(0, BLOCK_R)
             offs, inb, s, keep = _graph_block(S, r, c, rows, cols, CP, scale2)
             s = tl.where(keep, s, float("-inf"))
-            part = _row_lse2(s) * 0.6931471805599453
+            part = _row_lse2(s) * _LN2
             tl.store(PART_R + r.to(tl.int64) * n_cb + pid_c, part, mask=r < rows)
             if MIRROR:
                 m_new = tl.maximum(m_c, tl.max(s, 0))
@@ -529,7 +531,7 @@ if HAS_TRITON:
                 l_c = l_c * tl.exp2(m_c - m_new_safe) + tl.sum(tl.exp2(s - m_new_safe[None, :]), 0)
                 m_c = m_new
         if MIRROR:
-            tl.store(PART_C + c.to(tl.int64) * n_groups + pid_g, (m_c + tl.log2(l_c)) * 0.6931471805599453,
+            tl.store(PART_C + c.to(tl.int64) * n_groups + pid_g, (m_c + tl.log2(l_c)) * _LN2,
                      mask=c < cols)
 
     @triton.jit
@@ -612,8 +614,8 @@ if HAS_TRITON:
         _, _, _, _, stat_r, stat_c, rmask, cmask, s, keep = _pair_logits(S, VALID, b, pid_r, pid_c, C, CP, scale2,
                                                                          HAS_VALID, BLOCK)
         s = tl.where(keep, s, float("-inf"))
-        tl.store(PART + stat_r * n_t + pid_c, _row_lse2(s) * 0.6931471805599453, mask=rmask)
-        tl.store(PART + stat_c * n_t + pid_r, _row_lse2(tl.trans(s)) * 0.6931471805599453,
+        tl.store(PART + stat_r * n_t + pid_c, _row_lse2(s) * _LN2, mask=rmask)
+        tl.store(PART + stat_c * n_t + pid_r, _row_lse2(tl.trans(s)) * _LN2,
                  mask=cmask & (pid_r != pid_c))
 
     @triton.jit
