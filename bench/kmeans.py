@@ -10,13 +10,11 @@ O(N*D) is not counted), 2*N*D*T per initial centre (the candidates' products: me
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from bench.harness import Case, Skip, goal_device, package_version, pytest_case, rehearsing
-from sslcore.cluster import KMeans, kmeans_plusplus
+from sslcore.cluster import KMeans, _local_trials, kmeans_plusplus
 from sslcore.kernels.kmeans import kmeans_assign
 
 GPU_SHAPES = [(n, k, d) for n in (10**6, 10**7) for k in (1024, 8192) for d in (128, 768)]
@@ -187,8 +185,7 @@ def _case(op, impl, make, note, size, dtype, device):
     n, k, d = size[:3]
     iters = size[3] if len(size) == 4 else 1
     shape = {"N": n, "K": k, "D": d} | ({"iters": iters} if op == "kmeans-fit" else {})
-    trials = 2 + int(math.log(k))
-    flops = 2.0 * n * d * trials * k if op == "kmeans-init" else 2.0 * n * k * d * iters
+    flops = 2.0 * n * d * _local_trials(k) * k if op == "kmeans-init" else 2.0 * n * k * d * iters
 
     def setup():
         x, c = _data(n, k, d, dtype, device)

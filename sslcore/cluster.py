@@ -135,6 +135,11 @@ def _reseed(x, labels, dist, sums, counts):
     return sums, counts, move.sum()
 
 
+def _local_trials(k: int) -> int:
+    """Greedy k-means++'s candidates per centre for ``k`` centres, scikit-learn's ``2 + int(ln k)``."""
+    return 2 + int(math.log(k))
+
+
 def _is_int(v) -> bool:
     """An integer (Python or numpy: ``numbers.Integral``), not a bool."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
@@ -371,7 +376,7 @@ class KMeans:
         ``sum_i min(D_i, |x_i - c|^2)`` kept; its row of ``min(D, |x - c|^2)`` is the next ``D``.  One pass over
         X per centre (:func:`kmeans_trials`), all on the device, no host read."""
         k, n = self._k, x.shape[0]
-        trials = trials or 2 + int(math.log(k))
+        trials = trials or _local_trials(k)
         first = torch.randint(n, (1,), generator=g, device=x.device)
         picks = [first]
         unset = torch.full((n,), float("inf"), device=x.device, dtype=_master_dtype(x.dtype))
